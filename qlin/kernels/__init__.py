@@ -1,0 +1,15 @@
+"""Kernel implementations, one module per kernel family, registered in priority order.
+
+* ``reference`` -- the math in jnp, the oracle (every platform, last resort).
+* ``xla``       -- 8-bit ``dot_general`` + scale epilogue (every platform).
+* Pallas Mosaic GPU kernels for Hopper register themselves ahead of ``xla`` on cuda.
+"""
+
+from qlin.kernels.reference import ReferenceKernel
+from qlin.kernels.xla import XLAKernel
+from qlin.select import register_kernel
+
+register_kernel(XLAKernel)
+register_kernel(ReferenceKernel)
+
+__all__ = ["ReferenceKernel", "XLAKernel"]
