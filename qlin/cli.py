@@ -34,9 +34,12 @@ SHOWCASE_CONFIGS: dict[str, ScaledMMConfig] = {
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
     platform = device_platform()
     cc = compute_capability()
-    console.print(f"[bold]qlin {qlin.__version__}[/]  jax {jax.__version__}  backend {jax.default_backend()}")
-    console.print(f"device: {describe_device()}  platform: {platform}  compute capability: {cc if cc is not None else '-'}")
-    console.print(f"kernels for {platform} (priority order): {', '.join(k.name for k in registered_kernels(platform))}")
+    if not args.json:
+        console.print(f"[bold]qlin {qlin.__version__}[/]  jax {jax.__version__}  backend {jax.default_backend()}")
+        console.print(f"device: {describe_device()}  platform: {platform}  "
+                      f"compute capability: {cc if cc is not None else '-'}")
+        console.print(f"kernels for {platform} (priority order): "
+                      f"{', '.join(k.name for k in registered_kernels(platform))}")
     configs = SHOWCASE_CONFIGS
     table = Table(title="Kernel selection per config (first usable kernel wins)")
     table.add_column("config")
@@ -136,12 +139,12 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     hidden = args.hidden or (4096 if on_gpu else 512)
     inter = args.intermediate or (14336 if on_gpu else 1536)
     tokens = args.tokens or (2048 if on_gpu else 64)
-    console.print(f"[bold]qlin demo[/]: SwiGLU MLP block hidden={hidden} intermediate={inter} tokens={tokens} "
-                  f"on {describe_device()}")
     results = run_demo(hidden, inter, tokens, args.repeats)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    console.print(f"[bold]qlin demo[/]: SwiGLU MLP block hidden={hidden} intermediate={inter} tokens={tokens} "
+                  f"on {describe_device()}")
     table = Table(title="Quantized MLP vs float64 reference of the float model")
     for col in ("config", "kernel", "rel. error", "ms / call", "speed-up vs bf16"):
         table.add_column(col)

@@ -17,8 +17,10 @@ INT8 symmetric::
 
     s = max(absmax, eps) / 127,   q = clip(round(x / s), -128, 127),   x ~= s * q
 
-INT8 asymmetric (activations only)::
+INT8 asymmetric (activations only; the range is widened to include 0, so 0
+is exact and ``zp`` lies in [-128, 127])::
 
+    xmin = min(min(x), 0),  xmax = max(max(x), 0)
     s  = max(xmax - xmin, eps) / 255
     zp = clip(round(-128 - xmin / s), -128, 127)             (int32)
     q  = clip(round(x / s) + zp, -128, 127),                  x ~= s * (q - zp)
@@ -31,6 +33,8 @@ weight scale ``s_w``::
 
 The integer part is exact in int32 while ``K * 128 * 128 < 2**31``, i.e.
 ``K < 131072`` (:data:`INT8_MAX_EXACT_K`); past that int32 accumulation can wrap.
+With a zero point, ``|q_x - zp| <= 255`` so the bound is ``K * 255 * 127 < 2**31``
+(:data:`INT8_ASYM_MAX_EXACT_K` = 66311).
 Block scales (``(bn, bk)`` weights, ``1 x g`` activation groups) apply per K
 block: ``y = sum_b s_x[m, b] s_w[n // bn, b] (q_x q_w^T)_b``.
 
@@ -57,6 +61,8 @@ INT8_QMAX = 127
 INT8_QMIN = -128
 #: Largest K for which an int8 x int8 dot product is exact in int32 for every input.
 INT8_MAX_EXACT_K = (2**31 - 1) // (128 * 128)
+#: Same with an activation zero point (|q_x - zp| <= 255, |q_w| <= 127).
+INT8_ASYM_MAX_EXACT_K = (2**31 - 1) // (255 * 127)
 
 
 def fp8_dtype(fp8_format: str = "e4m3fn") -> np.dtype:
@@ -206,8 +212,9 @@ def quantize_int8(
         s = jnp.maximum(amax, SCALE_EPS) / INT8_QMAX
         sb = _broadcast_scale(s, xf, granularity, group_size)
         return jnp.clip(jnp.round(xf / sb), INT8_QMIN, INT8_QMAX).astype(jnp.int8), s, None
-    xmax = _reduce(xf, jnp.max, granularity, group_size)
-    xmin = _reduce(xf, jnp.min, granularity, group_size)
+    # The range always includes 0, so 0 is exact and zp stays in int8 range.
+    xmax = jnp.maximum(_reduce(xf, jnp.max, granularity, group_size), 0.0)
+    xmin = jnp.minimum(_reduce(xf, jnp.min, granularity, group_size), 0.0)
     s = jnp.maximum(xmax - xmin, SCALE_EPS) / (INT8_QMAX - INT8_QMIN)
     zp = jnp.clip(jnp.round(INT8_QMIN - xmin / s), INT8_QMIN, INT8_QMAX).astype(jnp.int32)
     sb = _broadcast_scale(s, xf, granularity, group_size)

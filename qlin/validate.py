@@ -14,7 +14,7 @@ import numpy as np
 from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig, ScaledMMConfig
 from qlin.errors import InputError, ParamsError
 from qlin.params import FP8Params, Int8Params, Params
-from qlin.quantize import INT8_MAX_EXACT_K, weight_scale_shape
+from qlin.quantize import INT8_ASYM_MAX_EXACT_K, INT8_MAX_EXACT_K, weight_scale_shape
 
 
 def is_concrete(a) -> bool:
@@ -63,10 +63,12 @@ def check_params(params: Params, config: ScaledMMConfig, *, canonical: bool = Fa
     if jnp.result_type(w) != config.weight_dtype:
         raise ParamsError(f"weight: expected dtype {config.weight_dtype.name} for {config.describe()}, got {jnp.result_type(w)}")
     n, k = np.shape(w)
-    if isinstance(config, Int8ScaledMMConfig) and k > INT8_MAX_EXACT_K:
-        raise ParamsError(
-            f"weight: K={k} exceeds {INT8_MAX_EXACT_K}, past which int8 x int8 sums can overflow int32"
-        )
+    if isinstance(config, Int8ScaledMMConfig):
+        limit = INT8_MAX_EXACT_K if config.symmetric else INT8_ASYM_MAX_EXACT_K
+        if k > limit:
+            raise ParamsError(
+                f"weight: K={k} exceeds {limit}, past which int8 x int8 sums can overflow the int32 accumulator"
+            )
     s = params.weight_scale
     if s is None:
         raise ParamsError("weight_scale: required, got None")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (./.venv, Python >= 3.12) and run the main job: `qlin demo` (extra args are passed on).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+python -m pip install -q -e .
+qlin info
+qlin demo "$@"
