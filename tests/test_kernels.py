@@ -77,7 +77,14 @@ def _config_strategy():
         out_dtype=st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]),
         symmetric=st.booleans(),
     )
-    return st.one_of(fp8, int8)
+    grouped = st.builds(
+        FP8ScaledMMConfig,
+        weight_granularity=st.sampled_from(["per_channel", (16, 16), (4, 32)]),
+        activation=st.just("dynamic_per_group"),
+        group_size=st.sampled_from([8, 16]),
+        out_dtype=st.sampled_from([jnp.bfloat16, jnp.float32]),
+    )
+    return st.one_of(fp8, int8, grouped)
 
 
 @given(
