@@ -1,0 +1,302 @@
+"""Tensor-parallel quantized linears on a ``jax.sharding.Mesh`` (Megatron-style), via ``jax.shard_map``.
+
+Weights are ``(N, K)``. On a mesh axis ``axis`` of size ``tp``:
+
+* **column-parallel**: the weight is split along N. ``weight`` ``P(axis, None)``,
+  per-channel ``weight_scale`` ``P(axis)`` (scales follow N), block scales
+  ``P(axis, None)``, ``azp_adj`` and ``bias`` ``P(axis)``; per-tensor scales and static
+  activation constants are replicated. x is replicated, so every shard computes the
+  same activation scales as one device would; the output is split along its last dim.
+* **row-parallel**: the weight is split along K; x arrives split along its last
+  dim (the output of a column-parallel layer). Each shard runs the kernel on its K
+  slice with an f32 output and no bias; partial results are summed (``psum``) after
+  that scale epilogue, then the bias is added once and the sum cast to ``out_dtype``.
+  That sum equals the unsharded layer only if every shard uses the activation scale
+  (and zero point) of the FULL row: a per-token scale computed from a K shard
+  differs per shard. So for dynamic per-token / per-tensor activations each shard
+  reduces its min and max over the mesh axis (``pmin``/``pmax``, M floats) and
+  appends them as extra activation columns facing zero weight columns (``pad``
+  columns per shard, 16 by default for 16-byte TMA rows): the selected kernel then
+  derives exactly the global scale (and zero point) from its own quantization code,
+  while those columns add exactly 0 to the dot product. Asymmetric int8 uses
+  per-shard ``azp_adj`` (column sums over the shard's K slice), which add up to the
+  full one. Per-group activations need ``K/tp`` to be a multiple of ``group_size``
+  (groups never straddle shards) and static ones need nothing.
+
+:class:`TPMLP` is the Megatron MLP block: gate and up column-parallel, SwiGLU,
+down row-parallel -- one ``psum`` (plus the scale ``pmin``/``pmax``) per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qlin.api import kernel_for
+from qlin.config import Int8ScaledMMConfig, ScaledMMConfig
+from qlin.errors import ConfigError, InputError
+from qlin.params import Int8Params, Params
+from qlin.quantize import activation_granularity, compute_azp_adj, quantize_weight
+from qlin.validate import normalize_params
+
+DEFAULT_PAD = 16
+
+
+def _tp(mesh: Mesh, axis: str) -> int:
+    if not isinstance(mesh, Mesh):
+        raise InputError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.shape:
+        raise InputError(f"axis: {axis!r} is not an axis of the mesh (axes {tuple(mesh.shape)})")
+    return int(mesh.shape[axis])
+
+
+def _put(a, mesh, spec):
+    return None if a is None else jax.device_put(a, NamedSharding(mesh, spec))
+
+
+# -- column-parallel ------------------------------------------------------------------------
+
+def column_specs(params: Params, config: ScaledMMConfig, axis: str) -> Params:
+    """PartitionSpecs (as a Params pytree) of a column-parallel layer's params."""
+    g = config.weight_granularity
+    scale_spec = P() if g == "per_tensor" else (P(axis) if g == "per_channel" else P(axis, None))
+    specs = {"weight": P(axis, None), "weight_scale": scale_spec}
+    for name in params.array_fields():
+        if name not in specs:
+            specs[name] = None if getattr(params, name) is None else (P(axis) if name == "azp_adj" else P())
+    return params.replace(**specs)
+
+
+def shard_column_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None):
+    """Canonical params (and bias) placed for column parallelism; returns ``(params, bias)``."""
+    tp = _tp(mesh, axis)
+    params = normalize_params(params, config)
+    n, k = params.weight.shape
+    if n % tp:
+        raise InputError(f"column-parallel: out_features N={n} must be divisible by the mesh axis {axis!r} size {tp}")
+    block = config.weight_block
+    if block is not None and (n // tp) % block[0]:
+        raise InputError(f"column-parallel: N/tp={n // tp} must be a multiple of the weight block's bn={block[0]}")
+    specs = column_specs(params, config, axis)
+    placed = jax.tree.map(lambda a, s: _put(a, mesh, s), params, specs, is_leaf=lambda v: v is None)
+    if bias is not None and tuple(np.shape(bias)) != (n,):
+        raise InputError(f"bias: expected shape ({n},), got {tuple(np.shape(bias))}")
+    return placed, _put(bias, mesh, P(axis))
+
+
+def _column_local(x, params: Params, bias, config, kernel):
+    k = kernel_for(config, override=kernel)
+    return k.apply_weights(k.process_weights_after_loading(params), x, bias)
+
+
+def column_parallel_linear(x, params: Params, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None,
+                           *, kernel: str | None = None):
+    """``x @ W^T + b`` with W split along N; x ``[..., K]`` replicated, result ``[..., N]`` split on its last dim."""
+    x = jnp.asarray(x)
+    specs = column_specs(params, config, axis)
+    out_spec = P(*([None] * (x.ndim - 1)), axis)
+    fn = jax.shard_map(lambda x, p, b: _column_local(x, p, b, config, kernel), mesh=mesh,
+                       in_specs=(P(), specs, None if bias is None else P(axis)), out_specs=out_spec, check_vma=False)
+    return fn(x, params, bias)
+
+
+# -- row-parallel ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RowParallelParams:
+    """A row-parallel layer's params in their sharded layout (a pytree).
+
+    ``params.weight`` is ``(N, tp * (K/tp + pad))``: each shard's K slice followed
+    by ``pad`` zero columns (see the module doc); block weight scales get one
+    extra block column of ones per shard. ``azp_adj`` is ``(tp, N)``: per-shard
+    column sums. ``in_features`` is the logical K.
+    """
+
+    params: Params
+    azp_adj: jax.Array | None
+    pad: int
+    tp: int
+    in_features: int
+
+
+jax.tree_util.register_pytree_node(
+    RowParallelParams,
+    lambda r: ((r.params, r.azp_adj), (r.pad, r.tp, r.in_features)),
+    lambda aux, ch: RowParallelParams(ch[0], ch[1], *aux),
+)
+
+
+def _needs_stats(config: ScaledMMConfig) -> bool:
+    return activation_granularity(config) in ("per_token", "per_tensor") and not config.is_static
+
+
+def shard_row_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None,
+                       *, pad: int | None = None):
+    """Canonical params re-laid out and placed for row parallelism; returns ``(RowParallelParams, bias)``.
+
+    ``pad`` zero columns per shard carry the global activation statistics
+    (default 16 when the activation scale is dynamic per token/tensor, else 0).
+    """
+    tp = _tp(mesh, axis)
+    params = normalize_params(params, config)
+    n, k = params.weight.shape
+    if k % tp:
+        raise InputError(f"row-parallel: in_features K={k} must be divisible by the mesh axis {axis!r} size {tp}")
+    kl = k // tp
+    block = config.weight_block
+    if block is not None and kl % block[1]:
+        raise InputError(f"row-parallel: K/tp={kl} must be a multiple of the weight block's bk={block[1]}")
+    if activation_granularity(config) == "per_group" and kl % config.group_size:
+        raise InputError(f"row-parallel: K/tp={kl} must be a multiple of group_size={config.group_size} "
+                         "so that activation groups do not straddle shards")
+    if pad is None:
+        pad = DEFAULT_PAD if _needs_stats(config) else 0
+    if _needs_stats(config) and pad < 2:
+        raise InputError(f"pad: dynamic {config.activation} row-parallel layers need pad >= 2, got {pad}")
+    if block is not None and pad % block[1]:
+        pad = -(-pad // block[1]) * block[1]  # whole weight blocks of zeros
+    w = params.weight.reshape(n, tp, kl)
+    w = jnp.pad(w, ((0, 0), (0, 0), (0, pad))).reshape(n, tp * (kl + pad))
+    changes: dict[str, Any] = {"weight": w}
+    specs: dict[str, Any] = {"weight": P(None, axis)}
+    g = config.weight_granularity
+    if block is not None:
+        gn, gk = params.weight_scale.shape
+        s = params.weight_scale.reshape(gn, tp, gk // tp)
+        s = jnp.pad(s, ((0, 0), (0, 0), (0, pad // block[1])), constant_values=1.0)
+        changes["weight_scale"] = s.reshape(gn, -1)
+        specs["weight_scale"] = P(None, axis)
+    else:
+        specs["weight_scale"] = P() if g == "per_tensor" else P(None)
+    azp = None
+    if isinstance(params, Int8Params) and params.azp_adj is not None:
+        azp = jnp.stack([compute_azp_adj(params.weight[:, i * kl:(i + 1) * kl]) for i in range(tp)])
+        changes["azp_adj"] = None
+    local = params.replace(**changes)
+    for name in local.array_fields():
+        specs.setdefault(name, None if getattr(local, name) is None else P())
+    placed = jax.tree.map(lambda a, s: _put(a, mesh, s), local, local.replace(**specs), is_leaf=lambda v: v is None)
+    if bias is not None and tuple(np.shape(bias)) != (n,):
+        raise InputError(f"bias: expected shape ({n},), got {tuple(np.shape(bias))}")
+    rp = RowParallelParams(placed, _put(azp, mesh, P(axis, None)), int(pad), tp, k)
+    return rp, _put(bias, mesh, P())
+
+
+def _row_specs(rp: RowParallelParams, config, axis):
+    g = config.weight_granularity
+    specs = {"weight": P(None, axis),
+             "weight_scale": P(None, axis) if config.weight_block else (P() if g == "per_tensor" else P(None))}
+    p = rp.params
+    for name in p.array_fields():
+        specs.setdefault(name, None if getattr(p, name) is None else P())
+    return RowParallelParams(p.replace(**specs), None if rp.azp_adj is None else P(axis, None), rp.pad, rp.tp,
+                             rp.in_features)
+
+
+def _row_local(x, rp: RowParallelParams, config: ScaledMMConfig, axis: str, kernel):
+    """One shard's f32 partial ``x_shard @ W_shard^T`` with globally consistent activation scales."""
+    params = rp.params
+    if rp.azp_adj is not None:
+        params = params.replace(azp_adj=rp.azp_adj.reshape(-1))
+    if rp.pad:
+        xf = x.astype(jnp.float32)
+        if activation_granularity(config) == "per_token":
+            lo, hi = jnp.min(xf, axis=-1, keepdims=True), jnp.max(xf, axis=-1, keepdims=True)
+        else:
+            lo = jnp.broadcast_to(jnp.min(xf), (*x.shape[:-1], 1))
+            hi = jnp.broadcast_to(jnp.max(xf), (*x.shape[:-1], 1))
+        lo, hi = jax.lax.pmin(lo, axis), jax.lax.pmax(hi, axis)
+        fill = jnp.concatenate([lo, jnp.broadcast_to(hi, (*x.shape[:-1], rp.pad - 1))], axis=-1)
+        x = jnp.concatenate([x, fill.astype(x.dtype)], axis=-1)
+    cfg32 = dataclasses.replace(config, out_dtype=jnp.float32)
+    k = kernel_for(cfg32, override=kernel)
+    return k.apply_weights(k.process_weights_after_loading(params), x, None)
+
+
+def _row_finish(partial, bias, config, axis):
+    y = jax.lax.psum(partial, axis)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(config.out_dtype)
+
+
+def row_parallel_linear(x, rp: RowParallelParams, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None,
+                        *, kernel: str | None = None):
+    """``x @ W^T + b`` with W split along K; x ``[..., K]`` split on its last dim; result replicated."""
+    x = jnp.asarray(x)
+    if x.shape[-1] != rp.in_features:
+        raise InputError(f"x: last dimension must equal K={rp.in_features}, got shape {tuple(x.shape)}")
+    x_spec = P(*([None] * (x.ndim - 1)), axis)
+    fn = jax.shard_map(lambda x, r, b: _row_finish(_row_local(x, r, config, axis, kernel), b, config, axis),
+                       mesh=mesh, in_specs=(x_spec, _row_specs(rp, config, axis), None if bias is None else P()),
+                       out_specs=P(), check_vma=False)
+    return fn(x, rp, bias)
+
+
+# -- the Megatron MLP block -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TPMLP:
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))``: gate/up column-parallel, down row-parallel, on ``mesh[axis]``.
+
+    >>> mlp = TPMLP.from_float(w_gate, w_up, w_down, FP8ScaledMMConfig(), mesh)   # weights (N, K)
+    >>> y = jax.jit(mlp.__call__)(x)                                              # x [..., H] -> [..., H]
+    """
+
+    gate: Params
+    up: Params
+    down: RowParallelParams
+    down_bias: jax.Array | None
+    config: ScaledMMConfig = dataclasses.field(metadata={"static": True})
+    mesh: Mesh = dataclasses.field(metadata={"static": True})
+    axis: str = dataclasses.field(default="tp", metadata={"static": True})
+    kernel: str | None = dataclasses.field(default=None, metadata={"static": True})
+
+    @classmethod
+    def from_params(cls, gate: Params, up: Params, down: Params, config: ScaledMMConfig, mesh: Mesh,
+                    axis: str = "tp", *, down_bias=None, kernel: str | None = None) -> "TPMLP":
+        """From unsharded canonical params: gate/up ``(I, H)``, down ``(H, I)``."""
+        gate = normalize_params(gate, config)
+        up = normalize_params(up, config)
+        down = normalize_params(down, config)
+        (i1, h1), (i2, h2), (h3, i3) = gate.weight.shape, up.weight.shape, down.weight.shape
+        if not (i1 == i2 == i3 and h1 == h2 == h3):
+            raise InputError(f"TPMLP: incompatible shapes gate {gate.weight.shape}, up {up.weight.shape}, "
+                             f"down {down.weight.shape}; expected (I, H), (I, H), (H, I)")
+        g, _ = shard_column_parallel(gate, config, mesh, axis)
+        u, _ = shard_column_parallel(up, config, mesh, axis)
+        d, b = shard_row_parallel(down, config, mesh, axis, down_bias)
+        return cls(g, u, d, b, config, mesh, axis, kernel)
+
+    @classmethod
+    def from_float(cls, w_gate, w_up, w_down, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp",
+                   **kw) -> "TPMLP":
+        """Quantize float weights (torch layout ``(N, K)``) with ``qlin.quantize_weight`` and shard them."""
+        if config.is_static:
+            raise ConfigError("TPMLP.from_float: static activation configs need calibrated params; use from_params")
+        q = [quantize_weight(w, config) for w in (w_gate, w_up, w_down)]
+        return cls.from_params(*q, config, mesh, axis, **kw)
+
+    def __call__(self, x):
+        x = jnp.asarray(x)
+        cfg, axis, kernel = self.config, self.axis, self.kernel
+
+        def body(x, gate, up, down, bias):
+            h = jax.nn.silu(_column_local(x, gate, None, cfg, kernel)) * _column_local(x, up, None, cfg, kernel)
+            return _row_finish(_row_local(h.astype(cfg.out_dtype), down, cfg, axis, kernel), bias, cfg, axis)
+
+        fn = jax.shard_map(
+            body, mesh=self.mesh,
+            in_specs=(P(), column_specs(self.gate, cfg, axis), column_specs(self.up, cfg, axis),
+                      _row_specs(self.down, cfg, axis), None if self.down_bias is None else P()),
+            out_specs=P(), check_vma=False)
+        return fn(x, self.gate, self.up, self.down, self.down_bias)
+
+
+jax.tree_util.register_dataclass(TPMLP, data_fields=["gate", "up", "down", "down_bias"],
+                                 meta_fields=["config", "mesh", "axis", "kernel"])
