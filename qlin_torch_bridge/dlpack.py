@@ -1,0 +1,275 @@
+"""Zero-copy torch <-> JAX conversion through DLPack.
+
+``to_jax(t)`` and ``to_torch(a)`` never copy unless asked: the result shares
+memory with the input (checked by comparing data pointers after every
+conversion) or the call raises :class:`LayoutError`.
+
+Layout. JAX arrays are row-major (C-contiguous). A torch tensor whose memory is
+not row-major for its shape -- a transposed view, a strided slice, an
+``expand``-ed tensor -- is rejected with :class:`LayoutError` (JAX would either
+refuse it or keep a non-default layout that every jitted call re-lays out, a
+silent copy per call). ``copy=True`` makes one explicit ``.contiguous()`` copy
+instead. Likewise a tensor whose data pointer is not aligned as the JAX backend
+requires (64 bytes on the CPU; e.g. ``t[1:]`` of a contiguous tensor) is an error
+unless ``copy=True``. For vLLM's transposed weight views see
+``params_from_module(weight_layout="kn")``, which undoes the transpose as a view.
+
+dtypes: float8_e4m3fn, float8_e5m2, int8, uint8, int32, bfloat16, float16,
+float32. torch >= 2.8 and jaxlib 0.11 exchange fp8 natively (DLPack 1.1 type
+codes 10 and 12). Where one side rejects fp8, the tensor crosses as a uint8 view
+whose DLPack capsule is re-tagged with the fp8 type code (or the reverse) --
+same bytes, same pointer, still zero copy.
+
+CUDA stream ordering. Both directions use the DLPack stream protocol, which
+orders the consumer after the producer without a host sync:
+
+* torch -> JAX: ``jax.dlpack.from_dlpack(tensor)`` calls
+  ``tensor.__dlpack__(stream=<JAX's stream for external ready events>)``; torch
+  records an event on its *current* stream and makes that stream wait on it, so
+  JAX reads the tensor only after every torch kernel queued before the call.
+* JAX -> torch: ``torch.from_dlpack(array)`` calls
+  ``array.__dlpack__(stream=<torch's current stream>)``; JAX makes torch's stream
+  wait until the computation producing the array is done.
+
+So torch work on its current stream and JAX work interleave correctly without
+``torch.cuda.synchronize()``. Converting on one torch stream and then using the
+result on another stream is the caller's business, as everywhere in torch.
+
+Aliasing. JAX assumes arrays are immutable. Mutating a torch tensor in place
+while a JAX array aliases it changes what JAX sees (and jitted code may have
+cached nothing of it, or anything): do not mutate tensors handed to qlin.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import torch
+
+from qlin.errors import InputError
+
+__all__ = [
+    "LayoutError", "to_jax", "to_torch", "jax_dtype", "torch_dtype", "platform_of", "SUPPORTED_DTYPES",
+    "shares_memory",
+]
+
+
+class LayoutError(InputError):
+    """A tensor's memory layout cannot be shared with JAX without a copy (and no copy was allowed)."""
+
+
+_PAIRS = (
+    (torch.float8_e4m3fn, jnp.float8_e4m3fn),
+    (torch.float8_e5m2, jnp.float8_e5m2),
+    (torch.int8, jnp.int8),
+    (torch.uint8, jnp.uint8),
+    (torch.int32, jnp.int32),
+    (torch.bfloat16, jnp.bfloat16),
+    (torch.float16, jnp.float16),
+    (torch.float32, jnp.float32),
+)
+_T2J = {t: jnp.dtype(j) for t, j in _PAIRS}
+_J2T = {jnp.dtype(j): t for t, j in _PAIRS}
+#: torch dtypes that cross the bridge.
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(t for t, _ in _PAIRS)
+
+# DLPack 1.1 type codes (dlpack.h: kDLUInt = 1, kDLFloat8_e4m3fn = 10, kDLFloat8_e5m2 = 12).
+_DL_UINT = 1
+_FP8_DL_CODE = {torch.float8_e4m3fn: 10, torch.float8_e5m2: 12}
+_FP8_TORCH = tuple(_FP8_DL_CODE)
+
+
+def jax_dtype(dtype: torch.dtype):
+    """The JAX dtype of a torch dtype the bridge supports."""
+    try:
+        return _T2J[dtype]
+    except KeyError:
+        raise InputError(f"dtype: torch {dtype} does not cross the bridge; supported: "
+                         f"{[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]}") from None
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    """The torch dtype of a JAX dtype the bridge supports."""
+    try:
+        return _J2T[jnp.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise InputError(f"dtype: JAX {dtype} does not cross the bridge; supported: "
+                         f"{[jnp.dtype(j).name for _, j in _PAIRS]}") from None
+
+
+def platform_of(t: torch.Tensor) -> str:
+    """qlin's platform name ("cpu", "cuda", "rocm") for a torch tensor's device."""
+    kind = t.device.type
+    if kind == "cpu":
+        return "cpu"
+    if kind == "cuda":
+        return "rocm" if getattr(torch.version, "hip", None) else "cuda"
+    raise InputError(f"device: torch tensors on {t.device} cannot be shared with JAX (cpu or cuda only)")
+
+
+# -- DLPack capsule re-tagging (fp8 <-> uint8, same bytes) ------------------------------------
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
+        ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+# DLManagedTensorVersioned = {DLPackVersion (2 x u32), manager_ctx*, deleter*, u64 flags, DLTensor}
+_VERSIONED_DLTENSOR_OFFSET = 8 + 8 + 8 + 8
+
+_capsule_get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_get_pointer.restype = ctypes.c_void_p
+_capsule_get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_get_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_get_name.restype = ctypes.c_char_p
+_capsule_get_name.argtypes = [ctypes.py_object]
+
+
+def _retag(capsule: Any, expect_code: int, new_code: int) -> Any:
+    """Rewrite the dtype code of an unconsumed 8-bit DLPack capsule in place; returns it."""
+    name = _capsule_get_name(capsule)
+    if name not in (b"dltensor", b"dltensor_versioned"):
+        raise BufferError(f"expected an unconsumed DLPack capsule, got one named {name!r}")
+    ptr = _capsule_get_pointer(capsule, name)
+    if name == b"dltensor_versioned":
+        ptr += _VERSIONED_DLTENSOR_OFFSET
+    dl = _DLTensor.from_address(ptr)
+    if dl.dtype.bits != 8 or dl.dtype.lanes != 1 or dl.dtype.code != expect_code:
+        raise BufferError(f"unexpected DLPack dtype (code {dl.dtype.code}, bits {dl.dtype.bits}) while re-tagging")
+    dl.dtype.code = new_code
+    return capsule
+
+
+class _Retagged:
+    """A DLPack producer that hands out ``source``'s capsule with another 8-bit dtype code."""
+
+    def __init__(self, source: Any, expect_code: int, new_code: int) -> None:
+        self._source, self._expect, self._new = source, expect_code, new_code
+
+    def __dlpack_device__(self):
+        return self._source.__dlpack_device__()
+
+    def __dlpack__(self, *, stream: Any = None, **_: Any):
+        # Legacy (unversioned) capsule: both torch and JAX accept it; the stream is forwarded as given.
+        return _retag(self._source.__dlpack__(stream=stream), self._expect, self._new)
+
+
+_NATIVE_FP8: dict[str, bool] = {}
+
+
+def _native_fp8(direction: str) -> bool:
+    """Whether this torch/jaxlib pair exchanges fp8 through DLPack directly (probed once, on the CPU)."""
+    if direction not in _NATIVE_FP8:
+        try:
+            if direction == "to_jax":
+                t = torch.zeros(8, dtype=torch.float8_e4m3fn)
+                ok = jax.dlpack.from_dlpack(t, copy=False).dtype == jnp.float8_e4m3fn
+            else:
+                a = jnp.zeros(8, jnp.float8_e4m3fn, device=jax.devices("cpu")[0])
+                ok = torch.from_dlpack(a).dtype == torch.float8_e4m3fn
+        except Exception:  # noqa: BLE001 - any refusal means "not native"
+            ok = False
+        _NATIVE_FP8[direction] = ok
+    return _NATIVE_FP8[direction]
+
+
+def shares_memory(t: torch.Tensor, a: jax.Array) -> bool:
+    """True when the torch tensor and the JAX array start at the same address."""
+    if t.numel() == 0:
+        return True
+    return int(a.unsafe_buffer_pointer()) == int(t.data_ptr())
+
+
+# -- conversions ---------------------------------------------------------------------------------
+
+def to_jax(t: torch.Tensor, *, copy: bool = False, name: str = "tensor") -> jax.Array:
+    """A JAX array sharing ``t``'s memory (zero copy), on the JAX device matching ``t.device``.
+
+    Args:
+      t: a torch tensor of a supported dtype, on cpu or cuda; one that requires grad is an
+        error while grad mode is on (the gradient would be silently lost), fine under no_grad.
+      copy: allow ONE explicit copy (``t.contiguous()`` / ``t.clone()``) when ``t``'s
+        memory is not row-major or not aligned for JAX. Without it such tensors raise
+        :class:`LayoutError`.
+      name: how error messages call ``t`` (e.g. ``"layer.weight"``).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.requires_grad:
+        if torch.is_grad_enabled():
+            raise InputError(
+                f"{name}: requires grad; qlin's kernels are inference-only and would silently drop the gradient. "
+                "Use requires_grad=False parameters (as vLLM does), model.requires_grad_(False), or torch.no_grad()"
+            )
+        t = t.detach()  # under no_grad nothing is recorded anyway; same memory
+    jax_dtype(t.dtype)  # raises on unsupported dtypes
+    platform_of(t)
+    if not t.is_contiguous():
+        if not copy:
+            hint = ""
+            if t.dim() == 2 and t.t().is_contiguous():
+                hint = (" It is a transposed view of row-major memory: pass t.t() (or, for a layer's weight, "
+                        "weight_layout='kn') to share it without a copy.")
+            raise LayoutError(
+                f"{name}: shape {tuple(t.shape)} with strides {tuple(t.stride())} is not row-major (C-contiguous); "
+                f"sharing it with JAX would need a copy.{hint} Pass copy=True to copy it explicitly."
+            )
+        t = t.contiguous()
+    fp8_fallback = t.dtype in _FP8_TORCH and not _native_fp8("to_jax")
+    try:
+        a = _from_torch(t, fp8_fallback)
+    except ValueError as e:
+        if "aligned" not in str(e):
+            raise
+        if not copy:
+            raise LayoutError(
+                f"{name}: data pointer {t.data_ptr():#x} is not aligned as JAX requires ({str(e).strip()}); "
+                "this happens for views at an offset (e.g. t[1:]). Pass copy=True to copy it explicitly."
+            ) from None
+        t = t.clone(memory_format=torch.contiguous_format)
+        a = _from_torch(t, fp8_fallback)
+    if not shares_memory(t, a):  # defensive: never hand out a silent copy
+        raise LayoutError(f"{name}: DLPack produced a copy (pointers differ); refusing a silent copy")
+    return a
+
+
+def _from_torch(t: torch.Tensor, fp8_fallback: bool) -> jax.Array:
+    if fp8_fallback:
+        a = jax.dlpack.from_dlpack(_Retagged(t.view(torch.uint8), _DL_UINT, _FP8_DL_CODE[t.dtype]), copy=False)
+    else:
+        a = jax.dlpack.from_dlpack(t, copy=False)
+    want = jax_dtype(t.dtype)
+    if a.dtype != want:
+        raise InputError(f"dtype: DLPack turned torch {t.dtype} into JAX {a.dtype}, expected {want}")
+    return a
+
+
+def to_torch(a: jax.Array, *, name: str = "array") -> torch.Tensor:
+    """A torch tensor sharing ``a``'s memory (zero copy), on the torch device matching ``a``'s device."""
+    if not isinstance(a, jax.Array):
+        raise InputError(f"{name}: expected a jax.Array, got {type(a).__name__}")
+    if len(a.devices()) != 1:
+        raise InputError(f"{name}: only single-device arrays cross DLPack, got one on {len(a.devices())} devices")
+    want = torch_dtype(a.dtype)
+    if want in _FP8_TORCH and not _native_fp8("to_torch"):
+        t = torch.from_dlpack(_Retagged(a, _FP8_DL_CODE[want], _DL_UINT)).view(want)
+    else:
+        t = torch.from_dlpack(a)
+    if t.dtype != want:
+        raise InputError(f"dtype: DLPack turned JAX {a.dtype} into torch {t.dtype}, expected {want}")
+    if not shares_memory(t, a):
+        raise LayoutError(f"{name}: DLPack produced a copy (pointers differ); refusing a silent copy")
+    return t

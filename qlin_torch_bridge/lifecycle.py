@@ -1,0 +1,206 @@
+"""qlin's kernel lifecycle on torch modules, vLLM style.
+
+    layer.qlin_config = FP8ScaledMMConfig()          # or pass config=
+    process_weights_after_loading(layer)             # once, after the checkpoint is loaded
+    y = apply_weights(layer, x, bias)                # torch in, torch out, every forward
+
+:func:`process_weights_after_loading` picks the kernel for the config and for the
+platform the layer's tensors live on (torch cpu -> qlin's cpu kernels, cuda ->
+cuda kernels), reads the layer's Params zero-copy, runs the kernel's
+``process_weights_after_loading`` and *replaces* every parameter the kernel
+changed with the processed tensor -- vLLM's ``replace_parameter``: the old
+``nn.Parameter`` is dropped and a new ``requires_grad=False`` parameter that
+shares memory with the processed JAX array is registered under the same name
+(a registered buffer stays a buffer). Parameters the kernel left untouched keep
+their identity. The processed Params, the kernel and its jitted
+``apply_weights`` are cached on the layer.
+
+:func:`apply_weights` converts ``x`` (and ``bias``) to JAX without copies, calls
+the kernel's jitted ``apply_weights`` and returns the result as a torch tensor
+sharing the output buffer. If a parameter was replaced since processing, the
+layer's params are re-read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import torch
+
+from qlin.api import kernel_for
+from qlin.config import MMLinearLayerConfig
+from qlin.errors import InputError
+from qlin.kernel import MMLinearKernel
+from qlin.params import Params
+from qlin.platform import PLATFORMS
+from qlin.select import registered_kernels
+from qlin_torch_bridge.dlpack import platform_of, to_jax, to_torch
+from qlin_torch_bridge.params import STATIC_ATTR, WeightLayout, check_same_device, params_from_module
+
+__all__ = ["process_weights_after_loading", "apply_weights", "replace_parameter", "CONFIG_ATTR", "layer_kernel"]
+
+#: Attribute a torch layer may carry its qlin config in (read when ``config`` is not passed).
+CONFIG_ATTR = "qlin_config"
+_STATE_ATTR = "_qlin_state"
+_JITTED: dict[int, Any] = {}
+
+
+@dataclasses.dataclass
+class _State:
+    kernel: MMLinearKernel
+    apply: Any
+    params: Params
+    sources: dict[str, Any]  # attribute name -> the torch object the params were read from
+    weight_layout: str
+    copy: bool
+    platform: str
+    bias_src: Any = None
+    bias_jax: Any = None
+
+
+def replace_parameter(module: torch.nn.Module, name: str, new: torch.Tensor) -> None:
+    """Replace ``module.<name>`` by ``new`` (vLLM semantics): a new ``requires_grad=False`` Parameter.
+
+    A registered buffer stays a buffer; a plain attribute or a missing name becomes a parameter.
+    ``new`` is wrapped without copying.
+    """
+    if name in module._buffers:
+        module._buffers[name] = new.detach()
+        return
+    if name in module._parameters:
+        del module._parameters[name]
+    elif hasattr(module, name):
+        delattr(module, name)
+    module.register_parameter(name, torch.nn.Parameter(new.detach(), requires_grad=False))
+
+
+def _kernel_platforms(name: str) -> list[str]:
+    return [p for p in PLATFORMS if any(k.name == name for k in registered_kernels(p))]
+
+
+def _select(config: MMLinearLayerConfig, platform: str, kernel: str | None, what: str) -> MMLinearKernel:
+    if kernel is not None:
+        where = _kernel_platforms(kernel)
+        if where and platform not in where:
+            raise InputError(
+                f"kernel: {kernel!r} runs on {where} only, but {what}'s tensors are torch tensors on "
+                f"{platform}; move the layer to a {where[0]} device or pick a {platform} kernel"
+            )
+    return kernel_for(config, platform=platform, override=kernel)
+
+
+def _jitted(k: MMLinearKernel):
+    fn = _JITTED.get(id(k))
+    if fn is None or fn[0] is not k:
+        fn = _JITTED[id(k)] = (k, jax.jit(k.apply_weights))
+    return fn[1]
+
+
+def process_weights_after_loading(
+    layer: torch.nn.Module,
+    config: MMLinearLayerConfig | None = None,
+    *,
+    kernel: str | None = None,
+    weight_layout: WeightLayout = "nk",
+    copy: bool = False,
+) -> torch.nn.Module:
+    """Process ``layer``'s quantized weights for the chosen kernel, replacing its parameters; returns ``layer``.
+
+    Args:
+      layer: a torch module with the attributes of the kernel's Params class
+        (``weight``, ``weight_scale``, ``input_scale``, ... by class-level name).
+      config: the qlin layer config; default ``layer.qlin_config``. Stored on the layer.
+      kernel: force a kernel by name (it must run on the platform of the layer's tensors).
+      weight_layout: ``"nk"`` (``nn.Linear``) or ``"kn"`` (vLLM's transposed weight view).
+      copy: allow explicit copies of tensors whose memory JAX cannot share.
+    """
+    if config is None:
+        config = getattr(layer, CONFIG_ATTR, None)
+        if config is None:
+            raise InputError(f"config: not given and {type(layer).__name__} has no {CONFIG_ATTR!r} attribute")
+    if not isinstance(config, MMLinearLayerConfig):
+        raise InputError(f"config: expected a qlin layer config, got {type(config).__name__}")
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        # Let params_from_module name the missing attribute for the right Params class.
+        params_cls = kernel_for(config, platform="cpu", override=kernel).params_cls
+        params_from_module(layer, params_cls, name=type(layer).__name__)
+        raise InputError(f"{type(layer).__name__}.weight: expected a torch.Tensor, got {type(w).__name__}")
+    platform = platform_of(w)
+    k = _select(config, platform, kernel, type(layer).__name__)
+    name = type(layer).__name__
+    params = params_from_module(layer, k.params_cls, weight_layout=weight_layout, copy=copy, name=name)
+    processed = k.process_weights_after_loading(params)
+
+    for field, attr in processed.attribute_names().items():
+        new = getattr(processed, field)
+        if new is None or new is getattr(params, field):
+            continue
+        replace_parameter(layer, attr, to_torch(new, name=f"processed {name}.{attr}"))
+        if field == "weight" and weight_layout == "kn":
+            weight_layout = "nk"  # the processed weight is registered in (N, K)
+    static = {f.name: getattr(processed, f.name) for f in dataclasses.fields(processed)
+              if f.name in ("out_features", "in_features") and getattr(processed, f.name) is not None}
+    object.__setattr__(layer, STATIC_ATTR, static)
+    object.__setattr__(layer, CONFIG_ATTR, config)
+    state = _State(
+        kernel=k, apply=_jitted(k), params=processed,
+        sources={attr: getattr(layer, attr, None) for attr in processed.attribute_names().values()},
+        weight_layout=weight_layout, copy=copy, platform=platform,
+    )
+    object.__setattr__(layer, _STATE_ATTR, state)
+    return layer
+
+
+def layer_kernel(layer: torch.nn.Module) -> MMLinearKernel:
+    """The kernel :func:`process_weights_after_loading` chose for ``layer``."""
+    return _state(layer).kernel
+
+
+def _state(layer: Any) -> _State:
+    state = getattr(layer, _STATE_ATTR, None)
+    if state is None:
+        raise InputError(
+            f"layer: {type(layer).__name__} has not been processed; call process_weights_after_loading(layer) first"
+        )
+    return state
+
+
+def _current_params(layer: torch.nn.Module, state: _State) -> Params:
+    """The cached params, re-read if any parameter object was replaced since processing."""
+    if all(getattr(layer, attr, None) is src for attr, src in state.sources.items()):
+        return state.params
+    params = params_from_module(layer, type(state.params), weight_layout=state.weight_layout, copy=state.copy,
+                                name=type(layer).__name__)
+    state.params = params
+    state.sources = {attr: getattr(layer, attr, None) for attr in params.attribute_names().values()}
+    return params
+
+
+def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  copy: bool = False) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with the processed ``layer``; torch tensors in and out, no copies.
+
+    ``x`` is ``[..., K]`` float16/bfloat16/float32 on the layer's device; the result is
+    ``[..., N]`` in the config's ``out_dtype``. ``copy=True`` allows an explicit copy of an
+    ``x`` (or ``bias``) whose memory is not row-major or not aligned (else LayoutError).
+    """
+    state = _state(layer)
+    params = _current_params(layer, state)
+    name = type(layer).__name__
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    weight = getattr(layer, params.attribute_name("weight"))
+    check_same_device({"weight": weight, "x (input)": x} | ({"bias": bias} if bias is not None else {}), name)
+    xj = to_jax(x, copy=copy, name="x")
+    if bias is None:
+        bj = None
+    elif bias is state.bias_src:
+        bj = state.bias_jax
+    else:
+        bj = to_jax(bias, copy=copy, name="bias")
+        state.bias_src, state.bias_jax = bias, bj
+    y = state.apply(params, xj, bj)
+    return to_torch(y, name="y")
