@@ -366,6 +366,8 @@ def _linen_denses(tree, prefix=()) -> dict[str, tuple[tuple, dict]]:
 
 
 def _set_in(tree, path, value):
+    if not path:
+        return value
     tree = dict(tree)
     if len(path) == 1:
         tree[path[0]] = value
