@@ -195,7 +195,7 @@ def shares_memory(t: torch.Tensor, a: jax.Array) -> bool:
 
 # -- conversions ---------------------------------------------------------------------------------
 
-def to_jax(t: torch.Tensor, *, copy: bool = False, name: str = "tensor") -> jax.Array:
+def to_jax(t: torch.Tensor, *, copy: bool = False, name: str = "tensor", verify: bool = True) -> jax.Array:
     """A JAX array sharing ``t``'s memory (zero copy), on the JAX device matching ``t.device``.
 
     Args:
@@ -205,6 +205,8 @@ def to_jax(t: torch.Tensor, *, copy: bool = False, name: str = "tensor") -> jax.
         memory is not row-major or not aligned for JAX. Without it such tensors raise
         :class:`LayoutError`.
       name: how error messages call ``t`` (e.g. ``"layer.weight"``).
+      verify: compare the data pointers afterwards (``apply_weights`` skips it on its hot path:
+        DLPack with ``copy=False`` either shares memory or raises).
     """
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -241,7 +243,7 @@ def to_jax(t: torch.Tensor, *, copy: bool = False, name: str = "tensor") -> jax.
             ) from None
         t = t.clone(memory_format=torch.contiguous_format)
         a = _from_torch(t, fp8_fallback)
-    if not shares_memory(t, a):  # defensive: never hand out a silent copy
+    if verify and not shares_memory(t, a):  # defensive: never hand out a silent copy
         raise LayoutError(f"{name}: DLPack produced a copy (pointers differ); refusing a silent copy")
     return a
 
@@ -257,8 +259,11 @@ def _from_torch(t: torch.Tensor, fp8_fallback: bool) -> jax.Array:
     return a
 
 
-def to_torch(a: jax.Array, *, name: str = "array") -> torch.Tensor:
-    """A torch tensor sharing ``a``'s memory (zero copy), on the torch device matching ``a``'s device."""
+def to_torch(a: jax.Array, *, name: str = "array", verify: bool = True) -> torch.Tensor:
+    """A torch tensor sharing ``a``'s memory (zero copy), on the torch device matching ``a``'s device.
+
+    ``verify`` compares the data pointers afterwards (skipped on ``apply_weights``'s hot path).
+    """
     if not isinstance(a, jax.Array):
         raise InputError(f"{name}: expected a jax.Array, got {type(a).__name__}")
     if len(a.devices()) != 1:
@@ -270,6 +275,6 @@ def to_torch(a: jax.Array, *, name: str = "array") -> torch.Tensor:
         t = torch.from_dlpack(a)
     if t.dtype != want:
         raise InputError(f"dtype: DLPack turned JAX {a.dtype} into torch {t.dtype}, expected {want}")
-    if not shares_memory(t, a):
+    if verify and not shares_memory(t, a):
         raise LayoutError(f"{name}: DLPack produced a copy (pointers differ); refusing a silent copy")
     return t

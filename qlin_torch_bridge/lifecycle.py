@@ -194,13 +194,13 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
         raise InputError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     weight = getattr(layer, params.attribute_name("weight"))
     check_same_device({"weight": weight, "x (input)": x} | ({"bias": bias} if bias is not None else {}), name)
-    xj = to_jax(x, copy=copy, name="x")
+    xj = to_jax(x, copy=copy, name="x", verify=False)
     if bias is None:
         bj = None
     elif bias is state.bias_src:
         bj = state.bias_jax
     else:
-        bj = to_jax(bias, copy=copy, name="bias")
+        bj = to_jax(bias, copy=copy, name="bias", verify=False)
         state.bias_src, state.bias_jax = bias, bj
     y = state.apply(params, xj, bj)
-    return to_torch(y, name="y")
+    return to_torch(y, name="y", verify=False)

@@ -310,3 +310,21 @@ def test_non_contiguous_input_is_an_error_unless_copy_is_allowed():
     y = apply_weights(layer, cls_tokens, copy=True)
     ref = reference_linear_np(cls_tokens.contiguous().numpy(), params, cfg)
     assert rel_err(y.numpy(), ref) <= kernel_rtol(jnp.float32)
+
+
+def test_apply_weights_shares_x_and_y_with_the_kernel_call():
+    cfg = qlin.FP8ScaledMMConfig(out_dtype=jnp.float32)
+    layer = process_weights_after_loading(VllmStyleLayer(quantized(cfg)), cfg)
+    state = layer._qlin_state
+    seen = {}
+    real = state.apply
+
+    def spy(params, xj, bj):
+        seen["x"], seen["y"] = xj, real(params, xj, bj)
+        return seen["y"]
+
+    state.apply = spy
+    x = x_input()
+    y = apply_weights(layer, x)
+    assert seen["x"].unsafe_buffer_pointer() == x.data_ptr()
+    assert y.data_ptr() == seen["y"].unsafe_buffer_pointer()
