@@ -206,6 +206,20 @@ def overhead(device: str, shapes, reps: int) -> list[dict]:
     return rows
 
 
+def bench_rows(shapes, reps: int = 50, device: str = "cuda") -> list[dict]:
+    """Rows for the GEMM benchmark (``impl, dtype, M, N, K, us, tflops, device``): ``qlin:torch_bridge``
+    (QuantLinear on torch tensors) and ``qlin:jax_same_kernel`` -- wall-clock per call, back to back."""
+    rows = []
+    dev = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    for r in overhead(device, shapes, reps):
+        dtype = "fp8" if r["config"].startswith("fp8") else "int8"
+        for impl, us in (("qlin:torch_bridge", r["bridge_us"]), ("qlin:jax_same_kernel", r["jax_us"])):
+            rows.append({"impl": impl, "dtype": dtype, "M": r["M"], "N": r["N"], "K": r["K"], "us": us,
+                         "tflops": round(2 * r["M"] * r["N"] * r["K"] / us / 1e6, 2), "kernel": r["kernel"],
+                         "device": dev})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (no stream checks)")
