@@ -153,3 +153,19 @@ def test_sharding_bad_input():
         row_parallel_linear(jnp.ones((2, 32)), rp, cfg, MESH)
     with pytest.raises(InputError, match="incompatible shapes"):
         TPMLP.from_float(_w((64, 16), 0), _w((64, 16), 1), _w((16, 32), 2), cfg, MESH)
+
+
+def test_bench_tp_mlp_tiny_runs_and_checks():
+    """benchmarks/bench_tp_mlp.py (what issue 4 runs on GPUs) works end to end at tiny sizes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_tp_mlp.py"
+    spec = importlib.util.spec_from_file_location("bench_tp_mlp", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(bench._args(["--tiny", "--tokens", "16", "--iters", "1", "--config", "int8"]))
+    assert result["all_ok"] and result["devices"] == 8
+    impls = {(r["impl"], r["devices"]) for r in result["results"]}
+    assert impls == {(i, d) for i in ("bf16", "xla-int8", "qlin") for d in (1, 8)}
+    assert all(r["ms"] > 0 and r["rel_err_vs_1_device"] <= kernel_rtol(jnp.bfloat16) for r in result["results"])
