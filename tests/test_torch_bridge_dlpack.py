@@ -31,12 +31,19 @@ def _same_values(t, a):
     return np.array_equal(tb, ab)
 
 
-@pytest.fixture(params=["native", "retagged"])
+@pytest.fixture(params=["native", "retagged", "public-api"])
 def fp8_path(request, monkeypatch):
-    """Run fp8 conversions natively, or through the uint8 view + re-tagged capsule fallback."""
+    """fp8 natively or through the uint8 view + re-tagged capsule fallback; the fast import or JAX's public one."""
     if request.param == "retagged":
         monkeypatch.setattr(dlpack, "_NATIVE_FP8", {"to_jax": False, "to_torch": False})
+    if request.param == "public-api":
+        monkeypatch.setitem(dlpack._FAST, "on", False)
     return request.param
+
+
+def test_fast_import_is_active():
+    # the hot path this jaxlib should take; if jaxlib changes, this says so (the public path still works)
+    assert dlpack._FAST["on"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
