@@ -169,3 +169,43 @@ def test_bench_tp_mlp_tiny_runs_and_checks():
     impls = {(r["impl"], r["devices"]) for r in result["results"]}
     assert impls == {(i, d) for i in ("bf16", "xla-int8", "qlin") for d in (1, 8)}
     assert all(r["ms"] > 0 and r["rel_err_vs_1_device"] <= kernel_rtol(jnp.bfloat16) for r in result["results"])
+
+
+def test_tp_mlp_from_qlinears_with_biases():
+    from flax import nnx
+
+    from qlin.flax import QLinear
+
+    cfg = qlin.Int8ScaledMMConfig(out_dtype=F32)
+    rngs = nnx.Rngs(0)
+    init = nnx.initializers.normal(0.3)
+    gate, up, down = (QLinear.from_linear(nnx.Linear(i, o, bias_init=init, rngs=rngs), cfg)
+                      for i, o in ((H, I), (H, I), (I, H)))
+    mlp = TPMLP.from_qlinears(gate, up, down, MESH)
+    assert mlp.gate_bias.sharding.spec == P("tp")
+    x = _x((M, H))
+    ref = down(jax.nn.silu(gate(x)) * up(x))
+    assert rel_err(mlp(x), ref) <= kernel_rtol(F32)
+
+
+@pytest.mark.parametrize("cfg", [qlin.FP8ScaledMMConfig(out_dtype=F32),
+                                 qlin.Int8ScaledMMConfig(symmetric=False, out_dtype=F32)], ids=lambda c: c.describe())
+def test_shard_qlinear_for_jit_partitioner(cfg):
+    from flax import nnx
+
+    from qlin.flax import QLinear
+    from qlin.flax.sharding import shard_qlinear
+
+    rngs = nnx.Rngs(1)
+    col = QLinear.from_linear(nnx.Linear(H, I, rngs=rngs), cfg, kernel="xla")
+    row = QLinear.from_linear(nnx.Linear(I, H, rngs=rngs), cfg, kernel="xla")
+    x = _x((2, M, H))
+    ref = row(col(x))
+    shard_qlinear(col, MESH, "column")
+    shard_qlinear(row, MESH, "row")
+    assert col.weight_scale[...].sharding.spec == P("tp") and row.weight[...].sharding.spec == P(None, "tp")
+    assert row.weight_scale[...].sharding.spec == P(None)
+    y = nnx.jit(lambda c, r, x: r(c(x)))(col, row, x)
+    assert rel_err(y, ref) <= kernel_rtol(F32)
+    with pytest.raises(InputError, match="K=12 must be divisible"):
+        shard_qlinear(QLinear(12, 16, config=cfg), MESH, "row")

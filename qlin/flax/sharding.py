@@ -252,6 +252,8 @@ class TPMLP:
     up: Params
     down: RowParallelParams
     down_bias: jax.Array | None
+    gate_bias: jax.Array | None
+    up_bias: jax.Array | None
     config: ScaledMMConfig = dataclasses.field(metadata={"static": True})
     mesh: Mesh = dataclasses.field(metadata={"static": True})
     axis: str = dataclasses.field(default="tp", metadata={"static": True})
@@ -259,8 +261,9 @@ class TPMLP:
 
     @classmethod
     def from_params(cls, gate: Params, up: Params, down: Params, config: ScaledMMConfig, mesh: Mesh,
-                    axis: str = "tp", *, down_bias=None, kernel: str | None = None) -> "TPMLP":
-        """From unsharded canonical params: gate/up ``(I, H)``, down ``(H, I)``."""
+                    axis: str = "tp", *, down_bias=None, gate_bias=None, up_bias=None,
+                    kernel: str | None = None) -> "TPMLP":
+        """From unsharded canonical params: gate/up ``(I, H)``, down ``(H, I)``; optional float biases."""
         gate = normalize_params(gate, config)
         up = normalize_params(up, config)
         down = normalize_params(down, config)
@@ -268,10 +271,21 @@ class TPMLP:
         if not (i1 == i2 == i3 and h1 == h2 == h3):
             raise InputError(f"TPMLP: incompatible shapes gate {gate.weight.shape}, up {up.weight.shape}, "
                              f"down {down.weight.shape}; expected (I, H), (I, H), (H, I)")
-        g, _ = shard_column_parallel(gate, config, mesh, axis)
-        u, _ = shard_column_parallel(up, config, mesh, axis)
+        g, gb = shard_column_parallel(gate, config, mesh, axis, gate_bias)
+        u, ub = shard_column_parallel(up, config, mesh, axis, up_bias)
         d, b = shard_row_parallel(down, config, mesh, axis, down_bias)
-        return cls(g, u, d, b, config, mesh, axis, kernel)
+        return cls(g, u, d, b, gb, ub, config, mesh, axis, kernel)
+
+    @classmethod
+    def from_qlinears(cls, gate, up, down, mesh: Mesh, axis: str = "tp", *, kernel: str | None = None) -> "TPMLP":
+        """From three (unstacked) :class:`~qlin.flax.QLinear` layers sharing one config, e.g. a converted model's MLP."""
+        cfgs = {gate.config, up.config, down.config}
+        if len(cfgs) != 1:
+            raise ConfigError(f"TPMLP.from_qlinears: the layers must share one config, got {sorted(map(str, cfgs))}")
+        bias = lambda q: q.bias.get_value() if q.use_bias else None  # noqa: E731
+        return cls.from_params(gate.qparams(), up.qparams(), down.qparams(), gate.config, mesh, axis,
+                               down_bias=bias(down), gate_bias=bias(gate), up_bias=bias(up),
+                               kernel=kernel or gate.kernel_name)
 
     @classmethod
     def from_float(cls, w_gate, w_up, w_down, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp",
@@ -286,17 +300,73 @@ class TPMLP:
         x = jnp.asarray(x)
         cfg, axis, kernel = self.config, self.axis, self.kernel
 
-        def body(x, gate, up, down, bias):
-            h = jax.nn.silu(_column_local(x, gate, None, cfg, kernel)) * _column_local(x, up, None, cfg, kernel)
+        def body(x, gate, up, down, bias, gate_bias, up_bias):
+            h = jax.nn.silu(_column_local(x, gate, gate_bias, cfg, kernel)) * _column_local(x, up, up_bias, cfg, kernel)
             return _row_finish(_row_local(h.astype(cfg.out_dtype), down, cfg, axis, kernel), bias, cfg, axis)
 
+        opt = lambda b, spec: None if b is None else spec  # noqa: E731
         fn = jax.shard_map(
             body, mesh=self.mesh,
             in_specs=(P(), column_specs(self.gate, cfg, axis), column_specs(self.up, cfg, axis),
-                      _row_specs(self.down, cfg, axis), None if self.down_bias is None else P()),
+                      _row_specs(self.down, cfg, axis), opt(self.down_bias, P()), opt(self.gate_bias, P(axis)),
+                      opt(self.up_bias, P(axis))),
             out_specs=P(), check_vma=False)
-        return fn(x, self.gate, self.up, self.down, self.down_bias)
+        return fn(x, self.gate, self.up, self.down, self.down_bias, self.gate_bias, self.up_bias)
 
 
-jax.tree_util.register_dataclass(TPMLP, data_fields=["gate", "up", "down", "down_bias"],
+jax.tree_util.register_dataclass(TPMLP, data_fields=["gate", "up", "down", "down_bias", "gate_bias", "up_bias"],
                                  meta_fields=["config", "mesh", "axis", "kernel"])
+
+
+# -- placing nnx QLinear variables for jax.jit's own partitioner --------------------------------
+
+def qlinear_partition_specs(layer, mode: str, axis: str = "tp") -> dict[str, P]:
+    """``{variable name: PartitionSpec}`` of a :class:`~qlin.flax.QLinear` split ``"column"``- or ``"row"``-wise.
+
+    Column: weight ``P(axis, None)``, per-channel scales / ``azp_adj`` / bias ``P(axis)``.
+    Row: weight ``P(None, axis)``, block scales ``P(None, axis)``, everything else replicated.
+    Stacked layers keep their leading axes unsplit.
+    """
+    if mode not in ("column", "row"):
+        raise InputError(f"mode: expected 'column' or 'row', got {mode!r}")
+    cfg = layer.config
+    g = cfg.weight_granularity
+    lead = (None,) * len(layer.stack_shape)
+    specs = {}
+    for name in layer.arrays():
+        if name == "weight":
+            s = (axis, None) if mode == "column" else (None, axis)
+        elif name == "weight_scale":
+            if g == "per_tensor":
+                s = ()
+            elif g == "per_channel":
+                s = (axis,) if mode == "column" else (None,)
+            else:
+                s = (axis, None) if mode == "column" else (None, axis)
+        elif name in ("azp_adj", "bias"):
+            s = (axis,) if mode == "column" else (None,)
+        else:
+            s = ()
+        specs[name] = P(*lead, *s)
+    return specs
+
+
+def shard_qlinear(layer, mesh: Mesh, mode: str, axis: str = "tp"):
+    """Place a QLinear's variables on ``mesh`` (in place) for ``jax.jit``'s SPMD partitioner; returns the layer.
+
+    Under ``jax.jit`` XLA then partitions the XLA kernel's quantize + 8-bit dot +
+    epilogue itself, inserting the reductions that keep row-parallel activation
+    scales global. A Pallas kernel cannot be partitioned that way (XLA would
+    gather its operands): use :func:`column_parallel_linear` /
+    :func:`row_parallel_linear` / :class:`TPMLP` (``shard_map``) for those.
+    """
+    tp = _tp(mesh, axis)
+    n, k = layer.out_features, layer.in_features
+    dim = n if mode == "column" else k
+    if dim % tp:
+        raise InputError(f"{mode}-parallel: {'N' if mode == 'column' else 'K'}={dim} must be divisible by the "
+                         f"mesh axis {axis!r} size {tp}")
+    for name, spec in qlinear_partition_specs(layer, mode, axis).items():
+        var = getattr(layer, name)
+        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
+    return layer
