@@ -17,8 +17,9 @@ their identity. The processed Params, the kernel and its jitted
 
 :func:`apply_weights` converts ``x`` (and ``bias``) to JAX without copies, calls
 the kernel's jitted ``apply_weights`` and returns the result as a torch tensor
-sharing the output buffer. If a parameter was replaced since processing, the
-layer's params are re-read.
+sharing the output buffer. If a parameter was replaced or its data moved since
+processing (``param.data = ...``, ``layer.to(device)``), the layer's params are
+re-read -- and re-processed for the new platform when the device kind changed.
 """
 
 from __future__ import annotations
@@ -52,12 +53,29 @@ class _State:
     kernel: MMLinearKernel
     apply: Any
     params: Params
-    sources: dict[str, Any]  # attribute name -> the torch object the params were read from
+    sources: dict[str, tuple[Any, int]]  # attribute -> (the torch object read, its data pointer)
     weight_layout: str
     copy: bool
     platform: str
-    bias_src: Any = None
+    kernel_override: str | None = None
+    bias_src: tuple[Any, int] | None = None
     bias_jax: Any = None
+
+
+def _snapshot(layer: Any, attrs) -> dict[str, tuple[Any, int]]:
+    out = {}
+    for attr in attrs:
+        obj = getattr(layer, attr, None)
+        out[attr] = (obj, obj.data_ptr() if isinstance(obj, torch.Tensor) else 0)
+    return out
+
+
+def _unchanged(layer: Any, sources: dict[str, tuple[Any, int]]) -> bool:
+    for attr, (obj, ptr) in sources.items():
+        now = getattr(layer, attr, None)
+        if now is not obj or (ptr and now.data_ptr() != ptr):
+            return False
+    return True
 
 
 def replace_parameter(module: torch.nn.Module, name: str, new: torch.Tensor) -> None:
@@ -147,8 +165,8 @@ def process_weights_after_loading(
     object.__setattr__(layer, CONFIG_ATTR, config)
     state = _State(
         kernel=k, apply=_jitted(k), params=processed,
-        sources={attr: getattr(layer, attr, None) for attr in processed.attribute_names().values()},
-        weight_layout=weight_layout, copy=copy, platform=platform,
+        sources=_snapshot(layer, processed.attribute_names().values()),
+        weight_layout=weight_layout, copy=copy, platform=platform, kernel_override=kernel,
     )
     object.__setattr__(layer, _STATE_ATTR, state)
     return layer
@@ -168,15 +186,22 @@ def _state(layer: Any) -> _State:
     return state
 
 
-def _current_params(layer: torch.nn.Module, state: _State) -> Params:
-    """The cached params, re-read if any parameter object was replaced since processing."""
-    if all(getattr(layer, attr, None) is src for attr, src in state.sources.items()):
-        return state.params
+def _current_params(layer: torch.nn.Module, state: _State) -> tuple[_State, Params]:
+    """The cached params; re-read if a parameter was replaced or its data moved (``param.data = ...``,
+    ``module.to(device)``) since processing, and re-processed for the new platform if it changed device kind."""
+    if _unchanged(layer, state.sources):
+        return state, state.params
+    weight = getattr(layer, state.params.attribute_name("weight"), None)
+    if isinstance(weight, torch.Tensor) and platform_of(weight) != state.platform:
+        process_weights_after_loading(layer, getattr(layer, CONFIG_ATTR), kernel=state.kernel_override,
+                                      weight_layout=state.weight_layout, copy=state.copy)
+        state = _state(layer)
+        return state, state.params
     params = params_from_module(layer, type(state.params), weight_layout=state.weight_layout, copy=state.copy,
                                 name=type(layer).__name__)
     state.params = params
-    state.sources = {attr: getattr(layer, attr, None) for attr in params.attribute_names().values()}
-    return params
+    state.sources = _snapshot(layer, params.attribute_names().values())
+    return state, params
 
 
 def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -187,8 +212,7 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     ``[..., N]`` in the config's ``out_dtype``. ``copy=True`` allows an explicit copy of an
     ``x`` (or ``bias``) whose memory is not row-major or not aligned (else LayoutError).
     """
-    state = _state(layer)
-    params = _current_params(layer, state)
+    state, params = _current_params(layer, _state(layer))
     name = type(layer).__name__
     if not isinstance(x, torch.Tensor):
         raise InputError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -197,10 +221,10 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     xj = to_jax(x, copy=copy, name="x", verify=False)
     if bias is None:
         bj = None
-    elif bias is state.bias_src:
+    elif state.bias_src is not None and bias is state.bias_src[0] and bias.data_ptr() == state.bias_src[1]:
         bj = state.bias_jax
     else:
         bj = to_jax(bias, copy=copy, name="bias", verify=False)
-        state.bias_src, state.bias_jax = bias, bj
+        state.bias_src, state.bias_jax = (bias, bias.data_ptr()), bj
     y = state.apply(params, xj, bj)
     return to_torch(y, name="y", verify=False)

@@ -116,6 +116,20 @@ class QuantLinear(nn.Module):
     def kernel(self):
         return layer_kernel(self)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves every tensor; dtype conversions (``.half()``, ``.to(torch.bfloat16)``)
+        touch only the bias -- the 8-bit weight, its float32 scales and the integer zero points keep
+        their dtypes (a cast would corrupt them)."""
+        bias = self.bias
+
+        def keep_dtype(t):
+            moved = fn(t)
+            if t is bias or (bias is not None and t is bias.data) or moved.dtype == t.dtype:
+                return moved
+            return t.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_weights(self, x, self.bias, copy=self.allow_input_copy)
 

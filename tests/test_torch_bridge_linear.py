@@ -180,3 +180,19 @@ def test_training_mode_input_is_refused():
     q = QuantLinear.from_linear(gaussian_linear(), qlin.FP8ScaledMMConfig())
     with pytest.raises(InputError, match="requires grad"):
         q(x_input(2).requires_grad_())
+
+
+def test_param_data_moves_are_picked_up_and_dtype_casts_spare_quantized_params():
+    lin = gaussian_linear()
+    q = QuantLinear.from_linear(lin, qlin.Int8ScaledMMConfig(**F32))
+    x = x_input(3)
+    with torch.no_grad():
+        y = q(x)
+        # what module.to(device) does: same Parameter object, new storage
+        q.weight_scale.data = q.weight_scale.data.clone() * 2
+        torch.testing.assert_close(q(x) - lin.bias, (y - lin.bias) * 2, rtol=1e-5, atol=1e-4)
+        q.weight_scale.data = q.weight_scale.data.clone() / 2
+        q.half()
+        assert q.weight.dtype == torch.int8 and q.weight_scale.dtype == torch.float32
+        assert q.bias.dtype == torch.float16
+        torch.testing.assert_close(q(x), y, rtol=2e-3, atol=2e-2)  # only the bias was rounded to f16
