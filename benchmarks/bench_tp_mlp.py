@@ -39,6 +39,8 @@ def _args(argv=None):
     ap.add_argument("--config", choices=("fp8", "int8"), default="fp8")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--devices", type=int, default=None, help="use this many devices (default: all)")
+    ap.add_argument("--row-pad", type=int, default=None,
+                    help="statistic columns per row-parallel shard (default: qlin.flax.sharding.default_pad)")
     return ap.parse_args(argv)
 
 
@@ -55,7 +57,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import qlin  # noqa: E402
-from qlin.flax.sharding import TPMLP  # noqa: E402
+from qlin.flax.sharding import TPMLP, default_pad  # noqa: E402
 from qlin.platform import describe_device  # noqa: E402
 from qlin.tolerances import kernel_rtol, quant_rtol, rel_err  # noqa: E402
 
@@ -121,7 +123,7 @@ def main(args):
     for tp, mesh in meshes.items():
         impls[("bf16", tp)] = bf16_tp_mlp(wg, wu, wd, mesh)
         for name, kernel in (("xla-fp8" if args.config == "fp8" else "xla-int8", "xla"), ("qlin", None)):
-            mlp = TPMLP.from_float(wg, wu, wd, cfg, mesh, kernel=kernel)
+            mlp = TPMLP.from_float(wg, wu, wd, cfg, mesh, kernel=kernel, row_pad=args.row_pad)
             impls[(name, tp)] = (jax.jit(lambda m, x: m(x)), mlp)
 
     rows, ok = [], True
@@ -152,6 +154,7 @@ def main(args):
               f"{r['speedup_vs_bf16_same_devices']:>7.2f}x {r['rel_err_vs_1_device']:>11.2e} "
               f"{r['rel_err_vs_bf16']:>11.4f}  {'ok' if r['ok'] else 'FAIL'}  {r['kernel']}")
     result = {"device": describe_device(devices[0]), "devices": n, "jax": jax.__version__, "hidden": H,
+              "row_pad": args.row_pad if args.row_pad is not None else default_pad(I // n),
               "intermediate": I, "tokens": Ms, "config": cfg.describe(), "iters": iters, "all_ok": bool(ok),
               "results": rows}
     if os.environ.get("OUT"):

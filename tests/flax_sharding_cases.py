@@ -112,7 +112,7 @@ def test_row_parallel_bf16_static_and_scale_ub():
     ]:
         params = qlin.quantize_weight(_w((H, I), 2), cfg, **kw)
         rp, _ = shard_row_parallel(params, cfg, MESH)
-        assert rp.pad == (16 if not cfg.is_static else 0)
+        assert rp.pad == (32 if not cfg.is_static else 0)  # K/tp = 32
         y = row_parallel_linear(x, rp, cfg, MESH)
         ref = qlin.linear(x, params, cfg)
         assert y.dtype == jnp.bfloat16 and rel_err(y, ref) <= kernel_rtol(jnp.bfloat16)
@@ -135,6 +135,21 @@ def test_tp_mlp_equals_single_device(cfg):
     mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
     y2 = TPMLP.from_float(wg, wu, wd, cfg, mesh2, down_bias=b)(x)
     assert rel_err(y2, ref) <= kernel_rtol(cfg.out_dtype)
+
+
+def test_default_pad_keeps_alignment():
+    from qlin.flax.sharding import default_pad
+
+    assert [default_pad(k) for k in (1792, 2048, 96, 32, 48, 7)] == [128, 128, 32, 32, 16, 2]
+    cfg = qlin.FP8ScaledMMConfig(out_dtype=F32)
+    params = qlin.quantize_weight(_w((H, I), 1), cfg)
+    x = _x((M, I))
+    for pad in (2, 5, 64):  # any pad >= 2 gives the same result
+        rp, _ = shard_row_parallel(params, cfg, MESH, pad=pad)
+        assert rp.params.weight.shape == (H, 8 * (I // 8 + pad))
+        assert rel_err(row_parallel_linear(x, rp, cfg, MESH), qlin.linear(x, params, cfg)) <= kernel_rtol(F32)
+    with pytest.raises(InputError, match="pad >= 2"):
+        shard_row_parallel(params, cfg, MESH, pad=1)
 
 
 def test_sharding_bad_input():

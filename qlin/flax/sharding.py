@@ -16,7 +16,7 @@ Weights are ``(N, K)``. On a mesh axis ``axis`` of size ``tp``:
   differs per shard. So for dynamic per-token / per-tensor activations each shard
   reduces its min and max over the mesh axis (``pmin``/``pmax``, M floats) and
   appends them as extra activation columns facing zero weight columns (``pad``
-  columns per shard, 16 by default for 16-byte TMA rows): the selected kernel then
+  columns per shard, :func:`default_pad` keeps K's alignment): the selected kernel then
   derives exactly the global scale (and zero point) from its own quantization code,
   while those columns add exactly 0 to the dot product. Asymmetric int8 uses
   per-shard ``azp_adj`` (column sums over the shard's K slice), which add up to the
@@ -44,7 +44,21 @@ from qlin.params import Int8Params, Params
 from qlin.quantize import activation_granularity, compute_azp_adj, quantize_weight
 from qlin.validate import normalize_params
 
-DEFAULT_PAD = 16
+MAX_PAD_ALIGN = 128
+
+
+def default_pad(k_local: int) -> int:
+    """Statistic columns appended per row-parallel shard: as many as keep ``K/tp``'s alignment (up to 128).
+
+    8-bit GEMM kernels want K in multiples of 16-128 (Mosaic GPU: 32, and 128 for its
+    fastest swizzle); a pad of that alignment keeps ``K/tp + pad`` as aligned as ``K/tp``
+    so no kernel re-pads the weight. Costs ``pad / (K/tp)`` extra work on that layer
+    (128 / 1792 = 7% for I=14336 on 8 devices).
+    """
+    align = 1
+    while align < MAX_PAD_ALIGN and k_local % (2 * align) == 0:
+        align *= 2
+    return max(align, 2)
 
 
 def _tp(mesh: Mesh, axis: str) -> int:
@@ -140,7 +154,7 @@ def shard_row_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis:
     """Canonical params re-laid out and placed for row parallelism; returns ``(RowParallelParams, bias)``.
 
     ``pad`` zero columns per shard carry the global activation statistics
-    (default 16 when the activation scale is dynamic per token/tensor, else 0).
+    (default :func:`default_pad` when the activation scale is dynamic per token/tensor, else 0).
     """
     tp = _tp(mesh, axis)
     params = normalize_params(params, config)
@@ -155,7 +169,7 @@ def shard_row_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis:
         raise InputError(f"row-parallel: K/tp={kl} must be a multiple of group_size={config.group_size} "
                          "so that activation groups do not straddle shards")
     if pad is None:
-        pad = DEFAULT_PAD if _needs_stats(config) else 0
+        pad = default_pad(kl) if _needs_stats(config) else 0
     if _needs_stats(config) and pad < 2:
         raise InputError(f"pad: dynamic {config.activation} row-parallel layers need pad >= 2, got {pad}")
     if block is not None and pad % block[1]:
@@ -262,7 +276,7 @@ class TPMLP:
     @classmethod
     def from_params(cls, gate: Params, up: Params, down: Params, config: ScaledMMConfig, mesh: Mesh,
                     axis: str = "tp", *, down_bias=None, gate_bias=None, up_bias=None,
-                    kernel: str | None = None) -> "TPMLP":
+                    kernel: str | None = None, row_pad: int | None = None) -> "TPMLP":
         """From unsharded canonical params: gate/up ``(I, H)``, down ``(H, I)``; optional float biases."""
         gate = normalize_params(gate, config)
         up = normalize_params(up, config)
@@ -273,7 +287,7 @@ class TPMLP:
                              f"down {down.weight.shape}; expected (I, H), (I, H), (H, I)")
         g, gb = shard_column_parallel(gate, config, mesh, axis, gate_bias)
         u, ub = shard_column_parallel(up, config, mesh, axis, up_bias)
-        d, b = shard_row_parallel(down, config, mesh, axis, down_bias)
+        d, b = shard_row_parallel(down, config, mesh, axis, down_bias, pad=row_pad)
         return cls(g, u, d, b, gb, ub, config, mesh, axis, kernel)
 
     @classmethod
