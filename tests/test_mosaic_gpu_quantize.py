@@ -75,11 +75,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind,gran,group,sym,ub,dtype,m,k", CASES)
-def test_bit_exact_vs_jnp(kind, gran, group, sym, ub, dtype, m, k):
+@pytest.mark.parametrize("store", ["direct", "tma"])
+def test_bit_exact_vs_jnp(kind, gran, group, sym, ub, dtype, m, k, store):
     x = _make_x(m, k, dtype, seed=m * k)
     # max_ctas=2: every CTA walks several rows, wrapping around the shared-memory ring.
     got = mq.quantize_rows(x, kind=kind, granularity=gran, group_size=group, symmetric=sym, scale_ub=ub,
-                           interpret=True, max_ctas=2)
+                           interpret=True, max_ctas=2, store=store)
     _assert_same(got, _jnp_ref(x, kind, gran, group, ub, sym))
 
 
@@ -88,7 +89,7 @@ def test_any_row_count_and_pipeline_depth(m, max_ctas, stages):
     """Rows per CTA from 0 extra to 7, ring sizes 2..4: no row is skipped, duplicated or mixed up."""
     x = _make_x(m, 512, jnp.bfloat16, seed=m)
     got = mq.quantize_rows(x, kind="int8", granularity="per_token", symmetric=False, interpret=True,
-                           max_ctas=max_ctas, stages=stages)
+                           max_ctas=max_ctas, stages=stages, store="tma" if m == 7 else "direct")
     _assert_same(got, _jnp_ref(x, "int8", "per_token", symmetric=False))
 
 
@@ -116,10 +117,11 @@ def test_no_races_in_pipeline():
 
     x = _make_x(7, 512, jnp.bfloat16, seed=11)
     params = plgpu.InterpretGPUParams(detect_races=True)
-    got = mq.quantize_rows(x, kind="int8", granularity="per_group", group_size=128, symmetric=False,
-                           interpret=params, max_ctas=2, stages=2)
-    jax.block_until_ready(got[0])
-    assert not gpu_callbacks.get_races().races_found
+    for store in ("direct", "tma"):
+        got = mq.quantize_rows(x, kind="int8", granularity="per_group", group_size=128, symmetric=False,
+                               interpret=params, max_ctas=2, stages=2, store=store)
+        jax.block_until_ready(got[0])
+        assert not gpu_callbacks.get_races().races_found, store
     _assert_same(got, _jnp_ref(x, "int8", "per_group", 128, symmetric=False))
 
 
@@ -182,10 +184,11 @@ def test_can_fuse_reasons():
         (dict(kind="int8", granularity="per_token"), jnp.bfloat16, 3, 336),
     ],
 )
-def test_lowers_for_cuda(kw, dtype, m, k):
+@pytest.mark.parametrize("store", ["direct", "tma"])
+def test_lowers_for_cuda(kw, dtype, m, k, store):
     """The Mosaic GPU lowering enforces what interpret mode does not (layouts, TMA boxes, barriers)."""
     x = jax.ShapeDtypeStruct((m, k), dtype)
-    lowered = jax.jit(lambda x: mq.quantize_rows(x, **kw)).trace(x).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda x: mq.quantize_rows(x, store=store, **kw)).trace(x).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert "mosaic_gpu" in text  # the kernel is a Mosaic GPU custom call, not an XLA fallback
 
@@ -210,6 +213,7 @@ def test_lowers_for_cuda(kw, dtype, m, k):
         (jnp.ones((4, 256), jnp.bfloat16), dict(kind="fp8", fp8_format="e3m4"), "fp8_format:"),
         (jnp.ones((2, 256 * 256 + 1024), jnp.bfloat16), dict(kind="int8"), "x: K=.* too large"),
         (jnp.ones((2, 256), jnp.bfloat16), dict(kind="int8", stages=1), "stages:"),
+        (jnp.ones((2, 256), jnp.bfloat16), dict(kind="int8", store="smem"), "store:"),
     ],
 )
 def test_bad_input_names_the_argument(x, kw, match):

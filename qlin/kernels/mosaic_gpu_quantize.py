@@ -80,9 +80,11 @@ SUPPORTED_IN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtyp
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 _CHUNK_WIDTHS = (256, 128, 64, 32)
 _WARPS = 4
-#: Shared memory one CTA may use; smaller per-CTA footprints let several CTAs share an SM.
-_SMEM_PER_SM = 227 * 1024
-_SMEM_TARGET_PER_CTA = 100 * 1024
+#: Hopper shared memory: 227 KiB per CTA at most, 228 KiB per SM (1 KiB of each CTA's is reserved by
+#: the system). Keep headroom for Pallas' barriers and its reduction scratch (2 KiB by default).
+_SMEM_PER_CTA_MAX = 227 * 1024
+_SMEM_PER_SM_USABLE = 220 * 1024
+_SMEM_RESERVED = 3 * 1024
 _MAX_CTAS_PER_SM = 8
 #: Elements of one register sub-chunk (per warpgroup): 16 f32 values per thread.
 _SUBCHUNK_ELEMS = 2048
@@ -109,9 +111,12 @@ class QuantizePlan:
     subchunk: int  # chunk rows per register sub-chunk (multiple of 4, divides NC)
     stages: int  # input shared-memory slots (TMA prefetch depth + 1)
     grid: int  # persistent CTAs
+    store: str = "direct"  # "direct": q / scales from registers to HBM; "tma": via shared memory + TMA
 
     def smem_bytes(self, in_itemsize: int, per_group: bool, asym: bool) -> int:
         x = self.stages * self.k_padded * in_itemsize
+        if self.store == "direct":
+            return x + 1024
         q = 2 * self.k_padded
         s = 2 * self.chunks * 4 * (2 if asym else 1) if per_group else 0
         return x + q + s + 1024
@@ -138,6 +143,7 @@ def plan(
     symmetric: bool = True,
     max_ctas: int | None = None,
     stages: int | None = None,
+    store: str = "direct",
 ) -> QuantizePlan:
     """Choose chunk width, padding, pipeline depth and grid for an (m, k) input.
 
@@ -161,22 +167,37 @@ def plan(
     for cand in range(_WARPS, chunks + 1, _WARPS):
         if chunks % cand == 0 and cand * width <= _SUBCHUNK_ELEMS:
             sub = cand
-    probe = QuantizePlan(m, k, k_padded, width, chunks, sub, 2, 1)
+    if store not in ("direct", "tma"):
+        raise InputError(f"store: expected 'direct' or 'tma', got {store!r}")
+    probe = QuantizePlan(m, k, k_padded, width, chunks, sub, 2, 1, store)
     asym = not symmetric
-    fixed = probe.smem_bytes(in_size, per_group, asym) - 2 * k_padded * in_size
+
+    def footprint(n_stages: int) -> int:
+        return dataclasses.replace(probe, stages=n_stages).smem_bytes(in_size, per_group, asym) + _SMEM_RESERVED
+
     if stages is None:
-        stage_bytes = k_padded * in_size
-        stages = max(2, min(4, (_SMEM_TARGET_PER_CTA - fixed) // stage_bytes))
+        # Maximize rows in flight per SM (CTAs per SM x prefetch depth), keeping >= 2 CTAs per SM
+        # when they fit (one warpgroup alone would have to hide all shared-memory latency);
+        # ties go to more CTAs.
+        best = None
+        for cand in range(2, 9):
+            per_sm = min(_MAX_CTAS_PER_SM, _SMEM_PER_SM_USABLE // footprint(cand))
+            if per_sm < 1:
+                break
+            score = (per_sm >= 2, per_sm * (cand - 1), per_sm)
+            if best is None or score > best[0]:
+                best = (score, cand)
+        stages = best[1] if best else 2
     if stages < 2:
         raise InputError(f"stages: expected >= 2, got {stages}")
     probe = dataclasses.replace(probe, stages=stages)
-    smem = probe.smem_bytes(in_size, per_group, asym)
-    if smem > _SMEM_PER_SM:
+    smem = footprint(stages)
+    if smem > _SMEM_PER_CTA_MAX:
         raise InputError(
             f"x: K={k} with dtype {jnp.dtype(in_dtype).name} needs {smem} bytes of shared memory per CTA "
-            f"(> {_SMEM_PER_SM}); the fused quantization kernel supports smaller K"
+            f"(> {_SMEM_PER_CTA_MAX}); the fused quantization kernel supports smaller K"
         )
-    per_sm = max(1, min(_MAX_CTAS_PER_SM, _SMEM_PER_SM // smem))
+    per_sm = max(1, min(_MAX_CTAS_PER_SM, _SMEM_PER_SM_USABLE // smem))
     grid = min(m, _num_sms() * per_sm)
     if max_ctas is not None:
         grid = max(1, min(grid, int(max_ctas)))
@@ -300,14 +321,14 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
             out_types.append(jax.ShapeDtypeStruct((m,), jnp.int32))
     n_out = len(out_types)
 
-    scratch = [
-        plgpu.SMEM((stages, nc, w), in_dtype),
-        plgpu.SMEM((q_slots, nc, w), q_dtype),
-    ]
-    if per_group:
-        scratch.append(plgpu.SMEM((q_slots, nc), jnp.float32))
-        if asym:
-            scratch.append(plgpu.SMEM((q_slots, nc), jnp.int32))
+    tma_store = p.store == "tma"
+    scratch = [plgpu.SMEM((stages, nc, w), in_dtype)]
+    if tma_store:
+        scratch.append(plgpu.SMEM((q_slots, nc, w), q_dtype))
+        if per_group:
+            scratch.append(plgpu.SMEM((q_slots, nc), jnp.float32))
+            if asym:
+                scratch.append(plgpu.SMEM((q_slots, nc), jnp.int32))
     scratch.append(plgpu.Barrier(num_barriers=stages))
     copies_per_row = 1 + (1 + asym if per_group else 0)
 
@@ -319,9 +340,11 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
         q_gmem, s_gmem = outs[0], outs[1]
         zp_gmem = outs[2] if asym else None
         sc = list(refs[n_in + n_out:])
-        x_smem, q_smem = sc[0], sc[1]
-        s_smem = sc[2] if per_group else None
-        zp_smem = sc[3] if (per_group and asym) else None
+        x_smem = sc[0]
+        if tma_store:
+            q_smem = sc[1]
+            s_smem = sc[2] if per_group else None
+            zp_smem = sc[3] if (per_group and asym) else None
         bars = sc[-1]
 
         pid = lax.axis_index("rows")
@@ -347,7 +370,10 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
 
             plgpu.barrier_wait(bars.at[slot])
             xs = x_smem.at[slot]
-            qd = q_smem.at[qs]
+            # Destinations: shared-memory tiles stored by TMA, or this row of global memory directly.
+            qd = q_smem.at[qs] if tma_store else q_gmem.at[row]
+            sd = (s_smem.at[qs] if tma_store else s_gmem.at[row]) if per_group else None
+            zd = (zp_smem.at[qs] if tma_store else zp_gmem.at[row]) if (per_group and asym) else None
 
             def load(c):
                 return plgpu.load(xs.at[pl.ds(c * sub, sub)], layout=layout).astype(jnp.float32)
@@ -361,11 +387,11 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
                     if asym:
                         s, zpf = asym_params(jnp.min(v, axis=1), jnp.max(v, axis=1))
                         store_q(c, quantize(v, s, zpf[:, None]))
-                        zp_smem.at[qs][pl.ds(c * sub, sub)] = zpf.astype(jnp.int32)
+                        zd[pl.ds(c * sub, sub)] = zpf.astype(jnp.int32)
                     else:
                         s = jnp.maximum(jnp.max(jnp.abs(v), axis=1), SCALE_EPS) * inv_qmax
                         store_q(c, quantize(v, s, None))
-                    s_smem.at[qs][pl.ds(c * sub, sub)] = s
+                    sd[pl.ds(c * sub, sub)] = s
             else:
                 hi = lo = None
                 for c in range(n_sub):
@@ -392,18 +418,22 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
                 if asym:
                     zp_gmem[row] = zpf.astype(jnp.int32)
 
+            # Fence + warpgroup barrier: every thread's reads of this x slot (generic proxy) are
+            # done before the TMA (async proxy) refills it, and q tiles are visible to TMA.
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qd, q_gmem.at[row])
-            if per_group:
-                plgpu.copy_smem_to_gmem(s_smem.at[qs], s_gmem.at[row])
-                if asym:
-                    plgpu.copy_smem_to_gmem(zp_smem.at[qs], zp_gmem.at[row])
-            # The other q slot (used by the next row) must be read out by TMA.
-            plgpu.wait_smem_to_gmem(copies_per_row, wait_read_only=True)
+            if tma_store:
+                plgpu.copy_smem_to_gmem(qd, q_gmem.at[row])
+                if per_group:
+                    plgpu.copy_smem_to_gmem(s_smem.at[qs], s_gmem.at[row])
+                    if asym:
+                        plgpu.copy_smem_to_gmem(zp_smem.at[qs], zp_gmem.at[row])
+                # The other q slot (used by the next row) must be read out by TMA.
+                plgpu.wait_smem_to_gmem(copies_per_row, wait_read_only=True)
             return carry
 
         lax.fori_loop(0, n_rows, step, None)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        if tma_store:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kwargs = {}
     if interpret:
@@ -422,15 +452,15 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
     jax.jit,
     static_argnames=(
         "kind", "granularity", "group_size", "symmetric", "fp8_format", "interpret", "max_ctas", "stages",
-        "has_ub",
+        "has_ub", "store",
     ),
 )
 def _quantize_rows_jit(x, ub, *, kind, granularity, group_size, symmetric, fp8_format, interpret, max_ctas, stages,
-                       has_ub):
+                       has_ub, store):
     m, k = x.shape
     per_group = granularity == "per_group"
     p = plan(m, k, x.dtype, granularity=granularity, group_size=group_size, symmetric=symmetric,
-             max_ctas=max_ctas, stages=stages)
+             max_ctas=max_ctas, stages=stages, store=store)
     if p.k_padded != k:
         x = jnp.pad(x, ((0, 0), (0, p.k_padded - k)))
     x3 = x.reshape(m, p.chunks, p.width)
@@ -461,6 +491,7 @@ def quantize_rows(
     interpret=False,
     max_ctas: int | None = None,
     stages: int | None = None,
+    store: str = "direct",
 ):
     """Quantize the rows of ``x`` (M, K) in one fused Mosaic GPU pass.
 
@@ -474,6 +505,8 @@ def quantize_rows(
       interpret: run in Mosaic GPU interpret mode (CPU): True, or a ``plgpu.InterpretGPUParams``
         (e.g. ``detect_races=True``).
       max_ctas, stages: tuning / testing overrides of the persistent grid size and pipeline depth.
+      store: "direct" (q and per-group scales go from registers straight to global memory) or
+        "tma" (staged in shared memory and written by TMA; uses more shared memory).
 
     Returns:
       ``(q, scale, zero_point)``: exactly what :func:`qlin.quantize.quantize_fp8` /
@@ -485,12 +518,12 @@ def quantize_rows(
     ub = jnp.asarray(scale_ub, jnp.float32).reshape(()) if has_ub else jnp.zeros((), jnp.float32)
     plan(x.shape[0], x.shape[1], x.dtype, granularity=granularity,
          group_size=None if group_size is None else int(group_size), symmetric=bool(symmetric),
-         max_ctas=max_ctas, stages=stages)  # shape errors before tracing
+         max_ctas=max_ctas, stages=stages, store=store)  # shape errors before tracing
     return _quantize_rows_jit(
         x, ub, kind=kind, granularity=granularity, group_size=None if group_size is None else int(group_size),
         symmetric=bool(symmetric), fp8_format=fp8_format,
         interpret=interpret if isinstance(interpret, plgpu.InterpretGPUParams) else bool(interpret), max_ctas=max_ctas,
-        stages=stages, has_ub=has_ub,
+        stages=stages, has_ub=has_ub, store=store,
     )
 
 
