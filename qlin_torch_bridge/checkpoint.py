@@ -390,8 +390,10 @@ def load_quantized_linears(model: nn.Module, ckpt: QuantCheckpoint, *, prefix: s
         if ckpt.config_for(shards if isinstance(shards, str) else shards[0]) is None:
             continue
         bias = None if mod.bias is None else mod.bias.detach()
-        q = ckpt.load_linear(shards, bias, kernel=kernel, allow_input_copy=allow_input_copy,
-                             device=mod.weight.device)
+        device = mod.weight.device if mod.weight.device.type != "meta" else None  # meta: built empty, load on cpu
+        if bias is not None and bias.device.type == "meta":
+            bias = None
+        q = ckpt.load_linear(shards, bias, kernel=kernel, allow_input_copy=allow_input_copy, device=device)
         if (q.out_features, q.in_features) != (mod.out_features, mod.in_features):
             raise ParamsError(f"{fqn}: checkpoint layer is {q.out_features}x{q.in_features}, the model's "
                               f"{mod.out_features}x{mod.in_features}")

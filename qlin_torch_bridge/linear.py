@@ -184,7 +184,9 @@ def quantize_(
     if not isinstance(config, (FP8ScaledMMConfig, Int8ScaledMMConfig)):
         raise InputError(f"config: expected an FP8ScaledMMConfig or Int8ScaledMMConfig, got {type(config).__name__}")
     pick = filter or default_filter
-    targets = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and pick(m, fqn)]
+    # remove_duplicate=False: a Linear registered under two names (tied modules) is swapped at both
+    targets = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, nn.Linear) and pick(m, fqn)]
     ranges: dict[str, list[float]] = {}
     if config.is_static:
         if calibrate is None:
@@ -193,7 +195,11 @@ def quantize_(
     elif calibrate is not None:
         raise InputError(f"calibrate: given, but config.activation={config.activation!r} computes scales at run time")
 
+    done: dict[int, QuantLinear] = {}
     for fqn, linear in targets:
+        if id(linear) in done:  # the same module under another name: share the quantized layer
+            _set_submodule(model, fqn, done[id(linear)])
+            continue
         cfg = _layer_config(config, linear, match_dtype)
         scale = zp = None
         if cfg.is_static:
@@ -203,12 +209,17 @@ def quantize_(
             scale, zp = calibrate_static(jnp.asarray([lo, hi], jnp.float32), cfg)
         q = QuantLinear.from_linear(linear, cfg, input_scale=scale, input_zero_point=zp, kernel=kernel,
                                     allow_input_copy=allow_input_copy)
+        done[id(linear)] = q
         if fqn == "":
             model = q
         else:
-            parent_name, _, child = fqn.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+            _set_submodule(model, fqn, q)
     return model
+
+
+def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _calibrate(model: nn.Module, targets: list[tuple[str, nn.Module]], fn: Callable[[nn.Module], Any]):

@@ -278,3 +278,11 @@ def test_load_quantized_linears_into_a_model_with_fused_layers(tmp_path):
     with torch.no_grad():
         y = model(x)
     assert rel_err(y.numpy(), ref.numpy()) <= 2 * quant_rtol(cfg)
+    # a model built empty (on the meta device, as loaders do) gets the same layers, loaded on the cpu
+    with torch.device("meta"):
+        empty = TinyDecoderLayer()
+    assert sorted(load_quantized_linears(empty, ckpt, prefix="model.layers.0.")) == sorted(swapped)
+    qkv, qkv_meta = model.self_attn.qkv_proj, empty.self_attn.qkv_proj
+    assert qkv_meta.weight.device.type == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(qkv_meta(x), qkv(x), rtol=0, atol=0)

@@ -196,3 +196,11 @@ def test_param_data_moves_are_picked_up_and_dtype_casts_spare_quantized_params()
         assert q.weight.dtype == torch.int8 and q.weight_scale.dtype == torch.float32
         assert q.bias.dtype == torch.float16
         torch.testing.assert_close(q(x), y, rtol=2e-3, atol=2e-2)  # only the bias was rounded to f16
+
+
+def test_a_linear_shared_under_two_names_is_swapped_at_both():
+    shared = gaussian_linear(64, 64)
+    model = nn.Module()
+    model.a, model.b = shared, shared
+    quantize_(model, qlin.FP8ScaledMMConfig())
+    assert isinstance(model.a, QuantLinear) and model.a is model.b
