@@ -181,11 +181,20 @@ def main():
         failures += not ok
         result["checks"].append({"scheme": "fp8_tok", "m": mm, "k": kk, "dtype": jnp.dtype(dtype).name,
                                  "ok": ok, **cmp})
+    # The TMA-store variant (timed below for comparison) at one big shape.
+    mm, kk = (7, 512) if DRYRUN else (4096, 14336)
+    key, sub = jax.random.split(key)
+    x = make_x(sub, mm, kk)
+    poison([((mm, kk), jnp.int8), ((mm, 1), jnp.float32)])
+    tma_fn = kernel_fn(kind="fp8", granularity="per_token", store="tma")
+    cmp = compare(tma_fn(x, jnp.float32(1)), fns["fp8_tok"][1](x, jnp.float32(1)))
+    ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in cmp.values())
+    failures += not ok
+    result["checks"].append({"scheme": "fp8_tok:tma", "m": mm, "k": kk, "dtype": "bfloat16", "ok": ok, **cmp})
     n_ok = sum(c["ok"] for c in result["checks"])
     print(f"bit-exact checks: {n_ok}/{len(result['checks'])} passed ({time.time() - T0:.0f} s)", flush=True)
 
     # -- 2. timing -----------------------------------------------------------------------------
-    tma_fn = kernel_fn(kind="fp8", granularity="per_token", store="tma")
     copy_fns = {"memcpy": jax.jit(lambda x: jnp.copy(x)), "neg": jax.jit(lambda x: -x)}
     rows = []
     for k in KS:

@@ -219,3 +219,14 @@ def test_lowers_for_cuda(kw, dtype, m, k, store):
 def test_bad_input_names_the_argument(x, kw, match):
     with pytest.raises(InputError, match=match):
         mq.quantize_rows(x, interpret=True, **kw)
+
+
+def test_is_supported_reasons():
+    assert mq.is_supported(90) == (True, None)
+    ok, why = mq.is_supported(89)
+    assert not ok and "sm89" in why and "TMA" in why
+    ok, why = mq.is_supported(80)
+    assert not ok and "sm80" in why
+    if jax.default_backend() == "cpu":
+        ok, why = mq.is_supported()
+        assert not ok and "CUDA" in why

@@ -69,6 +69,7 @@ __all__ = [
     "quantize_rows",
     "fused_quantize_activation",
     "can_fuse",
+    "is_supported",
     "plan",
     "QuantizePlan",
     "SUPPORTED_IN_DTYPES",
@@ -525,6 +526,22 @@ def quantize_rows(
         interpret=interpret if isinstance(interpret, plgpu.InterpretGPUParams) else bool(interpret), max_ctas=max_ctas,
         stages=stages, has_ub=has_ub, store=store,
     )
+
+
+def is_supported(compute_capability: int | None = None) -> tuple[bool, str | None]:
+    """Whether the fused kernel can run on a GPU of this compute capability (90 = H100)."""
+    if compute_capability is None:
+        from qlin.platform import compute_capability as _cc
+
+        compute_capability = _cc()
+    if compute_capability is None:
+        return False, "not a CUDA GPU (Mosaic GPU kernels need an NVIDIA Hopper GPU; interpret mode runs on CPU)"
+    if compute_capability < 90:
+        return False, (
+            f"sm{compute_capability}: the kernel uses TMA copies and mbarrier pipelines (sm90+); "
+            "before Hopper activation quantization runs as XLA fusions"
+        )
+    return True, None
 
 
 def _config_args(config) -> dict | None:
