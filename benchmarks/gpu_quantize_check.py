@@ -169,6 +169,12 @@ def main():
             result["checks"].append({"scheme": name, "m": m, "k": k, "dtype": "bfloat16", "ok": ok, **cmp})
             if not ok:
                 print(f"MISMATCH {name} M={m} K={k}: {cmp}", flush=True)
+                # Diagnose: does the kernel with divisions as written (division="ieee") match instead?
+                # (It would if this GPU's XLA did not rewrite x / c into x * (1 / c).)
+                ieee = compare(kernel_fn(division="ieee", **dict(kw))(x, ub), want)
+                ieee_ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in ieee.values())
+                result["checks"][-1]["ieee_division_matches"] = ieee_ok
+                print(f"  with division='ieee': {'MATCHES' if ieee_ok else ieee}", flush=True)
     # f32 / f16 inputs (other register layouts) at one shape each.
     for dtype in (jnp.float32, jnp.float16):
         kern, ref = kernel_fn(kind="fp8", granularity="per_token"), jnp_fn("fp8")

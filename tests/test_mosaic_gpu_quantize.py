@@ -182,6 +182,7 @@ def test_can_fuse_reasons():
         (dict(kind="int8", granularity="per_token", symmetric=False), jnp.float32, 128, 14336),
         (dict(kind="int8", granularity="per_group", group_size=64, symmetric=False), jnp.float16, 1, 4096),
         (dict(kind="int8", granularity="per_token"), jnp.bfloat16, 3, 336),
+        (dict(kind="int8", granularity="per_token", symmetric=False, division="ieee"), jnp.bfloat16, 64, 4096),
     ],
 )
 @pytest.mark.parametrize("store", ["direct", "tma"])
@@ -214,6 +215,7 @@ def test_lowers_for_cuda(kw, dtype, m, k, store):
         (jnp.ones((2, 256 * 256 + 1024), jnp.bfloat16), dict(kind="int8"), "x: K=.* too large"),
         (jnp.ones((2, 256), jnp.bfloat16), dict(kind="int8", stages=1), "stages:"),
         (jnp.ones((2, 256), jnp.bfloat16), dict(kind="int8", store="smem"), "store:"),
+        (jnp.ones((2, 256), jnp.bfloat16), dict(kind="int8", division="fast"), "division:"),
     ],
 )
 def test_bad_input_names_the_argument(x, kw, match):

@@ -219,7 +219,7 @@ def _row_layout(width: int, in_itemsize: int):
     return plgpu.Layout.TILED(tiling, warp_dims=(-4,), lane_dims=(-2,), vector_dim=-1)
 
 
-def _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_format):
+def _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_format, division="xla"):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = jnp.asarray(x)
     if jnp.dtype(x.dtype) not in SUPPORTED_IN_DTYPES:
@@ -260,6 +260,8 @@ def _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_forma
                 raise InputError(f"scale_ub: must be finite and > 0, got {v}")
     if not isinstance(symmetric, (bool, np.bool_)):
         raise InputError(f"symmetric: expected a bool, got {symmetric!r}")
+    if division not in ("xla", "ieee"):
+        raise InputError(f"division: expected 'xla' or 'ieee', got {division!r}")
     if not symmetric and kind != "int8":
         raise InputError("symmetric: asymmetric (symmetric=False) quantization is int8-only; fp8 is symmetric")
     if kind == "fp8":
@@ -267,7 +269,8 @@ def _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_forma
     return x
 
 
-def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8_format, interpret):
+def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8_format, interpret,
+           division="xla"):
     """Build the plgpu.kernel for a plan; returns ``f(x3, [ub]) -> (q3, s, [zp])``."""
     m, nc, w, sub, stages, grid = p.m, p.chunks, p.width, p.subchunk, p.stages, p.grid
     layout = _row_layout(w, jnp.dtype(in_dtype).itemsize)
@@ -280,8 +283,13 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
     asym = not symmetric
     n_sub = nc // sub
     # XLA folds ``a / c`` for a constant c into ``a * (1 / c)`` (not exact for 448, 127, 255).
+    xla_div = division == "xla"
     inv_qmax = float(np.float32(1.0) / np.float32(qmax))
     inv_range = float(np.float32(1.0) / np.float32(INT8_QMAX - INT8_QMIN))
+
+    def scale_of(a, n_levels_inv, n_levels):
+        # a / constant, as XLA compiles it ("xla") or as written ("ieee").
+        return a * n_levels_inv if xla_div else a / n_levels
     q_slots = 2
 
     def quantize(v, s, zpf):
@@ -296,7 +304,7 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
         if per_group:
             y = v / lax.optimization_barrier(jnp.broadcast_to(s[:, None], v.shape))
         else:
-            y = v * (1.0 / s)
+            y = v * (1.0 / s) if xla_div else v / s
         if kind == "fp8":
             return jnp.clip(y, -qmax, qmax).astype(q_dtype)
         y = jnp.round(y)
@@ -307,7 +315,7 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
     def asym_params(xmin, xmax):
         xmax = jnp.maximum(xmax, 0.0)
         xmin = jnp.minimum(xmin, 0.0)
-        s = jnp.maximum(xmax - xmin, SCALE_EPS) * inv_range
+        s = scale_of(jnp.maximum(xmax - xmin, SCALE_EPS), inv_range, float(INT8_QMAX - INT8_QMIN))
         zpf = jnp.clip(jnp.round(float(INT8_QMIN) - xmin / s), float(INT8_QMIN), float(INT8_QMAX))
         return s, zpf
 
@@ -390,7 +398,7 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
                         store_q(c, quantize(v, s, zpf[:, None]))
                         zd[pl.ds(c * sub, sub)] = zpf.astype(jnp.int32)
                     else:
-                        s = jnp.maximum(jnp.max(jnp.abs(v), axis=1), SCALE_EPS) * inv_qmax
+                        s = scale_of(jnp.maximum(jnp.max(jnp.abs(v), axis=1), SCALE_EPS), inv_qmax, qmax)
                         store_q(c, quantize(v, s, None))
                     sd[pl.ds(c * sub, sub)] = s
             else:
@@ -411,7 +419,7 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
                     amax = jnp.max(jnp.max(hi, axis=1), axis=0)
                     if has_ub:
                         amax = jnp.minimum(amax, ub_gmem[0])
-                    s = jnp.maximum(amax, SCALE_EPS) * inv_qmax
+                    s = scale_of(jnp.maximum(amax, SCALE_EPS), inv_qmax, qmax)
                     zpf = None
                 for c in range(n_sub):
                     store_q(c, quantize(load(c), s, zpf))
@@ -453,11 +461,11 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
     jax.jit,
     static_argnames=(
         "kind", "granularity", "group_size", "symmetric", "fp8_format", "interpret", "max_ctas", "stages",
-        "has_ub", "store",
+        "has_ub", "store", "division",
     ),
 )
 def _quantize_rows_jit(x, ub, *, kind, granularity, group_size, symmetric, fp8_format, interpret, max_ctas, stages,
-                       has_ub, store):
+                       has_ub, store, division):
     m, k = x.shape
     per_group = granularity == "per_group"
     p = plan(m, k, x.dtype, granularity=granularity, group_size=group_size, symmetric=symmetric,
@@ -466,7 +474,7 @@ def _quantize_rows_jit(x, ub, *, kind, granularity, group_size, symmetric, fp8_f
         x = jnp.pad(x, ((0, 0), (0, p.k_padded - k)))
     x3 = x.reshape(m, p.chunks, p.width)
     fn = _build(p, x.dtype, kind=kind, per_group=per_group, has_ub=has_ub, symmetric=symmetric,
-                fp8_format=fp8_format, interpret=interpret)
+                fp8_format=fp8_format, interpret=interpret, division=division)
     args = (x3, ub.reshape(1)) if has_ub else (x3,)
     outs = fn(*args)
     q = outs[0].reshape(m, p.k_padded)[:, :k]
@@ -493,6 +501,7 @@ def quantize_rows(
     max_ctas: int | None = None,
     stages: int | None = None,
     store: str = "direct",
+    division: str = "xla",
 ):
     """Quantize the rows of ``x`` (M, K) in one fused Mosaic GPU pass.
 
@@ -508,13 +517,17 @@ def quantize_rows(
       max_ctas, stages: tuning / testing overrides of the persistent grid size and pipeline depth.
       store: "direct" (q and per-group scales go from registers straight to global memory) or
         "tma" (staged in shared memory and written by TMA; uses more shared memory).
+      division: "xla" (default) reproduces the divisions of the jnp path as XLA compiles them
+        (``a / const -> a * fl(1/const)``, per token ``x / s -> x * fl(1/s)``; see the module
+        docstring); "ieee" divides as written. Only the GPU check uses "ieee", to tell which
+        one a GPU's XLA build matches.
 
     Returns:
       ``(q, scale, zero_point)``: exactly what :func:`qlin.quantize.quantize_fp8` /
       :func:`qlin.quantize.quantize_int8` return for the same arguments (``zero_point`` is
       None when symmetric; fp8 returns None there too).
     """
-    x = _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_format)
+    x = _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_format, division)
     has_ub = scale_ub is not None
     ub = jnp.asarray(scale_ub, jnp.float32).reshape(()) if has_ub else jnp.zeros((), jnp.float32)
     plan(x.shape[0], x.shape[1], x.dtype, granularity=granularity,
@@ -524,7 +537,7 @@ def quantize_rows(
         x, ub, kind=kind, granularity=granularity, group_size=None if group_size is None else int(group_size),
         symmetric=bool(symmetric), fp8_format=fp8_format,
         interpret=interpret if isinstance(interpret, plgpu.InterpretGPUParams) else bool(interpret), max_ctas=max_ctas,
-        stages=stages, has_ub=has_ub, store=store,
+        stages=stages, has_ub=has_ub, store=store, division=division,
     )
 
 
