@@ -177,7 +177,7 @@ def test_calibration_bad_input():
     with pytest.raises(InputError, match="calibration_data"):
         quantize_nnx(Net(nnx.Rngs(0)), [("embed", FP8_STATIC)])
     bad = _x((4, 8)).at[1, 2].set(jnp.nan)
-    with pytest.raises(InputError, match=r"embed: calibration data contains 1 NaN/inf"):
+    with pytest.raises(InputError, match=r"embed: calibration data contains NaN/inf"):
         quantize_nnx(Net(nnx.Rngs(0)), [("embed", FP8_STATIC)], calibration_data=[bad])
     net = Net(nnx.Rngs(0))
     with pytest.raises(InputError, match="no batches"):
@@ -186,8 +186,12 @@ def test_calibration_bad_input():
     with pytest.raises(InputError, match="saw no input"):
         quantize_nnx(Net(nnx.Rngs(0)), [("head", FP8_STATIC)], calibration_data=[_x((2, 8))],
                      forward=lambda m, b: m.embed(b))
-    with pytest.raises(InputError, match="inf"):
+    with pytest.raises(InputError, match="NaN/inf"):
         calibrate_scale(np.array([1.0, np.inf]), FP8_STATIC)
+    # percentile calibration records every value; NaN is caught there too
+    with pytest.raises(InputError, match=r"blocks/0/up: calibration data contains NaN/inf"):
+        quantize_nnx(Net(nnx.Rngs(0)), [QuantRule("blocks/0/up", FP8_STATIC, calibration="percentile")],
+                     calibration_data=[bad])
 
 
 def test_incompatible_shapes():

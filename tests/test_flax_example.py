@@ -17,7 +17,7 @@ def test_flax_transformer_example_small(tmp_path, monkeypatch):
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
     monkeypatch.setenv("OUT", str(tmp_path))
-    layers = 2
+    layers = 1
     result = ex.main(["--small", "--layers", str(layers), "--iters", "1"])
     rows = {r["model"]: r for r in result["results"]}
     assert set(rows) == {"bf16", "fp8", "int8", "fp8-static"}

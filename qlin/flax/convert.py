@@ -174,8 +174,7 @@ def calibrate_scale(samples, config, *, method: str = "absmax", percentile: floa
     if x.size == 0:
         raise InputError(f"{where}: calibration samples are empty")
     if not np.all(np.isfinite(x)):
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise InputError(f"{where}: calibration data contains {bad} NaN/inf value(s); clean the sample batches")
+        raise InputError(f"{where}: calibration data contains NaN/inf values; clean the sample batches")
     if method == "percentile" and percentile < 100:
         symmetric = not (isinstance(config, Int8ScaledMMConfig) and not config.symmetric)
         if symmetric:
@@ -225,7 +224,16 @@ class _Samples:
         return s, zp
 
 
-def _record(samples: _Samples, path: str, x, kernel) -> None:
+def _record(samples: _Samples, path: str, x, kernel, rule: QuantRule) -> None:
+    """Send what calibration needs to the host: every value for percentiles, else just (min, max).
+
+    ``calibrate_static`` (absmax, or min/max for asymmetric int8) depends only on the
+    extremes, so ``[min, max]`` per call gives exactly the scale of all inputs (NaN/inf
+    propagate into the extremes and are still caught).
+    """
+    if rule.calibration != "percentile" or rule.percentile >= 100:
+        xf = jnp.asarray(x, jnp.float32)
+        x = jnp.stack([jnp.min(xf), jnp.max(xf)])
     fingerprint = kernel[0] if kernel.ndim == 2 else kernel.reshape(-1)[:1]
     jax.debug.callback(lambda a, f: samples.record(path, a, f), x, fingerprint)
 
@@ -293,7 +301,7 @@ def quantize_nnx(model, rules, *, calibration_data: Iterable | None = None, forw
         try:
             for path in static:
                 key_path, lin = linears[path]
-                rec = _Recorder(lin, path, samples)
+                rec = _Recorder(lin, path, samples, static[path])
                 _set_child(_get(model, key_path[:-1]), key_path[-1], rec)
                 recorders[path] = rec
             n_batches = 0
@@ -334,20 +342,21 @@ def _recorder_cls():
     from flax import nnx
 
     class Recorder(nnx.Module):
-        def __init__(self, inner, path, samples):
+        def __init__(self, inner, path, samples, rule):
             self.inner = inner
             self._path = path
             self._samples = samples
+            self._rule = rule
 
         def __call__(self, x):
-            _record(self._samples, self._path, x, self.inner.kernel.get_value())
+            _record(self._samples, self._path, x, self.inner.kernel.get_value(), self._rule)
             return self.inner(x)
 
     return Recorder
 
 
-def _Recorder(inner, path, samples):
-    return _recorder_cls()(inner, path, samples)
+def _Recorder(inner, path, samples, rule):
+    return _recorder_cls()(inner, path, samples, rule)
 
 
 # -- linen --------------------------------------------------------------------------------
@@ -411,7 +420,7 @@ def quantize_linen(model, variables, rules, *, calibration_data: Iterable | None
         def interceptor(next_fun, args, kwargs, context):
             m = context.module
             if context.method_name == "__call__" and isinstance(m, nn.Dense) and lpath(m.path) in static:
-                _record(samples, lpath(m.path), args[0], m.get_variable("params", "kernel"))
+                _record(samples, lpath(m.path), args[0], m.get_variable("params", "kernel"), static[lpath(m.path)])
             return next_fun(*args, **kwargs)
 
         run = forward or (lambda apply_fn, v, b: apply_fn(v, b))
