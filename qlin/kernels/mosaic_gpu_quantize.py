@@ -447,12 +447,19 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
     kwargs = {}
     if interpret:
         kwargs["interpret"] = interpret if isinstance(interpret, plgpu.InterpretGPUParams) else plgpu.InterpretGPUParams()
+    # Pallas brackets every ref store with warpgroup barriers by default. The direct-store
+    # kernel needs none of them: its only shared-memory hazards are the TMA refill of an x slot
+    # (ordered by commit_smem's fence + barrier) and the cross-warp reductions (which carry
+    # their own barriers); its stores go to global memory. The TMA-store kernel keeps them
+    # (q tiles are rewritten after a single thread waited for the previous TMA store).
+    params = plgpu.CompilerParams(unsafe_no_auto_barriers=not tma_store)
     return plgpu.kernel(
         body,
         out_type=tuple(out_types),
         scratch_types=tuple(scratch),
         grid=(grid,),
         grid_names=("rows",),
+        compiler_params=params,
         **kwargs,
     )
 
