@@ -91,15 +91,23 @@ def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000) -> dict:
     s = torch.cuda.Stream()
     n = 1 << 22
     jax.block_until_ready(jnp.all(jnp.zeros(n) == 1.0))  # compile the check before the timing-sensitive part
-    ok_t2j, stale_control = [], []
+    ok_t2j, stale_control, host_t2j, host_j2t = [], [], [], []
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(s):
+        ev0.record(); torch.cuda._sleep(spin_cycles); ev1.record()
+    ev1.synchronize()
+    out["gpu_spin_ms"] = round(ev0.elapsed_time(ev1), 2)
     for i in range(trials):
         x = torch.zeros(n, device="cuda")
         torch.cuda.synchronize()
         with torch.cuda.stream(s):
             torch.cuda._sleep(spin_cycles)  # keep torch's stream busy ~0.1 s
             x.fill_(float(i + 1))
-            a = to_jax(x)  # no host sync: ordering comes from the DLPack stream protocol
-            ok_t2j.append(bool(jnp.all(a == float(i + 1))))
+            t0 = time.perf_counter()
+            a = to_jax(x, verify=False)  # no host sync: ordering comes from the DLPack stream protocol
+            r = jnp.all(a == float(i + 1))
+            host_t2j.append((time.perf_counter() - t0) * 1e3)
+            ok_t2j.append(bool(r))
         x2 = torch.zeros(n, device="cuda")
         torch.cuda.synchronize()
         with torch.cuda.stream(s):
@@ -127,12 +135,20 @@ def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000) -> dict:
     ok_j2t = []
     for i in range(trials):
         with torch.cuda.stream(s):
+            t0 = time.perf_counter()
             y = slow_ones(jnp.float32(i + 1))
-            t = to_torch(y)  # torch's current stream (s) waits for JAX's computation; no host sync
+            t = to_torch(y, verify=False)  # torch's current stream (s) waits for JAX's computation; no host sync
             good = torch.all(t == float(i + 1))
+            host_j2t.append((time.perf_counter() - t0) * 1e3)
             s.synchronize()
         ok_j2t.append(bool(good))
     out["jax_to_torch_correct"] = ok_j2t
+    # host time to hand over and queue the consumer: << the producer's GPU time means no host sync happened
+    out["host_ms_torch_to_jax"] = [round(v, 3) for v in host_t2j]
+    out["host_ms_jax_to_torch"] = [round(v, 3) for v in host_j2t]
+    t0 = time.perf_counter()
+    slow_ones(jnp.float32(1)).block_until_ready()
+    out["jax_producer_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
     out["ok"] = all(ok_t2j) and all(ok_j2t)
     return out
 
@@ -258,6 +274,8 @@ def main() -> int:
         so = result["stream_ordering"]
         print(f"stream ordering ok: {so['ok']}  (torch->jax {so['torch_to_jax_correct']}, jax->torch "
               f"{so['jax_to_torch_correct']}, no-sync control stale: {so['torch_to_jax_control_saw_stale_data']})")
+        print(f"  host ms to hand over: torch->jax {so['host_ms_torch_to_jax']} (torch spin {so['gpu_spin_ms']} ms), "
+              f"jax->torch {so['host_ms_jax_to_torch']} (jax producer {so['jax_producer_ms']} ms)")
     print(f"{'config':44} {'kernel':>10} {'M':>5} {'N':>6} {'K':>5} {'bridge us':>10} {'jax us':>9} "
           f"{'ovh':>7} {'lat ovh':>8} {'_scaled_mm':>10}")
     for r in result["overhead"]:
