@@ -25,6 +25,7 @@ re-read -- and re-processed for the new platform when the device kind changed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -99,11 +100,13 @@ def _kernel_platforms(name: str) -> list[str]:
 
 
 def _select(config: MMLinearLayerConfig, platform: str, kernel: str | None, what: str) -> MMLinearKernel:
-    if kernel is not None:
-        where = _kernel_platforms(kernel)
+    forced = kernel or os.environ.get("QLIN_KERNEL", "").strip() or None
+    if forced is not None:
+        where = _kernel_platforms(forced)
         if where and platform not in where:
+            source = "kernel" if kernel else "QLIN_KERNEL"
             raise InputError(
-                f"kernel: {kernel!r} runs on {where} only, but {what}'s tensors are torch tensors on "
+                f"{source}: {forced!r} runs on {where} only, but {what}'s tensors are torch tensors on "
                 f"{platform}; move the layer to a {where[0]} device or pick a {platform} kernel"
             )
     return kernel_for(config, platform=platform, override=kernel)

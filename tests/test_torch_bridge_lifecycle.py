@@ -272,6 +272,12 @@ def test_cpu_tensors_with_a_gpu_only_kernel(gpu_only_kernel):
     assert layer_kernel(layer).name != gpu_only_kernel
 
 
+def test_qlin_kernel_env_forcing_a_gpu_kernel_on_cpu_tensors(gpu_only_kernel, monkeypatch):
+    monkeypatch.setenv("QLIN_KERNEL", gpu_only_kernel)
+    with pytest.raises(InputError, match=r"QLIN_KERNEL: 'test_hopper_only' runs on \['cuda'\] only"):
+        process_weights_after_loading(VllmStyleLayer(quantized(qlin.FP8ScaledMMConfig())), qlin.FP8ScaledMMConfig())
+
+
 def test_unknown_kernel_name_is_an_error():
     layer = VllmStyleLayer(quantized(qlin.FP8ScaledMMConfig()))
     with pytest.raises((KeyError, NoKernelError), match="no_such_kernel"):
