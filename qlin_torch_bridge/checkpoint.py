@@ -313,7 +313,6 @@ def _fuse(names: list[str], shards: list[dict[str, Any]], config: ScaledMMConfig
     if len(dtypes) != 1:
         raise ParamsError(f"{names}: fused shards must share a weight dtype, got {sorted(map(str, dtypes))}")
     widths = [int(s["weight"].shape[0]) for s in shards]
-    n = sum(widths)
     g = config.weight_granularity
     ws = [to_jax(s["weight"], copy=True, name=f"{p}.weight") for p, s in zip(names, shards)]
     scales = [to_jax(s["weight_scale"], copy=True, name=f"{p}.weight_scale") for p, s in zip(names, shards)]
