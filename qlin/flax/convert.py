@@ -280,10 +280,9 @@ def quantize_nnx(model, rules, *, calibration_data: Iterable | None = None, forw
         it may use ``jax.jit`` / ``nnx.jit`` / ``nnx.scan`` inside.
       strict: a rule matching no layer raises instead of warning.
 
-    Returns ``{path: config or None}`` for every Linear (None: left float).
+    Returns ``{path: config or None}`` for every Linear (None: left float). For a
+    converted copy instead, convert ``nnx.clone(model)``.
     """
-    from flax import nnx
-
     from qlin.flax.nnx import QLinear
 
     linears = _nnx_linears(model)
@@ -334,7 +333,6 @@ def quantize_nnx(model, rules, *, calibration_data: Iterable | None = None, forw
         q = QLinear.from_arrays(arrays, rule.config, kernel=rule.kernel)
         _set_child(_get(model, key_path[:-1]), key_path[-1], q)
         report[path] = q.config
-    del nnx
     return report
 
 

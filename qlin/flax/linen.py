@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from qlin.config import MMLinearLayerConfig
 from qlin.errors import InputError
 from qlin.flax import _common
-from qlin.flax._common import BIAS
 
 
 class QDense(nn.Module):

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qlin.api import kernel_for
-from qlin.config import Int8ScaledMMConfig, ScaledMMConfig
+from qlin.config import ScaledMMConfig
 from qlin.errors import ConfigError, InputError
 from qlin.params import Int8Params, Params
 from qlin.quantize import activation_granularity, compute_azp_adj, quantize_weight
