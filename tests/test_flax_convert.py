@@ -224,3 +224,26 @@ def test_linen_calibration_and_rules():
     assert rel_err(qm.apply(qv, x), m.apply(v, x)) <= quant_rtol(FP8_STATIC)
     with pytest.warns(RuleWarning, match="matched no layer"):
         quantize_linen(m, v, [("Dense_0", qlin.FP8ScaledMMConfig())])
+
+
+def test_linen_static_calibration_inside_scan_is_a_clear_error():
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(8, name="d")(x), None
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x, _ = nn.scan(Body, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="s")(x, None)
+            return x
+
+    m = M()
+    x = _x((3, 8))
+    v = m.init(jax.random.key(0), x)
+    with pytest.raises(InputError, match="inside nn.scan is not supported"):
+        quantize_linen(m, v, [("s/d", FP8_STATIC)], calibration_data=[x])
+    # dynamic configs need no calibration and work there
+    qm, qv = quantize_linen(m, v, [("s/d", qlin.FP8ScaledMMConfig(out_dtype=F32))])
+    assert qv["params"]["s"]["d"]["weight"].shape == (2, 8, 8)
+    assert rel_err(qm.apply(qv, x), m.apply(v, x)) <= 2 * quant_rtol(FP8_STATIC)
