@@ -118,6 +118,11 @@ def test_scan_over_stacked_layers():
         expect = layer(expect)
     assert rel_err(y, expect) <= kernel_rtol(F32)
     assert rel_err(y, run(stack, x)) <= 3 * quant_rtol(cfg)
+    # nnx.vmap over the stack: each layer on the same x
+    yv = nnx.vmap(lambda layer, x: layer(x), in_axes=(0, None))(q, x)
+    for i in range(3):
+        layer = QLinear.from_arrays({k: v[i] for k, v in q.arrays().items()}, cfg)
+        assert rel_err(yv[i], layer(x)) <= kernel_rtol(F32)
     with pytest.raises(InputError, match="stacked layer"):
         q(x)
 
