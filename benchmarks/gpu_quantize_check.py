@@ -145,6 +145,27 @@ def main():
     key = jax.random.key(20261125)
     failures = 0
 
+    # -- 0. how this XLA build compiles divisions (what "the jnp path" means bit for bit) -------
+    ka, kb = jax.random.split(jax.random.key(7))
+    a = jax.random.normal(ka, (256, 1024), jnp.float32)
+    b = jnp.abs(jax.random.normal(kb, (256,), jnp.float32)) + 0.1
+    an, bn = np.asarray(a), np.asarray(b)
+    with np.errstate(all="ignore"):
+        probe = {
+            # elementwise a / b (same shapes): IEEE division?
+            "div_ieee": bool(np.array_equal(np.asarray(jax.jit(lambda a, b: a / b)(a, jnp.broadcast_to(b[:, None], a.shape) + 0 * a)), an / bn[:, None])),
+            # a / broadcast(b): rewritten to a * broadcast(1 / b)?
+            "div_bcast_is_recip_mul": bool(np.array_equal(np.asarray(jax.jit(lambda a, b: a / b[:, None])(a, b)),
+                                                          an * (np.float32(1) / bn)[:, None])),
+            "div_bcast_is_ieee": bool(np.array_equal(np.asarray(jax.jit(lambda a, b: a / b[:, None])(a, b)), an / bn[:, None])),
+            # a / 448: rewritten to a * fl(1/448)?
+            "div_const_is_recip_mul": bool(np.array_equal(np.asarray(jax.jit(lambda a: a / 448.0)(a)),
+                                                          an * (np.float32(1) / np.float32(448)))),
+            "div_const_is_ieee": bool(np.array_equal(np.asarray(jax.jit(lambda a: a / 448.0)(a)), an / np.float32(448))),
+        }
+    result["xla_division_probe"] = probe
+    print("XLA division probe:", probe, flush=True)
+
     # -- 1. correctness ------------------------------------------------------------------------
     fns = {name: (kernel_fn(**dict(kw)), jnp_fn(**kw)) for name, kw in SCHEMES.items()}
     # Most informative shapes first, so a tight time budget drops the least important ones.
