@@ -37,9 +37,15 @@ Design (memory-bound pass; the target is HBM copy bandwidth):
   warp and 32 lanes x W/32 contiguous elements along it, so shared-memory
   accesses are 16-byte vectors and the row reduction is a warp shuffle (plus
   one cross-warp step for per-token).
-* ``x_q`` goes back through a double-buffered shared-memory tile and a TMA
-  store; per-token scales / zero points are stored straight to global memory,
-  per-group ones by TMA.
+* ``store="direct"`` (default): ``x_q`` and per-group scales / zero points go
+  from registers straight to global memory (each warp writes 32 contiguous
+  vectors: coalesced), which leaves all shared memory to the input ring.
+  ``store="tma"``: they are staged in double-buffered shared-memory tiles and
+  written by TMA (kept for comparison; the GPU check times both). Per-token
+  scales / zero points are always one scalar store per row.
+* The ``division`` switch and ``is_supported`` (sm90+) are described at their
+  definitions; :func:`fused_quantize_activation` is the drop-in for
+  :func:`qlin.quantize.quantize_activation`.
 * Any M works (one row per pipeline step; there are no partial row blocks).
   K must be a multiple of 16 (TMA's 16-byte row strides for the 8-bit output);
   K that is not a multiple of 4 * W (or of 4 * group_size) is zero-padded by
