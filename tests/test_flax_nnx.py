@@ -139,6 +139,11 @@ def test_bad_input():
                              "input_scale": jnp.float32(1)}, cfg)
     with pytest.raises(ParamsError, match="dtype"):
         QLinear.from_arrays({"weight": q.weight[...].astype(jnp.int8), "weight_scale": q.weight_scale[...]}, cfg)
+    with pytest.raises(ParamsError, match="weight_scale: scales must be > 0"):
+        QLinear.from_arrays({"weight": q.weight[...], "weight_scale": -q.weight_scale[...]}, cfg)
+    with pytest.raises(ParamsError, match="finite"):
+        QLinear.from_arrays({"weight": q.weight[...][None].repeat(2, 0),
+                             "weight_scale": jnp.stack([q.weight_scale[...], q.weight_scale[...] * jnp.inf])}, cfg)
     with pytest.raises(qlin.ConfigError, match="config"):
         QLinear(4, 4, config="fp8")
     with pytest.raises(InputError, match="nnx.Linear"):

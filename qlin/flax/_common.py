@@ -97,6 +97,18 @@ def check_arrays(arrays: dict[str, Any], specs, where: str) -> None:
             raise ParamsError(f"{where}: bias has dtype {got_dtype}, expected a float dtype")
 
 
+def check_values(config: MMLinearLayerConfig, arrays: dict[str, Any], stack: tuple[int, ...] | list[int] = ()) -> None:
+    """qlin's own params check (finite, positive scales; zero points) on each layer of a (stacked) layer."""
+    from qlin.validate import check_params
+
+    if not isinstance(config, ScaledMMConfig):
+        return
+    count = int(np.prod(stack)) if len(stack) else 1
+    flat = {name: jnp.reshape(a, (count, *np.shape(a)[len(stack):])) for name, a in arrays.items()}
+    for i in range(count):
+        check_params(build_params(config, {name: a[i] for name, a in flat.items()}), config)
+
+
 def build_params(config: MMLinearLayerConfig, arrays: dict[str, Any]) -> Params:
     """Typed qlin params from the layer's variables (the bias is not part of Params)."""
     return params_class(config).from_mapping({k: v for k, v in arrays.items() if k != BIAS and v is not None})
@@ -114,6 +126,21 @@ def apply_quantized(config: MMLinearLayerConfig, arrays: dict[str, Any], x, *, k
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != np.shape(w)[1]:
         raise InputError(f"{where}: x must have shape [..., {np.shape(w)[1]}] (in_features), got {tuple(x.shape)}")
-    k = kernel_for(config, override=kernel)
-    params = k.process_weights_after_loading(build_params(config, arrays))
-    return k.apply_weights(params, x, arrays.get(BIAS))
+    return _jitted(kernel_for(config, override=kernel))(build_params(config, arrays), x, arrays.get(BIAS))
+
+
+_JITTED: dict[int, tuple[Any, Any]] = {}
+
+
+def _jitted(k):
+    """``process_weights_after_loading`` + ``apply_weights`` of kernel ``k`` as one jitted function.
+
+    Inside an outer ``jax.jit`` / ``nnx.jit`` / scan it is simply inlined; called eagerly
+    it runs compiled instead of op by op. Processing canonical params is free under jit
+    (reshapes and casts to the same shape/dtype) for kernels that keep qlin's layout.
+    """
+    hit = _JITTED.get(id(k))
+    if hit is None or hit[0] is not k:
+        fn = jax.jit(lambda p, x, b: k.apply_weights(k.process_weights_after_loading(p), x, b))
+        hit = _JITTED[id(k)] = (k, fn)
+    return hit[1]

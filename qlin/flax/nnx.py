@@ -89,6 +89,7 @@ class QLinear(nnx.Module):
                     stack_shape=tuple(stack), input_scale_ub=ub)
         arrays = {name: a for name, a in arrays.items() if a is not None}
         _common.check_arrays(arrays, layer._specs, f"QLinear({k} -> {n})")
+        _common.check_values(layer.config, arrays, stack)
         for name, a in arrays.items():
             getattr(layer, name).set_value(jnp.asarray(a))
         return layer
