@@ -238,7 +238,7 @@ def describe_params(params: Params) -> list[dict[str, Any]]:
         if f.name in names:
             shape = None if value is None else tuple(np.shape(value))
             dtype = None if value is None else str(jnp.result_type(value))
-            rows.append({"field": f.name, "attribute": names[f.name], "shape": shape, "dtype": dtype})
+            rows.append({"field": f.name, "attribute": names[f.name], "shape": shape, "dtype": dtype, "value": None})
         else:
             rows.append({"field": f.name, "attribute": "(static)", "shape": None, "dtype": None, "value": value})
     return rows
@@ -336,11 +336,13 @@ def shapes_of(rows: Iterable[Mapping]) -> list[tuple[int, int]]:
     return sorted({(r["N"], r["K"]) for r in rows})
 
 
-def series(rows: Iterable[Mapping], n: int, k: int, value: str = "tflops") -> dict[str, tuple[list[int], list[float]]]:
-    """``{"<impl> <dtype>": (Ms, values)}`` for shape ``(n, k)``, sorted by M (the median of repeated rows)."""
+def series(rows: Iterable[Mapping], n: int, k: int, value: str = "tflops", dtypes: Sequence[str] | None = None
+           ) -> dict[str, tuple[list[int], list[float]]]:
+    """``{"<impl> <dtype>": (Ms, values)}`` for shape ``(n, k)`` (and ``dtypes`` if given), sorted by M
+    (the median of repeated rows)."""
     acc: dict[str, dict[int, list[float]]] = {}
     for r in rows:
-        if r["N"] == n and r["K"] == k:
+        if r["N"] == n and r["K"] == k and (dtypes is None or r["dtype"] in dtypes):
             acc.setdefault(f"{r['impl']} {r['dtype']}", {}).setdefault(r["M"], []).append(float(r[value]))
     return {label: (sorted(d), [float(np.median(d[m])) for m in sorted(d)]) for label, d in sorted(acc.items())}
 
@@ -451,7 +453,7 @@ def live_benchmark(
     ``"qlin:<kernel>"``, ``"xla"``; ``dtype`` ``"fp8"``/``"int8"``/``"bf16"``;
     fp8 and int8 are per-token x per-channel with bf16 output. Wall-clock
     medians (including dispatch), so small shapes are dispatch-bound.
-    ``rel_err`` is against the float64 product of the float inputs.
+    ``rel_err`` is against the float64 product of the (bf16) activation and the float32 weight.
     """
     from qlin.api import QuantizedLinear
     from qlin.platform import describe_device
@@ -531,15 +533,15 @@ def smem_budget(
 
 
 def smem_budget_for(cfg: Any, in_bytes: int = 1, out_bytes: int = 2, limit: int = SMEM_LIMIT_BYTES) -> dict[str, Any]:
-    """:func:`smem_budget` of a Mosaic GPU ``TuningConfig`` (CTA tile for the operands; one epilogue
-    tile per consumer warpgroup, double-buffered when the warpgroup tile holds several)."""
+    """:func:`smem_budget` of a Mosaic GPU ``TuningConfig`` (CTA tile for the operands; per consumer
+    warpgroup ``epi_slots`` epilogue tiles (default 2), at most as many as its tile holds)."""
     tile_m, tile_n = cfg.tile_m, cfg.tile_n
     wgs = getattr(cfg, "num_compute_wgs", 1)
     cta_m = getattr(cfg, "cta_tile_m", tile_m)
     cta_n = getattr(cfg, "cta_tile_n", tile_n)
     epi_m = getattr(cfg, "epi_tile_m", None) or tile_m
     epi_n = getattr(cfg, "epi_tile_n", None) or tile_n
-    slots = min(2, (tile_m * tile_n) // (epi_m * epi_n))
+    slots = min(getattr(cfg, "epi_slots", 2), (tile_m * tile_n) // (epi_m * epi_n))
     return smem_budget(cta_m, cta_n, cfg.tile_k, cfg.max_concurrent_steps, epi_tile_m=epi_m, epi_tile_n=epi_n,
                        epi_buffers=wgs * slots, in_bytes=in_bytes, out_bytes=out_bytes, limit=limit)
 
@@ -713,11 +715,11 @@ def plot_histograms(samples: Mapping[str, np.ndarray], ax=None, *, bins: int = 8
 
 
 def plot_tflops_vs_m(rows: Sequence[Mapping], n: int, k: int, ax=None, *, spec: DeviceSpec | None = None,
-                     title: str | None = None):
-    """TFLOP/s vs M for shape ``(n, k)``: one line per ``impl dtype``, and with ``spec`` the roofline
-    (``min(peak, intensity x bandwidth)``) of each dtype shown, dashed."""
+                     dtypes: Sequence[str] | None = None, title: str | None = None, legend: bool = True):
+    """TFLOP/s vs M for shape ``(n, k)``: one line per ``impl dtype`` (only ``dtypes`` if given), and with
+    ``spec`` the roofline (``min(peak, intensity x bandwidth)``) of each dtype shown, dashed."""
     ax = _axes(ax)
-    data = series(rows, n, k)
+    data = series(rows, n, k, dtypes=dtypes)
     dtypes = []
     for label, (ms, tf) in data.items():
         ax.plot(ms, tf, marker="o", label=label)
@@ -744,7 +746,8 @@ def plot_tflops_vs_m(rows: Sequence[Mapping], n: int, k: int, ax=None, *, spec: 
     ax.set_ylabel("TFLOP/s")
     ax.set_title(title or f"N={n}, K={k}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="x-small")
+    if legend:
+        ax.legend(fontsize="x-small")
     return ax
 
 
@@ -787,14 +790,19 @@ def plot_tile_schedule(m: int, n: int, cta_m: int, cta_n: int, ax=None, *, num_s
                           grid_tile_width=grid_tile_width)
     mt, nt = sched["order"].shape
     waves = int(sched["wave"].max()) + 1
-    cmap = plt.get_cmap("viridis", max(waves, 2))
+    cmap = plt.get_cmap("tab20")
+    color = lambda w: cmap((2 * w + 1) % 20 if waves <= 10 else w % 20)  # noqa: E731 - light shades first
     for i in range(mt):
         for j in range(nt):
-            ax.add_patch(plt.Rectangle((j * cta_n, i * cta_m), cta_n, cta_m, facecolor=cmap(sched["wave"][i, j]),
+            ax.add_patch(plt.Rectangle((j * cta_n, i * cta_m), cta_n, cta_m, facecolor=color(sched["wave"][i, j]),
                                        edgecolor="white", linewidth=0.5))
-            if mt * nt <= 400:
+            if mt * nt <= 160:
                 ax.text(j * cta_n + cta_n / 2, i * cta_m + cta_m / 2, str(sched["order"][i, j]), ha="center",
-                        va="center", fontsize=6, color="white")
+                        va="center", fontsize=6, color="black")
+    if waves <= 8:
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, facecolor=color(w)) for w in range(waves)],
+                  labels=[f"wave {w}" for w in range(waves)], fontsize="x-small", loc="lower right",
+                  framealpha=0.9)
     if nt * cta_n > n:
         ax.add_patch(plt.Rectangle((n, 0), nt * cta_n - n, mt * cta_m, fill=False, hatch="//", edgecolor="red"))
     if mt * cta_m > m:
