@@ -260,7 +260,8 @@ plt.show()
 # ### What each tile shape does to the grid
 #
 # Output tiles, waves of the persistent grid over 132 SMs, SM utilisation of the last wave, and the fraction
-# of MMA work spent on padding of partial tiles, for decode, prefill and a wide MLP shape:
+# of MMA work spent on padding of partial tiles, for decode, prefill and a wide MLP shape (with the kernel's
+# heuristic choice for each, when the kernel is present):
 
 # %%
 problems = {"decode M=16, 4096x4096": (16, 4096, 4096), "M=1000, 4096x4096": (1000, 4096, 4096),
@@ -274,6 +275,13 @@ for pname, (m, n, k) in problems.items():
         stat_rows.append({"problem": pname, "config": label, "tiles": s["tiles"], "waves": s["waves"],
                           "last wave util": s["last_wave_util"], "padding": s["padding"],
                           "FLOP/smem byte": s["smem_intensity"], "fits": budgets[label]["fits"]})
+    if HAVE_MG and hasattr(mg, "default_config"):  # what the kernel's heuristic picks (autotuning off)
+        cfg = mg.default_config(m, n, k, jnp.float8_e4m3fn, jnp.bfloat16)
+        s = viz.tile_stats(m, n, k, cfg.cta_tile_m, cfg.cta_tile_n, cfg.tile_k)
+        stat_rows.append({"problem": pname, "config": "heuristic: " + getattr(cfg, "short", cfg.__repr__)(),
+                          "tiles": s["tiles"], "waves": s["waves"], "last wave util": s["last_wave_util"],
+                          "padding": s["padding"], "FLOP/smem byte": s["smem_intensity"],
+                          "fits": viz.smem_budget_for(cfg)["fits"]})
 display(Markdown(viz.format_table(stat_rows, floatfmt=".3g")))
 
 # %% [markdown]
