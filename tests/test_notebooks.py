@@ -152,11 +152,8 @@ def test_notebook_runs_on_cpu(name, kernel_env):
 def test_performance_notebook_other_results_branch(kernel_env, monkeypatch):
     """Run 03 on the branch the committed checkout does not take: with results if none are committed
     (a small fixture file), without any if they are (an empty folder)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from qlin import viz
-    finally:
-        sys.path.pop(0)
+    from qlin import viz
+
     committed = viz.load_benchmark_results(ROOT / "benchmarks" / "results")
     folder = kernel_env / "results"
     if committed:
