@@ -50,6 +50,7 @@ print(f"qlin {qlin.__version__}, jax {jax.__version__}, device: {describe_device
 # %%
 results_dir = viz.find_results_dir()
 rows = viz.load_benchmark_results(results_dir)
+failed = [r for r in viz.load_benchmark_results(results_dir, include_failed=True) if r["failed"]]
 if rows:
     devices = sorted({r["device"] for r in rows})
     device = max(devices, key=lambda d: sum(r["device"] == d for r in rows))
@@ -61,6 +62,14 @@ if rows:
     print("roofline:", f"{spec.name}: {dict(spec.peak_tflops)} TFLOP/s, {spec.mem_tbs} TB/s" if spec
           else "no datasheet numbers for this device, plots without roofline")
     print("implementations:", sorted({f"{r['impl']} {r['dtype']}" for r in rows}))
+    copy_gbs = sorted({r["copy_gbs"] for r in rows if r.get("copy_gbs")})
+    if copy_gbs and spec:
+        print(f"measured copy bandwidth: {copy_gbs[-1]:.0f} GB/s "
+              f"({copy_gbs[-1] / (1000 * spec.mem_tbs):.0%} of the datasheet's {spec.mem_tbs} TB/s)")
+    if failed:
+        print(f"{len(failed)} benchmark case(s) did not run:")
+        display(Markdown(viz.format_table([{k: r.get(k) for k in ("impl", "dtype", "M", "N", "K", "error")}
+                                           for r in failed])))
 else:
     device, spec = None, None
     print(f"No GPU benchmark results are committed yet (looked in {results_dir or 'benchmarks/results/'}).\n"

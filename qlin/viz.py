@@ -276,12 +276,17 @@ def find_results_dir(start: str | os.PathLike | None = None) -> Path | None:
     return cand if cand.is_dir() else None
 
 
+def _scalars(d: Mapping) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
+
+
 def _rows_of(data: Any, source: str) -> list[dict]:
     meta: dict[str, Any] = {}
     if isinstance(data, Mapping):
         for key in ("rows", "results", "data"):
             if isinstance(data.get(key), list):
-                meta = {k: v for k, v in data.items() if k != key and not isinstance(v, (list, dict))}
+                meta = _scalars(data.get("meta", {})) if isinstance(data.get("meta"), Mapping) else {}
+                meta.update(_scalars({k: v for k, v in data.items() if k != key}))
                 data = data[key]
                 break
         else:
@@ -299,21 +304,25 @@ def _rows_of(data: Any, source: str) -> list[dict]:
         row = dict(row)
         for k in ("M", "N", "K"):
             row[k] = int(row[k])
-        for k in ("us", "tflops"):
-            row[k] = float(row[k])
-        row["rel_err"] = None if row["rel_err"] is None else float(row["rel_err"])
+        for k in ("us", "tflops", "rel_err"):
+            row[k] = None if row[k] is None else float(row[k])
+        # a case that did not run (the benchmark records it with us=None and an "error")
+        row["failed"] = row["us"] is None or row["tflops"] is None or not row["us"] > 0
         row["source"] = source
         rows.append(row)
     return rows
 
 
-def load_benchmark_results(path: str | os.PathLike | None = None) -> list[dict]:
+def load_benchmark_results(path: str | os.PathLike | None = None, *, include_failed: bool = False) -> list[dict]:
     """Rows of every ``*.json`` under ``path`` (a file or folder; default :func:`find_results_dir`).
 
     A file holds a list of rows or an object with a ``"rows"`` (or ``"results"``)
-    list; the object's scalar fields (e.g. ``"device"``) fill in keys its rows
-    lack. Each row must have :data:`REQUIRED_KEYS`; a malformed file raises
-    ``ValueError`` naming it. Returns ``[]`` when there are no results.
+    list; the scalar fields of the object and of its ``"meta"`` object (e.g.
+    ``"device"``, ``"copy_gbs"``) fill in keys its rows lack. Each row must have
+    :data:`REQUIRED_KEYS`; a malformed file raises ``ValueError`` naming it.
+    Rows of cases that did not run (``us`` None) are left out unless
+    ``include_failed``; each row gets ``failed`` and ``source`` (the file name).
+    Returns ``[]`` when there are no results.
     """
     if path is None:
         path = find_results_dir()
@@ -328,7 +337,7 @@ def load_benchmark_results(path: str | os.PathLike | None = None) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{f.name}: not valid JSON ({e})") from None
         rows.extend(_rows_of(data, f.name))
-    return rows
+    return rows if include_failed else [r for r in rows if not r["failed"]]
 
 
 def shapes_of(rows: Iterable[Mapping]) -> list[tuple[int, int]]:
@@ -738,7 +747,8 @@ def plot_tflops_vs_m(rows: Sequence[Mapping], n: int, k: int, ax=None, *, spec: 
                 continue
             drawn.add(key)
             same = "/".join(d for d in dtypes if (spec.peak_tflops.get(d), DTYPE_BYTES.get(d)) == key)
-            ax.plot(grid, [roofline_tflops(int(m), n, k, dt, spec) for m in grid], "--", color="gray",
+            style = ("--", ":", "-.")[(len(drawn) - 1) % 3]
+            ax.plot(grid, [roofline_tflops(int(m), n, k, dt, spec) for m in grid], style, color="gray",
                     alpha=0.8, label=f"roofline {same} ({spec.name})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

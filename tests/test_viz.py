@@ -199,6 +199,24 @@ def test_load_benchmark_results_formats(tmp_path):
     assert rows[2]["device"] == "NVIDIA H200" and rows[2]["jax"] == "0.11.2"
     assert all(isinstance(r["M"], int) and isinstance(r["us"], float) for r in rows)
     assert viz.load_benchmark_results(tmp_path / "a.json")[1]["impl"] == "qlin:mosaic_gpu"
+    assert not any(r["failed"] for r in rows)
+
+
+def test_load_benchmark_results_bench_format_with_meta_and_failed_cases(tmp_path):
+    # the GEMM benchmark writes {"meta": {...}, "rows": [...]} and records cases that did not run with us=None
+    failed = {**_row(impl="torch", m=1), "us": None, "tflops": None, "rel_err": None, "error": "no fp8 on sm80"}
+    ok = {**_row(m=16), "config": "m64n32k256s8"}
+    del ok["device"]
+    data = {"meta": {"device": "gpu:NVIDIA H100 80GB HBM3", "copy_gbs": 3010.5, "argv": ["--quick"]},
+            "rows": [ok, failed]}
+    (tmp_path / "h100.json").write_text(json.dumps(data))
+    rows = viz.load_benchmark_results(tmp_path)
+    assert len(rows) == 1 and rows[0]["config"] == "m64n32k256s8"
+    assert rows[0]["device"] == "gpu:NVIDIA H100 80GB HBM3" and rows[0]["copy_gbs"] == 3010.5
+    assert "argv" not in rows[0] and viz.device_spec(rows[0]["device"]).name == "H100 SXM"
+    both = viz.load_benchmark_results(tmp_path, include_failed=True)
+    assert [r["failed"] for r in both] == [False, True] and both[1]["error"] == "no fp8 on sm80"
+    assert both[1]["us"] is None and both[1]["device"] == "NVIDIA H100 80GB HBM3"  # its own key wins
 
 
 def test_load_benchmark_results_errors(tmp_path):
