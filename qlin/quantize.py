@@ -264,13 +264,15 @@ def quantize_activation(x, params, config: ScaledMMConfig) -> tuple[jax.Array, j
 
 def dequantize_activation(q, scale, zero_point, config: ScaledMMConfig, dtype=jnp.float32) -> jax.Array:
     """``s * (q - zp)`` back to float (used by the reference and the grouped XLA path)."""
-    gran = activation_granularity(config)
-    v = q.astype(jnp.int32) - zero_point if zero_point is not None else q
-    v = v.astype(dtype)
+    per_group = activation_granularity(config) == "per_group"
+    k = q.shape[-1]
+    v = q
+    if zero_point is not None:  # int8 asymmetric: subtract in int32, exact
+        v = q.astype(jnp.int32) - (expand_groups(zero_point, k, config.group_size) if per_group else zero_point)
     s = scale.astype(dtype)
-    if gran == "per_group":
-        s = expand_groups(s, q.shape[-1], config.group_size)
-    return v * s
+    if per_group:
+        s = expand_groups(s, k, config.group_size)
+    return v.astype(dtype) * s
 
 
 # -- weights -------------------------------------------------------------------------------

@@ -31,9 +31,11 @@ def reference_linear_np(x, params: Params, config: ScaledMMConfig, bias=None) ->
     q, s, zp = quantize_activation(x2, params, config)
     q = np.asarray(q).astype(np.float64)
     s = np.asarray(s, np.float64)
+    per_group = activation_granularity(config) == "per_group"
     if zp is not None:
-        q = q - np.asarray(zp, np.float64)
-    if activation_granularity(config) == "per_group":
+        zp = np.asarray(zp, np.float64)
+        q = q - (np.repeat(zp, config.group_size, axis=-1)[:, :k] if per_group else zp)
+    if per_group:
         s = np.repeat(s, config.group_size, axis=-1)[:, :k]
     xd = q * s
     w = np.asarray(params.weight).astype(np.float64)

@@ -29,6 +29,7 @@ CONFIGS = [
     Int8ScaledMMConfig(symmetric=False, activation="static", weight_granularity="per_tensor"),
     Int8ScaledMMConfig(symmetric=False, activation="dynamic_per_tensor", out_dtype=jnp.float16),
     Int8ScaledMMConfig(weight_granularity=(32, 32), activation="dynamic_per_group", group_size=32),
+    Int8ScaledMMConfig(weight_granularity=(32, 32), activation="dynamic_per_group", group_size=16, symmetric=False),
 ]
 
 
@@ -77,6 +78,13 @@ def _config_strategy():
         out_dtype=st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]),
         symmetric=st.booleans(),
     )
+    grouped_int8 = st.builds(
+        Int8ScaledMMConfig,
+        weight_granularity=st.sampled_from(["per_channel", (16, 16)]),
+        activation=st.just("dynamic_per_group"),
+        group_size=st.sampled_from([8, 16]),
+        symmetric=st.booleans(),
+    )
     grouped = st.builds(
         FP8ScaledMMConfig,
         weight_granularity=st.sampled_from(["per_channel", (16, 16), (4, 32)]),
@@ -84,7 +92,7 @@ def _config_strategy():
         group_size=st.sampled_from([8, 16]),
         out_dtype=st.sampled_from([jnp.bfloat16, jnp.float32]),
     )
-    return st.one_of(fp8, int8, grouped)
+    return st.one_of(fp8, int8, grouped, grouped_int8)
 
 
 @given(

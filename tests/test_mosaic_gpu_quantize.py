@@ -169,6 +169,9 @@ def test_can_fuse_reasons():
     assert not ok and "16" in why
     ok, why = mq.can_fuse((4, 4096), jnp.bfloat16, Int8ScaledMMConfig(activation="dynamic_per_group", group_size=48))
     assert not ok and "group_size" in why
+    ok, why = mq.can_fuse((4, 4096), jnp.bfloat16,
+                          Int8ScaledMMConfig(activation="dynamic_per_group", group_size=128, symmetric=False))
+    assert not ok and "bit-identical" in why
 
 
 # -- the real kernel, cross-lowered for CUDA on the CPU ------------------------------------------
