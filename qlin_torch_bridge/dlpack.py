@@ -259,59 +259,120 @@ def _from_torch(t: torch.Tensor, fp8_fallback: bool) -> jax.Array:
     return a
 
 
-# -- fast import -------------------------------------------------------------------------------------
-# ``jax.dlpack.from_dlpack`` spends ~20 us of Python per call (device lookup, stream query, an
-# ``asarray`` that is a no-op for 8/16/32-bit dtypes). The fast path does the same steps -- the
-# DLPack stream protocol included -- with the JAX device cached per torch device: ~5 us. It uses
-# jaxlib's import function directly; if that is missing or its signature changed, it switches
-# itself off and the public API is used (tests run both paths).
+# -- fast paths ---------------------------------------------------------------------------------
+# ``jax.dlpack.from_dlpack`` / ``torch.from_dlpack`` spend tens of microseconds of Python per call
+# (device lookups, a new ``Stream`` and ``Event`` object per call in torch's ``__dlpack__``, JAX's
+# ``to_dlpack`` building a fresh single-device Array, ...). The fast paths do the same DLPack steps
+# with everything that does not change between calls cached per device (a :class:`_Route`):
+#
+# * torch -> JAX: record ONE cached torch event on torch's current stream, make JAX's stream for
+#   external ready events (a cached ``torch.cuda.ExternalStream``) wait on it, hand the capsule to
+#   jaxlib's import with that stream -- exactly what ``__dlpack__(stream=jax_stream)`` does, without
+#   allocating an event and two stream objects per call. Re-recording the cached event is safe:
+#   ``cudaStreamWaitEvent`` waits for the record that precedes it, later records do not affect it.
+# * JAX -> torch: jaxlib's export with torch's current stream (the DLPack stream protocol: JAX makes
+#   that stream wait for the event that completes the array, on the device), then torch's capsule
+#   import. No ``block_until_ready``, no ``unsafe_buffer_pointer`` (which waits for the array).
+#
+# Neither path blocks the host on the GPU. On the CPU there are no streams: JAX's export waits for
+# the array (the host is the consumer), exactly like ``torch.from_dlpack``.
+# They use jaxlib's import/export functions directly; if those are missing or their signature
+# changed, the paths switch themselves off and the public APIs are used (tests run both paths).
 try:  # pragma: no cover - depends on the jaxlib build
     from jax._src import xla_bridge as _xla_bridge
     from jax._src.lib import _jax as _jaxlib
 
     _RAW_IMPORT = getattr(_jaxlib, "dlpack_managed_tensor_to_buffer", None)
+    _RAW_EXPORT = getattr(_jaxlib, "buffer_to_dlpack_managed_tensor", None)
     _JaxRuntimeError = getattr(_jaxlib, "JaxRuntimeError", RuntimeError)
 except Exception:  # noqa: BLE001
-    _RAW_IMPORT, _JaxRuntimeError = None, RuntimeError
+    _RAW_IMPORT = _RAW_EXPORT = None
+    _JaxRuntimeError = RuntimeError
 
-_FAST: dict[str, bool] = {"on": _RAW_IMPORT is not None}
+_TORCH_TO_CAPSULE = getattr(torch.utils.dlpack, "to_dlpack", None)
+_TORCH_FROM_CAPSULE = getattr(torch._C, "_from_dlpack", None) or torch.utils.dlpack.from_dlpack
+_RAW_CUDA_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+_FAST: dict[str, bool] = {"on": _RAW_IMPORT is not None and _TORCH_TO_CAPSULE is not None,
+                          "export": _RAW_EXPORT is not None}
 _DL_CPU, _DL_CUDA = 1, 2
-_DEVICES: dict[tuple[str, int | None], tuple[Any, int]] = {}
-_NO_STREAMS: set[Any] = set()
 
 
-def _jax_device(t: torch.Tensor) -> tuple[Any, int] | None:
-    key = (t.device.type, t.device.index)
-    hit = _DEVICES.get(key)
-    if hit is None:
-        dl_type, dev_id = t.__dlpack_device__()
-        dl_type = int(dl_type)
-        if dl_type not in (_DL_CPU, _DL_CUDA):
-            return None  # pinned host, ROCm, ...: the public path knows the rules
-        backend = _xla_bridge.get_backend("cpu" if dl_type == _DL_CPU else "cuda")
-        hit = _DEVICES[key] = (backend.device_from_local_hardware_id(dev_id), dl_type)
+class _Route:
+    """What a conversion between one torch device and its JAX device needs, computed once."""
+
+    __slots__ = ("jax_device", "dl_type", "index", "jax_stream", "jax_stream_torch", "event")
+
+    def __init__(self, jax_device: Any, dl_type: int, index: int) -> None:
+        self.jax_device, self.dl_type, self.index = jax_device, dl_type, index
+        self.jax_stream: int | None = None  # JAX's stream for external ready events (CUDA)
+        self.jax_stream_torch: Any = None  # the same stream as a torch.cuda.ExternalStream
+        self.event: Any = None  # the one torch event recorded per torch -> JAX hand-over
+        if dl_type == _DL_CUDA:
+            try:
+                self.jax_stream = int(jax_device.get_stream_for_external_ready_events())
+            except _JaxRuntimeError as err:
+                if "UNIMPLEMENTED" not in str(err):
+                    raise
+            if self.jax_stream is not None:
+                self.jax_stream_torch = torch.cuda.ExternalStream(self.jax_stream, device=index)
+                self.event = torch.cuda.Event()
+
+    def torch_stream(self) -> int | None:
+        """torch's current stream on this device as DLPack's ``stream`` integer (None on the CPU)."""
+        if self.dl_type != _DL_CUDA:
+            return None
+        raw = _RAW_CUDA_STREAM(self.index) if _RAW_CUDA_STREAM is not None else \
+            torch.cuda.current_stream(self.index).cuda_stream
+        return 1 if raw == 0 else raw  # DLPack: 1 is CUDA's legacy default stream, 0 is disallowed
+
+    def order_after_torch(self) -> int | None:
+        """Make JAX's external-ready stream wait for the work queued so far on torch's current stream."""
+        if self.jax_stream is None:
+            return None
+        ev = self.event
+        ev.record(torch.cuda.current_stream(self.index))
+        self.jax_stream_torch.wait_event(ev)
+        return self.jax_stream
+
+
+_ROUTES: dict[int, _Route | None] = {}  # torch's t.get_device() (-1: cpu) -> route
+
+
+def _route(t: torch.Tensor) -> _Route | None:
+    if t.is_cuda:
+        key = t.get_device()
+    elif t.is_cpu:
+        key = -1
+    else:  # meta, mps, xpu, ...
+        return None
+    hit = _ROUTES.get(key, False)
+    if hit is False:
+        hit = None
+        try:
+            dl_type, dev_id = t.__dlpack_device__()
+            dl_type = int(dl_type)
+            if dl_type in (_DL_CPU, _DL_CUDA) and not (dl_type == _DL_CUDA and getattr(torch.version, "hip", None)):
+                backend = _xla_bridge.get_backend("cpu" if dl_type == _DL_CPU else "cuda")
+                hit = _Route(backend.device_from_local_hardware_id(dev_id), dl_type, max(key, 0))
+        except Exception:  # noqa: BLE001 - e.g. no CUDA backend in this JAX: the public path says why
+            hit = None
+        _ROUTES[key] = hit  # pinned host, ROCm, ...: None, the public path knows the rules
     return hit
 
 
 def _fast_import(producer: Any, t: torch.Tensor) -> jax.Array | None:
-    try:
-        found = _jax_device(t)
-    except Exception:  # noqa: BLE001 - e.g. no CUDA backend in this JAX: let the public path say why
+    route = _route(t)
+    if route is None:
         return None
-    if found is None:
-        return None
-    device, dl_type = found
-    stream = None
-    if device not in _NO_STREAMS:
-        try:
-            stream = device.get_stream_for_external_ready_events()
-        except _JaxRuntimeError as err:
-            if "UNIMPLEMENTED" not in str(err):
-                raise
-            _NO_STREAMS.add(device)  # e.g. the CPU client: no streams, remember it
-    capsule = producer.__dlpack__(stream=stream)
+    if producer is t:
+        stream = route.order_after_torch()
+        capsule = _TORCH_TO_CAPSULE(t)
+    else:  # the re-tagged fp8 fallback: torch orders itself through the stream protocol
+        stream = route.jax_stream
+        capsule = producer.__dlpack__(stream=stream)
     try:
-        return _RAW_IMPORT(capsule, device, stream, False, dl_type)
+        return _RAW_IMPORT(capsule, route.jax_device, stream, False, route.dl_type)
     except TypeError:  # jaxlib changed the signature: use the public API from now on
         _FAST["on"] = False
         return None
@@ -319,6 +380,50 @@ def _fast_import(producer: Any, t: torch.Tensor) -> jax.Array | None:
         if "is not aligned to" in str(e):
             raise ValueError(f"source data buffer {str(e)[str(e).index('is not aligned to'):]}") from None
         raise
+
+
+def _fast_export(a: jax.Array, route: _Route) -> torch.Tensor | None:
+    """``a`` (single-device, on ``route``'s device) as a torch tensor, ordered on torch's current stream."""
+    try:
+        capsule = _RAW_EXPORT(a, stream=route.torch_stream())
+    except TypeError:  # jaxlib changed the signature: use the public API from now on
+        _FAST["export"] = False
+        return None
+    return _TORCH_FROM_CAPSULE(capsule)
+
+
+# torch dtypes the hot path hands over without checks beyond contiguity (fp8 may need the fallback).
+_HOT_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.int32, torch.uint8})
+
+
+def to_jax_hot(t: torch.Tensor, *, name: str = "tensor", copy: bool = False) -> jax.Array:
+    """:func:`to_jax` for a layer's hot path: the same result and errors, fewer checks when ``t`` is plain.
+
+    A contiguous, grad-free tensor of a non-fp8 dtype on a known device goes straight through the
+    cached route; anything else (and every error message) takes :func:`to_jax`.
+    """
+    if _FAST["on"] and t.dtype in _HOT_DTYPES and not t.requires_grad and t.is_contiguous():
+        route = _route(t)
+        if route is not None:
+            stream = route.order_after_torch()
+            try:
+                return _RAW_IMPORT(_TORCH_TO_CAPSULE(t), route.jax_device, stream, False, route.dl_type)
+            except Exception:  # noqa: BLE001 - unaligned, signature change, ...: the full path decides
+                pass
+    return to_jax(t, copy=copy, name=name, verify=False)
+
+
+def to_torch_hot(a: jax.Array, like: torch.Tensor, *, name: str = "array") -> torch.Tensor:
+    """:func:`to_torch` for a layer's hot path: ``a`` is a kernel's single-device result on ``like``'s device."""
+    if _FAST["export"]:
+        want = _J2T.get(a.dtype)
+        if want is not None and want not in _FP8_TORCH:
+            route = _route(like)
+            if route is not None:
+                t = _fast_export(a, route)
+                if t is not None:
+                    return t
+    return to_torch(a, name=name, verify=False)
 
 
 def to_torch(a: jax.Array, *, name: str = "array", verify: bool = True) -> torch.Tensor:
@@ -334,9 +439,34 @@ def to_torch(a: jax.Array, *, name: str = "array", verify: bool = True) -> torch
     if want in _FP8_TORCH and not _native_fp8("to_torch"):
         t = torch.from_dlpack(_Retagged(a, _FP8_DL_CODE[want], _DL_UINT)).view(want)
     else:
-        t = torch.from_dlpack(a)
+        t = _export(a)
     if t.dtype != want:
         raise InputError(f"dtype: DLPack turned JAX {a.dtype} into torch {t.dtype}, expected {want}")
     if verify and not shares_memory(t, a):
         raise LayoutError(f"{name}: DLPack produced a copy (pointers differ); refusing a silent copy")
     return t
+
+
+def _export(a: jax.Array) -> torch.Tensor:
+    """``torch.from_dlpack(a)`` through the cached route when the fast export is on."""
+    if _FAST["export"]:
+        dev = next(iter(a.devices()))
+        route = _JAX_ROUTES.get(dev, False)
+        if route is False:
+            route = _JAX_ROUTES[dev] = _route_for_jax_device(dev)
+        if route is not None:
+            t = _fast_export(a, route)
+            if t is not None:
+                return t
+    return torch.from_dlpack(a)
+
+
+_JAX_ROUTES: dict[Any, _Route | None] = {}
+
+
+def _route_for_jax_device(dev: Any) -> _Route | None:
+    if dev.platform == "cpu":
+        return _route(torch.empty(0))
+    if dev.platform in ("cuda", "gpu") and torch.cuda.is_available() and not getattr(torch.version, "hip", None):
+        return _route(torch.empty(0, device=f"cuda:{dev.local_hardware_id}"))
+    return None

@@ -38,7 +38,7 @@ from qlin.kernel import MMLinearKernel
 from qlin.params import Params
 from qlin.platform import PLATFORMS
 from qlin.select import registered_kernels
-from qlin_torch_bridge.dlpack import platform_of, to_jax, to_torch
+from qlin_torch_bridge.dlpack import platform_of, to_jax, to_jax_hot, to_torch, to_torch_hot
 from qlin_torch_bridge.params import STATIC_ATTR, WeightLayout, check_same_device, params_from_module
 
 __all__ = ["process_weights_after_loading", "apply_weights", "replace_parameter", "CONFIG_ATTR", "layer_kernel"]
@@ -46,7 +46,7 @@ __all__ = ["process_weights_after_loading", "apply_weights", "replace_parameter"
 #: Attribute a torch layer may carry its qlin config in (read when ``config`` is not passed).
 CONFIG_ATTR = "qlin_config"
 _STATE_ATTR = "_qlin_state"
-_JITTED: dict[int, Any] = {}
+_JITTED: dict[Any, Any] = {}
 
 
 @dataclasses.dataclass
@@ -61,6 +61,19 @@ class _State:
     kernel_override: str | None = None
     bias_src: tuple[Any, int] | None = None
     bias_jax: Any = None
+    # hot path: the params' leaves and ``call(leaves, x, bias)`` -- the same jitted kernel apply with the
+    # pytree already flattened (a Params flatten is Python code: doing it once saves it on every call)
+    leaves: tuple = ()
+    call: Any = None
+    checks: tuple = ()  # ((attr, object, data_ptr), ...) -- the parameters the cached params were read from
+    device: Any = None  # the torch device of the layer's weight
+
+    def refresh(self) -> None:
+        leaves, treedef = jax.tree_util.tree_flatten(self.params)
+        self.leaves, self.call = tuple(leaves), _leaf_call(self.kernel, treedef)
+        self.checks = tuple((attr, obj, ptr) for attr, (obj, ptr) in self.sources.items())
+        w = self.sources.get(self.params.attribute_name("weight"), (None, 0))[0]
+        self.device = w.device if isinstance(w, torch.Tensor) else None
 
 
 def _snapshot(layer: Any, attrs) -> dict[str, tuple[Any, int]]:
@@ -69,6 +82,14 @@ def _snapshot(layer: Any, attrs) -> dict[str, tuple[Any, int]]:
         obj = getattr(layer, attr, None)
         out[attr] = (obj, obj.data_ptr() if isinstance(obj, torch.Tensor) else 0)
     return out
+
+
+def _unchanged_fast(layer: Any, checks: tuple) -> bool:
+    for attr, obj, ptr in checks:
+        now = getattr(layer, attr, None)
+        if now is not obj or (ptr and now.data_ptr() != ptr):
+            return False
+    return True
 
 
 def _unchanged(layer: Any, sources: dict[str, tuple[Any, int]]) -> bool:
@@ -116,6 +137,19 @@ def _jitted(k: MMLinearKernel):
     fn = _JITTED.get(id(k))
     if fn is None or fn[0] is not k:
         fn = _JITTED[id(k)] = (k, jax.jit(k.apply_weights))
+    return fn[1]
+
+
+def _leaf_call(k: MMLinearKernel, treedef: Any):
+    """``jit(lambda leaves, x, bias: k.apply_weights(unflatten(leaves), x, bias))``, one per kernel and treedef."""
+    key = (id(k), treedef)
+    fn = _JITTED.get(key)
+    if fn is None or fn[0] is not k:
+        def call(leaves, x, bias):
+            return k.apply_weights(jax.tree_util.tree_unflatten(treedef, leaves), x, bias)
+
+        call.__name__ = call.__qualname__ = f"{type(k).__name__}_apply_weights"
+        fn = _JITTED[key] = (k, jax.jit(call))
     return fn[1]
 
 
@@ -171,6 +205,7 @@ def process_weights_after_loading(
         sources=_snapshot(layer, processed.attribute_names().values()),
         weight_layout=weight_layout, copy=copy, platform=platform, kernel_override=kernel,
     )
+    state.refresh()
     object.__setattr__(layer, _STATE_ATTR, state)
     return layer
 
@@ -204,6 +239,7 @@ def _current_params(layer: torch.nn.Module, state: _State) -> tuple[_State, Para
                                 name=type(layer).__name__)
     state.params = params
     state.sources = _snapshot(layer, params.attribute_names().values())
+    state.refresh()
     return state, params
 
 
@@ -215,19 +251,24 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     ``[..., N]`` in the config's ``out_dtype``. ``copy=True`` allows an explicit copy of an
     ``x`` (or ``bias``) whose memory is not row-major or not aligned (else LayoutError).
     """
-    state, params = _current_params(layer, _state(layer))
-    name = type(layer).__name__
+    state = getattr(layer, _STATE_ATTR, None)
+    if state is None or not _unchanged_fast(layer, state.checks):
+        state, _ = _current_params(layer, _state(layer))
     if not isinstance(x, torch.Tensor):
         raise InputError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    weight = getattr(layer, params.attribute_name("weight"))
-    check_same_device({"weight": weight, "x (input)": x} | ({"bias": bias} if bias is not None else {}), name)
-    xj = to_jax(x, copy=copy, name="x", verify=False)
+    dev = state.device
+    if x.device != dev or (bias is not None and (not isinstance(bias, torch.Tensor) or bias.device != dev)):
+        weight = getattr(layer, state.params.attribute_name("weight"))
+        check_same_device({"weight": weight, "x (input)": x} | ({"bias": bias} if bias is not None else {}),
+                          type(layer).__name__)
+    xj = to_jax_hot(x, name="x", copy=copy)
     if bias is None:
         bj = None
-    elif state.bias_src is not None and bias is state.bias_src[0] and bias.data_ptr() == state.bias_src[1]:
-        bj = state.bias_jax
     else:
-        bj = to_jax(bias, copy=copy, name="bias", verify=False)
-        state.bias_src, state.bias_jax = (bias, bias.data_ptr()), bj
-    y = state.apply(params, xj, bj)
-    return to_torch(y, name="y", verify=False)
+        src = state.bias_src
+        if src is not None and bias is src[0] and bias.data_ptr() == src[1]:
+            bj = state.bias_jax
+        else:
+            bj = to_jax(bias, copy=copy, name="bias", verify=False)
+            state.bias_src, state.bias_jax = (bias, bias.data_ptr()), bj
+    return to_torch_hot(state.call(state.leaves, xj, bj), x, name="y")

@@ -38,12 +38,13 @@ def fp8_path(request, monkeypatch):
         monkeypatch.setattr(dlpack, "_NATIVE_FP8", {"to_jax": False, "to_torch": False})
     if request.param == "public-api":
         monkeypatch.setitem(dlpack._FAST, "on", False)
+        monkeypatch.setitem(dlpack._FAST, "export", False)
     return request.param
 
 
 def test_fast_import_is_active():
     # the hot path this jaxlib should take; if jaxlib changes, this says so (the public path still works)
-    assert dlpack._FAST["on"]
+    assert dlpack._FAST["on"] and dlpack._FAST["export"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

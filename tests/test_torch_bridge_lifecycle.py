@@ -323,13 +323,13 @@ def test_apply_weights_shares_x_and_y_with_the_kernel_call():
     layer = process_weights_after_loading(VllmStyleLayer(quantized(cfg)), cfg)
     state = layer._qlin_state
     seen = {}
-    real = state.apply
+    real = state.call
 
-    def spy(params, xj, bj):
-        seen["x"], seen["y"] = xj, real(params, xj, bj)
+    def spy(leaves, xj, bj):
+        seen["x"], seen["y"] = xj, real(leaves, xj, bj)
         return seen["y"]
 
-    state.apply = spy
+    state.call = spy
     x = x_input()
     y = apply_weights(layer, x)
     assert seen["x"].unsafe_buffer_pointer() == x.data_ptr()
