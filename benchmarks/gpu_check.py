@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 import traceback
@@ -95,22 +96,33 @@ def run_checks(results, deadline):
   shapes = [(272, 224), (1040, 2080), (1008, 1152)]
   cases = []
   seed = 0
-  # Every config x M x shape with the most general epilogue (per-token x
-  # per-channel + bias; int8 with per-token zero points), then the scale-mode
-  # / out-dtype matrix on the default config.
-  for cname in CHECK_CONFIGS:
-    for (n, k) in shapes:
-      for m in ms:
-        for dtype, azp in (("fp8", "none"), ("int8", "token")):
-          cases.append((cname, m, n, k, dtype, "token", "channel", True, azp, "bfloat16"))
+  # Priority order (a deadline cuts the tail): 1. every config (and the
+  # heuristic default at small / mid / large M) with the most general
+  # epilogue; 2. the scale-mode x zero-point x out-dtype matrix on the
+  # default configs; 3. every config x M x shape.
+  for cname in list(CHECK_CONFIGS) + [None]:
+    for m in (7, 129) if cname else (1, 129, 1000):
+      for dtype, azp in (("fp8", "none"), ("int8", "token")):
+        cases.append((cname, m, 1040, 2080, dtype, "token", "channel", True, azp, "bfloat16"))
+  n_tier1 = len(cases)
+  matrix = []
   for dtype, azp in (("fp8", "none"), ("int8", "none"), ("int8", "token"), ("int8", "tensor")):
     for a_mode in ("token", "tensor"):
       for b_mode in ("channel", "tensor"):
         for od in ("bfloat16", "float16", "float32"):
           m = 7 if (a_mode == "token") == (od != "float32") else 129
-          cases.append((None, m, 1040, 1152, dtype, a_mode, b_mode, od != "float16", azp, od))
+          matrix.append((None, m, 1040, 1152, dtype, a_mode, b_mode, od != "float16", azp, od))
+  random.Random(0).shuffle(matrix)  # a deadline then cuts a spread sample
+  cases += matrix
+  for cname in CHECK_CONFIGS:
+    for (n, k) in shapes:
+      for m in ms:
+        for dtype, azp in (("fp8", "none"), ("int8", "token")):
+          c = (cname, m, n, k, dtype, "token", "channel", True, azp, "bfloat16")
+          if c not in cases:
+            cases.append(c)
   fails = 0
-  for (cname, m, n, k, dtype, a_mode, b_mode, bias, azp_mode, od) in cases:
+  for ci, (cname, m, n, k, dtype, a_mode, b_mode, bias, azp_mode, od) in enumerate(cases):
     if elapsed() > deadline:
       results.append(dict(kind="check", skipped=True))
       continue
@@ -120,7 +132,7 @@ def run_checks(results, deadline):
     odt = jnp.dtype(od)
     errs = []
     try:
-      for rep in range(2):  # fresh inputs twice: stale outputs would not match
+      for rep in range(2 if ci < n_tier1 else 1):  # fresh inputs: stale outputs would not match
         a, b, a_s, b_s, bias_v, azp, adj = make_case(m, n, k, dtype, a_mode, b_mode, bias,
                                                      azp_mode, seed * 10 + rep)
         ref = bench.reference(a, b, a_s, b_s, bias_v, azp, adj)
@@ -158,6 +170,53 @@ def run_checks(results, deadline):
   return fails
 
 
+def run_wrapper(results):
+  """The MMLinearKernel wrapper on the GPU: selection, padding of odd N / K, every scheme."""
+  from qlin import select
+  from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
+  from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
+  from qlin.quantize import quantize_weight
+  from qlin.testing import reference_linear_np
+  fails = 0
+  cfgs = [FP8ScaledMMConfig(), FP8ScaledMMConfig(weight_granularity="per_tensor", activation="static"),
+          FP8ScaledMMConfig(activation="dynamic_per_tensor", out_dtype=jnp.float16),
+          Int8ScaledMMConfig(), Int8ScaledMMConfig(symmetric=False),
+          Int8ScaledMMConfig(symmetric=False, activation="static", out_dtype=jnp.float32)]
+  rng = np.random.default_rng(123)
+  for i, cfg in enumerate(cfgs):
+    shapes = (((5,), 13653, 4096), ((3, 11), 1000, 4000))
+    for (lead, n, k) in shapes[i % 2:i % 2 + 1]:
+      try:
+        chosen = select.choose_kernel(cfg).name
+        w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+        x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.float32)
+        bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+        kw = dict(input_scale=0.05, input_zero_point=2) if cfg.is_static else {}
+        if isinstance(cfg, FP8ScaledMMConfig) and cfg.is_static:
+          kw.pop("input_zero_point")
+        params = quantize_weight(w, cfg, **kw)
+        ker = MosaicGPUScaledMMKernel(cfg)
+        pp = ker.process_weights_after_loading(params)
+        y = np.asarray(jax.jit(ker.apply_weights)(pp, x, bias).astype(jnp.float32))
+        ref = reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))
+        err = bench.rel_err(y.reshape(ref.shape), ref)
+        tol = 8e-3 if cfg.out_dtype != jnp.float32 else 1e-5
+        ok = err <= tol and chosen == "mosaic_gpu" and y.shape == ref.shape
+        r = dict(kind="wrapper", cfg=cfg.describe(), lead=lead, N=n, K=k, padded=list(pp.weight.shape),
+                 chosen=chosen, rel_err=err, ok=ok)
+      except Exception as e:  # noqa: BLE001
+        r = dict(kind="wrapper", cfg=cfg.describe(), lead=lead, N=n, K=k, ok=False,
+                 error=f"{type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc(limit=3)
+      results.append(r)
+      fails += not r["ok"]
+      if not r["ok"]:
+        print("WRAPPER FAIL", json.dumps(r, default=str), flush=True)
+  print(f"wrapper: {sum(1 for r in results if r.get('kind') == 'wrapper' and r['ok'])} ok, "
+        f"{fails} failed, t={elapsed():.0f}s", flush=True)
+  return fails
+
+
 def run_time(results, deadline, cases, with_torch=True):
   for (m, n, k) in cases:
     if elapsed() > deadline:
@@ -175,10 +234,8 @@ def run_sweep(results, deadline, cases, dtypes=("fp8",)):
   for (m, n, k) in cases:
     for dtype in dtypes:
       jdt = jnp.int8 if dtype == "int8" else jnp.float8_e4m3fn
-      a, b, a_s, b_s = bench.make_operands(m, n, k, dtype, 1)
-      ncp = bench.n_copies(n, k)
-      sets = [(jnp.asarray(a, jdt), jnp.asarray(b, jdt), jnp.asarray(a_s), jnp.asarray(b_s))
-              for _ in range(ncp)]
+      a, bs, a_s, b_s = bench.device_operands(m, n, k, dtype, bench.n_copies(n, k), 1)
+      sets = [(a, b, a_s, b_s) for b in bs]
       best = None
       for cfg in mm.candidate_configs(m, n, k, jdt, jnp.bfloat16):
         if elapsed() > deadline:
@@ -205,6 +262,7 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--phases", default="check,time,sweep")
   p.add_argument("--deadline-s", type=float, default=520)
+  p.add_argument("--check-s", type=float, default=None, help="time budget of the check phase")
   p.add_argument("--time-cases", default="16:4096:4096,128:4096:4096,512:4096:4096,"
                  "4096:4096:4096,16:28672:4096,4096:28672:4096,4096:4096:14336,1:8192:8192")
   p.add_argument("--sweep-cases", default="4096:4096:4096,16:4096:4096,128:4096:4096")
@@ -225,7 +283,10 @@ def main():
   copy_gbs = None
   try:
     if "check" in phases:
-      run_checks(results, args.deadline_s * 0.45 if len(phases) > 1 else args.deadline_s)
+      run_checks(results, args.check_s or (args.deadline_s * 0.45 if len(phases) > 1
+                                           else args.deadline_s))
+    if "wrapper" in phases:
+      run_wrapper(results)
     if "time" in phases or "sweep" in phases:
       copy_gbs = bench.copy_bandwidth_gbs()
       print(f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)", flush=True)
@@ -249,7 +310,8 @@ def main():
           floor = r["N"] * r["K"] / (copy_gbs * 1e9) * 1e6
           print(f"  M={r['M']} N={r['N']} K={r['K']} {r['dtype']}: {r['us']:.1f} us = "
                 f"{r['us'] / floor:.2f}x weight-bytes floor ({floor:.1f} us)")
-  nfail = sum(1 for r in results if r.get("kind") == "check" and not r.get("ok") and not r.get("skipped"))
+  nfail = sum(1 for r in results if r.get("kind") in ("check", "wrapper") and not r.get("ok")
+              and not r.get("skipped"))
   print(f"total {elapsed():.0f}s, check failures: {nfail}")
   return 1 if nfail else 0
 
