@@ -20,20 +20,25 @@ codes 10 and 12). Where one side rejects fp8, the tensor crosses as a uint8 view
 whose DLPack capsule is re-tagged with the fp8 type code (or the reverse) --
 same bytes, same pointer, still zero copy.
 
-CUDA stream ordering. Both directions use the DLPack stream protocol, which
-orders the consumer after the producer without a host sync:
+CUDA stream ordering. Both directions order the consumer after the producer on the device,
+without a host sync (the DLPack stream protocol):
 
-* torch -> JAX: ``jax.dlpack.from_dlpack(tensor)`` calls
-  ``tensor.__dlpack__(stream=<JAX's stream for external ready events>)``; torch
-  records an event on its *current* stream and makes that stream wait on it, so
-  JAX reads the tensor only after every torch kernel queued before the call.
-* JAX -> torch: ``torch.from_dlpack(array)`` calls
-  ``array.__dlpack__(stream=<torch's current stream>)``; JAX makes torch's stream
-  wait until the computation producing the array is done.
+* torch -> JAX: an event recorded on torch's *current* stream is waited on by JAX's stream for
+  external ready events (``device.get_stream_for_external_ready_events()``), which jaxlib's import
+  takes as the buffer's definition stream -- what ``jax.dlpack.from_dlpack(tensor)`` gets from
+  ``tensor.__dlpack__(stream=<that stream>)``. JAX reads the tensor only after every torch kernel
+  queued before the call.
+* JAX -> torch: jaxlib's export is given torch's current stream (what ``torch.from_dlpack(array)``
+  passes to ``array.__dlpack__(stream=...)``); JAX makes that stream wait for the event that
+  completes the array. The host does not wait for the computation -- only, inside jaxlib, until
+  the computation has been launched (the event must exist to be waited on).
 
 So torch work on its current stream and JAX work interleave correctly without
 ``torch.cuda.synchronize()``. Converting on one torch stream and then using the
-result on another stream is the caller's business, as everywhere in torch.
+result on another stream is the caller's business, as everywhere in torch. Nothing on these
+paths calls ``block_until_ready``, ``unsafe_buffer_pointer`` (it waits for the array) or
+``device_get`` (``tests/test_torch_bridge_nosync.py`` traps them). On the CPU there are no
+streams: handing a JAX result to torch waits for it, as ``torch.from_dlpack`` does.
 
 Aliasing. JAX assumes arrays are immutable. Mutating a torch tensor in place
 while a JAX array aliases it changes what JAX sees (and jitted code may have
@@ -43,6 +48,7 @@ cached nothing of it, or anything): do not mutate tensors handed to qlin.
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Any
 
 import jax
@@ -301,13 +307,14 @@ _DL_CPU, _DL_CUDA = 1, 2
 class _Route:
     """What a conversion between one torch device and its JAX device needs, computed once."""
 
-    __slots__ = ("jax_device", "dl_type", "index", "jax_stream", "jax_stream_torch", "event")
+    __slots__ = ("jax_device", "dl_type", "index", "jax_stream", "jax_stream_torch", "event", "lock")
 
     def __init__(self, jax_device: Any, dl_type: int, index: int) -> None:
         self.jax_device, self.dl_type, self.index = jax_device, dl_type, index
         self.jax_stream: int | None = None  # JAX's stream for external ready events (CUDA)
         self.jax_stream_torch: Any = None  # the same stream as a torch.cuda.ExternalStream
         self.event: Any = None  # the one torch event recorded per torch -> JAX hand-over
+        self.lock = threading.Lock()  # record + wait of the shared event must not interleave across threads
         if dl_type == _DL_CUDA:
             try:
                 self.jax_stream = int(jax_device.get_stream_for_external_ready_events())
@@ -330,9 +337,10 @@ class _Route:
         """Make JAX's external-ready stream wait for the work queued so far on torch's current stream."""
         if self.jax_stream is None:
             return None
-        ev = self.event
-        ev.record(torch.cuda.current_stream(self.index))
-        self.jax_stream_torch.wait_event(ev)
+        ev, current = self.event, torch.cuda.current_stream(self.index)
+        with self.lock:
+            ev.record(current)
+            self.jax_stream_torch.wait_event(ev)
         return self.jax_stream
 
 
