@@ -34,7 +34,7 @@ import time
 T_START = time.perf_counter()
 #: stop starting new overhead rows after this many seconds (the GPU call is time-limited); the JSON is
 #: written after every section, so a run cut short still reports what it measured
-BUDGET_S = float(os.environ.get("BRIDGE_CHECK_BUDGET_S", "110"))
+BUDGET_S = float(os.environ.get("BRIDGE_CHECK_BUDGET_S", "112"))
 TRIALS = 5
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch's allocator
@@ -244,6 +244,92 @@ def _latency(fn, sync, reps: int) -> float:
     return statistics.median(samples)
 
 
+def _gated_device_us(q, x, leaves, call, bj, n: int = 20, spin_cycles: int = 100_000_000) -> tuple[float, float]:
+    """Device time per call with the host out of the picture: torch's stream spins while ``n`` calls are
+    queued behind it, CUDA events time the queued work. Bridge: ``n`` ``q(x)`` calls (each: torch -> JAX
+    stream hand-over, kernel, JAX -> torch hand-over). JAX: ``x`` handed over once, ``n`` kernel calls,
+    the last result handed back once. The difference is what the per-call stream hand-overs cost the GPU."""
+    out = []
+    for bridged in (True, False):
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(spin_cycles)
+        ev0.record()
+        if bridged:
+            for _ in range(n):
+                y = q(x)
+        else:
+            xj = to_jax_hot(x)
+            for _ in range(n):
+                yj = call(leaves, xj, bj)
+            y = to_torch_hot(yj, x)
+        ev1.record()
+        torch.cuda.synchronize()
+        out.append(ev0.elapsed_time(ev1) * 1e3 / n)
+        del y
+    return out[0], out[1]
+
+
+def breakdown(reps: int = 50) -> dict:
+    """Host microseconds per call of each piece of the bridge's hot path (fp8, M=16, 4096 x 4096)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    q = QuantLinear.from_linear(lin, qlin.FP8ScaledMMConfig())
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    st = q._qlin_state
+    xj, bj = to_jax(x), to_jax(q.bias)
+    route = bridge_dlpack._route(x)
+    y_ready = st.call(st.leaves, xj, bj)
+    y_ready.block_until_ready()
+    keep = []
+
+    def per_call(fn):
+        fn(); torch.cuda.synchronize(); jax.block_until_ready(y_ready)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            keep.append(fn())
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        for v in keep:
+            if isinstance(v, jax.Array):
+                v.block_until_ready()
+        keep.clear()
+        torch.cuda.synchronize()
+        return round((t1 - t0) / reps * 1e6, 2)
+
+    with torch.no_grad():
+        res = {
+            "torch_current_stream": per_call(lambda: torch.cuda.current_stream()),
+            "t2j_event_hop": per_call(route.order_after_torch),
+            "t2j_torch_capsule": per_call(lambda: torch.utils.dlpack.to_dlpack(x)),
+            "t2j_hot": per_call(lambda: to_jax_hot(x)),
+            "t2j_public_jax_from_dlpack": per_call(lambda: jax.dlpack.from_dlpack(x)),
+            "j2t_hot_ready": per_call(lambda: to_torch_hot(y_ready, x)),
+            "j2t_public_torch_from_dlpack_ready": per_call(lambda: torch.from_dlpack(y_ready)),
+            "jit_call": per_call(lambda: st.call(st.leaves, xj, bj)),
+            "jit_call_pytree": per_call(lambda: st.apply(st.params, xj, bj)),
+            "jit_call_then_j2t_hot": per_call(lambda: to_torch_hot(st.call(st.leaves, xj, bj), x)),
+            "jit_call_then_unsafe_buffer_pointer": per_call(lambda: st.call(st.leaves, xj, bj).unsafe_buffer_pointer()),
+            "t2j_hot_then_jit_call": per_call(lambda: st.call(st.leaves, to_jax_hot(x), bj)),
+            "bridge_call": per_call(lambda: q(x)),
+        }
+    res["export_waits_for_launch_us"] = round(res["jit_call_then_j2t_hot"] - res["jit_call"] - res["j2t_hot_ready"], 2)
+    return res
+
+
+def probe_import_on_torch_stream() -> str:
+    """Does jaxlib accept torch's own stream as an import's definition stream (one stream hop fewer)?
+    Run last: a refusal deep in the runtime must not cost the other results."""
+    x = torch.ones(1024, device="cuda")
+    route = bridge_dlpack._route(x)
+    try:
+        a = bridge_dlpack._RAW_IMPORT(torch.utils.dlpack.to_dlpack(x), route.jax_device, route.torch_stream(),
+                                      False, route.dl_type)
+        return f"accepted ({a.shape})"
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e)[:160]}"
+
+
 def overhead(device: str, shapes, reps: int) -> list[dict]:
     rows = []
     sync_t = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
@@ -291,6 +377,13 @@ def overhead(device: str, shapes, reps: int) -> list[dict]:
                    "bridge_latency_us": round(l_bridge, 2), "jax_latency_us": round(l_jax, 2),
                    "latency_overhead": round(l_bridge / l_jax - 1, 4),
                    "tflops_bridge": round(2 * m * n * k / t_bridge / 1e6, 1)}
+            if device == "cuda":
+                try:
+                    with torch.no_grad():
+                        g_bridge, g_jax = _gated_device_us(q, x, leaves, call, bj)
+                    row["gpu_us_bridge_gated"], row["gpu_us_jax_gated"] = round(g_bridge, 2), round(g_jax, 2)
+                except Exception as e:  # noqa: BLE001 - diagnostics only
+                    row["gpu_gated_error"] = f"{type(e).__name__}: {str(e)[:160]}"
             diff = (q(x).float() - to_torch(call(leaves, xj, bj)).float()).abs().max().item()
             row["max_abs_diff_vs_jax"] = diff
             if device == "cuda" and isinstance(cfg, qlin.FP8ScaledMMConfig) and hasattr(torch, "_scaled_mm"):
@@ -361,6 +454,12 @@ def main() -> int:
     if device == "cuda":
         result["stream_ordering"] = stream_ordering()
         _write(result, device)
+        try:
+            result["host_breakdown_us"] = breakdown()
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            result["host_breakdown_us"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        _write(result, device)
+        print(f"host us per call: {result['host_breakdown_us']}")
         so = result["stream_ordering"]
         print(f"stream ordering ok: {so['ok']}  (torch->jax {so['torch_to_jax_correct']} hot {so['torch_to_jax_hot_correct']}, "
               f"jax->torch {so['jax_to_torch_correct']} hot {so['jax_to_torch_hot_correct']}, layer {so['layer']['trials']}, "
@@ -390,15 +489,20 @@ def main() -> int:
         if "error" in r:
             print(f"  {r['dtype']}: {r['error']}")
     print(f"{'cfg':5} {'M':>5} {'N':>6} {'K':>5} {'bridge us':>9} {'jax us':>8} {'ovh':>7} {'br host':>8} "
-          f"{'jax host':>8} {'pytree':>8} {'lat ovh':>8} {'_scaled_mm':>10}")
+          f"{'jax host':>8} {'pytree':>8} {'lat ovh':>8} {'gpu br':>7} {'gpu jax':>7} {'_scaled_mm':>10}")
     for r in result["overhead"]:
         if "skipped" in r:
             print(f"{r['config'][:5]:5} {r['M']:5d} {r['N']:6d} {r['K']:5d}  skipped ({r['skipped']})")
             continue
         print(f"{r['config'][:5]:5} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['bridge_us']:9.1f} {r['jax_us']:8.1f} "
               f"{r['overhead']:+7.1%} {r['bridge_host_us']:8.1f} {r['jax_host_us']:8.1f} {r['jax_pytree_us']:8.1f} "
-              f"{r['latency_overhead']:+8.1%} {str(r.get('torch_scaled_mm_us', '-')):>10}")
+              f"{r['latency_overhead']:+8.1%} {r.get('gpu_us_bridge_gated', 0):7.1f} {r.get('gpu_us_jax_gated', 0):7.1f} "
+              f"{str(r.get('torch_scaled_mm_us', '-')):>10}")
     print(f"wrote {_write(result, device)}  ({result['summary']['elapsed_s']} s)")
+    if device == "cuda":
+        result["import_on_torch_stream"] = probe_import_on_torch_stream()
+        print(f"jaxlib import with torch's stream as definition stream: {result['import_on_torch_stream']}")
+        _write(result, device)
     return 0
 
 
