@@ -350,6 +350,7 @@ def summarize(rows):
 
 
 def markdown_table(rows, peak_tflops=None, copy_gbs=None) -> str:
+  geo, mins = summarize(rows)  # also sets ratio_vs_xla on the rows
   keys = sorted({(r["N"], r["K"], r["M"]) for r in rows})
   impls = [("qlin:mosaic_gpu", "fp8"), ("xla", "fp8"), ("torch", "fp8"),
            ("qlin:mosaic_gpu", "int8"), ("xla", "int8"), ("torch", "int8"), ("xla", "bf16")]
@@ -368,7 +369,6 @@ def markdown_table(rows, peak_tflops=None, copy_gbs=None) -> str:
       r = by.get(("qlin:mosaic_gpu", d, n, k, m))
       cells.append(f"{r['tflops']:.0f}" if r and r.get("tflops") else "-")
     lines.append("| " + " | ".join(cells) + " |")
-  geo, mins = summarize(rows)
   lines.append("")
   for d in sorted(geo):
     lines.append(f"- {d}: geomean speed-up vs XLA {geo[d]:.2f}x, worst {mins[d]:.2f}x")

@@ -210,7 +210,7 @@ def _pick_swizzle(tile_elems: int, full_elems: int, dtype) -> int | None:
   width too.
   """
   size = jnp.dtype(dtype).itemsize
-  for sw in (128, 64, 32, 16):
+  for sw in (128, 64, 32):
     e = sw // size
     if tile_elems % e == 0 and full_elems % e == 0:
       return sw
@@ -219,9 +219,8 @@ def _pick_swizzle(tile_elems: int, full_elems: int, dtype) -> int | None:
 
 def _swizzle_transforms(swizzle: int | None, dtype):
   if swizzle is None:
-    # 16 bytes = no swizzle (explicit, so that Mosaic does not infer a wider
-    # one that the GMEM shape cannot be tiled by).
-    swizzle = 16
+    raise ValueError("no 32/64/128-byte swizzle fits this tile and GMEM shape "
+                     "(see required_alignment)")
   return (
       plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
       plgpu.SwizzleTransform(swizzle),
