@@ -12,4 +12,7 @@ from qlin.select import register_kernel
 register_kernel(XLAKernel)
 register_kernel(ReferenceKernel)
 
-__all__ = ["ReferenceKernel", "XLAKernel"]
+# Registers itself ahead of xla on cuda (is_supported: compute capability 9.x).
+from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel  # noqa: E402
+
+__all__ = ["MosaicGPUScaledMMKernel", "ReferenceKernel", "XLAKernel"]
