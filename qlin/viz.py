@@ -280,6 +280,13 @@ def _scalars(d: Mapping) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
 
 
+def _is_benchmark_file(data: Any) -> bool:
+    """A list of rows, or an object holding one under "rows"/"results"/"data"."""
+    if isinstance(data, list):
+        return True
+    return isinstance(data, Mapping) and any(isinstance(data.get(k), list) for k in ("rows", "results", "data"))
+
+
 def _rows_of(data: Any, source: str) -> list[dict]:
     meta: dict[str, Any] = {}
     if isinstance(data, Mapping):
@@ -297,6 +304,8 @@ def _rows_of(data: Any, source: str) -> list[dict]:
     for i, row in enumerate(data):
         if not isinstance(row, Mapping):
             raise ValueError(f"{source}: row {i} is a {type(row).__name__}, expected an object")
+        if row.get("kind", "time") != "time":
+            continue  # GPU-check files mix correctness ("check") and tile-sweep rows with timings
         row = {**meta, **row}
         missing = [k for k in REQUIRED_KEYS if k not in row]
         if missing:
@@ -314,7 +323,10 @@ def _rows_of(data: Any, source: str) -> list[dict]:
 
 
 def load_benchmark_results(path: str | os.PathLike | None = None, *, include_failed: bool = False) -> list[dict]:
-    """Rows of every ``*.json`` under ``path`` (a file or folder; default :func:`find_results_dir`).
+    """Timing rows of every benchmark ``*.json`` under ``path`` (a file or folder; default :func:`find_results_dir`).
+
+    In a folder, JSON files that hold no row list (other GPU results) are skipped, and
+    rows with a ``kind`` other than ``"time"`` (correctness checks, tile sweeps) are left out.
 
     A file holds a list of rows or an object with a ``"rows"`` (or ``"results"``)
     list; the scalar fields of the object and of its ``"meta"`` object (e.g.
@@ -336,6 +348,8 @@ def load_benchmark_results(path: str | os.PathLike | None = None, *, include_fai
             data = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{f.name}: not valid JSON ({e})") from None
+        if path.is_dir() and not _is_benchmark_file(data):
+            continue  # other GPU results in the folder (bridge / quantize checks, qlin info)
         rows.extend(_rows_of(data, f.name))
     return rows if include_failed else [r for r in rows if not r["failed"]]
 

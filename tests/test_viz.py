@@ -231,7 +231,13 @@ def test_load_benchmark_results_errors(tmp_path):
         viz.load_benchmark_results(tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"meta": 1}))
     with pytest.raises(ValueError, match="bad.json: expected a list of rows"):
-        viz.load_benchmark_results(tmp_path)
+        viz.load_benchmark_results(tmp_path / "bad.json")  # named explicitly: must be a benchmark file
+    # in a folder, other GPU results (no row list) are skipped, and non-timing rows are left out
+    assert viz.load_benchmark_results(tmp_path) == []
+    check = dict(_row(), kind="check")
+    del check["tflops"]
+    (tmp_path / "bad.json").write_text(json.dumps({"results": [check, dict(_row(), kind="time")]}))
+    assert len(viz.load_benchmark_results(tmp_path)) == 1
 
 
 def test_find_results_dir(tmp_path, monkeypatch):
