@@ -281,10 +281,10 @@ def _scalars(d: Mapping) -> dict[str, Any]:
 
 
 def _is_benchmark_file(data: Any) -> bool:
-    """A list of rows, or an object holding one under "rows"/"results"/"data"."""
-    if isinstance(data, list):
-        return True
-    return isinstance(data, Mapping) and any(isinstance(data.get(k), list) for k in ("rows", "results", "data"))
+    """A list of GEMM rows (rows naming an ``impl``), bare or under "rows"/"results"/"data"."""
+    if isinstance(data, Mapping):
+        data = next((data[k] for k in ("rows", "results", "data") if isinstance(data.get(k), list)), None)
+    return isinstance(data, list) and any(isinstance(r, Mapping) and "impl" in r for r in data)
 
 
 def _rows_of(data: Any, source: str) -> list[dict]:
