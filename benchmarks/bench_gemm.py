@@ -1,6 +1,6 @@
 """Thin launcher for the GEMM benchmark; the logic lives in :mod:`qlin.bench`.
 
-    PYTHONPATH=. python3 benchmarks/bench_gemm.py [--quick] [--out DIR]
+PYTHONPATH=. python3 benchmarks/bench_gemm.py [--quick] [--out DIR]
 """
 
 import sys
@@ -11,4 +11,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlin.bench import main  # noqa: E402
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

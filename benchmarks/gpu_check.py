@@ -45,276 +45,400 @@ T0 = time.time()
 
 
 def elapsed():
-  return time.time() - T0
+    return time.time() - T0
 
 
 def poisoned_call(fn, args, out_shape, out_dtype):
-  """Runs fn after freeing a NaN-filled buffer of the output's size."""
-  poison = jnp.full(out_shape, jnp.nan, out_dtype)
-  poison.block_until_ready()
-  poison.delete()
-  out = fn(*args)
-  return np.asarray(jax.block_until_ready(out).astype(jnp.float32))
+    """Runs fn after freeing a NaN-filled buffer of the output's size."""
+    poison = jnp.full(out_shape, jnp.nan, out_dtype)
+    poison.block_until_ready()
+    poison.delete()
+    out = fn(*args)
+    return np.asarray(jax.block_until_ready(out).astype(jnp.float32))
 
 
 def make_case(m, n, k, dtype, a_mode, b_mode, bias, azp_mode, seed):
-  rng = np.random.default_rng(seed)
-  a, b, a_s, b_s = bench.make_operands(m, n, k, dtype, seed)
-  if a_mode == "tensor":
-    a_s = a_s[:1, :1].copy()
-  if b_mode == "tensor":
-    b_s = b_s[:1, :1].copy()
-  bias_v = rng.standard_normal(n).astype(np.float32) if bias else None
-  azp = adj = None
-  if azp_mode != "none":
-    azp = rng.integers(-100, 100, (m, 1) if azp_mode == "token" else (1, 1)).astype(np.int32)
-    adj = b.astype(np.int32).sum(axis=1)[None, :].astype(np.int32)
-  return a, b, a_s, b_s, bias_v, azp, adj
+    rng = np.random.default_rng(seed)
+    a, b, a_s, b_s = bench.make_operands(m, n, k, dtype, seed)
+    if a_mode == "tensor":
+        a_s = a_s[:1, :1].copy()
+    if b_mode == "tensor":
+        b_s = b_s[:1, :1].copy()
+    bias_v = rng.standard_normal(n).astype(np.float32) if bias else None
+    azp = adj = None
+    if azp_mode != "none":
+        azp = rng.integers(-100, 100, (m, 1) if azp_mode == "token" else (1, 1)).astype(np.int32)
+        adj = b.astype(np.int32).sum(axis=1)[None, :].astype(np.int32)
+    return a, b, a_s, b_s, bias_v, azp, adj
 
 
 CHECK_CONFIGS = {
-    "smallM_n16": mm.TuningConfig(tile_m=64, tile_n=16, tile_k=256, max_concurrent_steps=8,
-                                  num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16),
-    "smallM_n48": mm.TuningConfig(tile_m=64, tile_n=48, tile_k=128, max_concurrent_steps=6,
-                                  num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16),
-    "mid_m64x128_wgM": mm.TuningConfig(tile_m=64, tile_n=128, tile_k=128, max_concurrent_steps=5,
-                                       num_compute_wgs=2, wg_dimension="m", grid_minor_dim="m"),
-    "big_m128x128_wgN": mm.TuningConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=4,
-                                        num_compute_wgs=2, wg_dimension="n", grid_minor_dim="m",
-                                        grid_tile_width=8, epi_slots=1),
-    "big_m128x256_wgM": mm.TuningConfig(tile_m=128, tile_n=256, tile_k=64, max_concurrent_steps=4,
-                                        num_compute_wgs=2, wg_dimension="m", epi_tile_m=64,
-                                        epi_tile_n=64),
+    "smallM_n16": mm.TuningConfig(
+        tile_m=64, tile_n=16, tile_k=256, max_concurrent_steps=8, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16
+    ),
+    "smallM_n48": mm.TuningConfig(
+        tile_m=64, tile_n=48, tile_k=128, max_concurrent_steps=6, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16
+    ),
+    "mid_m64x128_wgM": mm.TuningConfig(
+        tile_m=64,
+        tile_n=128,
+        tile_k=128,
+        max_concurrent_steps=5,
+        num_compute_wgs=2,
+        wg_dimension="m",
+        grid_minor_dim="m",
+    ),
+    "big_m128x128_wgN": mm.TuningConfig(
+        tile_m=128,
+        tile_n=128,
+        tile_k=128,
+        max_concurrent_steps=4,
+        num_compute_wgs=2,
+        wg_dimension="n",
+        grid_minor_dim="m",
+        grid_tile_width=8,
+        epi_slots=1,
+    ),
+    "big_m128x256_wgM": mm.TuningConfig(
+        tile_m=128,
+        tile_n=256,
+        tile_k=64,
+        max_concurrent_steps=4,
+        num_compute_wgs=2,
+        wg_dimension="m",
+        epi_tile_m=64,
+        epi_tile_n=64,
+    ),
 }
 
 
 def run_checks(results, deadline):
-  dev = bench.device_name()
-  ms = [1, 7, 64, 100, 129, 1000]
-  # N, K: multiples of 16 / 32 that are not multiples of the tiles (K=2080
-  # gets the 32-byte swizzle, 1152 the 128-byte one).
-  shapes = [(272, 224), (1040, 2080), (1008, 1152)]
-  cases = []
-  seed = 0
-  # Priority order (a deadline cuts the tail): 1. every config (and the
-  # heuristic default at small / mid / large M) with the most general
-  # epilogue; 2. the scale-mode x zero-point x out-dtype matrix on the
-  # default configs; 3. every config x M x shape.
-  for cname in list(CHECK_CONFIGS) + [None]:
-    for m in (7, 129) if cname else (1, 129, 1000):
-      for dtype, azp in (("fp8", "none"), ("int8", "token")):
-        cases.append((cname, m, 1040, 2080, dtype, "token", "channel", True, azp, "bfloat16"))
-  n_tier1 = len(cases)
-  matrix = []
-  for dtype, azp in (("fp8", "none"), ("int8", "none"), ("int8", "token"), ("int8", "tensor")):
-    for a_mode in ("token", "tensor"):
-      for b_mode in ("channel", "tensor"):
-        for od in ("bfloat16", "float16", "float32"):
-          m = 7 if (a_mode == "token") == (od != "float32") else 129
-          matrix.append((None, m, 1040, 1152, dtype, a_mode, b_mode, od != "float16", azp, od))
-  random.Random(0).shuffle(matrix)  # a deadline then cuts a spread sample
-  cases += matrix
-  for cname in CHECK_CONFIGS:
-    for (n, k) in shapes:
-      for m in ms:
-        for dtype, azp in (("fp8", "none"), ("int8", "token")):
-          c = (cname, m, n, k, dtype, "token", "channel", True, azp, "bfloat16")
-          if c not in cases:
-            cases.append(c)
-  fails = 0
-  for ci, (cname, m, n, k, dtype, a_mode, b_mode, bias, azp_mode, od) in enumerate(cases):
-    if elapsed() > deadline:
-      results.append(dict(kind="check", skipped=True))
-      continue
-    seed += 1
-    cfg = CHECK_CONFIGS[cname] if cname else None
-    jdt = jnp.int8 if dtype == "int8" else jnp.float8_e4m3fn
-    odt = jnp.dtype(od)
-    errs = []
-    try:
-      for rep in range(2 if ci < n_tier1 else 1):  # fresh inputs: stale outputs would not match
-        a, b, a_s, b_s, bias_v, azp, adj = make_case(m, n, k, dtype, a_mode, b_mode, bias,
-                                                     azp_mode, seed * 10 + rep)
-        ref = bench.reference(a, b, a_s, b_s, bias_v, azp, adj)
+    dev = bench.device_name()
+    ms = [1, 7, 64, 100, 129, 1000]
+    # N, K: multiples of 16 / 32 that are not multiples of the tiles (K=2080
+    # gets the 32-byte swizzle, 1152 the 128-byte one).
+    shapes = [(272, 224), (1040, 2080), (1008, 1152)]
+    cases = []
+    seed = 0
+    # Priority order (a deadline cuts the tail): 1. every config (and the
+    # heuristic default at small / mid / large M) with the most general
+    # epilogue; 2. the scale-mode x zero-point x out-dtype matrix on the
+    # default configs; 3. every config x M x shape.
+    for cname in list(CHECK_CONFIGS) + [None]:
+        for m in (7, 129) if cname else (1, 129, 1000):
+            for dtype, azp in (("fp8", "none"), ("int8", "token")):
+                cases.append((cname, m, 1040, 2080, dtype, "token", "channel", True, azp, "bfloat16"))
+    n_tier1 = len(cases)
+    matrix = []
+    for dtype, azp in (("fp8", "none"), ("int8", "none"), ("int8", "token"), ("int8", "tensor")):
+        for a_mode in ("token", "tensor"):
+            for b_mode in ("channel", "tensor"):
+                for od in ("bfloat16", "float16", "float32"):
+                    m = 7 if (a_mode == "token") == (od != "float32") else 129
+                    matrix.append((None, m, 1040, 1152, dtype, a_mode, b_mode, od != "float16", azp, od))
+    random.Random(0).shuffle(matrix)  # a deadline then cuts a spread sample
+    cases += matrix
+    for cname in CHECK_CONFIGS:
+        for n, k in shapes:
+            for m in ms:
+                for dtype, azp in (("fp8", "none"), ("int8", "token")):
+                    c = (cname, m, n, k, dtype, "token", "channel", True, azp, "bfloat16")
+                    if c not in cases:
+                        cases.append(c)
+    fails = 0
+    for ci, (cname, m, n, k, dtype, a_mode, b_mode, bias, azp_mode, od) in enumerate(cases):
+        if elapsed() > deadline:
+            results.append(dict(kind="check", skipped=True))
+            continue
+        seed += 1
+        cfg = CHECK_CONFIGS[cname] if cname else None
+        jdt = jnp.int8 if dtype == "int8" else jnp.float8_e4m3fn
+        odt = jnp.dtype(od)
+        errs = []
+        try:
+            for rep in range(2 if ci < n_tier1 else 1):  # fresh inputs: stale outputs would not match
+                a, b, a_s, b_s, bias_v, azp, adj = make_case(
+                    m, n, k, dtype, a_mode, b_mode, bias, azp_mode, seed * 10 + rep
+                )
+                ref = bench.reference(a, b, a_s, b_s, bias_v, azp, adj)
 
-        def fn(a_, b_, as_, bs_, bias_, azp_, adj_, cfg=cfg, odt=odt):
-          return mm.scaled_mm(a_, b_, as_, bs_, bias=bias_, azp=azp_, azp_adj=adj_,
-                              out_dtype=odt, config=cfg)
-        args = (jnp.asarray(a, jdt), jnp.asarray(b, jdt), jnp.asarray(a_s), jnp.asarray(b_s),
-                None if bias_v is None else jnp.asarray(bias_v),
-                None if azp is None else jnp.asarray(azp),
-                None if adj is None else jnp.asarray(adj))
-        out = poisoned_call(jax.jit(fn), args, (m, n), odt)
-        nan = int(np.isnan(out).sum())
-        err = bench.rel_err(out, ref)
-        errs.append((err, nan))
-      tol = {"float32": 1e-5, "bfloat16": 8e-3, "float16": 1e-3}[od]
-      ok = all(e <= tol and nan == 0 for e, nan in errs)
-      used = (cfg or mm.default_config(m, n, k, jdt, odt)).short()
-      r = dict(kind="check", config=cname or "default", cfg=used, M=m, N=n, K=k, dtype=dtype,
-               a_mode=a_mode, b_mode=b_mode, bias=bias, azp=azp_mode, out=od,
-               rel_err=max(e for e, _ in errs), nan=max(n_ for _, n_ in errs), ok=ok,
-               device=dev)
-    except Exception as e:  # noqa: BLE001
-      ok = False
-      r = dict(kind="check", config=cname or "default", M=m, N=n, K=k, dtype=dtype,
-               a_mode=a_mode, b_mode=b_mode, bias=bias, azp=azp_mode, out=od, ok=False,
-               error=f"{type(e).__name__}: {str(e)[:400]}")
-      traceback.print_exc(limit=3)
-    results.append(r)
-    if not ok:
-      fails += 1
-      print("FAIL", json.dumps(r), flush=True)
-  n_ok = sum(1 for r in results if r.get("kind") == "check" and r.get("ok"))
-  print(f"checks: {n_ok} ok, {fails} failed, t={elapsed():.0f}s", flush=True)
-  return fails
+                def fn(a_, b_, as_, bs_, bias_, azp_, adj_, cfg=cfg, odt=odt):
+                    return mm.scaled_mm(a_, b_, as_, bs_, bias=bias_, azp=azp_, azp_adj=adj_, out_dtype=odt, config=cfg)
+
+                args = (
+                    jnp.asarray(a, jdt),
+                    jnp.asarray(b, jdt),
+                    jnp.asarray(a_s),
+                    jnp.asarray(b_s),
+                    None if bias_v is None else jnp.asarray(bias_v),
+                    None if azp is None else jnp.asarray(azp),
+                    None if adj is None else jnp.asarray(adj),
+                )
+                out = poisoned_call(jax.jit(fn), args, (m, n), odt)
+                nan = int(np.isnan(out).sum())
+                err = bench.rel_err(out, ref)
+                errs.append((err, nan))
+            tol = {"float32": 1e-5, "bfloat16": 8e-3, "float16": 1e-3}[od]
+            ok = all(e <= tol and nan == 0 for e, nan in errs)
+            used = (cfg or mm.default_config(m, n, k, jdt, odt)).short()
+            r = dict(
+                kind="check",
+                config=cname or "default",
+                cfg=used,
+                M=m,
+                N=n,
+                K=k,
+                dtype=dtype,
+                a_mode=a_mode,
+                b_mode=b_mode,
+                bias=bias,
+                azp=azp_mode,
+                out=od,
+                rel_err=max(e for e, _ in errs),
+                nan=max(n_ for _, n_ in errs),
+                ok=ok,
+                device=dev,
+            )
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            r = dict(
+                kind="check",
+                config=cname or "default",
+                M=m,
+                N=n,
+                K=k,
+                dtype=dtype,
+                a_mode=a_mode,
+                b_mode=b_mode,
+                bias=bias,
+                azp=azp_mode,
+                out=od,
+                ok=False,
+                error=f"{type(e).__name__}: {str(e)[:400]}",
+            )
+            traceback.print_exc(limit=3)
+        results.append(r)
+        if not ok:
+            fails += 1
+            print("FAIL", json.dumps(r), flush=True)
+    n_ok = sum(1 for r in results if r.get("kind") == "check" and r.get("ok"))
+    print(f"checks: {n_ok} ok, {fails} failed, t={elapsed():.0f}s", flush=True)
+    return fails
 
 
 def run_wrapper(results):
-  """The MMLinearKernel wrapper on the GPU: selection, padding of odd N / K, every scheme."""
-  from qlin import select
-  from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
-  from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
-  from qlin.quantize import quantize_weight
-  from qlin.testing import reference_linear_np
-  fails = 0
-  cfgs = [FP8ScaledMMConfig(), FP8ScaledMMConfig(weight_granularity="per_tensor", activation="static"),
-          FP8ScaledMMConfig(activation="dynamic_per_tensor", out_dtype=jnp.float16),
-          Int8ScaledMMConfig(), Int8ScaledMMConfig(symmetric=False),
-          Int8ScaledMMConfig(symmetric=False, activation="static", out_dtype=jnp.float32)]
-  rng = np.random.default_rng(123)
-  for i, cfg in enumerate(cfgs):
-    shapes = (((5,), 13653, 4096), ((3, 11), 1000, 4000))
-    for (lead, n, k) in shapes[i % 2:i % 2 + 1]:
-      try:
-        chosen = select.choose_kernel(cfg).name
-        w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
-        x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.float32)
-        bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-        kw = dict(input_scale=0.05, input_zero_point=2) if cfg.is_static else {}
-        if isinstance(cfg, FP8ScaledMMConfig) and cfg.is_static:
-          kw.pop("input_zero_point")
-        params = quantize_weight(w, cfg, **kw)
-        ker = MosaicGPUScaledMMKernel(cfg)
-        pp = ker.process_weights_after_loading(params)
-        y = np.asarray(jax.jit(ker.apply_weights)(pp, x, bias).astype(jnp.float32))
-        ref = reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))
-        err = bench.rel_err(y.reshape(ref.shape), ref)
-        tol = 8e-3 if cfg.out_dtype != jnp.float32 else 1e-5
-        ok = err <= tol and chosen == "mosaic_gpu" and y.shape == ref.shape
-        r = dict(kind="wrapper", cfg=cfg.describe(), lead=lead, N=n, K=k, padded=list(pp.weight.shape),
-                 chosen=chosen, rel_err=err, ok=ok)
-      except Exception as e:  # noqa: BLE001
-        r = dict(kind="wrapper", cfg=cfg.describe(), lead=lead, N=n, K=k, ok=False,
-                 error=f"{type(e).__name__}: {str(e)[:300]}")
-        traceback.print_exc(limit=3)
-      results.append(r)
-      fails += not r["ok"]
-      if not r["ok"]:
-        print("WRAPPER FAIL", json.dumps(r, default=str), flush=True)
-  print(f"wrapper: {sum(1 for r in results if r.get('kind') == 'wrapper' and r['ok'])} ok, "
-        f"{fails} failed, t={elapsed():.0f}s", flush=True)
-  return fails
+    """The MMLinearKernel wrapper on the GPU: selection, padding of odd N / K, every scheme."""
+    from qlin import select
+    from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
+    from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
+    from qlin.quantize import quantize_weight
+    from qlin.testing import reference_linear_np
+
+    fails = 0
+    cfgs = [
+        FP8ScaledMMConfig(),
+        FP8ScaledMMConfig(weight_granularity="per_tensor", activation="static"),
+        FP8ScaledMMConfig(activation="dynamic_per_tensor", out_dtype=jnp.float16),
+        Int8ScaledMMConfig(),
+        Int8ScaledMMConfig(symmetric=False),
+        Int8ScaledMMConfig(symmetric=False, activation="static", out_dtype=jnp.float32),
+    ]
+    rng = np.random.default_rng(123)
+    for i, cfg in enumerate(cfgs):
+        shapes = (((5,), 13653, 4096), ((3, 11), 1000, 4000))
+        for lead, n, k in shapes[i % 2 : i % 2 + 1]:
+            try:
+                chosen = select.choose_kernel(cfg).name
+                w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+                x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.float32)
+                bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+                kw = dict(input_scale=0.05, input_zero_point=2) if cfg.is_static else {}
+                if isinstance(cfg, FP8ScaledMMConfig) and cfg.is_static:
+                    kw.pop("input_zero_point")
+                params = quantize_weight(w, cfg, **kw)
+                ker = MosaicGPUScaledMMKernel(cfg)
+                pp = ker.process_weights_after_loading(params)
+                y = np.asarray(jax.jit(ker.apply_weights)(pp, x, bias).astype(jnp.float32))
+                ref = reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))
+                err = bench.rel_err(y.reshape(ref.shape), ref)
+                tol = 8e-3 if cfg.out_dtype != jnp.float32 else 1e-5
+                ok = err <= tol and chosen == "mosaic_gpu" and y.shape == ref.shape
+                r = dict(
+                    kind="wrapper",
+                    cfg=cfg.describe(),
+                    lead=lead,
+                    N=n,
+                    K=k,
+                    padded=list(pp.weight.shape),
+                    chosen=chosen,
+                    rel_err=err,
+                    ok=ok,
+                )
+            except Exception as e:  # noqa: BLE001
+                r = dict(
+                    kind="wrapper",
+                    cfg=cfg.describe(),
+                    lead=lead,
+                    N=n,
+                    K=k,
+                    ok=False,
+                    error=f"{type(e).__name__}: {str(e)[:300]}",
+                )
+                traceback.print_exc(limit=3)
+            results.append(r)
+            fails += not r["ok"]
+            if not r["ok"]:
+                print("WRAPPER FAIL", json.dumps(r, default=str), flush=True)
+    print(
+        f"wrapper: {sum(1 for r in results if r.get('kind') == 'wrapper' and r['ok'])} ok, "
+        f"{fails} failed, t={elapsed():.0f}s",
+        flush=True,
+    )
+    return fails
 
 
 def run_time(results, deadline, cases, with_torch=True):
-  for (m, n, k) in cases:
-    if elapsed() > deadline:
-      break
-    rows = bench.bench_case(m, n, k, with_torch=with_torch, with_bf16=True)
-    for r in rows:
-      r["kind"] = "time"
-    results.extend(rows)
-    print(" ".join(f"{r['impl']}/{r['dtype']}:{r['us']:.1f}" if r.get("us") else
-                   f"{r['impl']}/{r['dtype']}:ERR({r.get('error', '')[:80]})" for r in rows),
-          f"M={m} N={n} K={k}", flush=True)
+    for m, n, k in cases:
+        if elapsed() > deadline:
+            break
+        rows = bench.bench_case(m, n, k, with_torch=with_torch, with_bf16=True)
+        for r in rows:
+            r["kind"] = "time"
+        results.extend(rows)
+        print(
+            " ".join(
+                f"{r['impl']}/{r['dtype']}:{r['us']:.1f}"
+                if r.get("us")
+                else f"{r['impl']}/{r['dtype']}:ERR({r.get('error', '')[:80]})"
+                for r in rows
+            ),
+            f"M={m} N={n} K={k}",
+            flush=True,
+        )
 
 
 def run_sweep(results, deadline, cases, dtypes=("fp8",)):
-  for (m, n, k) in cases:
-    for dtype in dtypes:
-      jdt = jnp.int8 if dtype == "int8" else jnp.float8_e4m3fn
-      a, bs, a_s, b_s = bench.device_operands(m, n, k, dtype, bench.n_copies(n, k), 1)
-      sets = [(a, b, a_s, b_s) for b in bs]
-      best = None
-      for cfg in mm.candidate_configs(m, n, k, jdt, jnp.bfloat16):
-        if elapsed() > deadline:
-          break
-        try:
-          us = bench.measure_us(bench.qlin_fn(cfg), sets, 20)
-        except Exception as e:  # noqa: BLE001
-          results.append(dict(kind="sweep", M=m, N=n, K=k, dtype=dtype, cfg=cfg.short(),
-                              error=str(e).splitlines()[0][:200]))
-          print(f"sweep M={m} N={n} K={k} {dtype} {cfg.short()}: ERR {str(e).splitlines()[0][:150]}",
-                flush=True)
-          continue
-        tf = 2 * m * n * k / (us * 1e-6) / 1e12
-        results.append(dict(kind="sweep", M=m, N=n, K=k, dtype=dtype, cfg=cfg.short(),
-                            config=cfg.to_dict(), us=us, tflops=tf))
-        if best is None or us < best[0]:
-          best = (us, cfg.short())
-      if best:
-        print(f"sweep best M={m} N={n} K={k} {dtype}: {best[1]} {best[0]:.1f} us "
-              f"({2 * m * n * k / (best[0] * 1e-6) / 1e12:.0f} TF/s)", flush=True)
+    for m, n, k in cases:
+        for dtype in dtypes:
+            jdt = jnp.int8 if dtype == "int8" else jnp.float8_e4m3fn
+            a, bs, a_s, b_s = bench.device_operands(m, n, k, dtype, bench.n_copies(n, k), 1)
+            sets = [(a, b, a_s, b_s) for b in bs]
+            best = None
+            for cfg in mm.candidate_configs(m, n, k, jdt, jnp.bfloat16):
+                if elapsed() > deadline:
+                    break
+                try:
+                    us = bench.measure_us(bench.qlin_fn(cfg), sets, 20)
+                except Exception as e:  # noqa: BLE001
+                    results.append(
+                        dict(
+                            kind="sweep",
+                            M=m,
+                            N=n,
+                            K=k,
+                            dtype=dtype,
+                            cfg=cfg.short(),
+                            error=str(e).splitlines()[0][:200],
+                        )
+                    )
+                    print(
+                        f"sweep M={m} N={n} K={k} {dtype} {cfg.short()}: ERR {str(e).splitlines()[0][:150]}", flush=True
+                    )
+                    continue
+                tf = 2 * m * n * k / (us * 1e-6) / 1e12
+                results.append(
+                    dict(
+                        kind="sweep",
+                        M=m,
+                        N=n,
+                        K=k,
+                        dtype=dtype,
+                        cfg=cfg.short(),
+                        config=cfg.to_dict(),
+                        us=us,
+                        tflops=tf,
+                    )
+                )
+                if best is None or us < best[0]:
+                    best = (us, cfg.short())
+            if best:
+                print(
+                    f"sweep best M={m} N={n} K={k} {dtype}: {best[1]} {best[0]:.1f} us "
+                    f"({2 * m * n * k / (best[0] * 1e-6) / 1e12:.0f} TF/s)",
+                    flush=True,
+                )
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--phases", default="check,time,sweep")
-  p.add_argument("--deadline-s", type=float, default=520)
-  p.add_argument("--check-s", type=float, default=None, help="time budget of the check phase")
-  p.add_argument("--time-cases", default="16:4096:4096,128:4096:4096,512:4096:4096,"
-                 "4096:4096:4096,16:28672:4096,4096:28672:4096,4096:4096:14336,1:8192:8192")
-  p.add_argument("--sweep-cases", default="4096:4096:4096,16:4096:4096,128:4096:4096")
-  p.add_argument("--sweep-dtypes", default="fp8")
-  p.add_argument("--no-torch", action="store_true")
-  args = p.parse_args()
-  print(f"jax {jax.__version__} devices {jax.devices()} ({bench.device_name()})", flush=True)
-  try:
-    import torch
-    print(f"torch {torch.__version__} cuda {torch.cuda.is_available()}", flush=True)
-  except Exception as e:  # noqa: BLE001
-    print("torch unavailable", e)
-  out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
-  out_dir.mkdir(parents=True, exist_ok=True)
-  results = []
-  phases = args.phases.split(",")
-  parse = lambda s: [tuple(int(v) for v in c.split(":")) for c in s.split(",") if c]
-  copy_gbs = None
-  try:
-    if "check" in phases:
-      run_checks(results, args.check_s or (args.deadline_s * 0.45 if len(phases) > 1
-                                           else args.deadline_s))
-    if "wrapper" in phases:
-      run_wrapper(results)
-    if "time" in phases or "sweep" in phases:
-      copy_gbs = bench.copy_bandwidth_gbs()
-      print(f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)", flush=True)
-    if "time" in phases:
-      run_time(results, args.deadline_s * (0.8 if "sweep" in phases else 1.0),
-               parse(args.time_cases), with_torch=not args.no_torch)
-    if "sweep" in phases:
-      run_sweep(results, args.deadline_s, parse(args.sweep_cases),
-                tuple(args.sweep_dtypes.split(",")))
-  finally:
-    (out_dir / "gpu_check.json").write_text(json.dumps(
-        dict(device=bench.device_name(), jax=jax.__version__, copy_gbs=copy_gbs,
-             results=results), indent=1, default=str))
-  trows = [r for r in results if r.get("kind") == "time"]
-  if trows:
-    bench.summarize(trows)
-    print(bench.markdown_table(trows, copy_gbs=copy_gbs))
-    if copy_gbs:
-      for r in trows:
-        if r["impl"].startswith("qlin") and r["M"] <= 16 and r.get("us"):
-          floor = r["N"] * r["K"] / (copy_gbs * 1e9) * 1e6
-          print(f"  M={r['M']} N={r['N']} K={r['K']} {r['dtype']}: {r['us']:.1f} us = "
-                f"{r['us'] / floor:.2f}x weight-bytes floor ({floor:.1f} us)")
-  nfail = sum(1 for r in results if r.get("kind") in ("check", "wrapper") and not r.get("ok")
-              and not r.get("skipped"))
-  print(f"total {elapsed():.0f}s, check failures: {nfail}")
-  return 1 if nfail else 0
+    p = argparse.ArgumentParser()
+    p.add_argument("--phases", default="check,time,sweep")
+    p.add_argument("--deadline-s", type=float, default=520)
+    p.add_argument("--check-s", type=float, default=None, help="time budget of the check phase")
+    p.add_argument(
+        "--time-cases",
+        default="16:4096:4096,128:4096:4096,512:4096:4096,"
+        "4096:4096:4096,16:28672:4096,4096:28672:4096,4096:4096:14336,1:8192:8192",
+    )
+    p.add_argument("--sweep-cases", default="4096:4096:4096,16:4096:4096,128:4096:4096")
+    p.add_argument("--sweep-dtypes", default="fp8")
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args()
+    print(f"jax {jax.__version__} devices {jax.devices()} ({bench.device_name()})", flush=True)
+    try:
+        import torch
+
+        print(f"torch {torch.__version__} cuda {torch.cuda.is_available()}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print("torch unavailable", e)
+    out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    phases = args.phases.split(",")
+    parse = lambda s: [tuple(int(v) for v in c.split(":")) for c in s.split(",") if c]
+    copy_gbs = None
+    try:
+        if "check" in phases:
+            run_checks(results, args.check_s or (args.deadline_s * 0.45 if len(phases) > 1 else args.deadline_s))
+        if "wrapper" in phases:
+            run_wrapper(results)
+        if "time" in phases or "sweep" in phases:
+            copy_gbs = bench.copy_bandwidth_gbs()
+            print(f"copy bandwidth {copy_gbs:.0f} GB/s (read+write)", flush=True)
+        if "time" in phases:
+            run_time(
+                results,
+                args.deadline_s * (0.8 if "sweep" in phases else 1.0),
+                parse(args.time_cases),
+                with_torch=not args.no_torch,
+            )
+        if "sweep" in phases:
+            run_sweep(results, args.deadline_s, parse(args.sweep_cases), tuple(args.sweep_dtypes.split(",")))
+    finally:
+        (out_dir / "gpu_check.json").write_text(
+            json.dumps(
+                dict(device=bench.device_name(), jax=jax.__version__, copy_gbs=copy_gbs, results=results),
+                indent=1,
+                default=str,
+            )
+        )
+    trows = [r for r in results if r.get("kind") == "time"]
+    if trows:
+        bench.summarize(trows)
+        print(bench.markdown_table(trows, copy_gbs=copy_gbs))
+        if copy_gbs:
+            for r in trows:
+                if r["impl"].startswith("qlin") and r["M"] <= 16 and r.get("us"):
+                    floor = r["N"] * r["K"] / (copy_gbs * 1e9) * 1e6
+                    print(
+                        f"  M={r['M']} N={r['N']} K={r['K']} {r['dtype']}: {r['us']:.1f} us = "
+                        f"{r['us'] / floor:.2f}x weight-bytes floor ({floor:.1f} us)"
+                    )
+    nfail = sum(
+        1 for r in results if r.get("kind") in ("check", "wrapper") and not r.get("ok") and not r.get("skipped")
+    )
+    print(f"total {elapsed():.0f}s, check failures: {nfail}")
+    return 1 if nfail else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

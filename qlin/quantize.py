@@ -244,7 +244,7 @@ def quantize_activation(x, params, config: ScaledMMConfig) -> tuple[jax.Array, j
     gran = activation_granularity(config)
     static = config.is_static
     if static and params.input_scale is None:
-        raise ParamsError(f"input_scale: config.activation='static' needs params.input_scale, got None")
+        raise ParamsError("input_scale: config.activation='static' needs params.input_scale, got None")
     scale = params.input_scale if static else None
     if isinstance(config, FP8ScaledMMConfig):
         ub = getattr(params, "input_scale_ub", None) if config.activation == "dynamic_per_token" else None

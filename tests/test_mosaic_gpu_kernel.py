@@ -20,13 +20,13 @@ from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
 from qlin.quantize import quantize_weight
 from qlin.testing import reference_linear_np
 
-SMALL = mm.TuningConfig(tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=2,
-                        num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16)
+SMALL = mm.TuningConfig(
+    tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=2, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16
+)
 
 CONFIGS = [
     FP8ScaledMMConfig(),
-    FP8ScaledMMConfig(weight_granularity="per_tensor", activation="dynamic_per_tensor",
-                      out_dtype=jnp.float16),
+    FP8ScaledMMConfig(weight_granularity="per_tensor", activation="dynamic_per_tensor", out_dtype=jnp.float16),
     FP8ScaledMMConfig(activation="static", out_dtype=jnp.float32),
     Int8ScaledMMConfig(),
     Int8ScaledMMConfig(symmetric=False),
@@ -36,83 +36,83 @@ CONFIGS = [
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe().replace(" ", "_"))
 def test_apply_weights_matches_float64_oracle(config):
-  rng = np.random.default_rng(0)
-  n, k = 50, 40  # padded to (64, 64): N to 16 (8 for f32 out), K to 32
-  w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
-  x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
-  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-  kw = {}
-  if config.is_static:
-    kw["input_scale"] = 0.03
-    if isinstance(config, Int8ScaledMMConfig) and not config.symmetric:
-      kw["input_zero_point"] = 5
-  params = quantize_weight(w, config, **kw)
-  ker = MosaicGPUScaledMMKernel(config, interpret=True, tuning=SMALL)
-  pp = ker.process_weights_after_loading(params)
-  n_mult, k_mult = mm.required_alignment(pp.weight.dtype, config.out_dtype)
-  assert pp.weight.shape[0] % n_mult == 0 and pp.weight.shape[1] % k_mult == 0
-  assert (pp.n, pp.k) == (n, k)
-  y = ker.apply_weights(pp, x, bias)
-  assert y.shape == (2, 3, n) and y.dtype == config.out_dtype
-  ref = reference_linear_np(np.asarray(x), params, config, np.asarray(bias))
-  y = np.asarray(y.astype(jnp.float32))
-  tol = 1e-5 if config.out_dtype == jnp.float32 else 8e-3
-  assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < tol
+    rng = np.random.default_rng(0)
+    n, k = 50, 40  # padded to (64, 64): N to 16 (8 for f32 out), K to 32
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    kw = {}
+    if config.is_static:
+        kw["input_scale"] = 0.03
+        if isinstance(config, Int8ScaledMMConfig) and not config.symmetric:
+            kw["input_zero_point"] = 5
+    params = quantize_weight(w, config, **kw)
+    ker = MosaicGPUScaledMMKernel(config, interpret=True, tuning=SMALL)
+    pp = ker.process_weights_after_loading(params)
+    n_mult, k_mult = mm.required_alignment(pp.weight.dtype, config.out_dtype)
+    assert pp.weight.shape[0] % n_mult == 0 and pp.weight.shape[1] % k_mult == 0
+    assert (pp.n, pp.k) == (n, k)
+    y = ker.apply_weights(pp, x, bias)
+    assert y.shape == (2, 3, n) and y.dtype == config.out_dtype
+    ref = reference_linear_np(np.asarray(x), params, config, np.asarray(bias))
+    y = np.asarray(y.astype(jnp.float32))
+    tol = 1e-5 if config.out_dtype == jnp.float32 else 8e-3
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < tol
 
 
 def test_process_weights_is_idempotent_and_pads_once():
-  rng = np.random.default_rng(1)
-  cfg = Int8ScaledMMConfig(symmetric=False)
-  params = quantize_weight(jnp.asarray(rng.standard_normal((50, 40)), jnp.float32), cfg)
-  ker = MosaicGPUScaledMMKernel(cfg, interpret=True, tuning=SMALL)
-  once = ker.process_weights_after_loading(params)
-  twice = ker.process_weights_after_loading(once)
-  assert once.weight.shape == twice.weight.shape == (64, 64)
-  np.testing.assert_array_equal(np.asarray(once.weight), np.asarray(twice.weight))
-  np.testing.assert_array_equal(np.asarray(once.azp_adj), np.asarray(twice.azp_adj))
-  # azp_adj = column sums of the (padded) weight over K.
-  np.testing.assert_array_equal(np.asarray(once.azp_adj),
-                                np.asarray(once.weight, np.int32).sum(axis=1))
+    rng = np.random.default_rng(1)
+    cfg = Int8ScaledMMConfig(symmetric=False)
+    params = quantize_weight(jnp.asarray(rng.standard_normal((50, 40)), jnp.float32), cfg)
+    ker = MosaicGPUScaledMMKernel(cfg, interpret=True, tuning=SMALL)
+    once = ker.process_weights_after_loading(params)
+    twice = ker.process_weights_after_loading(once)
+    assert once.weight.shape == twice.weight.shape == (64, 64)
+    np.testing.assert_array_equal(np.asarray(once.weight), np.asarray(twice.weight))
+    np.testing.assert_array_equal(np.asarray(once.azp_adj), np.asarray(twice.azp_adj))
+    # azp_adj = column sums of the (padded) weight over K.
+    np.testing.assert_array_equal(np.asarray(once.azp_adj), np.asarray(once.weight, np.int32).sum(axis=1))
 
 
 def test_aligned_weights_are_not_copied():
-  cfg = FP8ScaledMMConfig()
-  params = quantize_weight(jnp.ones((64, 128), jnp.float32), cfg)
-  pp = MosaicGPUScaledMMKernel(cfg, interpret=True).process_weights_after_loading(params)
-  assert pp.weight.shape == (64, 128) and pp.out_features is None
+    cfg = FP8ScaledMMConfig()
+    params = quantize_weight(jnp.ones((64, 128), jnp.float32), cfg)
+    pp = MosaicGPUScaledMMKernel(cfg, interpret=True).process_weights_after_loading(params)
+    assert pp.weight.shape == (64, 128) and pp.out_features is None
 
 
 def test_env_forces_interpret(monkeypatch):
-  monkeypatch.setenv("QLIN_MOSAIC_INTERPRET", "1")
-  assert MosaicGPUScaledMMKernel(FP8ScaledMMConfig()).interpret
-  monkeypatch.setenv("QLIN_MOSAIC_INTERPRET", "0")
-  assert not MosaicGPUScaledMMKernel(FP8ScaledMMConfig()).interpret
+    monkeypatch.setenv("QLIN_MOSAIC_INTERPRET", "1")
+    assert MosaicGPUScaledMMKernel(FP8ScaledMMConfig()).interpret
+    monkeypatch.setenv("QLIN_MOSAIC_INTERPRET", "0")
+    assert not MosaicGPUScaledMMKernel(FP8ScaledMMConfig()).interpret
 
 
 def test_is_supported_only_on_hopper():
-  assert MosaicGPUScaledMMKernel.is_supported(90) == (True, None)
-  for cc in (80, 89, 100):
-    ok, why = MosaicGPUScaledMMKernel.is_supported(cc)
-    assert not ok and "9.x" in why
-  ok, why = MosaicGPUScaledMMKernel.is_supported()  # the CPU here
-  assert not ok and "CUDA" in why
+    assert MosaicGPUScaledMMKernel.is_supported(90) == (True, None)
+    for cc in (80, 89, 100):
+        ok, why = MosaicGPUScaledMMKernel.is_supported(cc)
+        assert not ok and "9.x" in why
+    ok, why = MosaicGPUScaledMMKernel.is_supported()  # the CPU here
+    assert not ok and "CUDA" in why
 
 
-@pytest.mark.parametrize("config, match", [
-    (FP8ScaledMMConfig(fp8_format="e5m2"), "e4m3fn"),
-    (FP8ScaledMMConfig(weight_granularity=(128, 128)), "block-scaled"),
-    (Int8ScaledMMConfig(activation="dynamic_per_group", group_size=64), "dynamic_per_group"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (FP8ScaledMMConfig(fp8_format="e5m2"), "e4m3fn"),
+        (FP8ScaledMMConfig(weight_granularity=(128, 128)), "block-scaled"),
+        (Int8ScaledMMConfig(activation="dynamic_per_group", group_size=64), "dynamic_per_group"),
+    ],
+)
 def test_can_implement_rejections(config, match):
-  ok, why = MosaicGPUScaledMMKernel.can_implement(config)
-  assert not ok and match in why
+    ok, why = MosaicGPUScaledMMKernel.can_implement(config)
+    assert not ok and match in why
 
 
 def test_registered_ahead_of_xla_on_cuda():
-  names = [k.name for k in select.registered_kernels("cuda")]
-  assert names.index("mosaic_gpu") < names.index("xla")
-  assert select.choose_kernel(FP8ScaledMMConfig(), compute_capability=90,
-                              platform="cuda").name == "mosaic_gpu"
-  assert select.choose_kernel(FP8ScaledMMConfig(), compute_capability=89,
-                              platform="cuda").name != "mosaic_gpu"
-  assert "mosaic_gpu" not in [k.name for k in select.registered_kernels("cpu")]
+    names = [k.name for k in select.registered_kernels("cuda")]
+    assert names.index("mosaic_gpu") < names.index("xla")
+    assert select.choose_kernel(FP8ScaledMMConfig(), compute_capability=90, platform="cuda").name == "mosaic_gpu"
+    assert select.choose_kernel(FP8ScaledMMConfig(), compute_capability=89, platform="cuda").name != "mosaic_gpu"
+    assert "mosaic_gpu" not in [k.name for k in select.registered_kernels("cpu")]

@@ -28,56 +28,84 @@ F8 = jnp.float8_e4m3fn
 S = jax.ShapeDtypeStruct
 
 # Small tiles keep interpret mode fast; both warpgroup layouts are covered.
-ONE_WG = mm.TuningConfig(tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=2,
-                         num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16)
-TWO_WG_M = mm.TuningConfig(tile_m=64, tile_n=16, tile_k=32, max_concurrent_steps=3,
-                           num_compute_wgs=2, wg_dimension="m", grid_minor_dim="m",
-                           epi_tile_m=64, epi_tile_n=16)
-TWO_WG_N = mm.TuningConfig(tile_m=64, tile_n=16, tile_k=64, max_concurrent_steps=2,
-                           num_compute_wgs=2, wg_dimension="n", grid_tile_width=2,
-                           epi_tile_m=64, epi_tile_n=16, epi_slots=1)
+ONE_WG = mm.TuningConfig(
+    tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=2, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16
+)
+TWO_WG_M = mm.TuningConfig(
+    tile_m=64,
+    tile_n=16,
+    tile_k=32,
+    max_concurrent_steps=3,
+    num_compute_wgs=2,
+    wg_dimension="m",
+    grid_minor_dim="m",
+    epi_tile_m=64,
+    epi_tile_n=16,
+)
+TWO_WG_N = mm.TuningConfig(
+    tile_m=64,
+    tile_n=16,
+    tile_k=64,
+    max_concurrent_steps=2,
+    num_compute_wgs=2,
+    wg_dimension="n",
+    grid_tile_width=2,
+    epi_tile_m=64,
+    epi_tile_n=16,
+    epi_slots=1,
+)
 
 
 def _operands(rng, m, n, k, dtype, a_mode="token", b_mode="channel", bias=False, azp=None):
-  if dtype == "int8":
-    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
-    b = rng.integers(-128, 128, (n, k)).astype(np.int8)
-  else:
-    a = np.asarray(jnp.asarray(rng.standard_normal((m, k)) * 3, F8))
-    b = np.asarray(jnp.asarray(rng.standard_normal((n, k)) * 3, F8))
-  a_s = rng.uniform(0.5, 2.0, (m, 1) if a_mode == "token" else (1, 1)).astype(np.float32)
-  if dtype == "int8":
-    a_s *= 1e-3  # keep int8 outputs well inside float16's range
-  b_s = rng.uniform(0.5, 2.0, (1, n) if b_mode == "channel" else (1, 1)).astype(np.float32)
-  bias_v = rng.standard_normal(n).astype(np.float32) * 50 if bias else None
-  zp = adj = None
-  if azp is not None:
-    zp = rng.integers(-128, 128, (m, 1) if azp == "token" else (1, 1)).astype(np.int32)
-    adj = b.astype(np.int32).sum(axis=1, dtype=np.int32)[None, :]
-  return a, b, a_s, b_s, bias_v, zp, adj
+    if dtype == "int8":
+        a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+        b = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    else:
+        a = np.asarray(jnp.asarray(rng.standard_normal((m, k)) * 3, F8))
+        b = np.asarray(jnp.asarray(rng.standard_normal((n, k)) * 3, F8))
+    a_s = rng.uniform(0.5, 2.0, (m, 1) if a_mode == "token" else (1, 1)).astype(np.float32)
+    if dtype == "int8":
+        a_s *= 1e-3  # keep int8 outputs well inside float16's range
+    b_s = rng.uniform(0.5, 2.0, (1, n) if b_mode == "channel" else (1, 1)).astype(np.float32)
+    bias_v = rng.standard_normal(n).astype(np.float32) * 50 if bias else None
+    zp = adj = None
+    if azp is not None:
+        zp = rng.integers(-128, 128, (m, 1) if azp == "token" else (1, 1)).astype(np.int32)
+        adj = b.astype(np.int32).sum(axis=1, dtype=np.int32)[None, :]
+    return a, b, a_s, b_s, bias_v, zp, adj
 
 
 def _reference(a, b, a_s, b_s, bias=None, zp=None, adj=None):
-  acc = a.astype(np.float64) @ b.astype(np.float64).T
-  if zp is not None:
-    acc = acc - zp.astype(np.float64) * adj.astype(np.float64)
-  y = acc * a_s.astype(np.float64) * b_s.astype(np.float64)
-  return y if bias is None else y + bias.astype(np.float64)
+    acc = a.astype(np.float64) @ b.astype(np.float64).T
+    if zp is not None:
+        acc = acc - zp.astype(np.float64) * adj.astype(np.float64)
+    y = acc * a_s.astype(np.float64) * b_s.astype(np.float64)
+    return y if bias is None else y + bias.astype(np.float64)
 
 
 def _run(ops, dtype, out_dtype, config):
-  a, b, a_s, b_s, bias, zp, adj = ops
-  jdt = jnp.int8 if dtype == "int8" else F8
-  j = lambda v, d=None: None if v is None else jnp.asarray(v, d)
-  out = mm.scaled_mm(j(a, jdt), j(b, jdt), j(a_s), j(b_s), bias=j(bias), azp=j(zp),
-                     azp_adj=j(adj), out_dtype=out_dtype, config=config, interpret=True)
-  assert out.shape == (a.shape[0], b.shape[0]) and out.dtype == jnp.dtype(out_dtype)
-  return np.asarray(out.astype(jnp.float32))
+    a, b, a_s, b_s, bias, zp, adj = ops
+    jdt = jnp.int8 if dtype == "int8" else F8
+    j = lambda v, d=None: None if v is None else jnp.asarray(v, d)
+    out = mm.scaled_mm(
+        j(a, jdt),
+        j(b, jdt),
+        j(a_s),
+        j(b_s),
+        bias=j(bias),
+        azp=j(zp),
+        azp_adj=j(adj),
+        out_dtype=out_dtype,
+        config=config,
+        interpret=True,
+    )
+    assert out.shape == (a.shape[0], b.shape[0]) and out.dtype == jnp.dtype(out_dtype)
+    return np.asarray(out.astype(jnp.float32))
 
 
 def _rel(out, ref):
-  assert np.all(np.isfinite(out))
-  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert np.all(np.isfinite(out))
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
 TOL = {jnp.bfloat16: 8e-3, jnp.float16: 1e-3, jnp.float32: 1e-5}
@@ -105,225 +133,274 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-M{c[1]}N{c[2]}K{c[3]}-a{c[4]}-b{c[5]}"
-                         f"-bias{int(c[6])}-azp{c[7]}-{jnp.dtype(c[8]).name}-w{c[9].num_compute_wgs}"
-                         f"{c[9].wg_dimension}")
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: (
+        f"{c[0]}-M{c[1]}N{c[2]}K{c[3]}-a{c[4]}-b{c[5]}"
+        f"-bias{int(c[6])}-azp{c[7]}-{jnp.dtype(c[8]).name}-w{c[9].num_compute_wgs}"
+        f"{c[9].wg_dimension}"
+    ),
+)
 def test_interpret_matches_float64_reference(case):
-  dtype, m, n, k, a_mode, b_mode, bias, azp, od, cfg = case
-  rng = np.random.default_rng(abs(hash(str(case[:9]))) % 2**32)
-  ops = _operands(rng, m, n, k, dtype, a_mode, b_mode, bias, azp)
-  out = _run(ops, dtype, od, cfg)
-  assert _rel(out, _reference(*ops)) < TOL[od]
+    dtype, m, n, k, a_mode, b_mode, bias, azp, od, cfg = case
+    rng = np.random.default_rng(abs(hash(str(case[:9]))) % 2**32)
+    ops = _operands(rng, m, n, k, dtype, a_mode, b_mode, bias, azp)
+    out = _run(ops, dtype, od, cfg)
+    assert _rel(out, _reference(*ops)) < TOL[od]
 
 
 def test_int8_zero_point_correction_is_exact_in_int32():
-  # f32 output: int8 products and the zero-point term are exact in int32, so
-  # the only error is the final f32 scaling.
-  rng = np.random.default_rng(7)
-  ops = _operands(rng, 64, 32, 128, "int8", "tensor", "tensor", False, "token")
-  a, b, a_s, b_s, _, zp, adj = ops
-  a_s[:] = 1.0
-  b_s[:] = 1.0
-  out = _run(ops, "int8", jnp.float32, ONE_WG)
-  want = a.astype(np.int64) @ b.astype(np.int64).T - zp.astype(np.int64) * adj.astype(np.int64)
-  np.testing.assert_array_equal(out, want.astype(np.float32))
+    # f32 output: int8 products and the zero-point term are exact in int32, so
+    # the only error is the final f32 scaling.
+    rng = np.random.default_rng(7)
+    ops = _operands(rng, 64, 32, 128, "int8", "tensor", "tensor", False, "token")
+    a, b, a_s, b_s, _, zp, adj = ops
+    a_s[:] = 1.0
+    b_s[:] = 1.0
+    out = _run(ops, "int8", jnp.float32, ONE_WG)
+    want = a.astype(np.int64) @ b.astype(np.int64).T - zp.astype(np.int64) * adj.astype(np.int64)
+    np.testing.assert_array_equal(out, want.astype(np.float32))
 
 
 def test_default_config_runs_in_interpret_mode():
-  rng = np.random.default_rng(3)
-  ops = _operands(rng, 5, 32, 64, "fp8", bias=True)
-  out = _run(ops, "fp8", jnp.bfloat16, None)  # config=None: heuristic / cache
-  assert _rel(out, _reference(*ops)) < 8e-3
+    rng = np.random.default_rng(3)
+    ops = _operands(rng, 5, 32, 64, "fp8", bias=True)
+    out = _run(ops, "fp8", jnp.bfloat16, None)  # config=None: heuristic / cache
+    assert _rel(out, _reference(*ops)) < 8e-3
 
 
 # -- bad inputs -------------------------------------------------------------------------------
 
+
 def _args(m=16, n=32, k=64, dtype=F8):
-  return (jnp.zeros((m, k), dtype), jnp.zeros((n, k), dtype),
-          jnp.ones((m, 1), jnp.float32), jnp.ones((1, n), jnp.float32))
+    return (
+        jnp.zeros((m, k), dtype),
+        jnp.zeros((n, k), dtype),
+        jnp.ones((m, 1), jnp.float32),
+        jnp.ones((1, n), jnp.float32),
+    )
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda a, b, x, y: (a.astype(jnp.float16), b, x, y), r"a has dtype float16"),
-    (lambda a, b, x, y: (a, b.astype(jnp.int8), x, y), r"b has dtype int8; expected the dtype of a"),
-    (lambda a, b, x, y: (a, b.T, x, y), r"b has shape \(64, 32\).*K-major \(N, K\)"),
-    (lambda a, b, x, y: (a, b, x.reshape(1, 16), y), r"a_scale has shape \(1, 16\)"),
-    (lambda a, b, x, y: (a, b, x, y.reshape(32, 1)), r"b_scale has shape \(32, 1\)"),
-    (lambda a, b, x, y: (a, b, x.astype(jnp.bfloat16), y), r"a_scale has dtype bfloat16"),
-    (lambda a, b, x, y: (a[:, :48], b[:, :48], x, y), r"K=48 .* multiple of 32"),
-    (lambda a, b, x, y: (a, b[:24], x, y[:, :24]), r"N=24 .* multiple of 16"),
-    (lambda a, b, x, y: (a[0], b, x, y), r"a must be 2-D"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a, b, x, y: (a.astype(jnp.float16), b, x, y), r"a has dtype float16"),
+        (lambda a, b, x, y: (a, b.astype(jnp.int8), x, y), r"b has dtype int8; expected the dtype of a"),
+        (lambda a, b, x, y: (a, b.T, x, y), r"b has shape \(64, 32\).*K-major \(N, K\)"),
+        (lambda a, b, x, y: (a, b, x.reshape(1, 16), y), r"a_scale has shape \(1, 16\)"),
+        (lambda a, b, x, y: (a, b, x, y.reshape(32, 1)), r"b_scale has shape \(32, 1\)"),
+        (lambda a, b, x, y: (a, b, x.astype(jnp.bfloat16), y), r"a_scale has dtype bfloat16"),
+        (lambda a, b, x, y: (a[:, :48], b[:, :48], x, y), r"K=48 .* multiple of 32"),
+        (lambda a, b, x, y: (a, b[:24], x, y[:, :24]), r"N=24 .* multiple of 16"),
+        (lambda a, b, x, y: (a[0], b, x, y), r"a must be 2-D"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(mutate, match):
-  with pytest.raises(ValueError, match=match):
-    mm.scaled_mm(*mutate(*_args()), config=ONE_WG, interpret=True)
+    with pytest.raises(ValueError, match=match):
+        mm.scaled_mm(*mutate(*_args()), config=ONE_WG, interpret=True)
 
 
 def test_bad_epilogue_arguments():
-  a, b, x, y = _args()
-  with pytest.raises(ValueError, match=r"bias has shape \(31,\)"):
-    mm.scaled_mm(a, b, x, y, bias=jnp.zeros(31), interpret=True)
-  with pytest.raises(ValueError, match=r"azp and azp_adj must be given together"):
-    mm.scaled_mm(a, b, x, y, azp=jnp.zeros((16, 1), jnp.int32), interpret=True)
-  with pytest.raises(ValueError, match=r"only supported for int8"):
-    mm.scaled_mm(a, b, x, y, azp=jnp.zeros((16, 1), jnp.int32),
-                 azp_adj=jnp.zeros((1, 32), jnp.int32), interpret=True)
-  ai, bi, _, _ = _args(dtype=jnp.int8)
-  with pytest.raises(ValueError, match=r"azp has dtype float32"):
-    mm.scaled_mm(ai, bi, x, y, azp=jnp.zeros((16, 1), jnp.float32),
-                 azp_adj=jnp.zeros((1, 32), jnp.int32), interpret=True)
-  with pytest.raises(ValueError, match=r"out_dtype int32"):
-    mm.scaled_mm(a, b, x, y, out_dtype=jnp.int32, interpret=True)
+    a, b, x, y = _args()
+    with pytest.raises(ValueError, match=r"bias has shape \(31,\)"):
+        mm.scaled_mm(a, b, x, y, bias=jnp.zeros(31), interpret=True)
+    with pytest.raises(ValueError, match=r"azp and azp_adj must be given together"):
+        mm.scaled_mm(a, b, x, y, azp=jnp.zeros((16, 1), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match=r"only supported for int8"):
+        mm.scaled_mm(
+            a, b, x, y, azp=jnp.zeros((16, 1), jnp.int32), azp_adj=jnp.zeros((1, 32), jnp.int32), interpret=True
+        )
+    ai, bi, _, _ = _args(dtype=jnp.int8)
+    with pytest.raises(ValueError, match=r"azp has dtype float32"):
+        mm.scaled_mm(
+            ai, bi, x, y, azp=jnp.zeros((16, 1), jnp.float32), azp_adj=jnp.zeros((1, 32), jnp.int32), interpret=True
+        )
+    with pytest.raises(ValueError, match=r"out_dtype int32"):
+        mm.scaled_mm(a, b, x, y, out_dtype=jnp.int32, interpret=True)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(tile_n=12), r"tile_n=12 must be a multiple of 8"),
-    (dict(tile_m=96), r"tile_m=96 must be a multiple of 64"),
-    (dict(tile_k=48), r"tile_k=48 must be a multiple of 32"),
-    (dict(num_compute_wgs=3), r"num_compute_wgs=3"),
-    (dict(tile_m=128, tile_n=256, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2),
-     r"needs \d+ bytes of shared memory"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(tile_n=12), r"tile_n=12 must be a multiple of 8"),
+        (dict(tile_m=96), r"tile_m=96 must be a multiple of 64"),
+        (dict(tile_k=48), r"tile_k=48 must be a multiple of 32"),
+        (dict(num_compute_wgs=3), r"num_compute_wgs=3"),
+        (
+            dict(tile_m=128, tile_n=256, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2),
+            r"needs \d+ bytes of shared memory",
+        ),
+    ],
+)
 def test_bad_tuning_configs(change, match):
-  with pytest.raises(ValueError, match=match):
-    mm.scaled_mm(*_args(), config=dataclasses.replace(ONE_WG, **change), interpret=True)
+    with pytest.raises(ValueError, match=match):
+        mm.scaled_mm(*_args(), config=dataclasses.replace(ONE_WG, **change), interpret=True)
 
 
 def test_required_alignment():
-  assert mm.required_alignment(F8, jnp.bfloat16) == (16, 32)
-  assert mm.required_alignment(jnp.int8, jnp.float16) == (16, 32)
-  assert mm.required_alignment(jnp.int8, jnp.float32) == (8, 32)
+    assert mm.required_alignment(F8, jnp.bfloat16) == (16, 32)
+    assert mm.required_alignment(jnp.int8, jnp.float16) == (16, 32)
+    assert mm.required_alignment(jnp.int8, jnp.float32) == (8, 32)
 
 
 # -- static checks: cross-lowering for CUDA on the CPU ----------------------------------------
 
-LLAMA = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192),
-         (8192, 8192), (57344, 8192), (8192, 28672)]
+LLAMA = [
+    (6144, 4096),
+    (4096, 4096),
+    (28672, 4096),
+    (4096, 14336),
+    (10240, 8192),
+    (8192, 8192),
+    (57344, 8192),
+    (8192, 28672),
+]
 
 
 def test_default_configs_are_valid_for_the_benchmark_grid():
-  for n, k in LLAMA:
-    for m in (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192):
-      for dt in (F8, jnp.int8):
-        for od in (jnp.bfloat16, jnp.float32):
-          cfg = mm.default_config(m, n, k, dt, od)
-          mm._validate_config(cfg, dt, od)
-          assert mm.smem_bytes(cfg, dt, od) <= mm.SMEM_LIMIT_BYTES
+    for n, k in LLAMA:
+        for m in (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192):
+            for dt in (F8, jnp.int8):
+                for od in (jnp.bfloat16, jnp.float32):
+                    cfg = mm.default_config(m, n, k, dt, od)
+                    mm._validate_config(cfg, dt, od)
+                    assert mm.smem_bytes(cfg, dt, od) <= mm.SMEM_LIMIT_BYTES
 
 
 def _lower(m, n, k, dtype, out_dtype, config, bias=True, azp=None):
-  args = [S((m, k), dtype), S((n, k), dtype), S((m, 1), jnp.float32), S((1, n), jnp.float32)]
-  args.append(S((n,), jnp.float32) if bias else None)
-  if azp:
-    args += [S((m, 1) if azp == "token" else (1, 1), jnp.int32), S((1, n), jnp.int32)]
-  else:
-    args += [None, None]
+    args = [S((m, k), dtype), S((n, k), dtype), S((m, 1), jnp.float32), S((1, n), jnp.float32)]
+    args.append(S((n,), jnp.float32) if bias else None)
+    if azp:
+        args += [S((m, 1) if azp == "token" else (1, 1), jnp.int32), S((1, n), jnp.int32)]
+    else:
+        args += [None, None]
 
-  def f(a, b, x, y, bias, zp, adj):
-    return mm.scaled_mm(a, b, x, y, bias=bias, azp=zp, azp_adj=adj, out_dtype=out_dtype,
-                        config=config)
-  return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    def f(a, b, x, y, bias, zp, adj):
+        return mm.scaled_mm(a, b, x, y, bias=bias, azp=zp, azp_adj=adj, out_dtype=out_dtype, config=config)
+
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 LOWER_CASES = [
     # every heuristic regime x dtype x epilogue, shapes exercising each swizzle
-    (1, 4096, 4096, F8, jnp.bfloat16, None), (16, 6144, 4096, jnp.int8, jnp.float32, "token"),
-    (64, 28672, 4096, F8, jnp.float16, None), (128, 4096, 4096, jnp.int8, jnp.bfloat16, "tensor"),
-    (512, 8192, 28672, F8, jnp.bfloat16, None), (4096, 4096, 4096, F8, jnp.bfloat16, None),
-    (4096, 4096, 4096, jnp.int8, jnp.bfloat16, "token"), (1000, 1040, 2080, F8, jnp.float32, None),
-    (129, 1008, 1152, jnp.int8, jnp.bfloat16, "token"), (7, 272, 224, F8, jnp.bfloat16, None),
+    (1, 4096, 4096, F8, jnp.bfloat16, None),
+    (16, 6144, 4096, jnp.int8, jnp.float32, "token"),
+    (64, 28672, 4096, F8, jnp.float16, None),
+    (128, 4096, 4096, jnp.int8, jnp.bfloat16, "tensor"),
+    (512, 8192, 28672, F8, jnp.bfloat16, None),
+    (4096, 4096, 4096, F8, jnp.bfloat16, None),
+    (4096, 4096, 4096, jnp.int8, jnp.bfloat16, "token"),
+    (1000, 1040, 2080, F8, jnp.float32, None),
+    (129, 1008, 1152, jnp.int8, jnp.bfloat16, "token"),
+    (7, 272, 224, F8, jnp.bfloat16, None),
 ]
 
 
-@pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-{jnp.dtype(c[3]).name}-"
-                         f"{jnp.dtype(c[4]).name}-azp{c[5]}")
+@pytest.mark.parametrize(
+    "case", LOWER_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-{jnp.dtype(c[3]).name}-{jnp.dtype(c[4]).name}-azp{c[5]}"
+)
 def test_cross_lowers_for_cuda(case):
-  m, n, k, dt, od, azp = case
-  lowered = _lower(m, n, k, dt, od, None, azp=azp)
-  assert "mosaic_gpu" in lowered.as_text()[:20000]
+    m, n, k, dt, od, azp = case
+    lowered = _lower(m, n, k, dt, od, None, azp=azp)
+    assert "mosaic_gpu" in lowered.as_text()[:20000]
 
 
 def test_cross_lowering_tuning_candidates():
-  for (m, n, k) in ((16, 4096, 4096), (128, 4096, 4096), (4096, 4096, 4096)):
-    for cfg in mm.candidate_configs(m, n, k, F8, jnp.bfloat16)[:6]:
-      _lower(m, n, k, F8, jnp.bfloat16, cfg, bias=False)
+    for m, n, k in ((16, 4096, 4096), (128, 4096, 4096), (4096, 4096, 4096)):
+        for cfg in mm.candidate_configs(m, n, k, F8, jnp.bfloat16)[:6]:
+            _lower(m, n, k, F8, jnp.bfloat16, cfg, bias=False)
 
 
 def test_cross_lowering_catches_what_interpret_mode_does_not(monkeypatch):
-  # Over-full shared memory passes interpret mode but not the Mosaic GPU compiler.
-  big = mm.TuningConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=5, epi_slots=2)
-  monkeypatch.setattr(mm, "_validate_config", lambda *a, **k: None)
-  with pytest.raises(ValueError, match="exceeds available shared memory"):
-    _lower(1024, 1024, 1024, F8, jnp.bfloat16, big, bias=False)
-  # A 128-byte swizzle on a K that is not a multiple of 128: Mosaic's TMA
-  # tiling of the GMEM operand rejects it (the kernel itself picks a narrower
-  # swizzle, see _pick_swizzle).
-  monkeypatch.setattr(mm, "_validate", lambda *a, **k: None)
-  monkeypatch.setattr(mm, "_pick_swizzle", lambda *a, **k: 128)
-  with pytest.raises(ValueError, match="multiple of its tiling"):
-    _lower(64, 1024, 1040, F8, jnp.bfloat16,
-           mm.TuningConfig(tile_m=64, tile_n=64, tile_k=128, num_compute_wgs=1), bias=False)
+    # Over-full shared memory passes interpret mode but not the Mosaic GPU compiler.
+    big = mm.TuningConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=5, epi_slots=2)
+    monkeypatch.setattr(mm, "_validate_config", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        _lower(1024, 1024, 1024, F8, jnp.bfloat16, big, bias=False)
+    # A 128-byte swizzle on a K that is not a multiple of 128: Mosaic's TMA
+    # tiling of the GMEM operand rejects it (the kernel itself picks a narrower
+    # swizzle, see _pick_swizzle).
+    monkeypatch.setattr(mm, "_validate", lambda *a, **k: None)
+    monkeypatch.setattr(mm, "_pick_swizzle", lambda *a, **k: 128)
+    with pytest.raises(ValueError, match="multiple of its tiling"):
+        _lower(
+            64,
+            1024,
+            1040,
+            F8,
+            jnp.bfloat16,
+            mm.TuningConfig(tile_m=64, tile_n=64, tile_k=128, num_compute_wgs=1),
+            bias=False,
+        )
 
 
 @pytest.mark.parametrize("k_major", [True, False])
 def test_cross_lowering_rejects_non_k_major_8bit_b(k_major):
-  """8-bit wgmma needs a K-major B; a (K, N) B tile fails to lower (interpret mode runs it)."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64))
+    """8-bit wgmma needs a K-major B; a (K, N) B tile fails to lower (interpret mode runs it)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  def body(a_gmem, b_gmem, o_gmem):
-    @functools.partial(pl.run_scoped, a=plgpu.SMEM((64, 64), F8, transforms=tr),
-                       b=plgpu.SMEM((64, 64), F8, transforms=tr),
-                       bar=plgpu.Barrier(num_barriers=2))
-    def _(a, b, bar):
-      plgpu.copy_gmem_to_smem(a_gmem, a, bar.at[0])
-      plgpu.copy_gmem_to_smem(b_gmem, b, bar.at[1])
-      plgpu.barrier_wait(bar.at[0])
-      plgpu.barrier_wait(bar.at[1])
+    tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64))
 
-      @functools.partial(pl.run_scoped, acc=plgpu.ACC((64, 64), jnp.float32))
-      def _(acc):
-        # K-major: b holds (N, K) rows, fed transposed; else b is (K, N).
-        plgpu.wgmma(acc, a, b.T if k_major else b)
-        o_gmem[...] = acc[...]
+    def body(a_gmem, b_gmem, o_gmem):
+        @functools.partial(
+            pl.run_scoped,
+            a=plgpu.SMEM((64, 64), F8, transforms=tr),
+            b=plgpu.SMEM((64, 64), F8, transforms=tr),
+            bar=plgpu.Barrier(num_barriers=2),
+        )
+        def _(a, b, bar):
+            plgpu.copy_gmem_to_smem(a_gmem, a, bar.at[0])
+            plgpu.copy_gmem_to_smem(b_gmem, b, bar.at[1])
+            plgpu.barrier_wait(bar.at[0])
+            plgpu.barrier_wait(bar.at[1])
 
-  f = plgpu.kernel(body, out_type=S((64, 64), jnp.float32))
-  lower = lambda: jax.jit(f).trace(S((64, 64), F8), S((64, 64), F8)).lower(
-      lowering_platforms=("cuda",))
-  if k_major:
-    lower()
-  else:
-    with pytest.raises(Exception, match="(?i)transpose"):
-      lower()
+            @functools.partial(pl.run_scoped, acc=plgpu.ACC((64, 64), jnp.float32))
+            def _(acc):
+                # K-major: b holds (N, K) rows, fed transposed; else b is (K, N).
+                plgpu.wgmma(acc, a, b.T if k_major else b)
+                o_gmem[...] = acc[...]
+
+    f = plgpu.kernel(body, out_type=S((64, 64), jnp.float32))
+    lower = lambda: jax.jit(f).trace(S((64, 64), F8), S((64, 64), F8)).lower(lowering_platforms=("cuda",))
+    if k_major:
+        lower()
+    else:
+        with pytest.raises(Exception, match="(?i)transpose"):
+            lower()
 
 
 # -- autotune cache ----------------------------------------------------------------------------
 
+
 def test_autotune_cache_roundtrip_and_lookup(tmp_path, monkeypatch):
-  path = tmp_path / "tuning.json"
-  monkeypatch.setenv("QLIN_TUNING_CACHE", str(path))
-  monkeypatch.setenv("QLIN_AUTOTUNE", "1")  # no GPU here: must not try to tune
-  monkeypatch.setattr(autotune, "_MEMO", {})
-  assert autotune.get_config(100, 4096, 4096, F8, jnp.bfloat16) == mm.default_config(
-      100, 4096, 4096, F8, jnp.bfloat16)
-  assert not path.exists()
-  tuned = mm.TuningConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=5,
-                          num_compute_wgs=2, wg_dimension="m")
-  autotune.store_entry(autotune.cache_key(100, 4096, 4096, F8, jnp.bfloat16), tuned, 12.5)
-  data = json.loads(path.read_text())
-  (entry,) = data.values()
-  assert entry["us"] == 12.5 and mm.TuningConfig.from_dict(entry["config"]) == tuned
-  monkeypatch.setattr(autotune, "_MEMO", {})
-  # M=100 and M=128 share the power-of-two bucket.
-  assert autotune.get_config(128, 4096, 4096, F8, jnp.bfloat16) == tuned
-  assert autotune.m_bucket(1) == 16 and autotune.m_bucket(129) == 256
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("QLIN_TUNING_CACHE", str(path))
+    monkeypatch.setenv("QLIN_AUTOTUNE", "1")  # no GPU here: must not try to tune
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    assert autotune.get_config(100, 4096, 4096, F8, jnp.bfloat16) == mm.default_config(
+        100, 4096, 4096, F8, jnp.bfloat16
+    )
+    assert not path.exists()
+    tuned = mm.TuningConfig(
+        tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="m"
+    )
+    autotune.store_entry(autotune.cache_key(100, 4096, 4096, F8, jnp.bfloat16), tuned, 12.5)
+    data = json.loads(path.read_text())
+    (entry,) = data.values()
+    assert entry["us"] == 12.5 and mm.TuningConfig.from_dict(entry["config"]) == tuned
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    # M=100 and M=128 share the power-of-two bucket.
+    assert autotune.get_config(128, 4096, 4096, F8, jnp.bfloat16) == tuned
+    assert autotune.m_bucket(1) == 16 and autotune.m_bucket(129) == 256
 
 
 def test_autotune_ignores_corrupt_cache(tmp_path, monkeypatch):
-  path = tmp_path / "tuning.json"
-  path.write_text("{not json")
-  monkeypatch.setenv("QLIN_TUNING_CACHE", str(path))
-  monkeypatch.setattr(autotune, "_MEMO", {})
-  assert autotune.get_config(16, 4096, 4096, jnp.int8, jnp.bfloat16) == mm.default_config(
-      16, 4096, 4096, jnp.int8, jnp.bfloat16)
+    path = tmp_path / "tuning.json"
+    path.write_text("{not json")
+    monkeypatch.setenv("QLIN_TUNING_CACHE", str(path))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    assert autotune.get_config(16, 4096, 4096, jnp.int8, jnp.bfloat16) == mm.default_config(
+        16, 4096, 4096, jnp.int8, jnp.bfloat16
+    )

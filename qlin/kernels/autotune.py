@@ -32,124 +32,131 @@ _MEMO: dict[str, mm.TuningConfig] = {}
 
 
 def cache_path() -> Path:
-  p = os.environ.get("QLIN_TUNING_CACHE")
-  if p:
-    return Path(p).expanduser()
-  return Path("~/.cache/qlin/tuning.json").expanduser()
+    p = os.environ.get("QLIN_TUNING_CACHE")
+    if p:
+        return Path(p).expanduser()
+    return Path("~/.cache/qlin/tuning.json").expanduser()
 
 
 def autotune_enabled() -> bool:
-  return os.environ.get("QLIN_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get("QLIN_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def m_bucket(m: int) -> int:
-  """M rounded up to a power of two (at least 16): tuning granularity in M."""
-  b = 16
-  while b < m:
-    b *= 2
-  return b
+    """M rounded up to a power of two (at least 16): tuning granularity in M."""
+    b = 16
+    while b < m:
+        b *= 2
+    return b
 
 
 def _device_kind() -> str | None:
-  try:
-    gpus = jax.devices("gpu")
-  except RuntimeError:
-    return None
-  return gpus[0].device_kind if gpus else None
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return gpus[0].device_kind if gpus else None
 
 
 def cache_key(m, n, k, dtype, out_dtype, device_kind=None) -> str:
-  dk = device_kind or _device_kind() or "cpu"
-  return (f"{dk}|{jnp.dtype(dtype).name}|{jnp.dtype(out_dtype).name}"
-          f"|M{m_bucket(m)}|N{n}|K{k}")
+    dk = device_kind or _device_kind() or "cpu"
+    return f"{dk}|{jnp.dtype(dtype).name}|{jnp.dtype(out_dtype).name}|M{m_bucket(m)}|N{n}|K{k}"
 
 
 def load_cache(path: Path | None = None) -> dict:
-  path = path or cache_path()
-  try:
-    with open(path) as f:
-      data = json.load(f)
-    return data if isinstance(data, dict) else {}
-  except (OSError, ValueError):
-    return {}
-
-
-def store_entry(key: str, config: mm.TuningConfig, us: float,
-                path: Path | None = None) -> None:
-  """Atomically merges one entry into the JSON cache."""
-  path = path or cache_path()
-  with _LOCK:
-    data = load_cache(path)
-    data[key] = {"config": config.to_dict(), "us": us}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def get_config(m, n, k, dtype, out_dtype, *, has_bias=False, has_azp=False,
-               ) -> mm.TuningConfig:
-  """Cached config if any, tuned one if QLIN_AUTOTUNE=1 on a GPU, else default."""
-  del has_bias, has_azp  # The epilogue barely moves the optimum.
-  key = cache_key(m, n, k, dtype, out_dtype)
-  if key in _MEMO:
-    return _MEMO[key]
-  entry = load_cache().get(key)
-  cfg = None
-  if entry is not None:
+    path = path or cache_path()
     try:
-      cfg = mm.TuningConfig.from_dict(entry["config"])
-      mm._validate_config(cfg, dtype, out_dtype)
-    except (KeyError, TypeError, ValueError):
-      cfg = None
-  if cfg is None and autotune_enabled() and _device_kind() is not None:
-    cfg, us = tune(m_bucket(m), n, k, dtype, out_dtype)
-    store_entry(key, cfg, us)
-  if cfg is None:
-    cfg = mm.default_config(m, n, k, dtype, out_dtype)
-  _MEMO[key] = cfg
-  return cfg
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def store_entry(key: str, config: mm.TuningConfig, us: float, path: Path | None = None) -> None:
+    """Atomically merges one entry into the JSON cache."""
+    path = path or cache_path()
+    with _LOCK:
+        data = load_cache(path)
+        data[key] = {"config": config.to_dict(), "us": us}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def get_config(
+    m,
+    n,
+    k,
+    dtype,
+    out_dtype,
+    *,
+    has_bias=False,
+    has_azp=False,
+) -> mm.TuningConfig:
+    """Cached config if any, tuned one if QLIN_AUTOTUNE=1 on a GPU, else default."""
+    del has_bias, has_azp  # The epilogue barely moves the optimum.
+    key = cache_key(m, n, k, dtype, out_dtype)
+    if key in _MEMO:
+        return _MEMO[key]
+    entry = load_cache().get(key)
+    cfg = None
+    if entry is not None:
+        try:
+            cfg = mm.TuningConfig.from_dict(entry["config"])
+            mm._validate_config(cfg, dtype, out_dtype)
+        except (KeyError, TypeError, ValueError):
+            cfg = None
+    if cfg is None and autotune_enabled() and _device_kind() is not None:
+        cfg, us = tune(m_bucket(m), n, k, dtype, out_dtype)
+        store_entry(key, cfg, us)
+    if cfg is None:
+        cfg = mm.default_config(m, n, k, dtype, out_dtype)
+    _MEMO[key] = cfg
+    return cfg
 
 
 def time_fn(fn, args, iterations: int = 20) -> float:
-  """Median kernel time in microseconds (CUPTI via Mosaic GPU's profiler)."""
-  from jax.experimental.mosaic.gpu import profiler
-  _, times = profiler.measure(fn, iterations=iterations)(*args)
-  if isinstance(times, (list, tuple)):
-    return statistics.median(times) * 1e3
-  return float(times) * 1e3
+    """Median kernel time in microseconds (CUPTI via Mosaic GPU's profiler)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, times = profiler.measure(fn, iterations=iterations)(*args)
+    if isinstance(times, (list, tuple)):
+        return statistics.median(times) * 1e3
+    return float(times) * 1e3
 
 
-def tune(m, n, k, dtype, out_dtype, *, configs=None, iterations: int = 20,
-         verbose: bool = False) -> tuple[mm.TuningConfig, float]:
-  """Times the candidate configs on random data; returns (best, us)."""
-  if _device_kind() is None:
-    raise RuntimeError("autotuning needs a GPU")
-  rng = np.random.default_rng(0)
-  if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
-    a = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
-    b = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
-  else:
-    a = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32)).astype(dtype)
-    b = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32)).astype(dtype)
-  a_s = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)), jnp.float32)
-  b_s = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)), jnp.float32)
-  best = None
-  for cfg in configs or mm.candidate_configs(m, n, k, dtype, out_dtype):
-    fn = jax.jit(lambda a, b, x, y, cfg=cfg: mm.scaled_mm(
-        a, b, x, y, out_dtype=out_dtype, config=cfg))
-    try:
-      us = time_fn(fn, (a, b, a_s, b_s), iterations)
-    except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
-      if verbose:
-        print(f"  {cfg.short()}: failed: {str(e).splitlines()[0][:120]}")
-      continue
-    if verbose:
-      print(f"  {cfg.short()}: {us:.1f} us")
-    if best is None or us < best[1]:
-      best = (cfg, us)
-  if best is None:
-    cfg = mm.default_config(m, n, k, dtype, out_dtype)
-    return cfg, float("nan")
-  return best
+def tune(
+    m, n, k, dtype, out_dtype, *, configs=None, iterations: int = 20, verbose: bool = False
+) -> tuple[mm.TuningConfig, float]:
+    """Times the candidate configs on random data; returns (best, us)."""
+    if _device_kind() is None:
+        raise RuntimeError("autotuning needs a GPU")
+    rng = np.random.default_rng(0)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
+        a = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
+        b = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    else:
+        a = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32)).astype(dtype)
+        b = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32)).astype(dtype)
+    a_s = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)), jnp.float32)
+    b_s = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)), jnp.float32)
+    best = None
+    for cfg in configs or mm.candidate_configs(m, n, k, dtype, out_dtype):
+        fn = jax.jit(lambda a, b, x, y, cfg=cfg: mm.scaled_mm(a, b, x, y, out_dtype=out_dtype, config=cfg))
+        try:
+            us = time_fn(fn, (a, b, a_s, b_s), iterations)
+        except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
+            if verbose:
+                print(f"  {cfg.short()}: failed: {str(e).splitlines()[0][:120]}")
+            continue
+        if verbose:
+            print(f"  {cfg.short()}: {us:.1f} us")
+        if best is None or us < best[1]:
+            best = (cfg, us)
+    if best is None:
+        cfg = mm.default_config(m, n, k, dtype, out_dtype)
+        return cfg, float("nan")
+    return best

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
+from qlin.config import FP8ScaledMMConfig
 from qlin.kernels import mosaic_gpu_scaled_mm as mm
 from qlin.kernels.common import ScaledMMKernel
 from qlin.kernels.mosaic_gpu_quantize import fused_quantize_activation
@@ -41,120 +41,138 @@ from qlin.validate import normalize_params
 
 
 def _env_interpret() -> bool:
-  return os.environ.get("QLIN_MOSAIC_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get("QLIN_MOSAIC_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _round_up(v: int, multiple: int) -> int:
-  return -(-v // multiple) * multiple
+    return -(-v // multiple) * multiple
 
 
 def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  extra = size - x.shape[axis]
-  if extra <= 0:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, extra)
-  return jnp.pad(x, pads, constant_values=value)
+    extra = size - x.shape[axis]
+    if extra <= 0:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads, constant_values=value)
 
 
 class MosaicGPUScaledMMKernel(ScaledMMKernel):
-  name = "mosaic_gpu"
+    name = "mosaic_gpu"
 
-  def __init__(self, config, *, interpret: bool | None = None,
-               tuning: mm.TuningConfig | None = None) -> None:
-    super().__init__(config)
-    self.interpret = _env_interpret() if interpret is None else bool(interpret)
-    self.tuning = tuning
+    def __init__(self, config, *, interpret: bool | None = None, tuning: mm.TuningConfig | None = None) -> None:
+        super().__init__(config)
+        self.interpret = _env_interpret() if interpret is None else bool(interpret)
+        self.tuning = tuning
 
-  @classmethod
-  def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
-    cc = compute_capability
-    if cc is None:
-      try:
-        cc = _current_cc()
-      except Exception:  # noqa: BLE001 - no device at all
-        cc = None
-    if cc is None:
-      return False, ("not a CUDA GPU: the Mosaic GPU scaled matmul needs an NVIDIA Hopper "
-                     "GPU (compute capability 9.x); set QLIN_MOSAIC_INTERPRET=1 and build "
-                     "the kernel directly to run it in interpret mode on the CPU")
-    if cc // 10 != 9:
-      return False, (f"compute capability {cc // 10}.{cc % 10}: the Mosaic GPU scaled matmul "
-                     "uses Hopper-only wgmma / TMA (needs 9.x)")
-    return True, None
+    @classmethod
+    def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
+        cc = compute_capability
+        if cc is None:
+            try:
+                cc = _current_cc()
+            except Exception:  # noqa: BLE001 - no device at all
+                cc = None
+        if cc is None:
+            return False, (
+                "not a CUDA GPU: the Mosaic GPU scaled matmul needs an NVIDIA Hopper "
+                "GPU (compute capability 9.x); set QLIN_MOSAIC_INTERPRET=1 and build "
+                "the kernel directly to run it in interpret mode on the CPU"
+            )
+        if cc // 10 != 9:
+            return False, (
+                f"compute capability {cc // 10}.{cc % 10}: the Mosaic GPU scaled matmul "
+                "uses Hopper-only wgmma / TMA (needs 9.x)"
+            )
+        return True, None
 
-  @classmethod
-  def can_implement(cls, config: Any) -> tuple[bool, str | None]:
-    ok, why = super().can_implement(config)
-    if not ok:
-      return ok, why
-    if isinstance(config, FP8ScaledMMConfig) and config.fp8_format != "e4m3fn":
-      return False, f"fp8_format={config.fp8_format!r}: only e4m3fn is implemented"
-    if config.weight_block is not None:
-      return False, "block-scaled weights are not implemented (per-tensor / per-channel only)"
-    if activation_granularity(config) not in ("per_tensor", "per_token"):
-      return False, (f"activation={config.activation!r}: only static, dynamic_per_tensor and "
-                     "dynamic_per_token activations are implemented")
-    return True, None
+    @classmethod
+    def can_implement(cls, config: Any) -> tuple[bool, str | None]:
+        ok, why = super().can_implement(config)
+        if not ok:
+            return ok, why
+        if isinstance(config, FP8ScaledMMConfig) and config.fp8_format != "e4m3fn":
+            return False, f"fp8_format={config.fp8_format!r}: only e4m3fn is implemented"
+        if config.weight_block is not None:
+            return False, "block-scaled weights are not implemented (per-tensor / per-channel only)"
+        if activation_granularity(config) not in ("per_tensor", "per_token"):
+            return False, (
+                f"activation={config.activation!r}: only static, dynamic_per_tensor and "
+                "dynamic_per_token activations are implemented"
+            )
+        return True, None
 
-  # -- weights -------------------------------------------------------------------------------
-  def process_weights_after_loading(self, params: Params | Any) -> Params:
-    params = self._get_layer_params(params)
-    n, k = params.n, params.k
-    n_mult, k_mult = mm.required_alignment(params.weight.dtype, self.config.out_dtype)
-    if params.out_features is not None and tuple(params.weight.shape) == (_round_up(n, n_mult), _round_up(k, k_mult)):
-      return params  # already processed for this kernel: no per-call slice + re-pad under jit
-    # Normalize the logical (unpadded) params, then pad once.
-    logical = params
-    if tuple(params.weight.shape) != (n, k):
-      logical = params.replace(weight=params.weight[:n, :k], out_features=None, in_features=None)
-      if params.weight_scale is not None and jnp.ndim(params.weight_scale) == 1:
-        logical = logical.replace(weight_scale=params.weight_scale[:n])
-      if isinstance(params, Int8Params) and params.azp_adj is not None:
-        logical = logical.replace(azp_adj=jnp.asarray(params.azp_adj).reshape(-1)[:n])
-    p = normalize_params(logical, self.config)
-    n_mult, k_mult = mm.required_alignment(p.weight.dtype, self.config.out_dtype)
-    n_pad = -(-n // n_mult) * n_mult
-    k_pad = -(-k // k_mult) * k_mult
-    changes: dict[str, Any] = {}
-    if (n_pad, k_pad) != (n, k):
-      changes["weight"] = jnp.pad(p.weight, ((0, n_pad - n), (0, k_pad - k)))
-      if p.weight_scale.ndim == 1:
-        changes["weight_scale"] = _pad_to(p.weight_scale, 0, n_pad, 1.0)
-      if isinstance(p, Int8Params) and p.azp_adj is not None:
-        changes["azp_adj"] = _pad_to(p.azp_adj, 0, n_pad)  # padded rows of W are zero
-      changes["out_features"] = n
-      changes["in_features"] = k
-    return p.replace(**changes) if changes else p
+    # -- weights -------------------------------------------------------------------------------
+    def process_weights_after_loading(self, params: Params | Any) -> Params:
+        params = self._get_layer_params(params)
+        n, k = params.n, params.k
+        n_mult, k_mult = mm.required_alignment(params.weight.dtype, self.config.out_dtype)
+        if params.out_features is not None and tuple(params.weight.shape) == (
+            _round_up(n, n_mult),
+            _round_up(k, k_mult),
+        ):
+            return params  # already processed for this kernel: no per-call slice + re-pad under jit
+        # Normalize the logical (unpadded) params, then pad once.
+        logical = params
+        if tuple(params.weight.shape) != (n, k):
+            logical = params.replace(weight=params.weight[:n, :k], out_features=None, in_features=None)
+            if params.weight_scale is not None and jnp.ndim(params.weight_scale) == 1:
+                logical = logical.replace(weight_scale=params.weight_scale[:n])
+            if isinstance(params, Int8Params) and params.azp_adj is not None:
+                logical = logical.replace(azp_adj=jnp.asarray(params.azp_adj).reshape(-1)[:n])
+        p = normalize_params(logical, self.config)
+        n_mult, k_mult = mm.required_alignment(p.weight.dtype, self.config.out_dtype)
+        n_pad = -(-n // n_mult) * n_mult
+        k_pad = -(-k // k_mult) * k_mult
+        changes: dict[str, Any] = {}
+        if (n_pad, k_pad) != (n, k):
+            changes["weight"] = jnp.pad(p.weight, ((0, n_pad - n), (0, k_pad - k)))
+            if p.weight_scale.ndim == 1:
+                changes["weight_scale"] = _pad_to(p.weight_scale, 0, n_pad, 1.0)
+            if isinstance(p, Int8Params) and p.azp_adj is not None:
+                changes["azp_adj"] = _pad_to(p.azp_adj, 0, n_pad)  # padded rows of W are zero
+            changes["out_features"] = n
+            changes["in_features"] = k
+        return p.replace(**changes) if changes else p
 
-  # -- forward -------------------------------------------------------------------------------
-  def _matmul(self, params: Params, x2d: jax.Array, bias: jax.Array | None) -> jax.Array:
-    cfg = self.config
-    m = x2d.shape[0]
-    n, k = params.n, params.k
-    n_pad, k_pad = params.weight.shape
-    # Dynamic per-token activations: the fused Mosaic GPU quantize kernel (one pass over x;
-    # bit-identical to quantize_activation, checked on an H100); other schemes use the jnp path.
-    q, s, zp = fused_quantize_activation(x2d, params, cfg, interpret=self.interpret)
-    if k_pad != k:
-      q = _pad_to(q, 1, k_pad)  # zero columns meet the zero-padded weight columns
-    a_scale = jnp.asarray(s, jnp.float32)
-    a_scale = a_scale.reshape(1, 1) if a_scale.size == 1 else a_scale.reshape(m, 1)
-    ws = jnp.asarray(params.weight_scale, jnp.float32)
-    b_scale = ws.reshape(1, 1) if ws.ndim == 0 or ws.size == 1 else ws.reshape(1, n_pad)
-    if bias is not None:
-      if jnp.dtype(bias.dtype) not in mm.SUPPORTED_OUT_DTYPES:
-        bias = bias.astype(jnp.float32)
-      bias = _pad_to(bias, 0, n_pad)
-    azp = azp_adj = None
-    if zp is not None:
-      assert isinstance(params, Int8Params) and params.azp_adj is not None
-      azp = jnp.asarray(zp, jnp.int32)
-      azp = azp.reshape(1, 1) if azp.size == 1 else azp.reshape(m, 1)
-      azp_adj = jnp.asarray(params.azp_adj, jnp.int32).reshape(1, n_pad)
-    y = mm.scaled_mm(q, params.weight, a_scale, b_scale, bias=bias, azp=azp, azp_adj=azp_adj,
-                     out_dtype=cfg.out_dtype, config=self.tuning, interpret=self.interpret)
-    return y[:, :n] if n_pad != n else y
+    # -- forward -------------------------------------------------------------------------------
+    def _matmul(self, params: Params, x2d: jax.Array, bias: jax.Array | None) -> jax.Array:
+        cfg = self.config
+        m = x2d.shape[0]
+        n, k = params.n, params.k
+        n_pad, k_pad = params.weight.shape
+        # Dynamic per-token activations: the fused Mosaic GPU quantize kernel (one pass over x;
+        # bit-identical to quantize_activation, checked on an H100); other schemes use the jnp path.
+        q, s, zp = fused_quantize_activation(x2d, params, cfg, interpret=self.interpret)
+        if k_pad != k:
+            q = _pad_to(q, 1, k_pad)  # zero columns meet the zero-padded weight columns
+        a_scale = jnp.asarray(s, jnp.float32)
+        a_scale = a_scale.reshape(1, 1) if a_scale.size == 1 else a_scale.reshape(m, 1)
+        ws = jnp.asarray(params.weight_scale, jnp.float32)
+        b_scale = ws.reshape(1, 1) if ws.ndim == 0 or ws.size == 1 else ws.reshape(1, n_pad)
+        if bias is not None:
+            if jnp.dtype(bias.dtype) not in mm.SUPPORTED_OUT_DTYPES:
+                bias = bias.astype(jnp.float32)
+            bias = _pad_to(bias, 0, n_pad)
+        azp = azp_adj = None
+        if zp is not None:
+            assert isinstance(params, Int8Params) and params.azp_adj is not None
+            azp = jnp.asarray(zp, jnp.int32)
+            azp = azp.reshape(1, 1) if azp.size == 1 else azp.reshape(m, 1)
+            azp_adj = jnp.asarray(params.azp_adj, jnp.int32).reshape(1, n_pad)
+        y = mm.scaled_mm(
+            q,
+            params.weight,
+            a_scale,
+            b_scale,
+            bias=bias,
+            azp=azp,
+            azp_adj=azp_adj,
+            out_dtype=cfg.out_dtype,
+            config=self.tuning,
+            interpret=self.interpret,
+        )
+        return y[:, :n] if n_pad != n else y
 
 
 # Hopper kernels go ahead of the portable xla kernel on cuda.

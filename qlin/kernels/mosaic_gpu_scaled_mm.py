@@ -34,12 +34,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -71,160 +69,157 @@ H100_NUM_SMS = 132
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-  """Tile configuration of one kernel instance.
+    """Tile configuration of one kernel instance.
 
-  tile_m, tile_n: the output tile of ONE consumer warpgroup (the wgmma
-    accumulator).  tile_m is a multiple of 64, tile_n a multiple of 8 (<= 256).
-  tile_k: K depth of one pipeline stage (multiple of 32 for 8-bit wgmma).
-  max_concurrent_steps: pipeline depth (shared-memory stages).
-  num_compute_wgs: consumer warpgroups (1 or 2).  With 2, the CTA tile is
-    doubled along ``wg_dimension`` ("m" or "n").
-  grid_minor_dim / grid_tile_width: planar-snake traversal of the output
-    tiles by the persistent grid ("m" or "n" minor).
-  epi_tile_m / epi_tile_n: the shared-memory tile of the epilogue store
-    (None = the whole warpgroup tile).
-  """
+    tile_m, tile_n: the output tile of ONE consumer warpgroup (the wgmma
+      accumulator).  tile_m is a multiple of 64, tile_n a multiple of 8 (<= 256).
+    tile_k: K depth of one pipeline stage (multiple of 32 for 8-bit wgmma).
+    max_concurrent_steps: pipeline depth (shared-memory stages).
+    num_compute_wgs: consumer warpgroups (1 or 2).  With 2, the CTA tile is
+      doubled along ``wg_dimension`` ("m" or "n").
+    grid_minor_dim / grid_tile_width: planar-snake traversal of the output
+      tiles by the persistent grid ("m" or "n" minor).
+    epi_tile_m / epi_tile_n: the shared-memory tile of the epilogue store
+      (None = the whole warpgroup tile).
+    """
 
-  tile_m: int = 128
-  tile_n: int = 128
-  tile_k: int = 128
-  max_concurrent_steps: int = 4
-  num_compute_wgs: int = 2
-  wg_dimension: str = "n"
-  grid_minor_dim: str = "n"
-  grid_tile_width: int = 1
-  epi_tile_m: int | None = 64
-  epi_tile_n: int | None = 64
-  epi_slots: int = 2
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    max_concurrent_steps: int = 4
+    num_compute_wgs: int = 2
+    wg_dimension: str = "n"
+    grid_minor_dim: str = "n"
+    grid_tile_width: int = 1
+    epi_tile_m: int | None = 64
+    epi_tile_n: int | None = 64
+    epi_slots: int = 2
 
-  @property
-  def cta_tile_m(self) -> int:
-    return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
+    @property
+    def cta_tile_m(self) -> int:
+        return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
 
-  @property
-  def cta_tile_n(self) -> int:
-    return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
+    @property
+    def cta_tile_n(self) -> int:
+        return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
 
-  def short(self) -> str:
-    return (
-        f"m{self.tile_m}n{self.tile_n}k{self.tile_k}s{self.max_concurrent_steps}"
-        f"w{self.num_compute_wgs}{self.wg_dimension}"
-        f"g{self.grid_minor_dim}{self.grid_tile_width}"
-        f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
-        f"x{self.epi_slots}"
-    )
+    def short(self) -> str:
+        return (
+            f"m{self.tile_m}n{self.tile_n}k{self.tile_k}s{self.max_concurrent_steps}"
+            f"w{self.num_compute_wgs}{self.wg_dimension}"
+            f"g{self.grid_minor_dim}{self.grid_tile_width}"
+            f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
+            f"x{self.epi_slots}"
+        )
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "TuningConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TuningConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def required_alignment(dtype, out_dtype=jnp.bfloat16) -> tuple[int, int]:
-  """(n_multiple, k_multiple) the kernel needs for N and K.
+    """(n_multiple, k_multiple) the kernel needs for N and K.
 
-  Mosaic GPU's TMA descriptors tile each GMEM operand by (8 rows, swizzle
-  width), so: K must be a multiple of the smallest wgmma swizzle (32 bytes =
-  32 8-bit elements; multiples of 128 get the fastest 128-byte swizzle), and
-  N a multiple of 8 (rows of b) and of the 32-byte output swizzle (16 for
-  16-bit outputs, 8 for float32).  M is free: M % 8 != 0 is padded inside
-  :func:`scaled_mm`.
-  """
-  in_size = jnp.dtype(dtype).itemsize
-  out_size = jnp.dtype(out_dtype).itemsize
-  return max(8, 32 // out_size), 32 // in_size
-
-
-def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2,
-               n_col_vecs: int = 3) -> int:
-  """Shared memory one CTA of ``config`` needs (pipeline + epilogue)."""
-  in_size = jnp.dtype(dtype).itemsize
-  out_size = jnp.dtype(out_dtype).itemsize
-  stage = (config.cta_tile_m + config.cta_tile_n) * config.tile_k * in_size
-  epi_m = config.epi_tile_m or config.tile_m
-  epi_n = config.epi_tile_n or config.tile_n
-  n_slots = min(config.epi_slots, (config.tile_m * config.tile_n) // (epi_m * epi_n))
-  out = config.num_compute_wgs * n_slots * epi_m * epi_n * out_size
-  # Epilogue vectors (4-byte): a_scale, azp per row; b_scale, bias, azp_adj per column.
-  vecs = config.num_compute_wgs * 4 * (n_row_vecs * config.tile_m + n_col_vecs * config.tile_n)
-  return config.max_concurrent_steps * stage + out + vecs + 256
+    Mosaic GPU's TMA descriptors tile each GMEM operand by (8 rows, swizzle
+    width), so: K must be a multiple of the smallest wgmma swizzle (32 bytes =
+    32 8-bit elements; multiples of 128 get the fastest 128-byte swizzle), and
+    N a multiple of 8 (rows of b) and of the 32-byte output swizzle (16 for
+    16-bit outputs, 8 for float32).  M is free: M % 8 != 0 is padded inside
+    :func:`scaled_mm`.
+    """
+    in_size = jnp.dtype(dtype).itemsize
+    out_size = jnp.dtype(out_dtype).itemsize
+    return max(8, 32 // out_size), 32 // in_size
 
 
-def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2,
-                     n_col_vecs: int = 3) -> None:
-  c = config
-  if c.tile_m % 64 or not 64 <= c.tile_m <= 256:
-    raise ValueError(f"config.tile_m={c.tile_m} must be a multiple of 64 in [64, 256]")
-  if c.tile_n % 8 or not 8 <= c.tile_n <= 256:
-    raise ValueError(f"config.tile_n={c.tile_n} must be a multiple of 8 in [8, 256]")
-  if c.tile_k % 32 or c.tile_k < 32:
-    raise ValueError(f"config.tile_k={c.tile_k} must be a multiple of 32")
-  if c.tile_k > 128 and c.tile_k % 128:
-    raise ValueError(f"config.tile_k={c.tile_k} > 128 must be a multiple of 128")
-  if c.num_compute_wgs not in (1, 2):
-    raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
-  if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
-    raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
-  if c.epi_slots not in (1, 2):
-    raise ValueError(f"config.epi_slots={c.epi_slots} must be 1 or 2")
-  if c.max_concurrent_steps < 2:
-    raise ValueError("config.max_concurrent_steps must be >= 2")
-  epi_m = c.epi_tile_m or c.tile_m
-  epi_n = c.epi_tile_n or c.tile_n
-  if c.tile_m % epi_m or epi_m % 64:
-    raise ValueError(f"config.epi_tile_m={epi_m} must divide tile_m and be a multiple of 64")
-  if c.tile_n % epi_n or epi_n % 8:
-    raise ValueError(f"config.epi_tile_n={epi_n} must divide tile_n and be a multiple of 8")
-  need = smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs)
-  if need > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
-    raise ValueError(
-        f"config {c.short()} needs {need} bytes of shared memory, over the "
-        f"{SMEM_LIMIT_BYTES - _SMEM_HEADROOM} available"
-    )
+def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_col_vecs: int = 3) -> int:
+    """Shared memory one CTA of ``config`` needs (pipeline + epilogue)."""
+    in_size = jnp.dtype(dtype).itemsize
+    out_size = jnp.dtype(out_dtype).itemsize
+    stage = (config.cta_tile_m + config.cta_tile_n) * config.tile_k * in_size
+    epi_m = config.epi_tile_m or config.tile_m
+    epi_n = config.epi_tile_n or config.tile_n
+    n_slots = min(config.epi_slots, (config.tile_m * config.tile_n) // (epi_m * epi_n))
+    out = config.num_compute_wgs * n_slots * epi_m * epi_n * out_size
+    # Epilogue vectors (4-byte): a_scale, azp per row; b_scale, bias, azp_adj per column.
+    vecs = config.num_compute_wgs * 4 * (n_row_vecs * config.tile_m + n_col_vecs * config.tile_n)
+    return config.max_concurrent_steps * stage + out + vecs + 256
+
+
+def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_col_vecs: int = 3) -> None:
+    c = config
+    if c.tile_m % 64 or not 64 <= c.tile_m <= 256:
+        raise ValueError(f"config.tile_m={c.tile_m} must be a multiple of 64 in [64, 256]")
+    if c.tile_n % 8 or not 8 <= c.tile_n <= 256:
+        raise ValueError(f"config.tile_n={c.tile_n} must be a multiple of 8 in [8, 256]")
+    if c.tile_k % 32 or c.tile_k < 32:
+        raise ValueError(f"config.tile_k={c.tile_k} must be a multiple of 32")
+    if c.tile_k > 128 and c.tile_k % 128:
+        raise ValueError(f"config.tile_k={c.tile_k} > 128 must be a multiple of 128")
+    if c.num_compute_wgs not in (1, 2):
+        raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
+    if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
+        raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
+    if c.epi_slots not in (1, 2):
+        raise ValueError(f"config.epi_slots={c.epi_slots} must be 1 or 2")
+    if c.max_concurrent_steps < 2:
+        raise ValueError("config.max_concurrent_steps must be >= 2")
+    epi_m = c.epi_tile_m or c.tile_m
+    epi_n = c.epi_tile_n or c.tile_n
+    if c.tile_m % epi_m or epi_m % 64:
+        raise ValueError(f"config.epi_tile_m={epi_m} must divide tile_m and be a multiple of 64")
+    if c.tile_n % epi_n or epi_n % 8:
+        raise ValueError(f"config.epi_tile_n={epi_n} must divide tile_n and be a multiple of 8")
+    need = smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs)
+    if need > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
+        raise ValueError(
+            f"config {c.short()} needs {need} bytes of shared memory, over the "
+            f"{SMEM_LIMIT_BYTES - _SMEM_HEADROOM} available"
+        )
 
 
 def num_sms() -> int:
-  """SM count of the default GPU (132 on H100 SXM when there is none)."""
-  try:
-    dev = jax.devices("gpu")[0]
-    count = getattr(dev, "core_count", None)
-    if count:
-      return int(count)
-  except RuntimeError:
-    pass
-  return H100_NUM_SMS
+    """SM count of the default GPU (132 on H100 SXM when there is none)."""
+    try:
+        dev = jax.devices("gpu")[0]
+        count = getattr(dev, "core_count", None)
+        if count:
+            return int(count)
+    except RuntimeError:
+        pass
+    return H100_NUM_SMS
 
 
 def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
+    return -(-a // b)
 
 
 def _pick_swizzle(tile_elems: int, full_elems: int, dtype) -> int | None:
-  """Largest swizzle (bytes) usable for a minor dim of ``tile_elems`` in SMEM.
+    """Largest swizzle (bytes) usable for a minor dim of ``tile_elems`` in SMEM.
 
-  Mosaic GPU's TMA descriptors tile the whole GMEM array by (8, swizzle
-  elements), so the full minor dimension must be a multiple of the swizzle
-  width too.
-  """
-  size = jnp.dtype(dtype).itemsize
-  for sw in (128, 64, 32):
-    e = sw // size
-    if tile_elems % e == 0 and full_elems % e == 0:
-      return sw
-  return None
+    Mosaic GPU's TMA descriptors tile the whole GMEM array by (8, swizzle
+    elements), so the full minor dimension must be a multiple of the swizzle
+    width too.
+    """
+    size = jnp.dtype(dtype).itemsize
+    for sw in (128, 64, 32):
+        e = sw // size
+        if tile_elems % e == 0 and full_elems % e == 0:
+            return sw
+    return None
 
 
 def _swizzle_transforms(swizzle: int | None, dtype):
-  if swizzle is None:
-    raise ValueError("no 32/64/128-byte swizzle fits this tile and GMEM shape "
-                     "(see required_alignment)")
-  return (
-      plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-      plgpu.SwizzleTransform(swizzle),
-  )
+    if swizzle is None:
+        raise ValueError("no 32/64/128-byte swizzle fits this tile and GMEM shape (see required_alignment)")
+    return (
+        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -233,37 +228,44 @@ def _swizzle_transforms(swizzle: int | None, dtype):
 
 
 def _small_m_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> TuningConfig:
-  # Weight-bandwidth bound: choose the narrowest tile_n (multiple of 16) whose
-  # tile count does not exceed the SM count, so each SM streams one slab of b.
-  best = None
-  for tn in (16, 32, 48, 64, 96, 128, 160, 192, 256):
-    tiles = _cdiv(n, tn)
-    waves = _cdiv(tiles, sms)
-    eff = tiles / (waves * sms)  # SM utilisation of the last wave
-    key = (waves, -eff, tn)
-    if best is None or key < best[0]:
-      best = (key, tn)
-  tn = best[1]
-  tk = 256 if k >= 256 else 128
-  steps = 8
-  cfg = TuningConfig(
-      tile_m=64, tile_n=tn, tile_k=tk, max_concurrent_steps=steps,
-      num_compute_wgs=1, wg_dimension="n", grid_minor_dim="n",
-      grid_tile_width=1, epi_tile_m=64, epi_tile_n=math.gcd(tn, 64),
-  )
-  return _fit_smem(cfg, dtype, out_dtype)
+    # Weight-bandwidth bound: choose the narrowest tile_n (multiple of 16) whose
+    # tile count does not exceed the SM count, so each SM streams one slab of b.
+    best = None
+    for tn in (16, 32, 48, 64, 96, 128, 160, 192, 256):
+        tiles = _cdiv(n, tn)
+        waves = _cdiv(tiles, sms)
+        eff = tiles / (waves * sms)  # SM utilisation of the last wave
+        key = (waves, -eff, tn)
+        if best is None or key < best[0]:
+            best = (key, tn)
+    tn = best[1]
+    tk = 256 if k >= 256 else 128
+    steps = 8
+    cfg = TuningConfig(
+        tile_m=64,
+        tile_n=tn,
+        tile_k=tk,
+        max_concurrent_steps=steps,
+        num_compute_wgs=1,
+        wg_dimension="n",
+        grid_minor_dim="n",
+        grid_tile_width=1,
+        epi_tile_m=64,
+        epi_tile_n=math.gcd(tn, 64),
+    )
+    return _fit_smem(cfg, dtype, out_dtype)
 
 
 def _fit_smem(cfg: TuningConfig, dtype, out_dtype) -> TuningConfig:
-  """Drops pipeline stages (then epilogue slots) until the config fits in SMEM."""
-  limit = SMEM_LIMIT_BYTES - _SMEM_HEADROOM
-  while smem_bytes(cfg, dtype, out_dtype) > limit and cfg.max_concurrent_steps > 3:
-    cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
-  if smem_bytes(cfg, dtype, out_dtype) > limit and cfg.epi_slots > 1:
-    cfg = dataclasses.replace(cfg, epi_slots=1)
-  while smem_bytes(cfg, dtype, out_dtype) > limit and cfg.max_concurrent_steps > 2:
-    cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
-  return cfg
+    """Drops pipeline stages (then epilogue slots) until the config fits in SMEM."""
+    limit = SMEM_LIMIT_BYTES - _SMEM_HEADROOM
+    while smem_bytes(cfg, dtype, out_dtype) > limit and cfg.max_concurrent_steps > 3:
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+    if smem_bytes(cfg, dtype, out_dtype) > limit and cfg.epi_slots > 1:
+        cfg = dataclasses.replace(cfg, epi_slots=1)
+    while smem_bytes(cfg, dtype, out_dtype) > limit and cfg.max_concurrent_steps > 2:
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+    return cfg
 
 
 # Rough H100 rates for the mid-M tile choice (measured: one SM streams ~70 GB/s
@@ -273,94 +275,157 @@ _L2_BPS = 6.5e12
 
 
 def _mid_m_cost(m, n, k, cta_m, cta_n, sms, itemsize=1) -> float:
-  """Predicted seconds of a memory-bound mid-M tile layout.
+    """Predicted seconds of a memory-bound mid-M tile layout.
 
-  Each output tile streams (cta_m + cta_n) * K operand bytes (A from L2,
-  B from HBM): the time is the larger of one SM's share of that and the
-  whole grid's traffic over the L2 bandwidth.
-  """
-  tiles = _cdiv(m, cta_m) * _cdiv(n, cta_n)
-  waves = _cdiv(tiles, sms)
-  per_tile = (cta_m + cta_n) * k * itemsize
-  return max(waves * per_tile / _SM_STREAM_BPS, tiles * per_tile / _L2_BPS)
+    Each output tile streams (cta_m + cta_n) * K operand bytes (A from L2,
+    B from HBM): the time is the larger of one SM's share of that and the
+    whole grid's traffic over the L2 bandwidth.
+    """
+    tiles = _cdiv(m, cta_m) * _cdiv(n, cta_n)
+    waves = _cdiv(tiles, sms)
+    per_tile = (cta_m + cta_n) * k * itemsize
+    return max(waves * per_tile / _SM_STREAM_BPS, tiles * per_tile / _L2_BPS)
 
 
 def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
-  best = None
-  for tn in (256, 128, 64, 32):
-    cost = _mid_m_cost(m, n, k, 128, tn, sms)
-    if best is None or cost < best[0] * 0.97:  # prefer wider tiles on near-ties
-      best = (cost, tn)
-  tn = best[1]
-  return _fit_smem(TuningConfig(
-      tile_m=64, tile_n=tn, tile_k=128, max_concurrent_steps=6,
-      num_compute_wgs=2, wg_dimension="m", grid_minor_dim="m",
-      epi_tile_m=64, epi_tile_n=min(64, tn)), dtype, out_dtype)
+    best = None
+    for tn in (256, 128, 64, 32):
+        cost = _mid_m_cost(m, n, k, 128, tn, sms)
+        if best is None or cost < best[0] * 0.97:  # prefer wider tiles on near-ties
+            best = (cost, tn)
+    tn = best[1]
+    return _fit_smem(
+        TuningConfig(
+            tile_m=64,
+            tile_n=tn,
+            tile_k=128,
+            max_concurrent_steps=6,
+            num_compute_wgs=2,
+            wg_dimension="m",
+            grid_minor_dim="m",
+            epi_tile_m=64,
+            epi_tile_n=min(64, tn),
+        ),
+        dtype,
+        out_dtype,
+    )
 
 
 def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> TuningConfig:
-  """Heuristic tile configuration (used when autotuning is off or missing).
+    """Heuristic tile configuration (used when autotuning is off or missing).
 
-  * M <= 64: one consumer warpgroup, a 64-row tile, a narrow N tile so that
-    every SM streams its own slab of the weight (decode).
-  * 64 < M <= 512: 2 x 64 rows (two consumer warpgroups along M) by an N tile
-    picked with a small traffic model (memory bound: the A tile is re-read
-    from L2 by every N tile, the weight streamed once).
-  * M > 512: 2 x (128 x 128) tiles (warpgroups along N), 4 stages, grouped
-    planar-snake order: compute bound, ~1380 TF/s fp8 on H100 at 4096^3.
-  """
-  sms = num_sms()
-  if m <= 64:
-    return _small_m_config(m, n, k, dtype, out_dtype, sms)
-  if m <= 512:
-    return _mid_m_config(m, n, k, dtype, out_dtype, sms)
-  return _fit_smem(TuningConfig(
-      tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=4,
-      num_compute_wgs=2, wg_dimension="n", grid_minor_dim="m",
-      grid_tile_width=8, epi_slots=1), dtype, out_dtype)
+    * M <= 64: one consumer warpgroup, a 64-row tile, a narrow N tile so that
+      every SM streams its own slab of the weight (decode).
+    * 64 < M <= 512: 2 x 64 rows (two consumer warpgroups along M) by an N tile
+      picked with a small traffic model (memory bound: the A tile is re-read
+      from L2 by every N tile, the weight streamed once).
+    * M > 512: 2 x (128 x 128) tiles (warpgroups along N), 4 stages, grouped
+      planar-snake order: compute bound, ~1380 TF/s fp8 on H100 at 4096^3.
+    """
+    sms = num_sms()
+    if m <= 64:
+        return _small_m_config(m, n, k, dtype, out_dtype, sms)
+    if m <= 512:
+        return _mid_m_config(m, n, k, dtype, out_dtype, sms)
+    return _fit_smem(
+        TuningConfig(
+            tile_m=128,
+            tile_n=128,
+            tile_k=128,
+            max_concurrent_steps=4,
+            num_compute_wgs=2,
+            wg_dimension="n",
+            grid_minor_dim="m",
+            grid_tile_width=8,
+            epi_slots=1,
+        ),
+        dtype,
+        out_dtype,
+    )
 
 
-def candidate_configs(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16,
-                      limit: int | None = None) -> list[TuningConfig]:
-  """The autotuner's search space: the heuristic default first."""
-  base = default_config(m, n, k, dtype, out_dtype)
-  cands = [base]
-  if m <= 64:
-    for tn in (32, 16, 64, 128):
-      for tk, st in ((256, 8), (128, 8), (256, 6)):
-        cands.append(TuningConfig(
-            tile_m=64, tile_n=tn, tile_k=tk, max_concurrent_steps=st,
-            num_compute_wgs=1, epi_tile_m=64, epi_tile_n=math.gcd(tn, 64)))
-  elif m <= 512:
-    for tn in (64, 128, 32, 256):
-      cands.append(TuningConfig(
-          tile_m=64, tile_n=tn, tile_k=128, max_concurrent_steps=6,
-          num_compute_wgs=2, wg_dimension="m", grid_minor_dim="m",
-          epi_tile_m=64, epi_tile_n=min(64, tn)))
-    cands.append(TuningConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=4,
-                              num_compute_wgs=2, wg_dimension="n", grid_minor_dim="m",
-                              grid_tile_width=8, epi_slots=1))
-  else:
-    for tm, tn, wgd, st, slots in ((128, 128, "n", 4, 1), (64, 256, "m", 3, 2),
-                                   (128, 128, "m", 4, 1), (128, 256, "n", 3, 1),
-                                   (128, 128, "n", 3, 2)):
-      for gmd, gw in (("m", 8), ("n", 8), ("m", 1), ("m", 16)):
-        cands.append(TuningConfig(
-            tile_m=tm, tile_n=tn, tile_k=128, max_concurrent_steps=st,
-            num_compute_wgs=2, wg_dimension=wgd, grid_minor_dim=gmd,
-            grid_tile_width=gw, epi_slots=slots))
-  out, seen = [], set()
-  for c in cands:
-    c = _fit_smem(c, dtype, out_dtype)
-    if c in seen:
-      continue
-    seen.add(c)
-    try:
-      _validate_config(c, dtype, out_dtype)
-    except ValueError:
-      continue
-    out.append(c)
-  return out[:limit] if limit else out
+def candidate_configs(
+    m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16, limit: int | None = None
+) -> list[TuningConfig]:
+    """The autotuner's search space: the heuristic default first."""
+    base = default_config(m, n, k, dtype, out_dtype)
+    cands = [base]
+    if m <= 64:
+        for tn in (32, 16, 64, 128):
+            for tk, st in ((256, 8), (128, 8), (256, 6)):
+                cands.append(
+                    TuningConfig(
+                        tile_m=64,
+                        tile_n=tn,
+                        tile_k=tk,
+                        max_concurrent_steps=st,
+                        num_compute_wgs=1,
+                        epi_tile_m=64,
+                        epi_tile_n=math.gcd(tn, 64),
+                    )
+                )
+    elif m <= 512:
+        for tn in (64, 128, 32, 256):
+            cands.append(
+                TuningConfig(
+                    tile_m=64,
+                    tile_n=tn,
+                    tile_k=128,
+                    max_concurrent_steps=6,
+                    num_compute_wgs=2,
+                    wg_dimension="m",
+                    grid_minor_dim="m",
+                    epi_tile_m=64,
+                    epi_tile_n=min(64, tn),
+                )
+            )
+        cands.append(
+            TuningConfig(
+                tile_m=128,
+                tile_n=128,
+                tile_k=128,
+                max_concurrent_steps=4,
+                num_compute_wgs=2,
+                wg_dimension="n",
+                grid_minor_dim="m",
+                grid_tile_width=8,
+                epi_slots=1,
+            )
+        )
+    else:
+        for tm, tn, wgd, st, slots in (
+            (128, 128, "n", 4, 1),
+            (64, 256, "m", 3, 2),
+            (128, 128, "m", 4, 1),
+            (128, 256, "n", 3, 1),
+            (128, 128, "n", 3, 2),
+        ):
+            for gmd, gw in (("m", 8), ("n", 8), ("m", 1), ("m", 16)):
+                cands.append(
+                    TuningConfig(
+                        tile_m=tm,
+                        tile_n=tn,
+                        tile_k=128,
+                        max_concurrent_steps=st,
+                        num_compute_wgs=2,
+                        wg_dimension=wgd,
+                        grid_minor_dim=gmd,
+                        grid_tile_width=gw,
+                        epi_slots=slots,
+                    )
+                )
+    out, seen = [], set()
+    for c in cands:
+        c = _fit_smem(c, dtype, out_dtype)
+        if c in seen:
+            continue
+        seen.add(c)
+        try:
+            _validate_config(c, dtype, out_dtype)
+        except ValueError:
+            continue
+        out.append(c)
+    return out[:limit] if limit else out
 
 
 # ----------------------------------------------------------------------------
@@ -370,189 +435,177 @@ def candidate_configs(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16,
 
 @dataclasses.dataclass(frozen=True)
 class _Epilogue:
-  """Static description of the epilogue operands."""
+    """Static description of the epilogue operands."""
 
-  a_scale_vec: bool      # per-token (True) or per-tensor (False)
-  b_scale_vec: bool      # per-channel (True) or per-tensor (False)
-  has_bias: bool
-  has_azp: bool
-  azp_vec: bool          # per-token zero points (True) or per-tensor
+    a_scale_vec: bool  # per-token (True) or per-tensor (False)
+    b_scale_vec: bool  # per-channel (True) or per-tensor (False)
+    has_bias: bool
+    has_azp: bool
+    azp_vec: bool  # per-token zero points (True) or per-tensor
 
 
-def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig,
-            epi: _Epilogue, m: int, n: int, k: int):
-  rest = list(rest)
-  bias_gmem = rest.pop(0) if epi.has_bias else None
-  azp_gmem = rest.pop(0) if epi.has_azp else None
-  adj_gmem = rest.pop(0) if epi.has_azp else None
-  (out_gmem,) = rest
+def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: _Epilogue, m: int, n: int, k: int):
+    rest = list(rest)
+    bias_gmem = rest.pop(0) if epi.has_bias else None
+    azp_gmem = rest.pop(0) if epi.has_azp else None
+    adj_gmem = rest.pop(0) if epi.has_azp else None
+    (out_gmem,) = rest
 
-  dtype = a_gmem.dtype
-  out_dtype = out_gmem.dtype
-  is_int = jnp.issubdtype(dtype, jnp.integer)
-  acc_dtype = jnp.int32 if is_int else jnp.float32
-  c = config
-  tile_m, tile_n, tile_k = c.tile_m, c.tile_n, c.tile_k
-  cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
-  m_iters, n_iters, k_iters = _cdiv(m, cta_m), _cdiv(n, cta_n), _cdiv(k, tile_k)
-  nwg = c.num_compute_wgs
-  epi_m = c.epi_tile_m or tile_m
-  epi_n = c.epi_tile_n or tile_n
-  n_epi = (tile_m // epi_m) * (tile_n // epi_n)
-  n_slots = min(c.epi_slots, n_epi)
+    dtype = a_gmem.dtype
+    out_dtype = out_gmem.dtype
+    is_int = jnp.issubdtype(dtype, jnp.integer)
+    acc_dtype = jnp.int32 if is_int else jnp.float32
+    c = config
+    tile_m, tile_n, tile_k = c.tile_m, c.tile_n, c.tile_k
+    cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
+    m_iters, n_iters, k_iters = _cdiv(m, cta_m), _cdiv(n, cta_n), _cdiv(k, tile_k)
+    nwg = c.num_compute_wgs
+    epi_m = c.epi_tile_m or tile_m
+    epi_n = c.epi_tile_n or tile_n
+    n_epi = (tile_m // epi_m) * (tile_n // epi_n)
+    n_slots = min(c.epi_slots, n_epi)
 
-  in_swizzle = _pick_swizzle(tile_k, k, dtype)
-  assert in_swizzle is not None, (tile_k, k)
-  in_transforms = _swizzle_transforms(in_swizzle, dtype)
-  out_transforms = _swizzle_transforms(_pick_swizzle(epi_n, n, out_dtype), out_dtype)
+    in_swizzle = _pick_swizzle(tile_k, k, dtype)
+    assert in_swizzle is not None, (tile_k, k)
+    in_transforms = _swizzle_transforms(in_swizzle, dtype)
+    out_transforms = _swizzle_transforms(_pick_swizzle(epi_n, n, out_dtype), out_dtype)
 
-  # Row (length tile_m) and column (length tile_n) epilogue vectors that are
-  # TMA'd into SMEM per output tile: (name, gmem ref, along, dtype).
-  vecs = []
-  if epi.a_scale_vec:
-    vecs.append(("a_scale", as_gmem, "m", jnp.float32))
-  if epi.b_scale_vec:
-    vecs.append(("b_scale", bs_gmem, "n", jnp.float32))
-  if epi.has_bias:
-    vecs.append(("bias", bias_gmem, "n", bias_gmem.dtype))
-  if epi.has_azp:
-    if epi.azp_vec:
-      vecs.append(("azp", azp_gmem, "m", jnp.int32))
-    vecs.append(("azp_adj", adj_gmem, "n", jnp.int32))
+    # Row (length tile_m) and column (length tile_n) epilogue vectors that are
+    # TMA'd into SMEM per output tile: (name, gmem ref, along, dtype).
+    vecs = []
+    if epi.a_scale_vec:
+        vecs.append(("a_scale", as_gmem, "m", jnp.float32))
+    if epi.b_scale_vec:
+        vecs.append(("b_scale", bs_gmem, "n", jnp.float32))
+    if epi.has_bias:
+        vecs.append(("bias", bias_gmem, "n", bias_gmem.dtype))
+    if epi.has_azp:
+        if epi.azp_vec:
+            vecs.append(("azp", azp_gmem, "m", jnp.int32))
+        vecs.append(("azp_adj", adj_gmem, "n", jnp.int32))
 
-  def pipeline(body, compute_context):
-    return plgpu.emit_pipeline_warp_specialized(
-        body,
-        grid=(k_iters,),
-        memory_registers=40 if nwg == 2 else 56,
-        in_specs=[
-            plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk),
-                            transforms=in_transforms, memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk),
-                            transforms=in_transforms, memory_space=plgpu.SMEM),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=nwg,
-        # More stages than K steps would leave slots that are never filled.
-        max_concurrent_steps=max(1, min(c.max_concurrent_steps, k_iters)),
-        compute_context=compute_context,
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40 if nwg == 2 else 56,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=nwg,
+            # More stages than K steps would leave slots that are never filled.
+            max_concurrent_steps=max(1, min(c.max_concurrent_steps, k_iters)),
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None
+    vec_smem = {name: plgpu.SMEM((nwg, tile_m if along == "m" else tile_n), vdt) for name, _, along, vdt in vecs}
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+        out_smem=plgpu.SMEM((nwg, n_slots, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        vec_bars=plgpu.Barrier(num_barriers=max(1, nwg * len(vecs))),
+        vec_smem=vec_smem,
+        collective_axes="wg",
     )
+    def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem):
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            m_idx, n_idx = plgpu.planar_snake(
+                lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
+            )
+            cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
+            cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
 
-  ignore = lambda *_, **__: None
-  vec_smem = {
-      name: plgpu.SMEM((nwg, tile_m if along == "m" else tile_n), vdt)
-      for name, _, along, vdt in vecs
-  }
+            def compute_context(eval_pipeline):
+                wg = lax.axis_index("wg")
+                if c.wg_dimension == "m":
+                    row0 = m_idx * cta_m + wg * tile_m
+                    col0 = n_idx * cta_n
+                    wg_m_slice, wg_n_slice = pl.ds(wg * tile_m, tile_m), slice(None)
+                else:
+                    row0 = m_idx * cta_m
+                    col0 = n_idx * cta_n + wg * tile_n
+                    wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
 
-  @functools.partial(
-      pl.run_scoped,
-      pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-      out_smem=plgpu.SMEM((nwg, n_slots, epi_m, epi_n), out_dtype,
-                          transforms=out_transforms),
-      vec_bars=plgpu.Barrier(num_barriers=max(1, nwg * len(vecs))),
-      vec_smem=vec_smem,
-      collective_axes="wg",
-  )
-  def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem):
-    @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-    def _tile_loop(info: plgpu.NDLoopInfo):
-      (lin,) = info.index
-      m_idx, n_idx = plgpu.planar_snake(
-          lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1,
-          c.grid_tile_width)
-      cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
-      cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
+                # Fetch this tile's epilogue vectors while the main loop runs.
+                for j, (name, ref, along, _) in enumerate(vecs):
+                    sl = pl.ds(row0, tile_m) if along == "m" else pl.ds(col0, tile_n)
+                    plgpu.copy_gmem_to_smem(ref.at[sl], vec_smem[name].at[wg], vec_bars.at[wg * len(vecs) + j])
 
-      def compute_context(eval_pipeline):
-        wg = lax.axis_index("wg")
-        if c.wg_dimension == "m":
-          row0 = m_idx * cta_m + wg * tile_m
-          col0 = n_idx * cta_n
-          wg_m_slice, wg_n_slice = pl.ds(wg * tile_m, tile_m), slice(None)
-        else:
-          row0 = m_idx * cta_m
-          col0 = n_idx * cta_n + wg * tile_n
-          wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
+                def _acc_scope(acc_ref):
+                    eval_pipeline(acc_ref)
+                    acc = acc_ref[...]
+                    for j in range(len(vecs)):
+                        plgpu.barrier_wait(vec_bars.at[wg * len(vecs) + j])
 
-        # Fetch this tile's epilogue vectors while the main loop runs.
-        for j, (name, ref, along, _) in enumerate(vecs):
-          sl = pl.ds(row0, tile_m) if along == "m" else pl.ds(col0, tile_n)
-          plgpu.copy_gmem_to_smem(ref.at[sl], vec_smem[name].at[wg],
-                                  vec_bars.at[wg * len(vecs) + j])
+                    def row_vec(name):
+                        return plgpu.load(vec_smem[name].at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
-        @functools.partial(pl.run_scoped,
-                           acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
-        def _acc_scope(acc_ref):
-          eval_pipeline(acc_ref)
-          acc = acc_ref[...]
-          for j in range(len(vecs)):
-            plgpu.barrier_wait(vec_bars.at[wg * len(vecs) + j])
+                    def col_vec(name):
+                        return plgpu.load(vec_smem[name].at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
 
-          def row_vec(name):
-            return plgpu.load(vec_smem[name].at[wg],
-                              layout=plgpu.Layout.WGMMA.reduce(1))
+                    def bcast_row(v):
+                        return lax.broadcast_in_dim(v, (tile_m, tile_n), [0])
 
-          def col_vec(name):
-            return plgpu.load(vec_smem[name].at[wg],
-                              layout=plgpu.Layout.WGMMA.reduce(0))
+                    def bcast_col(v):
+                        return lax.broadcast_in_dim(v, (tile_m, tile_n), [1])
 
-          def bcast_row(v):
-            return lax.broadcast_in_dim(v, (tile_m, tile_n), [0])
+                    if epi.has_azp:
+                        adj = col_vec("azp_adj")
+                        if epi.azp_vec:
+                            acc = acc - bcast_row(row_vec("azp")) * bcast_col(adj)
+                        else:
+                            acc = acc - bcast_col(adj * azp_gmem[0])
+                    y = acc.astype(jnp.float32) if is_int else acc
+                    # Scales: fold a per-tensor factor into the other vector.
+                    if epi.a_scale_vec and epi.b_scale_vec:
+                        y = y * bcast_row(row_vec("a_scale")) * bcast_col(col_vec("b_scale"))
+                    elif epi.a_scale_vec:
+                        y = y * bcast_row(row_vec("a_scale") * bs_gmem[0])
+                    elif epi.b_scale_vec:
+                        y = y * bcast_col(col_vec("b_scale") * as_gmem[0])
+                    else:
+                        y = y * (as_gmem[0] * bs_gmem[0])
+                    if epi.has_bias:
+                        y = y + bcast_col(col_vec("bias").astype(jnp.float32))
+                    y = y.astype(out_dtype)
 
-          def bcast_col(v):
-            return lax.broadcast_in_dim(v, (tile_m, tile_n), [1])
+                    # Write through SMEM + TMA, double-buffered epilogue tiles.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for ei in range(tile_m // epi_m):
+                        for ej in range(tile_n // epi_n):
+                            e_m = slice(ei * epi_m, (ei + 1) * epi_m)
+                            e_n = slice(ej * epi_n, (ej + 1) * epi_n)
+                            slot = (ei * (tile_n // epi_n) + ej) % n_slots
+                            plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                            out_smem[wg, slot] = y[e_m, e_n]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n],
+                            )
 
-          if epi.has_azp:
-            adj = col_vec("azp_adj")
-            if epi.azp_vec:
-              acc = acc - bcast_row(row_vec("azp")) * bcast_col(adj)
-            else:
-              acc = acc - bcast_col(adj * azp_gmem[0])
-          y = acc.astype(jnp.float32) if is_int else acc
-          # Scales: fold a per-tensor factor into the other vector.
-          if epi.a_scale_vec and epi.b_scale_vec:
-            y = y * bcast_row(row_vec("a_scale")) * bcast_col(col_vec("b_scale"))
-          elif epi.a_scale_vec:
-            y = y * bcast_row(row_vec("a_scale") * bs_gmem[0])
-          elif epi.b_scale_vec:
-            y = y * bcast_col(col_vec("b_scale") * as_gmem[0])
-          else:
-            y = y * (as_gmem[0] * bs_gmem[0])
-          if epi.has_bias:
-            y = y + bcast_col(col_vec("bias").astype(jnp.float32))
-          y = y.astype(out_dtype)
+            def mma_body(_, a_smem, b_smem, acc_ref):
+                wg = lax.axis_index("wg")
+                if c.wg_dimension == "m":
+                    a_t, b_t = a_smem.at[pl.ds(wg * tile_m, tile_m)], b_smem
+                else:
+                    a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
+                plgpu.wgmma(acc_ref, a_t, b_t.T)
+                plgpu.wgmma_wait(0)
+                return acc_ref
 
-          # Write through SMEM + TMA, double-buffered epilogue tiles.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          for ei in range(tile_m // epi_m):
-            for ej in range(tile_n // epi_n):
-              e_m = slice(ei * epi_m, (ei + 1) * epi_m)
-              e_n = slice(ej * epi_n, (ej + 1) * epi_n)
-              slot = (ei * (tile_n // epi_n) + ej) % n_slots
-              plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-              out_smem[wg, slot] = y[e_m, e_n]
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot],
-                  out_gmem.at[cta_m_slice, cta_n_slice]
-                  .at[wg_m_slice, wg_n_slice].at[e_m, e_n],
-              )
+            pipeline(mma_body, compute_context)(
+                a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :], allocations=pipeline_allocs
+            )
 
-      def mma_body(_, a_smem, b_smem, acc_ref):
-        wg = lax.axis_index("wg")
-        if c.wg_dimension == "m":
-          a_t, b_t = a_smem.at[pl.ds(wg * tile_m, tile_m)], b_smem
-        else:
-          a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
-        plgpu.wgmma(acc_ref, a_t, b_t.T)
-        plgpu.wgmma_wait(0)
-        return acc_ref
-
-      pipeline(mma_body, compute_context)(
-          a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :],
-          allocations=pipeline_allocs)
-
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 # ----------------------------------------------------------------------------
@@ -561,133 +614,141 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig,
 
 
 def _check_vec(name, x, shapes, dtypes):
-  if x.shape not in shapes:
-    raise ValueError(
-        f"{name} has shape {x.shape}; expected one of {sorted(set(shapes))}")
-  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
-    raise ValueError(
-        f"{name} has dtype {x.dtype}; expected one of "
-        f"{[str(jnp.dtype(d)) for d in dtypes]}")
+    if x.shape not in shapes:
+        raise ValueError(f"{name} has shape {x.shape}; expected one of {sorted(set(shapes))}")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {[str(jnp.dtype(d)) for d in dtypes]}")
 
 
 def _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype):
-  if a.ndim != 2:
-    raise ValueError(f"a must be 2-D (M, K); got shape {a.shape}")
-  if b.ndim != 2:
-    raise ValueError(f"b must be 2-D (N, K), K-major; got shape {b.shape}")
-  if jnp.dtype(a.dtype) not in SUPPORTED_IN_DTYPES:
-    raise ValueError(f"a has dtype {a.dtype}; expected float8_e4m3fn or int8")
-  if jnp.dtype(b.dtype) != jnp.dtype(a.dtype):
-    raise ValueError(f"b has dtype {b.dtype}; expected the dtype of a ({a.dtype})")
-  m, k = a.shape
-  n, k2 = b.shape
-  if k2 != k:
-    raise ValueError(
-        f"b has shape {b.shape}: expected (N, K) with K={k} matching a {a.shape} "
-        "(b must be the K-major (N, K) weight, not (K, N))")
-  if m < 1 or n < 1 or k < 1:
-    raise ValueError(f"empty operands: a {a.shape}, b {b.shape}")
-  if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
-    raise ValueError(f"out_dtype {out_dtype} must be bfloat16, float16 or float32")
-  n_mult, k_mult = required_alignment(a.dtype, out_dtype)
-  if k % k_mult:
-    raise ValueError(
-        f"K={k} (a.shape[1], b.shape[1]) must be a multiple of {k_mult} for "
-        f"{jnp.dtype(a.dtype).name} (TMA tiling by the 32-byte wgmma swizzle); pad K once in "
-        "process_weights_after_loading")
-  if n % n_mult:
-    raise ValueError(
-        f"N={n} (b.shape[0]) must be a multiple of {n_mult} for out_dtype "
-        f"{jnp.dtype(out_dtype).name} (TMA tiling of b rows and of the 32-byte output swizzle); "
-        "pad N once in process_weights_after_loading")
-  _check_vec("a_scale", a_scale, [(m, 1), (1, 1)], [jnp.float32])
-  _check_vec("b_scale", b_scale, [(1, n), (1, 1)], [jnp.float32])
-  if bias is not None:
-    _check_vec("bias", bias, [(n,)], _BIAS_DTYPES)
-  if (azp is None) != (azp_adj is None):
-    raise ValueError("azp and azp_adj must be given together (asymmetric int8)")
-  if azp is not None:
-    if jnp.dtype(a.dtype) != jnp.dtype(jnp.int8):
-      raise ValueError("azp (activation zero points) is only supported for int8")
-    _check_vec("azp", azp, [(m, 1), (1, 1)], [jnp.int32])
-    _check_vec("azp_adj", azp_adj, [(1, n)], [jnp.int32])
+    if a.ndim != 2:
+        raise ValueError(f"a must be 2-D (M, K); got shape {a.shape}")
+    if b.ndim != 2:
+        raise ValueError(f"b must be 2-D (N, K), K-major; got shape {b.shape}")
+    if jnp.dtype(a.dtype) not in SUPPORTED_IN_DTYPES:
+        raise ValueError(f"a has dtype {a.dtype}; expected float8_e4m3fn or int8")
+    if jnp.dtype(b.dtype) != jnp.dtype(a.dtype):
+        raise ValueError(f"b has dtype {b.dtype}; expected the dtype of a ({a.dtype})")
+    m, k = a.shape
+    n, k2 = b.shape
+    if k2 != k:
+        raise ValueError(
+            f"b has shape {b.shape}: expected (N, K) with K={k} matching a {a.shape} "
+            "(b must be the K-major (N, K) weight, not (K, N))"
+        )
+    if m < 1 or n < 1 or k < 1:
+        raise ValueError(f"empty operands: a {a.shape}, b {b.shape}")
+    if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} must be bfloat16, float16 or float32")
+    n_mult, k_mult = required_alignment(a.dtype, out_dtype)
+    if k % k_mult:
+        raise ValueError(
+            f"K={k} (a.shape[1], b.shape[1]) must be a multiple of {k_mult} for "
+            f"{jnp.dtype(a.dtype).name} (TMA tiling by the 32-byte wgmma swizzle); pad K once in "
+            "process_weights_after_loading"
+        )
+    if n % n_mult:
+        raise ValueError(
+            f"N={n} (b.shape[0]) must be a multiple of {n_mult} for out_dtype "
+            f"{jnp.dtype(out_dtype).name} (TMA tiling of b rows and of the 32-byte output swizzle); "
+            "pad N once in process_weights_after_loading"
+        )
+    _check_vec("a_scale", a_scale, [(m, 1), (1, 1)], [jnp.float32])
+    _check_vec("b_scale", b_scale, [(1, n), (1, 1)], [jnp.float32])
+    if bias is not None:
+        _check_vec("bias", bias, [(n,)], _BIAS_DTYPES)
+    if (azp is None) != (azp_adj is None):
+        raise ValueError("azp and azp_adj must be given together (asymmetric int8)")
+    if azp is not None:
+        if jnp.dtype(a.dtype) != jnp.dtype(jnp.int8):
+            raise ValueError("azp (activation zero points) is only supported for int8")
+        _check_vec("azp", azp, [(m, 1), (1, 1)], [jnp.int32])
+        _check_vec("azp_adj", azp_adj, [(1, n)], [jnp.int32])
 
 
-def scaled_mm(a, b, a_scale, b_scale, *, bias=None, azp=None, azp_adj=None,
-              out_dtype=jnp.bfloat16, config: TuningConfig | None = None,
-              interpret: bool = False) -> jax.Array:
-  """out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m,k] b[n,k] - azp[m] * azp_adj[n]) + bias[n].
+def scaled_mm(
+    a,
+    b,
+    a_scale,
+    b_scale,
+    *,
+    bias=None,
+    azp=None,
+    azp_adj=None,
+    out_dtype=jnp.bfloat16,
+    config: TuningConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m,k] b[n,k] - azp[m] * azp_adj[n]) + bias[n].
 
-  Args:
-    a: (M, K) float8_e4m3fn or int8 activations.
-    b: (N, K) weight of the same dtype, K-major.
-    a_scale: float32 (M, 1) per-token or (1, 1) per-tensor.
-    b_scale: float32 (1, N) per-channel or (1, 1) per-tensor.
-    bias: optional (N,) float32 / bfloat16 / float16.
-    azp: optional int32 (M, 1) or (1, 1) activation zero points (int8 only).
-    azp_adj: int32 (1, N) column sums of b over K (with azp).
-    out_dtype: bfloat16, float16 or float32.
-    config: tile configuration; None = tuned (cache) or heuristic.
-    interpret: run in Mosaic GPU interpret mode (CPU).
-  """
-  out_dtype = jnp.dtype(out_dtype)
-  _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype)
-  m, k = a.shape
-  n = b.shape[0]
-  if config is None:
-    from qlin.kernels import autotune  # local import: avoids a cycle
-    config = autotune.get_config(m, n, k, a.dtype, out_dtype,
-                                 has_bias=bias is not None,
-                                 has_azp=azp is not None)
-  # M == 1 per-token and N == 1 per-channel scales are indistinguishable from
-  # per-tensor ones: both (1, 1) and the same math.
-  epi = _Epilogue(
-      a_scale_vec=a_scale.shape[0] != 1,
-      b_scale_vec=b_scale.shape[1] != 1,
-      has_bias=bias is not None,
-      has_azp=azp is not None,
-      azp_vec=azp is not None and azp.shape[0] != 1,
-  )
-  n_row = int(epi.a_scale_vec) + int(epi.azp_vec)
-  n_col = int(epi.b_scale_vec) + int(epi.has_bias) + int(epi.has_azp)
-  _validate_config(config, a.dtype, out_dtype, n_row, n_col)
-  # Mosaic GPU tiles the (M, K) operand and the (M, N) output by 8 rows for
-  # TMA, so M must be a multiple of 8: pad the (small) activation side and
-  # slice the output.  The padded rows are zero and never read back.
-  m_pad = (-m) % 8
-  a_scale = a_scale.reshape(-1)
-  if m_pad:
-    a = jnp.pad(a, ((0, m_pad), (0, 0)))
-    if epi.a_scale_vec:
-      a_scale = jnp.pad(a_scale, (0, m_pad))
-    if epi.azp_vec:
-      azp = jnp.pad(azp, ((0, m_pad), (0, 0)))
-  args = [a, b, a_scale, b_scale.reshape(-1)]
-  if bias is not None:
-    args.append(bias)
-  if azp is not None:
-    args += [azp.reshape(-1), azp_adj.reshape(-1)]
-  out = _call(tuple(args), config=config, epi=epi, out_dtype=out_dtype,
-              interpret=interpret)
-  return out[:m] if m_pad else out
+    Args:
+      a: (M, K) float8_e4m3fn or int8 activations.
+      b: (N, K) weight of the same dtype, K-major.
+      a_scale: float32 (M, 1) per-token or (1, 1) per-tensor.
+      b_scale: float32 (1, N) per-channel or (1, 1) per-tensor.
+      bias: optional (N,) float32 / bfloat16 / float16.
+      azp: optional int32 (M, 1) or (1, 1) activation zero points (int8 only).
+      azp_adj: int32 (1, N) column sums of b over K (with azp).
+      out_dtype: bfloat16, float16 or float32.
+      config: tile configuration; None = tuned (cache) or heuristic.
+      interpret: run in Mosaic GPU interpret mode (CPU).
+    """
+    out_dtype = jnp.dtype(out_dtype)
+    _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype)
+    m, k = a.shape
+    n = b.shape[0]
+    if config is None:
+        from qlin.kernels import autotune  # local import: avoids a cycle
+
+        config = autotune.get_config(m, n, k, a.dtype, out_dtype, has_bias=bias is not None, has_azp=azp is not None)
+    # M == 1 per-token and N == 1 per-channel scales are indistinguishable from
+    # per-tensor ones: both (1, 1) and the same math.
+    epi = _Epilogue(
+        a_scale_vec=a_scale.shape[0] != 1,
+        b_scale_vec=b_scale.shape[1] != 1,
+        has_bias=bias is not None,
+        has_azp=azp is not None,
+        azp_vec=azp is not None and azp.shape[0] != 1,
+    )
+    n_row = int(epi.a_scale_vec) + int(epi.azp_vec)
+    n_col = int(epi.b_scale_vec) + int(epi.has_bias) + int(epi.has_azp)
+    _validate_config(config, a.dtype, out_dtype, n_row, n_col)
+    # Mosaic GPU tiles the (M, K) operand and the (M, N) output by 8 rows for
+    # TMA, so M must be a multiple of 8: pad the (small) activation side and
+    # slice the output.  The padded rows are zero and never read back.
+    m_pad = (-m) % 8
+    a_scale = a_scale.reshape(-1)
+    if m_pad:
+        a = jnp.pad(a, ((0, m_pad), (0, 0)))
+        if epi.a_scale_vec:
+            a_scale = jnp.pad(a_scale, (0, m_pad))
+        if epi.azp_vec:
+            azp = jnp.pad(azp, ((0, m_pad), (0, 0)))
+    args = [a, b, a_scale, b_scale.reshape(-1)]
+    if bias is not None:
+        args.append(bias)
+    if azp is not None:
+        args += [azp.reshape(-1), azp_adj.reshape(-1)]
+    out = _call(tuple(args), config=config, epi=epi, out_dtype=out_dtype, interpret=interpret)
+    return out[:m] if m_pad else out
 
 
 def _call(args, *, config, epi, out_dtype, interpret):
-  a, b = args[0], args[1]
-  m, k = a.shape
-  n = b.shape[0]
-  tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n)
-  grid = max(1, min(num_sms(), tiles))
-  kwargs = {}
-  if interpret:
-    kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
-  f = plgpu.kernel(
-      functools.partial(_kernel, config=config, epi=epi, m=m, n=n, k=k),
-      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(grid,),
-      grid_names=("sm",),
-      num_threads=config.num_compute_wgs + 1,
-      thread_name="wg",
-      **kwargs,
-  )
-  return f(*args)
+    a, b = args[0], args[1]
+    m, k = a.shape
+    n = b.shape[0]
+    tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n)
+    grid = max(1, min(num_sms(), tiles))
+    kwargs = {}
+    if interpret:
+        kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
+    f = plgpu.kernel(
+        functools.partial(_kernel, config=config, epi=epi, m=m, n=n, k=k),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(grid,),
+        grid_names=("sm",),
+        num_threads=config.num_compute_wgs + 1,
+        thread_name="wg",
+        **kwargs,
+    )
+    return f(*args)
