@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-python -m pip install -q -e .
+python -m pip install -q -c scripts/constraints.txt -e .
 qlin info
 qlin demo "$@"

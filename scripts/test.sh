@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-python -m pip install -q -e '.[test,torch,models,notebooks]'
+python -m pip install -q -c scripts/constraints.txt -e '.[test,torch,models,notebooks]'
 python -m pytest -q -n 2 --dist loadfile tests "$@"
