@@ -107,6 +107,13 @@ def _check_static_scale(scale, name: str = "scale") -> jax.Array:
     return scale
 
 
+def _check_static_zero_point(zero_point, name: str = "zero_point") -> jax.Array:
+    zp = jnp.asarray(zero_point)
+    if zp.size != 1 or not jnp.issubdtype(zp.dtype, jnp.integer):
+        raise InputError(f"{name}: expected an integer scalar, got shape {zp.shape} dtype {zp.dtype}")
+    return zp.reshape(()).astype(jnp.int32)
+
+
 # -- reductions over the quantization groups of an activation ---------------------------
 
 def _grouped(x: jax.Array, group_size: int) -> jax.Array:
@@ -199,10 +206,7 @@ def quantize_int8(
             return jnp.clip(jnp.round(xf / s), INT8_QMIN, INT8_QMAX).astype(jnp.int8), s, None
         if zero_point is None:
             raise InputError("zero_point: static asymmetric int8 quantization needs a zero point")
-        zp = jnp.asarray(zero_point)
-        if zp.size != 1 or not jnp.issubdtype(zp.dtype, jnp.integer):
-            raise InputError(f"zero_point: expected an integer scalar, got shape {zp.shape} dtype {zp.dtype}")
-        zp = zp.reshape(()).astype(jnp.int32)
+        zp = _check_static_zero_point(zero_point)
         q = jnp.clip(jnp.round(xf / s) + zp, INT8_QMIN, INT8_QMAX).astype(jnp.int8)
         return q, s, zp
     if zero_point is not None:
@@ -379,10 +383,7 @@ def quantize_weight(
         if config.is_static:
             if input_zero_point is None:
                 raise InputError("input_zero_point: static asymmetric int8 needs a calibrated zero point")
-            zp = jnp.asarray(input_zero_point)
-            if zp.size != 1 or not jnp.issubdtype(zp.dtype, jnp.integer):
-                raise InputError(f"input_zero_point: expected an integer scalar, got shape {zp.shape} dtype {zp.dtype}")
-            zp = zp.reshape(()).astype(jnp.int32)
+            zp = _check_static_zero_point(input_zero_point, "input_zero_point")
         elif input_zero_point is not None:
             raise InputError("input_zero_point: dynamic asymmetric quantization computes zero points per call")
     elif input_zero_point is not None:
