@@ -281,10 +281,11 @@ def _scalars(d: Mapping) -> dict[str, Any]:
 
 
 def _is_benchmark_file(data: Any) -> bool:
-    """A list of GEMM rows (rows naming an ``impl``), bare or under "rows"/"results"/"data"."""
+    """A list of GEMM rows (an ``impl`` on an ``M x N x K`` problem), bare or under "rows"/"results"/"data"."""
     if isinstance(data, Mapping):
         data = next((data[k] for k in ("rows", "results", "data") if isinstance(data.get(k), list)), None)
-    return isinstance(data, list) and any(isinstance(r, Mapping) and "impl" in r for r in data)
+    gemm_keys = ("impl", "M", "N", "K")
+    return isinstance(data, list) and any(isinstance(r, Mapping) and all(k in r for k in gemm_keys) for r in data)
 
 
 def _rows_of(data: Any, source: str) -> list[dict]:

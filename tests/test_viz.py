@@ -238,7 +238,8 @@ def test_load_benchmark_results_errors(tmp_path):
     del check["tflops"]
     (tmp_path / "bad.json").write_text(json.dumps({"results": [check, dict(_row(), kind="time")]}))
     assert len(viz.load_benchmark_results(tmp_path)) == 1
-    (tmp_path / "other.json").write_text(json.dumps({"rows": [{"model": "fp8", "cosine": 0.99}]}))
+    (tmp_path / "other.json").write_text(json.dumps({"rows": [{"model": "fp8", "cosine": 0.99},
+                                                               {"impl": "qlin", "M": 16, "ms": 0.3}]}))
     assert len(viz.load_benchmark_results(tmp_path)) == 1  # rows of another kind of result: skipped
 
 
