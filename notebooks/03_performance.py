@@ -197,41 +197,9 @@ if live:
 # of shared memory filled), and both compete for the same 227 KiB.
 
 # %%
-try:
-    from qlin.kernels import mosaic_gpu_scaled_mm as mg
-except ImportError as e:
-    mg = None
-    print(f"The Mosaic GPU kernel module is not available in this qlin build ({e}); "
-          "using hand-written tile configurations for the budget.")
-HAVE_MG = mg is not None and hasattr(mg, "TuningConfig") and hasattr(mg, "scaled_mm")
-if mg is not None and not HAVE_MG:
-    print("qlin.kernels.mosaic_gpu_scaled_mm has no TuningConfig / scaled_mm: interpret-mode runs are skipped.")
+from qlin.kernels import mosaic_gpu_scaled_mm as mg
 
-if HAVE_MG:
-    TC = mg.TuningConfig
-else:
-    import dataclasses
-
-    @dataclasses.dataclass(frozen=True)
-    class TC:  # the same fields as the kernel's TuningConfig, for the budget arithmetic only
-        tile_m: int = 128
-        tile_n: int = 128
-        tile_k: int = 128
-        max_concurrent_steps: int = 4
-        num_compute_wgs: int = 2
-        wg_dimension: str = "n"
-        grid_minor_dim: str = "n"
-        grid_tile_width: int = 1
-        epi_tile_m: int | None = 64
-        epi_tile_n: int | None = 64
-
-        @property
-        def cta_tile_m(self):
-            return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
-
-        @property
-        def cta_tile_n(self):
-            return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
+TC = mg.TuningConfig
 
 tile_configs = {
     "decode 64x16, 8 stages": TC(tile_m=64, tile_n=16, tile_k=256, max_concurrent_steps=8, num_compute_wgs=1,
@@ -250,10 +218,9 @@ for label, cfg in tile_configs.items():
            "stages": cfg.max_concurrent_steps, "operands KiB": b["operands"] / 1024,
            "epilogue KiB": b["epilogue"] / 1024, "total KiB": b["total"] / 1024, "fits 227 KiB": b["fits"],
            "max stages": b["max_stages"]}
-    if HAVE_MG and hasattr(mg, "smem_bytes"):
-        need = mg.smem_bytes(cfg, jnp.float8_e4m3fn, jnp.bfloat16)
-        row["kernel's count KiB"] = need / 1024
-        row["fits by kernel's count"] = need <= viz.SMEM_LIMIT_BYTES
+    need = mg.smem_bytes(cfg, jnp.float8_e4m3fn, jnp.bfloat16)
+    row["kernel's count KiB"] = need / 1024
+    row["fits by kernel's count"] = need <= viz.SMEM_LIMIT_BYTES
     budget_rows.append(row)
 display(Markdown(viz.format_table(budget_rows, floatfmt=".1f")))
 fig, ax = plt.subplots(figsize=(8, 4))
@@ -261,7 +228,7 @@ viz.plot_smem_budget(budgets, ax, title="Shared memory per CTA (fp8 operands, bf
 plt.show()
 
 # %% [markdown]
-# The kernel's own count (when the kernel is present) adds the epilogue's scale/bias/zero-point vectors and
+# The kernel's own count adds the epilogue's scale/bias/zero-point vectors and
 # barriers to the two big terms, and the kernel keeps some headroom below the limit, so a configuration that
 # only just fits by the simple count can still be rejected. The operand ring dominates: a 128x256 CTA tile
 # costs 48 KiB per stage, so four stages plus the epilogue already fill the 227 KiB.
@@ -284,13 +251,13 @@ for pname, (m, n, k) in problems.items():
         stat_rows.append({"problem": pname, "config": label, "tiles": s["tiles"], "waves": s["waves"],
                           "last wave util": s["last_wave_util"], "padding": s["padding"],
                           "FLOP/smem byte": s["smem_intensity"], "fits": budgets[label]["fits"]})
-    if HAVE_MG and hasattr(mg, "default_config"):  # what the kernel's heuristic picks (autotuning off)
-        cfg = mg.default_config(m, n, k, jnp.float8_e4m3fn, jnp.bfloat16)
-        s = viz.tile_stats(m, n, k, cfg.cta_tile_m, cfg.cta_tile_n, cfg.tile_k)
-        stat_rows.append({"problem": pname, "config": "heuristic: " + getattr(cfg, "short", cfg.__repr__)(),
-                          "tiles": s["tiles"], "waves": s["waves"], "last wave util": s["last_wave_util"],
-                          "padding": s["padding"], "FLOP/smem byte": s["smem_intensity"],
-                          "fits": viz.smem_budget_for(cfg)["fits"]})
+    # what the kernel's heuristic picks (autotuning off)
+    cfg = mg.default_config(m, n, k, jnp.float8_e4m3fn, jnp.bfloat16)
+    s = viz.tile_stats(m, n, k, cfg.cta_tile_m, cfg.cta_tile_n, cfg.tile_k)
+    stat_rows.append({"problem": pname, "config": "heuristic: " + getattr(cfg, "short", cfg.__repr__)(),
+                      "tiles": s["tiles"], "waves": s["waves"], "last wave util": s["last_wave_util"],
+                      "padding": s["padding"], "FLOP/smem byte": s["smem_intensity"],
+                      "fits": viz.smem_budget_for(cfg)["fits"]})
 display(Markdown(viz.format_table(stat_rows, floatfmt=".3g")))
 
 # %% [markdown]
@@ -318,53 +285,49 @@ plt.show()
 # limits and speed are checked on the GPU).
 
 # %%
-if HAVE_MG:
-    # M and N not multiples of the tiles (N rounded up to the kernel's TMA alignment), K = 2 x 128
-    n_mult, k_mult = mg.required_alignment(jnp.int8, jnp.bfloat16) if hasattr(mg, "required_alignment") else (16, 16)
-    m, n, k = 200, -(-260 // n_mult) * n_mult, 256
-    rng = np.random.default_rng(0)
-    a_f, b_f = rng.standard_normal((m, k)), rng.standard_normal((n, k))
-    a_scale = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)), jnp.float32)
-    b_scale = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-    interp_cfgs = {
-        "64x128 x2(m)": TC(tile_m=64, tile_n=128, max_concurrent_steps=3, wg_dimension="m", grid_minor_dim="m"),
-        "64x64 x1, k64": TC(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, num_compute_wgs=1,
-                            epi_tile_m=64, epi_tile_n=32),
-        "decode-style 64x16": TC(tile_m=64, tile_n=16, tile_k=128, max_concurrent_steps=4, num_compute_wgs=1,
-                                 epi_tile_m=64, epi_tile_n=16),
-    }
-    quantized = {
-        "fp8": (jnp.asarray(a_f, jnp.float32).astype(jnp.float8_e4m3fn),
-                jnp.asarray(b_f, jnp.float32).astype(jnp.float8_e4m3fn)),
-        "int8": (jnp.asarray(np.clip(np.round(a_f * 30), -128, 127), jnp.int8),
-                 jnp.asarray(np.clip(np.round(b_f * 30), -127, 127), jnp.int8)),
-    }
-    # (dtype, tile config, asymmetric int8 with per-token zero points)
-    runs = [("fp8", "64x128 x2(m)", False), ("fp8", "decode-style 64x16", False),
-            ("int8", "64x128 x2(m)", False), ("int8", "64x64 x1, k64", True)]
-    cases = []
-    for dname, label, asym in runs:
-        cfg = interp_cfgs[label]
-        a_q, b_q = quantized[dname]
-        acc = np.asarray(a_q, np.float64) @ np.asarray(b_q, np.float64).T
-        kw = {}
-        if asym:  # the zero-point correction: per-token zero points and the column sums of the weight
-            azp = jnp.asarray(rng.integers(-8, 8, (m, 1)), jnp.int32)
-            azp_adj = jnp.asarray(np.asarray(b_q, np.int32).sum(axis=1)[None, :], jnp.int32)
-            kw = {"azp": azp, "azp_adj": azp_adj}
-            acc = acc - np.asarray(azp, np.float64) * np.asarray(azp_adj, np.float64)
-        ref = acc * np.asarray(a_scale, np.float64) * np.asarray(b_scale, np.float64) + np.asarray(bias, np.float64)
-        t0 = time.perf_counter()
-        y = mg.scaled_mm(a_q, b_q, a_scale, b_scale, bias=bias, out_dtype=jnp.bfloat16, config=cfg,
-                         interpret=True, **kw)
-        y = np.asarray(jax.block_until_ready(y), np.float64)
-        err = rel_err(y, ref)
-        cases.append({"dtype": dname + ("-asym" if asym else ""), "config": label,
-                      "CTA tile": f"{cfg.cta_tile_m}x{cfg.cta_tile_n}x{cfg.tile_k}", "shape (M, N, K)": (m, n, k),
-                      "rel_err": err, "ok": err < kernel_rtol(jnp.bfloat16), "interpret s": time.perf_counter() - t0})
-    display(Markdown(viz.format_table(cases, floatfmt=".3g")))
-    assert all(c["ok"] for c in cases), "an interpret-mode run disagrees with the float64 reference"
-else:
-    print("Mosaic GPU kernel (qlin.kernels.mosaic_gpu_scaled_mm with TuningConfig and scaled_mm) not available: "
-          "interpret-mode runs skipped.")
+# M and N not multiples of the tiles (N rounded up to the kernel's TMA alignment), K = 2 x 128
+n_mult, k_mult = mg.required_alignment(jnp.int8, jnp.bfloat16)
+m, n, k = 200, -(-260 // n_mult) * n_mult, 256
+rng = np.random.default_rng(0)
+a_f, b_f = rng.standard_normal((m, k)), rng.standard_normal((n, k))
+a_scale = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)), jnp.float32)
+b_scale = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)), jnp.float32)
+bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+interp_cfgs = {
+    "64x128 x2(m)": TC(tile_m=64, tile_n=128, max_concurrent_steps=3, wg_dimension="m", grid_minor_dim="m"),
+    "64x64 x1, k64": TC(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, num_compute_wgs=1,
+                        epi_tile_m=64, epi_tile_n=32),
+    "decode-style 64x16": TC(tile_m=64, tile_n=16, tile_k=128, max_concurrent_steps=4, num_compute_wgs=1,
+                             epi_tile_m=64, epi_tile_n=16),
+}
+quantized = {
+    "fp8": (jnp.asarray(a_f, jnp.float32).astype(jnp.float8_e4m3fn),
+            jnp.asarray(b_f, jnp.float32).astype(jnp.float8_e4m3fn)),
+    "int8": (jnp.asarray(np.clip(np.round(a_f * 30), -128, 127), jnp.int8),
+             jnp.asarray(np.clip(np.round(b_f * 30), -127, 127), jnp.int8)),
+}
+# (dtype, tile config, asymmetric int8 with per-token zero points)
+runs = [("fp8", "64x128 x2(m)", False), ("fp8", "decode-style 64x16", False),
+        ("int8", "64x128 x2(m)", False), ("int8", "64x64 x1, k64", True)]
+cases = []
+for dname, label, asym in runs:
+    cfg = interp_cfgs[label]
+    a_q, b_q = quantized[dname]
+    acc = np.asarray(a_q, np.float64) @ np.asarray(b_q, np.float64).T
+    kw = {}
+    if asym:  # the zero-point correction: per-token zero points and the column sums of the weight
+        azp = jnp.asarray(rng.integers(-8, 8, (m, 1)), jnp.int32)
+        azp_adj = jnp.asarray(np.asarray(b_q, np.int32).sum(axis=1)[None, :], jnp.int32)
+        kw = {"azp": azp, "azp_adj": azp_adj}
+        acc = acc - np.asarray(azp, np.float64) * np.asarray(azp_adj, np.float64)
+    ref = acc * np.asarray(a_scale, np.float64) * np.asarray(b_scale, np.float64) + np.asarray(bias, np.float64)
+    t0 = time.perf_counter()
+    y = mg.scaled_mm(a_q, b_q, a_scale, b_scale, bias=bias, out_dtype=jnp.bfloat16, config=cfg,
+                     interpret=True, **kw)
+    y = np.asarray(jax.block_until_ready(y), np.float64)
+    err = rel_err(y, ref)
+    cases.append({"dtype": dname + ("-asym" if asym else ""), "config": label,
+                  "CTA tile": f"{cfg.cta_tile_m}x{cfg.cta_tile_n}x{cfg.tile_k}", "shape (M, N, K)": (m, n, k),
+                  "rel_err": err, "ok": err < kernel_rtol(jnp.bfloat16), "interpret s": time.perf_counter() - t0})
+display(Markdown(viz.format_table(cases, floatfmt=".3g")))
+assert all(c["ok"] for c in cases), "an interpret-mode run disagrees with the float64 reference"
