@@ -287,25 +287,29 @@ def _mid_m_cost(m, n, k, cta_m, cta_n, sms, itemsize=1) -> float:
     return max(waves * per_tile / _SM_STREAM_BPS, tiles * per_tile / _L2_BPS)
 
 
+def _mid_m_tile(tile_n: int) -> TuningConfig:
+    """Mid M (64 < M <= 512): two 64-row consumer warpgroups stacked along M, a deep pipeline."""
+    return TuningConfig(
+        tile_m=64,
+        tile_n=tile_n,
+        tile_k=128,
+        max_concurrent_steps=6,
+        num_compute_wgs=2,
+        wg_dimension="m",
+        grid_minor_dim="m",
+        epi_tile_m=64,
+        epi_tile_n=min(64, tile_n),
+    )
+
+
 def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
     best = None
     for tn in (256, 128, 64, 32):
         cost = _mid_m_cost(m, n, k, 128, tn, sms)
         if best is None or cost < best[0] * 0.97:  # prefer wider tiles on near-ties
             best = (cost, tn)
-    tn = best[1]
     return _fit_smem(
-        TuningConfig(
-            tile_m=64,
-            tile_n=tn,
-            tile_k=128,
-            max_concurrent_steps=6,
-            num_compute_wgs=2,
-            wg_dimension="m",
-            grid_minor_dim="m",
-            epi_tile_m=64,
-            epi_tile_n=min(64, tn),
-        ),
+        _mid_m_tile(best[1]),
         dtype,
         out_dtype,
     )
@@ -366,19 +370,7 @@ def candidate_configs(
                 )
     elif m <= 512:
         for tn in (64, 128, 32, 256):
-            cands.append(
-                TuningConfig(
-                    tile_m=64,
-                    tile_n=tn,
-                    tile_k=128,
-                    max_concurrent_steps=6,
-                    num_compute_wgs=2,
-                    wg_dimension="m",
-                    grid_minor_dim="m",
-                    epi_tile_m=64,
-                    epi_tile_n=min(64, tn),
-                )
-            )
+            cands.append(_mid_m_tile(tn))
         cands.append(
             TuningConfig(
                 tile_m=128,
