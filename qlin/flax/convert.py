@@ -186,6 +186,17 @@ def calibrate_scale(samples, config, *, method: str = "absmax", percentile: floa
     return calibrate_static(jnp.asarray(x), config)
 
 
+def _select_layers(layers, rules, strict, calibration_data):
+    """Match ``rules`` to layer paths: ``(chosen, selected, static)``; static configs need calibration data."""
+    chosen = resolve_rules(list(layers), rules, strict=strict)
+    selected = {p: r for p, r in chosen.items() if r is not None and r.config is not None}
+    static = {p: r for p, r in selected.items() if r.config.is_static}
+    if static and calibration_data is None:
+        raise InputError(f"calibration_data: layers {sorted(static)} have static activation configs and need "
+                         "sample batches (or use a dynamic activation config)")
+    return chosen, selected, static
+
+
 class _Samples:
     """Inputs recorded per layer path, each with the fingerprint of the weights that saw it."""
 
@@ -286,15 +297,10 @@ def quantize_nnx(model, rules, *, calibration_data: Iterable | None = None, forw
     from qlin.flax.nnx import QLinear
 
     linears = _nnx_linears(model)
-    chosen = resolve_rules(list(linears), rules, strict=strict)
-    selected = {p: r for p, r in chosen.items() if r is not None and r.config is not None}
-    static = {p: r for p, r in selected.items() if r.config.is_static}
+    chosen, selected, static = _select_layers(linears, rules, strict, calibration_data)
 
     samples = _Samples()
     if static:
-        if calibration_data is None:
-            raise InputError(f"calibration_data: layers {sorted(static)} have static activation configs and need "
-                             "sample batches (or use a dynamic activation config)")
         run = forward or (lambda m, b: m(b))
         recorders = {}
         try:
@@ -405,15 +411,10 @@ def quantize_linen(model, variables, rules, *, calibration_data: Iterable | None
     if "params" not in variables:
         raise InputError(f"variables: expected a dict with a 'params' collection, got keys {sorted(variables)}")
     denses = _linen_denses(variables["params"])
-    chosen = resolve_rules(list(denses), rules, strict=strict)
-    selected = {p: r for p, r in chosen.items() if r is not None and r.config is not None}
-    static = {p: r for p, r in selected.items() if r.config.is_static}
+    chosen, selected, static = _select_layers(denses, rules, strict, calibration_data)
 
     samples = _Samples()
     if static:
-        if calibration_data is None:
-            raise InputError(f"calibration_data: layers {sorted(static)} have static activation configs and need "
-                             "sample batches (or use a dynamic activation config)")
 
         def interceptor(next_fun, args, kwargs, context):
             m = context.module

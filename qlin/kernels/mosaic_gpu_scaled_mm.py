@@ -302,6 +302,21 @@ def _mid_m_tile(tile_n: int) -> TuningConfig:
     )
 
 
+def _large_m_tile() -> TuningConfig:
+    """M > 512: 128 x 256 CTA tile (two 128 x 128 consumer warpgroups along N), M-minor snake of width 8."""
+    return TuningConfig(
+        tile_m=128,
+        tile_n=128,
+        tile_k=128,
+        max_concurrent_steps=4,
+        num_compute_wgs=2,
+        wg_dimension="n",
+        grid_minor_dim="m",
+        grid_tile_width=8,
+        epi_slots=1,
+    )
+
+
 def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
     best = None
     for tn in (256, 128, 64, 32):
@@ -332,17 +347,7 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     if m <= 512:
         return _mid_m_config(m, n, k, dtype, out_dtype, sms)
     return _fit_smem(
-        TuningConfig(
-            tile_m=128,
-            tile_n=128,
-            tile_k=128,
-            max_concurrent_steps=4,
-            num_compute_wgs=2,
-            wg_dimension="n",
-            grid_minor_dim="m",
-            grid_tile_width=8,
-            epi_slots=1,
-        ),
+        _large_m_tile(),
         dtype,
         out_dtype,
     )
@@ -371,19 +376,7 @@ def candidate_configs(
     elif m <= 512:
         for tn in (64, 128, 32, 256):
             cands.append(_mid_m_tile(tn))
-        cands.append(
-            TuningConfig(
-                tile_m=128,
-                tile_n=128,
-                tile_k=128,
-                max_concurrent_steps=4,
-                num_compute_wgs=2,
-                wg_dimension="n",
-                grid_minor_dim="m",
-                grid_tile_width=8,
-                epi_slots=1,
-            )
-        )
+        cands.append(_large_m_tile())
     else:
         for tm, tn, wgd, st, slots in (
             (128, 128, "n", 4, 1),
