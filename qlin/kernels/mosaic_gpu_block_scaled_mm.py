@@ -1,0 +1,557 @@
+"""Pallas Mosaic GPU (Hopper, sm90) block-scaled FP8 matmul (DeepSeek-V3 style).
+
+    out[m, n] = sum_kb a_scale[m, kb] * b_scale[n // 128, kb] * (sum_{k in block kb} a[m, k] b[n, k]) + bias[n]
+
+* ``a`` (M, K) and ``b`` (N, K) are K-major float8_e4m3fn operands (8-bit
+  ``wgmma`` only accepts K-major B, fed as ``b_smem.T``).
+* ``a_scale`` (M, ceil(K / 128)): one float32 scale per token per 128-wide K
+  group (dynamic per-group activations); ``b_scale`` (ceil(N / 128),
+  ceil(K / 128)): one float32 scale per 128 x 128 weight block.
+* One pipeline step is one 128-wide K block.  Each consumer warpgroup issues
+  the step's ``wgmma`` into a fresh (zeroed) f32 accumulator, waits, and
+  promotes it into a second f32 register array carried through the pipeline:
+  ``total += acc * (a_scale[rows, kb] * b_scale[nb, kb])``.  A warpgroup's N
+  tile lies inside one 128-wide weight-scale block, so the weight scale is one
+  scalar per (warpgroup, step); the activation scales of the CTA's rows for
+  the step are a third pipelined TMA input (``a_scale`` transposed to
+  (ceil(K / 128), M) so one step's scales are one contiguous box).  The weight
+  scale is a scalar load issued right after the ``wgmma`` (its latency hides
+  behind the tensor cores).
+* Two f32 accumulators must fit the register file, so a warpgroup tile is at
+  most 64 x 128 (128 registers per thread for both); two consumer warpgroups
+  give a 128 x 128 (along M) or 64 x 256 (along N) CTA tile.
+* Everything else is the per-channel kernel's design
+  (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
+  memory, warp-specialized multi-stage pipeline, persistent grid walking the
+  output tiles in a planar-snake order, epilogue (bias, cast) in registers
+  and one store through shared memory + TMA.
+* Partial tiles: TMA zero-fills out-of-bounds loads and clips stores, so any
+  M >= 1 (padded to 8 rows here), N a multiple of 16 and K a multiple of 32
+  work; a K that is not a multiple of 128 ends with a partial K block (the
+  zero-filled columns add nothing), at a narrower swizzle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from qlin.kernels.mosaic_gpu_scaled_mm import (
+    SMEM_LIMIT_BYTES,
+    _SMEM_HEADROOM,
+    _cdiv,
+    _pick_swizzle,
+    _swizzle_transforms,
+    num_sms,
+)
+
+__all__ = [
+    "BLOCK",
+    "BlockTuningConfig",
+    "block_scaled_mm",
+    "candidate_configs",
+    "default_config",
+    "required_alignment",
+    "smem_bytes",
+    "SUPPORTED_OUT_DTYPES",
+]
+
+#: The (weight N block, K block) = activation group size the kernel implements.
+BLOCK = 128
+IN_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
+SUPPORTED_OUT_DTYPES = (
+    jnp.dtype(jnp.bfloat16),
+    jnp.dtype(jnp.float16),
+    jnp.dtype(jnp.float32),
+)
+_BIAS_DTYPES = SUPPORTED_OUT_DTYPES
+#: Largest warpgroup tile (elements): the wgmma accumulator and the promoted
+#: total are both f32 registers, 2 * 64 * 128 / 128 threads = 128 per thread.
+MAX_WG_TILE_ELEMS = 64 * 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTuningConfig:
+    """Tile configuration of one block-scaled kernel instance.
+
+    tile_m, tile_n: the output tile of ONE consumer warpgroup.  tile_m is 64;
+      tile_n divides 128 (16, 32, 64 or 128) so the tile lies inside one
+      weight-scale block; tile_m * tile_n <= 64 * 128 (two f32 register tiles).
+    tile_k: K depth of one pipeline step: one 128-wide scale block.
+    max_concurrent_steps: pipeline depth (shared-memory stages).
+    num_compute_wgs: consumer warpgroups (1 or 2), stacked along ``wg_dimension``.
+    grid_minor_dim / grid_tile_width: planar-snake traversal of the output tiles.
+    epi_tile_m / epi_tile_n: shared-memory tile of the epilogue store (None = whole tile).
+    """
+
+    tile_m: int = 64
+    tile_n: int = 128
+    tile_k: int = BLOCK
+    max_concurrent_steps: int = 5
+    num_compute_wgs: int = 2
+    wg_dimension: str = "m"
+    grid_minor_dim: str = "m"
+    grid_tile_width: int = 8
+    epi_tile_m: int | None = 64
+    epi_tile_n: int | None = 64
+    epi_slots: int = 2
+
+    @property
+    def cta_tile_m(self) -> int:
+        return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
+
+    @property
+    def cta_tile_n(self) -> int:
+        return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
+
+    def short(self) -> str:
+        return (
+            f"m{self.tile_m}n{self.tile_n}k{self.tile_k}s{self.max_concurrent_steps}"
+            f"w{self.num_compute_wgs}{self.wg_dimension}"
+            f"g{self.grid_minor_dim}{self.grid_tile_width}"
+            f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
+            f"x{self.epi_slots}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlockTuningConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def required_alignment(out_dtype=jnp.bfloat16) -> tuple[int, int]:
+    """(n_multiple, k_multiple) the kernel needs for N and K (M is free).
+
+    K: a multiple of the narrowest 8-bit wgmma swizzle (32 elements; multiples
+    of 128 get the 128-byte swizzle).  N: 8 rows of b and the 32-byte output
+    swizzle (16 for 16-bit outputs, 8 for float32).
+    """
+    out_size = jnp.dtype(out_dtype).itemsize
+    return max(8, 32 // out_size), 32
+
+
+def smem_bytes(config: BlockTuningConfig, out_dtype=jnp.bfloat16, has_bias: bool = True) -> int:
+    """Shared memory one CTA of ``config`` needs (pipeline + epilogue)."""
+    c = config
+    out_size = jnp.dtype(out_dtype).itemsize
+    # a tile + b tile (1 byte each) + the step's activation scales (f32).
+    stage = (c.cta_tile_m + c.cta_tile_n) * c.tile_k + 4 * c.cta_tile_m
+    epi_m = c.epi_tile_m or c.tile_m
+    epi_n = c.epi_tile_n or c.tile_n
+    n_slots = min(c.epi_slots, (c.tile_m * c.tile_n) // (epi_m * epi_n))
+    out = c.num_compute_wgs * n_slots * epi_m * epi_n * out_size
+    vecs = c.num_compute_wgs * 4 * c.tile_n if has_bias else 0
+    return c.max_concurrent_steps * stage + out + vecs + 256
+
+
+def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True) -> None:
+    c = config
+    if not isinstance(c, BlockTuningConfig):
+        raise ValueError(f"config must be a BlockTuningConfig, got {type(c).__name__}")
+    if c.tile_m != 64:
+        raise ValueError(f"config.tile_m={c.tile_m} must be 64 (two f32 register tiles per warpgroup)")
+    if c.tile_n not in (16, 32, 64, 128):
+        raise ValueError(f"config.tile_n={c.tile_n} must be 16, 32, 64 or 128 (inside one 128-wide weight-scale block)")
+    if c.tile_m * c.tile_n > MAX_WG_TILE_ELEMS:
+        raise ValueError(f"config tile {c.tile_m}x{c.tile_n} exceeds {MAX_WG_TILE_ELEMS} elements per warpgroup")
+    if c.tile_k != BLOCK:
+        raise ValueError(f"config.tile_k={c.tile_k} must be {BLOCK} (one K scale block per pipeline step)")
+    if c.num_compute_wgs not in (1, 2):
+        raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
+    if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
+        raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
+    if c.grid_tile_width < 1:
+        raise ValueError(f"config.grid_tile_width={c.grid_tile_width} must be >= 1")
+    if c.epi_slots not in (1, 2):
+        raise ValueError(f"config.epi_slots={c.epi_slots} must be 1 or 2")
+    if c.max_concurrent_steps < 2:
+        raise ValueError("config.max_concurrent_steps must be >= 2")
+    epi_m = c.epi_tile_m or c.tile_m
+    epi_n = c.epi_tile_n or c.tile_n
+    if c.tile_m % epi_m or epi_m % 64:
+        raise ValueError(f"config.epi_tile_m={epi_m} must divide tile_m and be a multiple of 64")
+    if c.tile_n % epi_n or epi_n % 8:
+        raise ValueError(f"config.epi_tile_n={epi_n} must divide tile_n and be a multiple of 8")
+    need = smem_bytes(c, out_dtype, has_bias)
+    if need > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
+        raise ValueError(
+            f"config {c.short()} needs {need} bytes of shared memory, over the "
+            f"{SMEM_LIMIT_BYTES - _SMEM_HEADROOM} available"
+        )
+
+
+def _fit_smem(cfg: BlockTuningConfig, out_dtype) -> BlockTuningConfig:
+    limit = SMEM_LIMIT_BYTES - _SMEM_HEADROOM
+    while smem_bytes(cfg, out_dtype) > limit and cfg.max_concurrent_steps > 3:
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+    if smem_bytes(cfg, out_dtype) > limit and cfg.epi_slots > 1:
+        cfg = dataclasses.replace(cfg, epi_slots=1)
+    while smem_bytes(cfg, out_dtype) > limit and cfg.max_concurrent_steps > 2:
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+    return cfg
+
+
+# ----------------------------------------------------------------------------
+# Heuristic tile choice.
+# ----------------------------------------------------------------------------
+
+
+def _small_m_tile(tile_n: int, steps: int = 8) -> BlockTuningConfig:
+    """M <= 64 (decode): one 64-row warpgroup, a narrow N tile, a deep pipeline."""
+    return BlockTuningConfig(
+        tile_m=64,
+        tile_n=tile_n,
+        max_concurrent_steps=steps,
+        num_compute_wgs=1,
+        wg_dimension="n",
+        grid_minor_dim="n",
+        grid_tile_width=1,
+        epi_tile_m=64,
+        epi_tile_n=min(64, tile_n),
+    )
+
+
+def _two_wg_tile(wg_dimension: str, tile_n: int = 128, steps: int = 5, grid_minor: str = "m", width: int = 8):
+    return BlockTuningConfig(
+        tile_m=64,
+        tile_n=tile_n,
+        max_concurrent_steps=steps,
+        num_compute_wgs=2,
+        wg_dimension=wg_dimension,
+        grid_minor_dim=grid_minor,
+        grid_tile_width=width,
+        epi_tile_m=64,
+        epi_tile_n=min(64, tile_n),
+    )
+
+
+def _waves_key(m, n, cta_m, cta_n, sms):
+    tiles = _cdiv(m, cta_m) * _cdiv(n, cta_n)
+    waves = _cdiv(tiles, sms)
+    return waves, -tiles / (waves * sms)
+
+
+def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTuningConfig:
+    """Heuristic tile configuration.
+
+    * M <= 64: one warpgroup, 64 rows, the narrowest N tile (16..128) whose
+      tile count fits the SMs (every SM streams its own slab of the weight).
+    * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the
+      N tile (32..128) with the best last-wave SM utilisation.
+    * M > 512: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M), grouped
+      M-minor planar snake of width 8.
+    """
+    sms = num_sms()
+    if m <= 64:
+        best = None
+        for tn in (16, 32, 64, 128):
+            key = (*_waves_key(m, n, 64, tn, sms), tn)
+            if best is None or key < best[0]:
+                best = (key, tn)
+        return _fit_smem(_small_m_tile(best[1]), out_dtype)
+    if m <= 512:
+        best = None
+        for tn in (128, 64, 32):
+            waves, neg_eff = _waves_key(m, n, 128, tn, sms)
+            # fewer waves first; on equal waves the wider tile (less A re-reading).
+            key = (waves, -tn)
+            if best is None or key < best[0]:
+                best = (key, tn)
+        return _fit_smem(_two_wg_tile("m", best[1], steps=6), out_dtype)
+    return _fit_smem(_two_wg_tile("m", 128, steps=5), out_dtype)
+
+
+def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int | None = None):
+    """The tile sweep's search space: the heuristic default first."""
+    cands = [default_config(m, n, k, out_dtype)]
+    if m <= 64:
+        for tn in (16, 32, 64, 128):
+            for st in (8, 6, 12):
+                cands.append(_small_m_tile(tn, st))
+    elif m <= 512:
+        for tn in (128, 64, 32):
+            cands.append(_two_wg_tile("m", tn, steps=6))
+        cands.append(_two_wg_tile("n", 64, steps=6))
+        cands.append(_two_wg_tile("n", 128, steps=5))
+    else:
+        for wgd in ("m", "n"):
+            for st in (4, 5, 6):
+                for gmd, gw in (("m", 8), ("n", 8), ("m", 16), ("m", 1)):
+                    cands.append(_two_wg_tile(wgd, 128, steps=st, grid_minor=gmd, width=gw))
+    out, seen = [], set()
+    for c in cands:
+        c = _fit_smem(c, out_dtype)
+        if c in seen:
+            continue
+        seen.add(c)
+        try:
+            _validate_config(c, out_dtype)
+        except ValueError:
+            continue
+        out.append(c)
+    return out[:limit] if limit else out
+
+
+# ----------------------------------------------------------------------------
+# The kernel.
+# ----------------------------------------------------------------------------
+
+
+def _kernel(
+    a_gmem, b_gmem, ast_gmem, bs_gmem, *rest, config: BlockTuningConfig, has_bias: bool, m: int, n: int, k: int
+):
+    rest = list(rest)
+    bias_gmem = rest.pop(0) if has_bias else None
+    (out_gmem,) = rest
+
+    dtype = a_gmem.dtype
+    out_dtype = out_gmem.dtype
+    c = config
+    tile_m, tile_n, tile_k = c.tile_m, c.tile_n, c.tile_k
+    cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
+    m_iters, n_iters, k_iters = _cdiv(m, cta_m), _cdiv(n, cta_n), _cdiv(k, tile_k)
+    n_blocks = bs_gmem.shape[0]
+    nwg = c.num_compute_wgs
+    epi_m = c.epi_tile_m or tile_m
+    epi_n = c.epi_tile_n or tile_n
+    n_epi = (tile_m // epi_m) * (tile_n // epi_n)
+    n_slots = min(c.epi_slots, n_epi)
+
+    in_swizzle = _pick_swizzle(tile_k, k, dtype)
+    assert in_swizzle is not None, (tile_k, k)
+    in_transforms = _swizzle_transforms(in_swizzle, dtype)
+    out_transforms = _swizzle_transforms(_pick_swizzle(epi_n, n, out_dtype), out_dtype)
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40 if nwg == 2 else 56,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
+                # One step's activation scales of the CTA's rows: one contiguous f32 box.
+                plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=nwg,
+            max_concurrent_steps=max(1, min(c.max_concurrent_steps, k_iters)),
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, ast_gmem),
+        out_smem=plgpu.SMEM((nwg, n_slots, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        bias_bars=plgpu.Barrier(num_barriers=nwg),
+        bias_smem=plgpu.SMEM((nwg, tile_n), bias_gmem.dtype if has_bias else jnp.float32),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem, bias_bars, bias_smem):
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            m_idx, n_idx = plgpu.planar_snake(
+                lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
+            )
+            cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
+            cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
+
+            def wg_col0(wg):
+                return n_idx * cta_n + (wg * tile_n if c.wg_dimension == "n" else 0)
+
+            def compute_context(eval_pipeline):
+                wg = lax.axis_index("wg")
+                col0 = wg_col0(wg)
+                if c.wg_dimension == "m":
+                    wg_m_slice, wg_n_slice = pl.ds(wg * tile_m, tile_m), slice(None)
+                else:
+                    wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
+
+                if has_bias:
+                    plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(col0, tile_n)], bias_smem.at[wg], bias_bars.at[wg])
+
+                total0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+                y = eval_pipeline(total0)
+                if has_bias:
+                    plgpu.barrier_wait(bias_bars.at[wg])
+                    bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+                    y = y + lax.broadcast_in_dim(bias.astype(jnp.float32), (tile_m, tile_n), [1])
+                y = y.astype(out_dtype)
+
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                for ei in range(tile_m // epi_m):
+                    for ej in range(tile_n // epi_n):
+                        e_m = slice(ei * epi_m, (ei + 1) * epi_m)
+                        e_n = slice(ej * epi_n, (ej + 1) * epi_n)
+                        slot = (ei * (tile_n // epi_n) + ej) % n_slots
+                        plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                        out_smem[wg, slot] = y[e_m, e_n]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n],
+                        )
+
+            def mma_body(idx, a_smem, b_smem, as_smem, total):
+                (kk,) = idx
+                wg = lax.axis_index("wg")
+                if c.wg_dimension == "m":
+                    a_t, b_t = a_smem.at[pl.ds(wg * tile_m, tile_m)], b_smem
+                    as_t = as_smem.at[0, pl.ds(wg * tile_m, tile_m)]
+                else:
+                    a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
+                    as_t = as_smem.at[0]
+                # Past the last N block (a warpgroup tile entirely beyond N): clamp; its
+                # output is clipped by the TMA store anyway.
+                nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
+
+                def step(acc_ref):
+                    plgpu.wgmma(acc_ref, a_t, b_t.T)
+                    # Scale loads overlap the asynchronous wgmma.
+                    b_s = bs_gmem[nb, kk]
+                    a_s = plgpu.load(as_t, layout=plgpu.Layout.WGMMA.reduce(1))
+                    return acc_ref[...], a_s * b_s
+
+                partial, s_row = pl.run_scoped(step, plgpu.ACC((tile_m, tile_n), jnp.float32))
+                return total + partial * lax.broadcast_in_dim(s_row, (tile_m, tile_n), [0])
+
+            pipeline(mma_body, compute_context)(
+                a_gmem.at[cta_m_slice, :],
+                b_gmem.at[cta_n_slice, :],
+                ast_gmem.at[:, cta_m_slice],
+                allocations=pipeline_allocs,
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+# ----------------------------------------------------------------------------
+# Public entry point.
+# ----------------------------------------------------------------------------
+
+
+def _validate(a, b, a_scale, b_scale, bias, out_dtype):
+    if a.ndim != 2:
+        raise ValueError(f"a must be 2-D (M, K); got shape {a.shape}")
+    if b.ndim != 2:
+        raise ValueError(f"b must be 2-D (N, K), K-major; got shape {b.shape}")
+    if jnp.dtype(a.dtype) != IN_DTYPE:
+        raise ValueError(f"a has dtype {a.dtype}; expected float8_e4m3fn")
+    if jnp.dtype(b.dtype) != IN_DTYPE:
+        raise ValueError(f"b has dtype {b.dtype}; expected float8_e4m3fn")
+    m, k = a.shape
+    n, k2 = b.shape
+    if k2 != k:
+        raise ValueError(
+            f"b has shape {b.shape}: expected (N, K) with K={k} matching a {a.shape} "
+            "(b must be the K-major (N, K) weight, not (K, N))"
+        )
+    if m < 1 or n < 1 or k < 1:
+        raise ValueError(f"empty operands: a {a.shape}, b {b.shape}")
+    if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} must be bfloat16, float16 or float32")
+    n_mult, k_mult = required_alignment(out_dtype)
+    if k % k_mult:
+        raise ValueError(
+            f"K={k} (a.shape[1], b.shape[1]) must be a multiple of {k_mult} (TMA tiling by the 32-byte "
+            "wgmma swizzle); pad K once in process_weights_after_loading"
+        )
+    if n % n_mult:
+        raise ValueError(
+            f"N={n} (b.shape[0]) must be a multiple of {n_mult} for out_dtype {jnp.dtype(out_dtype).name} "
+            "(TMA tiling of b rows and of the 32-byte output swizzle); pad N once in process_weights_after_loading"
+        )
+    kb, nb = _cdiv(k, BLOCK), _cdiv(n, BLOCK)
+    for name, x, shape in (("a_scale", a_scale, (m, kb)), ("b_scale", b_scale, (nb, kb))):
+        if tuple(x.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; expected {shape} "
+                f"({'(M, ceil(K/128))' if name == 'a_scale' else '(ceil(N/128), ceil(K/128))'})"
+            )
+        if jnp.dtype(x.dtype) != jnp.dtype(jnp.float32):
+            raise ValueError(f"{name} has dtype {x.dtype}; expected float32")
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
+        if jnp.dtype(bias.dtype) not in _BIAS_DTYPES:
+            raise ValueError(f"bias has dtype {bias.dtype}; expected bfloat16, float16 or float32")
+
+
+def block_scaled_mm(
+    a,
+    b,
+    a_scale,
+    b_scale,
+    *,
+    bias=None,
+    out_dtype=jnp.bfloat16,
+    config: BlockTuningConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Block-scaled fp8 matmul: 1 x 128 activation groups, 128 x 128 weight blocks.
+
+    Args:
+      a: (M, K) float8_e4m3fn activations.
+      b: (N, K) float8_e4m3fn weight, K-major.
+      a_scale: float32 (M, ceil(K/128)) per-token per-K-group scales.
+      b_scale: float32 (ceil(N/128), ceil(K/128)) per-block weight scales.
+      bias: optional (N,) float32 / bfloat16 / float16.
+      out_dtype: bfloat16, float16 or float32.
+      config: tile configuration; None = :func:`default_config`.
+      interpret: run in Mosaic GPU interpret mode (CPU).
+    """
+    out_dtype = jnp.dtype(out_dtype)
+    _validate(a, b, a_scale, b_scale, bias, out_dtype)
+    m, k = a.shape
+    n = b.shape[0]
+    if config is None:
+        config = default_config(m, n, k, out_dtype)
+    _validate_config(config, out_dtype, bias is not None)
+    # M must be a multiple of 8 for TMA (8-row tiling): pad the activation side, slice the output.
+    m_pad = (-m) % 8
+    if m_pad:
+        a = jnp.pad(a, ((0, m_pad), (0, 0)))
+    # (ceil(K/128), M'): one K step's scales for a CTA's rows are one contiguous TMA box; M' covers
+    # whole CTA tiles so the box never leaves the array (padded scales meet zero rows of a).
+    mp = m + m_pad
+    a_scale_t = jnp.pad(a_scale.T, ((0, 0), (0, _cdiv(mp, config.cta_tile_m) * config.cta_tile_m - m)))
+    args = [a, b, a_scale_t, b_scale]
+    if bias is not None:
+        args.append(bias)
+    out = _call(tuple(args), config=config, has_bias=bias is not None, out_dtype=out_dtype, interpret=interpret)
+    return out[:m] if m_pad else out
+
+
+def _call(args, *, config, has_bias, out_dtype, interpret):
+    a, b = args[0], args[1]
+    m, k = a.shape
+    n = b.shape[0]
+    tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n)
+    grid = max(1, min(num_sms(), tiles))
+    kwargs = {}
+    if interpret:
+        kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
+    f = plgpu.kernel(
+        functools.partial(_kernel, config=config, has_bias=has_bias, m=m, n=n, k=k),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(grid,),
+        grid_names=("sm",),
+        num_threads=config.num_compute_wgs + 1,
+        thread_name="wg",
+        **kwargs,
+    )
+    return f(*args)
