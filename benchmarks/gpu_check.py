@@ -88,6 +88,15 @@ CHECK_CONFIGS = {
         wg_dimension="m",
         grid_minor_dim="m",
     ),
+    # Split-K (K = 2080 is 33 tiles of 64: 3 ranges of 11, the last one partial).
+    "splitK3_smallM": mm.TuningConfig(
+        tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=6, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=64,
+        epi_slots=1, split_k=3,
+    ),
+    "splitK3_mid": mm.TuningConfig(
+        tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64, epi_slots=1, split_k=3,
+    ),
     "big_m128x128_wgN": mm.TuningConfig(
         tile_m=128,
         tile_n=128,

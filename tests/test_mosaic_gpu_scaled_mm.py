@@ -55,6 +55,8 @@ TWO_WG_N = mm.TuningConfig(
     epi_slots=1,
 )
 
+SPLIT_K3 = dataclasses.replace(ONE_WG, split_k=3, epi_slots=1)
+
 
 def _operands(rng, m, n, k, dtype, a_mode="token", b_mode="channel", bias=False, azp=None):
     if dtype == "int8":
@@ -130,6 +132,11 @@ CASES = [
     # zero-point epilogue with one consumer warpgroup.
     ("int8", 65, 32, 64, "token", "tensor", False, None, jnp.float16, TWO_WG_M),
     ("int8", 64, 48, 96, "tensor", "channel", True, None, jnp.float32, TWO_WG_N),
+    # Split-K: bias and zero-point term added by the first K range only; K = 160 is 3 tiles
+    # of 64 (the last one partial), so each of the 3 ranges is one tile.
+    ("fp8", 100, 48, 160, "token", "channel", True, None, jnp.bfloat16, SPLIT_K3),
+    ("int8", 9, 48, 160, "token", "channel", True, "token", jnp.float32, SPLIT_K3),
+    ("int8", 70, 32, 128, "tensor", "tensor", True, "tensor", jnp.bfloat16, dataclasses.replace(TWO_WG_M, split_k=2)),
 ]
 
 
@@ -161,6 +168,26 @@ def test_int8_zero_point_correction_is_exact_in_int32():
     out = _run(ops, "int8", jnp.float32, ONE_WG)
     want = a.astype(np.int64) @ b.astype(np.int64).T - zp.astype(np.int64) * adj.astype(np.int64)
     np.testing.assert_array_equal(out, want.astype(np.float32))
+
+
+def test_split_k_int8_is_exact_in_f32():
+    # Each K range's partial is exact in int32 and in f32 after scaling by 1.
+    rng = np.random.default_rng(11)
+    ops = _operands(rng, 20, 32, 256, "int8", "tensor", "tensor", False, "token")
+    a, b, a_s, b_s, _, zp, adj = ops
+    a_s[:] = 1.0
+    b_s[:] = 1.0
+    out = _run(ops, "int8", jnp.float32, dataclasses.replace(ONE_WG, split_k=4))
+    want = a.astype(np.int64) @ b.astype(np.int64).T - zp.astype(np.int64) * adj.astype(np.int64)
+    np.testing.assert_array_equal(out, want.astype(np.float32))
+
+
+def test_split_k_must_divide_the_k_tiles():
+    a = jnp.zeros((8, 192), F8)
+    b = jnp.zeros((32, 192), F8)
+    with pytest.raises(ValueError, match="split_k=2 must divide the 3 K tiles"):
+        mm.scaled_mm(a, b, jnp.ones((8, 1)), jnp.ones((1, 32)), config=dataclasses.replace(ONE_WG, split_k=2),
+                     interpret=True)
 
 
 def test_default_config_runs_in_interpret_mode():
@@ -295,6 +322,22 @@ LOWER_CASES = [
     (129, 1008, 1152, jnp.int8, jnp.bfloat16, "token"),
     (7, 272, 224, F8, jnp.bfloat16, None),
 ]
+SPLIT_LOWER_CASES = [
+    # split-K candidates of the autotuner at decode and mid M (f32 partials in shared memory)
+    (16, 4096, 14336, F8, jnp.bfloat16, None),
+    (1, 8192, 28672, jnp.int8, jnp.bfloat16, "token"),
+    (128, 4096, 14336, F8, jnp.float16, None),
+    (256, 8192, 28672, jnp.int8, jnp.bfloat16, "tensor"),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_LOWER_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-{jnp.dtype(c[3]).name}")
+def test_split_k_candidates_cross_lower_for_cuda(case):
+    m, n, k, dt, od, azp = case
+    cands = [c for c in mm.candidate_configs(m, n, k, dt, od) if c.split_k > 1]
+    assert cands, "the autotuner offers split-K at this shape"
+    for cfg in cands:
+        _lower(m, n, k, dt, od, cfg, azp=azp)
 
 
 @pytest.mark.parametrize(

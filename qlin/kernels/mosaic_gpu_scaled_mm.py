@@ -63,7 +63,9 @@ _BIAS_DTYPES = SUPPORTED_OUT_DTYPES
 # Hopper: 227 KiB of dynamic shared memory per block.  Keep a little headroom
 # for barriers and the compiler's own scratch.
 SMEM_LIMIT_BYTES = 227 * 1024
-_SMEM_HEADROOM = 512
+# Measured: the compiler adds ~2 KB (barriers, scratch) to smem_bytes(); an 8-stage
+# split-K config 1.9 KB over this estimate was rejected by the Mosaic GPU compiler.
+_SMEM_HEADROOM = 2560
 H100_NUM_SMS = 132
 
 
@@ -81,6 +83,12 @@ class TuningConfig:
       tiles by the persistent grid ("m" or "n" minor).
     epi_tile_m / epi_tile_n: the shared-memory tile of the epilogue store
       (None = the whole warpgroup tile).
+    split_k: K is cut into this many equal ranges, each a separate work unit
+      of the persistent grid (more units than output tiles when the output
+      has few tiles: small and mid M with long K).  Each unit applies the
+      (linear) scale epilogue to its partial sum and stores it in float32;
+      one XLA reduction sums the partials and casts.  Must divide the number
+      of K tiles.
     """
 
     tile_m: int = 128
@@ -94,6 +102,7 @@ class TuningConfig:
     epi_tile_m: int | None = 64
     epi_tile_n: int | None = 64
     epi_slots: int = 2
+    split_k: int = 1
 
     @property
     def cta_tile_m(self) -> int:
@@ -110,6 +119,7 @@ class TuningConfig:
             f"g{self.grid_minor_dim}{self.grid_tile_width}"
             f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
             f"x{self.epi_slots}"
+            + (f"sk{self.split_k}" if self.split_k > 1 else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +149,7 @@ def required_alignment(dtype, out_dtype=jnp.bfloat16) -> tuple[int, int]:
 def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_col_vecs: int = 3) -> int:
     """Shared memory one CTA of ``config`` needs (pipeline + epilogue)."""
     in_size = jnp.dtype(dtype).itemsize
-    out_size = jnp.dtype(out_dtype).itemsize
+    out_size = 4 if config.split_k > 1 else jnp.dtype(out_dtype).itemsize
     stage = (config.cta_tile_m + config.cta_tile_n) * config.tile_k * in_size
     epi_m = config.epi_tile_m or config.tile_m
     epi_n = config.epi_tile_n or config.tile_n
@@ -168,6 +178,8 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(f"config.epi_slots={c.epi_slots} must be 1 or 2")
     if c.max_concurrent_steps < 2:
         raise ValueError("config.max_concurrent_steps must be >= 2")
+    if not isinstance(c.split_k, int) or c.split_k < 1:
+        raise ValueError(f"config.split_k={c.split_k} must be an int >= 1")
     epi_m = c.epi_tile_m or c.tile_m
     epi_n = c.epi_tile_n or c.tile_n
     if c.tile_m % epi_m or epi_m % 64:
@@ -353,6 +365,20 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     )
 
 
+def _split_k_options(n, k, tile_n, tile_k, *, sms, m, cta_m=64) -> list[int]:
+    """split_k values worth trying: divide the K tiles, leave >= 4 K tiles per unit, and
+    bring the work units (output tiles x split_k) up to between 0.5x and 2x the SM count."""
+    k_tiles = _cdiv(k, tile_k)
+    tiles = _cdiv(m, cta_m) * _cdiv(n, tile_n)
+    if tiles >= sms:
+        return []
+    return [
+        sk
+        for sk in (2, 3, 4, 6, 8, 12, 16)
+        if k_tiles % sk == 0 and k_tiles // sk >= 4 and sms // 2 <= tiles * sk <= 2 * sms
+    ]
+
+
 def candidate_configs(
     m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16, limit: int | None = None
 ) -> list[TuningConfig]:
@@ -373,10 +399,30 @@ def candidate_configs(
                         epi_tile_n=math.gcd(tn, 64),
                     )
                 )
+        # Split-K: wider N tiles (less A traffic per weight byte in shared memory), K cut
+        # into ranges so that there are about as many work units as SMs.
+        for tn in (64, 128, 256):
+            for sk in _split_k_options(n, k, tn, 128, sms=num_sms(), m=m):
+                cands.append(
+                    TuningConfig(
+                        tile_m=64,
+                        tile_n=tn,
+                        tile_k=128,
+                        max_concurrent_steps=8,
+                        num_compute_wgs=1,
+                        epi_tile_m=64,
+                        epi_tile_n=64,
+                        epi_slots=1,
+                        split_k=sk,
+                    )
+                )
     elif m <= 512:
         for tn in (64, 128, 32, 256):
             cands.append(_mid_m_tile(tn))
         cands.append(_large_m_tile())
+        for tn in (64, 128, 256):
+            for sk in _split_k_options(n, k, tn, 128, sms=num_sms(), m=m, cta_m=128):
+                cands.append(dataclasses.replace(_mid_m_tile(tn), split_k=sk, epi_slots=1))
     else:
         for tm, tn, wgd, st, slots in (
             (128, 128, "n", 4, 1),
@@ -443,7 +489,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     c = config
     tile_m, tile_n, tile_k = c.tile_m, c.tile_n, c.tile_k
     cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
-    m_iters, n_iters, k_iters = _cdiv(m, cta_m), _cdiv(n, cta_n), _cdiv(k, tile_k)
+    m_iters, n_iters = _cdiv(m, cta_m), _cdiv(n, cta_n)
+    split_k = c.split_k
+    k_iters = _cdiv(k, tile_k) // split_k  # K tiles of one work unit
     nwg = c.num_compute_wgs
     epi_m = c.epi_tile_m or tile_m
     epi_n = c.epi_tile_n or tile_n
@@ -497,14 +545,22 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem):
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        @plgpu.nd_loop((m_iters * n_iters * split_k,), collective_axes="sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
+            # Split-K: the K range is the slowest index, so CTAs running at the
+            # same time share K ranges of A (L2 reuse).
+            split = lin // (m_iters * n_iters) if split_k > 1 else 0
+            lin = lin % (m_iters * n_iters) if split_k > 1 else lin
             m_idx, n_idx = plgpu.planar_snake(
                 lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
             cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
+            k_slice = pl.ds(split * (k_iters * tile_k), k_iters * tile_k) if split_k > 1 else slice(None)
+            # Only the first K range adds the bias and subtracts the zero-point term.
+            first = (split == 0) if split_k > 1 else None
+            out_tile = out_gmem.at[split] if split_k > 1 else out_gmem
 
             def compute_context(eval_pipeline):
                 wg = lax.axis_index("wg")
@@ -543,6 +599,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
 
                     if epi.has_azp:
                         adj = col_vec("azp_adj")
+                        if first is not None:
+                            adj = adj * first.astype(jnp.int32)
                         if epi.azp_vec:
                             acc = acc - bcast_row(row_vec("azp")) * bcast_col(adj)
                         else:
@@ -558,7 +616,10 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                     else:
                         y = y * (as_gmem[0] * bs_gmem[0])
                     if epi.has_bias:
-                        y = y + bcast_col(col_vec("bias").astype(jnp.float32))
+                        bias_v = col_vec("bias").astype(jnp.float32)
+                        if first is not None:
+                            bias_v = bias_v * first.astype(jnp.float32)
+                        y = y + bcast_col(bias_v)
                     y = y.astype(out_dtype)
 
                     # Write through SMEM + TMA, double-buffered epilogue tiles.
@@ -573,7 +634,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                             plgpu.commit_smem()
                             plgpu.copy_smem_to_gmem(
                                 out_smem.at[wg, slot],
-                                out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n],
+                                out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n],
                             )
 
             def mma_body(_, a_smem, b_smem, acc_ref):
@@ -587,7 +648,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                 return acc_ref
 
             pipeline(mma_body, compute_context)(
-                a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :], allocations=pipeline_allocs
+                a_gmem.at[cta_m_slice, k_slice], b_gmem.at[cta_n_slice, k_slice], allocations=pipeline_allocs
             )
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -698,6 +759,11 @@ def scaled_mm(
     n_row = int(epi.a_scale_vec) + int(epi.azp_vec)
     n_col = int(epi.b_scale_vec) + int(epi.has_bias) + int(epi.has_azp)
     _validate_config(config, a.dtype, out_dtype, n_row, n_col)
+    if _cdiv(k, config.tile_k) % config.split_k:
+        raise ValueError(
+            f"config.split_k={config.split_k} must divide the {_cdiv(k, config.tile_k)} K tiles "
+            f"(K={k}, tile_k={config.tile_k})"
+        )
     # Mosaic GPU tiles the (M, K) operand and the (M, N) output by 8 rows for
     # TMA, so M must be a multiple of 8: pad the (small) activation side and
     # slice the output.  The padded rows are zero and never read back.
@@ -715,6 +781,8 @@ def scaled_mm(
     if azp is not None:
         args += [azp.reshape(-1), azp_adj.reshape(-1)]
     out = _call(tuple(args), config=config, epi=epi, out_dtype=out_dtype, interpret=interpret)
+    if config.split_k > 1:
+        out = out.sum(axis=0).astype(out_dtype)  # one XLA fusion over the partial sums
     return out[:m] if m_pad else out
 
 
@@ -722,14 +790,20 @@ def _call(args, *, config, epi, out_dtype, interpret):
     a, b = args[0], args[1]
     m, k = a.shape
     n = b.shape[0]
-    tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n)
+    tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n) * config.split_k
     grid = max(1, min(num_sms(), tiles))
+    # Split-K: float32 partial sums, one (M, N) slab per K range.
+    out_type = (
+        jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
+        if config.split_k > 1
+        else jax.ShapeDtypeStruct((m, n), out_dtype)
+    )
     kwargs = {}
     if interpret:
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
     f = plgpu.kernel(
         functools.partial(_kernel, config=config, epi=epi, m=m, n=n, k=k),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_type=out_type,
         grid=(grid,),
         grid_names=("sm",),
         num_threads=config.num_compute_wgs + 1,
