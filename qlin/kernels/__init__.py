@@ -14,5 +14,6 @@ register_kernel(ReferenceKernel)
 
 # Registers itself ahead of xla on cuda (is_supported: compute capability 9.x).
 from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel  # noqa: E402
+from qlin.kernels.mosaic_gpu_block import MosaicGPUBlockFP8Kernel  # noqa: E402
 
-__all__ = ["MosaicGPUScaledMMKernel", "ReferenceKernel", "XLAKernel"]
+__all__ = ["MosaicGPUBlockFP8Kernel", "MosaicGPUScaledMMKernel", "ReferenceKernel", "XLAKernel"]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -45,8 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from qlin.kernels.mosaic_gpu_scaled_mm import (
-    SMEM_LIMIT_BYTES,
     _SMEM_HEADROOM,
+    SMEM_LIMIT_BYTES,
     _cdiv,
     _pick_swizzle,
     _swizzle_transforms,
@@ -55,13 +54,13 @@ from qlin.kernels.mosaic_gpu_scaled_mm import (
 
 __all__ = [
     "BLOCK",
+    "SUPPORTED_OUT_DTYPES",
     "BlockTuningConfig",
     "block_scaled_mm",
     "candidate_configs",
     "default_config",
     "required_alignment",
     "smem_bytes",
-    "SUPPORTED_OUT_DTYPES",
 ]
 
 #: The (weight N block, K block) = activation group size the kernel implements.
@@ -125,7 +124,7 @@ class BlockTuningConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BlockTuningConfig":
+    def from_dict(cls, d: dict[str, Any]) -> BlockTuningConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -158,7 +157,7 @@ def smem_bytes(config: BlockTuningConfig, out_dtype=jnp.bfloat16, has_bias: bool
 def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True) -> None:
     c = config
     if not isinstance(c, BlockTuningConfig):
-        raise ValueError(f"config must be a BlockTuningConfig, got {type(c).__name__}")
+        raise TypeError(f"config must be a BlockTuningConfig, got {type(c).__name__}")
     if c.tile_m != 64:
         raise ValueError(f"config.tile_m={c.tile_m} must be 64 (two f32 register tiles per warpgroup)")
     if c.tile_n not in (16, 32, 64, 128):
@@ -263,7 +262,7 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTunin
     if m <= 512:
         best = None
         for tn in (128, 64, 32):
-            waves, neg_eff = _waves_key(m, n, 128, tn, sms)
+            waves, _ = _waves_key(m, n, 128, tn, sms)
             # fewer waves first; on equal waves the wider tile (less A re-reading).
             key = (waves, -tn)
             if best is None or key < best[0]:

@@ -1,0 +1,361 @@
+"""Block-scaled FP8 Mosaic GPU kernel (qlin/kernels/mosaic_gpu_block_scaled_mm.py) and its
+MMLinearKernel ``mosaic_gpu_block`` (qlin/kernels/mosaic_gpu_block.py).
+
+The kernel runs on the CPU in Mosaic GPU interpret mode against a float64
+NumPy reference built from the same 8-bit operands and block scales; the
+MMLinearKernel against qlin's float64 oracle (``reference_linear_np``) and the
+reference kernel.  Interpret mode checks neither shared-memory size nor wgmma /
+TMA layouts, so every real configuration is also cross-lowered for CUDA on
+the CPU.  benchmarks/gpu_block_check.py runs the same kernel on an H100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlin import select
+from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
+from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
+from qlin.kernels.mosaic_gpu_block import MosaicGPUBlockFP8Kernel
+from qlin.kernels.reference import ReferenceKernel
+from qlin.quantize import quantize_weight
+from qlin.testing import reference_linear_np
+from qlin.tolerances import kernel_rtol, rel_err
+
+F8 = jnp.float8_e4m3fn
+S = jax.ShapeDtypeStruct
+BLOCK_CFG = FP8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_group", group_size=128)
+
+# Small tiles keep interpret mode fast; every warpgroup layout is covered.
+ONE_WG = bmm.BlockTuningConfig(
+    tile_m=64, tile_n=32, max_concurrent_steps=2, num_compute_wgs=1, wg_dimension="n", grid_tile_width=1, epi_tile_n=32
+)
+TWO_WG_M = bmm.BlockTuningConfig(
+    tile_m=64, tile_n=32, max_concurrent_steps=3, num_compute_wgs=2, wg_dimension="m", grid_tile_width=2, epi_tile_n=16
+)
+TWO_WG_N = bmm.BlockTuningConfig(
+    tile_m=64,
+    tile_n=64,
+    max_concurrent_steps=2,
+    num_compute_wgs=2,
+    wg_dimension="n",
+    grid_minor_dim="n",
+    grid_tile_width=1,
+    epi_tile_n=32,
+    epi_slots=1,
+)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _operands(rng, m, n, k, bias=False):
+    a = np.asarray(jnp.asarray(rng.standard_normal((m, k)) * 3, F8))
+    b = np.asarray(jnp.asarray(rng.standard_normal((n, k)) * 3, F8))
+    # Scales spanning 2**-5 .. 2**2 (outputs stay inside float16): a kernel that applied one
+    # block's scale to another block (or skipped the promotion) would be far off.
+    a_s = np.exp2(rng.uniform(-5, 2, (m, _cdiv(k, 128)))).astype(np.float32)
+    b_s = np.exp2(rng.uniform(-5, 2, (_cdiv(n, 128), _cdiv(k, 128)))).astype(np.float32)
+    bias_v = rng.standard_normal(n).astype(np.float32) * 50 if bias else None
+    return a, b, a_s, b_s, bias_v
+
+
+def _reference(a, b, a_s, b_s, bias=None):
+    _m, k = a.shape
+    n = b.shape[0]
+    xa = a.astype(np.float64) * np.repeat(a_s.astype(np.float64), 128, axis=1)[:, :k]
+    wb = b.astype(np.float64) * np.repeat(np.repeat(b_s.astype(np.float64), 128, axis=0), 128, axis=1)[:n, :k]
+    y = xa @ wb.T
+    return y if bias is None else y + bias.astype(np.float64)
+
+
+def _run(ops, out_dtype, config):
+    a, b, a_s, b_s, bias = ops
+    out = bmm.block_scaled_mm(
+        jnp.asarray(a, F8),
+        jnp.asarray(b, F8),
+        jnp.asarray(a_s),
+        jnp.asarray(b_s),
+        bias=None if bias is None else jnp.asarray(bias),
+        out_dtype=out_dtype,
+        config=config,
+        interpret=True,
+    )
+    assert out.shape == (a.shape[0], b.shape[0]) and out.dtype == jnp.dtype(out_dtype)
+    return np.asarray(out.astype(jnp.float32))
+
+
+CASES = [
+    # (M, N, K, bias, out_dtype, config): partial M / N tiles, N blocks split across
+    # warpgroup tiles, K a multiple of 128 but not of the pipeline depth, K % 128 != 0.
+    (100, 48, 256, True, jnp.bfloat16, ONE_WG),
+    (7, 176, 384, False, jnp.float16, ONE_WG),
+    (1, 32, 128, True, jnp.float32, ONE_WG),
+    (130, 176, 640, True, jnp.bfloat16, TWO_WG_M),
+    (65, 272, 416, False, jnp.float32, TWO_WG_M),
+    (70, 272, 384, True, jnp.float32, TWO_WG_N),
+    (9, 400, 160, False, jnp.bfloat16, TWO_WG_N),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: (
+        f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-w{c[5].num_compute_wgs}{c[5].wg_dimension}"
+    ),
+)
+def test_interpret_matches_float64_reference(case):
+    m, n, k, bias, od, cfg = case
+    rng = np.random.default_rng(m * 7919 + n * 31 + k)
+    ops = _operands(rng, m, n, k, bias)
+    out = _run(ops, od, cfg)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(od)
+
+
+def test_each_k_block_gets_its_own_scales():
+    # f32 output, exact small integers: every K block contributes with its own activation and
+    # weight scale (powers of two, so the sum is exact in float32 up to rounding of the total).
+    rng = np.random.default_rng(5)
+    m, n, k = 64, 256, 384
+    a = rng.integers(-4, 5, (m, k)).astype(np.float32)
+    b = rng.integers(-4, 5, (n, k)).astype(np.float32)
+    a_s = np.exp2(rng.integers(-3, 4, (m, 3))).astype(np.float32)
+    b_s = np.exp2(rng.integers(-3, 4, (2, 3))).astype(np.float32)
+    ops = (np.asarray(jnp.asarray(a, F8)), np.asarray(jnp.asarray(b, F8)), a_s, b_s, None)
+    out = _run(ops, jnp.float32, ONE_WG)
+    np.testing.assert_array_equal(out, _reference(*ops).astype(np.float32))
+
+
+def test_default_config_runs_in_interpret_mode():
+    rng = np.random.default_rng(3)
+    ops = _operands(rng, 5, 32, 256, bias=True)
+    out = _run(ops, jnp.bfloat16, None)  # config=None: the heuristic
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    m=st.integers(1, 140),
+    n16=st.integers(1, 20),
+    kb=st.integers(1, 3),
+    k_tail=st.sampled_from([0, 32, 96]),
+    cfg=st.sampled_from([ONE_WG, TWO_WG_M, TWO_WG_N]),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
+    n = 16 * n16
+    k = 128 * kb - k_tail
+    ops = _operands(np.random.default_rng(seed), m, n, k, bias=bool(seed % 2))
+    out = _run(ops, jnp.bfloat16, cfg)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
+# -- the MMLinearKernel ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, k, out_dtype", [(200, 300, jnp.bfloat16), (136, 256, jnp.float32)])
+def test_apply_weights_matches_oracle_and_reference_kernel(n, k, out_dtype):
+    # N=200 pads to 208, K=300 to 320 (partial 128-blocks in both); N=136, K=256 aligned.
+    rng = np.random.default_rng(n + k)
+    cfg = dataclasses.replace(BLOCK_CFG, out_dtype=out_dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 35, k)) * np.exp2(rng.uniform(-4, 4, (1, 1, k))), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    params = quantize_weight(w, cfg)
+    assert params.weight_scale.shape == (_cdiv(n, 128), _cdiv(k, 128))
+    ker = MosaicGPUBlockFP8Kernel(cfg, interpret=True, tuning=TWO_WG_M)
+    pp = ker.process_weights_after_loading(params)
+    n_mult, k_mult = bmm.required_alignment(out_dtype)
+    assert pp.weight.shape[0] % n_mult == 0 and pp.weight.shape[1] % k_mult == 0
+    assert (pp.n, pp.k) == (n, k) and pp.weight_scale.shape == params.weight_scale.shape
+    y = ker.apply_weights(pp, x, bias)
+    assert y.shape == (2, 35, n) and y.dtype == jnp.dtype(out_dtype)
+    y = np.asarray(y.astype(jnp.float32))
+    oracle = reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))
+    assert rel_err(y, oracle) < kernel_rtol(out_dtype)
+    ref = ReferenceKernel(cfg).apply_weights(params, x, bias)
+    assert rel_err(y, np.asarray(ref.astype(jnp.float32))) < kernel_rtol(out_dtype)
+
+
+def test_process_weights_is_idempotent_and_aligned_weights_are_kept():
+    rng = np.random.default_rng(1)
+    ker = MosaicGPUBlockFP8Kernel(BLOCK_CFG, interpret=True)
+    params = quantize_weight(jnp.asarray(rng.standard_normal((50, 200)), jnp.float32), BLOCK_CFG)
+    once = ker.process_weights_after_loading(params)
+    twice = ker.process_weights_after_loading(once)
+    assert once.weight.shape == twice.weight.shape == (64, 224)
+    np.testing.assert_array_equal(np.asarray(once.weight, np.float32), np.asarray(twice.weight, np.float32))
+    aligned = quantize_weight(jnp.ones((128, 256), jnp.float32), BLOCK_CFG)
+    pp = ker.process_weights_after_loading(aligned)
+    assert pp.weight.shape == (128, 256) and pp.out_features is None
+
+
+def test_selection_prefers_block_kernel_on_sm90():
+    assert select.choose_kernel(BLOCK_CFG, compute_capability=90, platform="cuda") is MosaicGPUBlockFP8Kernel
+    assert select.choose_kernel(FP8ScaledMMConfig(), compute_capability=90, platform="cuda") is MosaicGPUScaledMMKernel
+    # Not Hopper: the portable path.
+    assert select.choose_kernel(BLOCK_CFG, compute_capability=89, platform="cuda").name == "xla"
+    assert select.choose_kernel(BLOCK_CFG, platform="cpu").name == "xla"
+    names = [k.name for k in select.registered_kernels("cuda")]
+    assert names.index("mosaic_gpu_block") < names.index("xla")
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (FP8ScaledMMConfig(), r"weight_granularity='per_channel'"),
+        (
+            FP8ScaledMMConfig(weight_granularity=(128, 64), activation="dynamic_per_group", group_size=64),
+            r"only \(128, 128\)",
+        ),
+        (FP8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_token"), r"dynamic_per_group"),
+        (FP8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_group", group_size=64), r"128"),
+        (
+            FP8ScaledMMConfig(
+                weight_granularity=(128, 128), activation="dynamic_per_group", group_size=128, fp8_format="e5m2"
+            ),
+            r"e4m3fn",
+        ),
+        (Int8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_group"), r"int8"),
+    ],
+)
+def test_can_implement_reasons(config, match):
+    ok, why = MosaicGPUBlockFP8Kernel.can_implement(config)
+    assert not ok and re.search(match, why)
+
+
+def test_is_supported_needs_hopper():
+    assert MosaicGPUBlockFP8Kernel.is_supported(90) == (True, None)
+    ok, why = MosaicGPUBlockFP8Kernel.is_supported(80)
+    assert not ok and "9.x" in why
+
+
+# -- bad inputs -----------------------------------------------------------------------------------
+
+
+def _args(m=16, n=32, k=256):
+    return (
+        jnp.zeros((m, k), F8),
+        jnp.zeros((n, k), F8),
+        jnp.ones((m, _cdiv(k, 128)), jnp.float32),
+        jnp.ones((_cdiv(n, 128), _cdiv(k, 128)), jnp.float32),
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a, b, x, y: (a.astype(jnp.bfloat16), b, x, y), r"a has dtype bfloat16; expected float8_e4m3fn"),
+        (lambda a, b, x, y: (a, b.astype(jnp.float8_e5m2), x, y), r"b has dtype float8_e5m2"),
+        (lambda a, b, x, y: (a, b.T, x, y), r"b has shape \(256, 32\).*K-major \(N, K\)"),
+        (lambda a, b, x, y: (a, b, x[:, :1], y), r"a_scale has shape \(16, 1\); expected \(16, 2\)"),
+        (lambda a, b, x, y: (a, b, x, y.T), r"b_scale has shape \(2, 1\); expected \(1, 2\)"),
+        (lambda a, b, x, y: (a, b, x.astype(jnp.bfloat16), y), r"a_scale has dtype bfloat16"),
+        (lambda a, b, x, y: (a[:, :240], b[:, :240], x, y), r"K=240 .* multiple of 32"),
+        (lambda a, b, x, y: (a, b[:24], x, y), r"N=24 .* multiple of 16"),
+        (lambda a, b, x, y: (a[0], b, x, y), r"a must be 2-D"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(mutate, match):
+    with pytest.raises(ValueError, match=match):
+        bmm.block_scaled_mm(*mutate(*_args()), config=ONE_WG, interpret=True)
+
+
+def test_bad_bias_and_out_dtype():
+    with pytest.raises(ValueError, match=r"bias has shape \(31,\)"):
+        bmm.block_scaled_mm(*_args(), bias=jnp.zeros(31), interpret=True)
+    with pytest.raises(ValueError, match=r"bias has dtype int32"):
+        bmm.block_scaled_mm(*_args(), bias=jnp.zeros(32, jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match=r"out_dtype int32"):
+        bmm.block_scaled_mm(*_args(), out_dtype=jnp.int32, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"tile_n": 48}, r"tile_n=48 must be 16, 32, 64 or 128"),
+        ({"tile_m": 128}, r"tile_m=128 must be 64"),
+        ({"tile_k": 256}, r"tile_k=256 must be 128"),
+        ({"num_compute_wgs": 3}, r"num_compute_wgs=3"),
+        ({"max_concurrent_steps": 1}, r"max_concurrent_steps must be >= 2"),
+        ({"tile_n": 128, "epi_tile_n": 48}, r"epi_tile_n=48"),
+        ({"tile_n": 128, "num_compute_wgs": 2, "max_concurrent_steps": 7}, r"needs \d+ bytes of shared memory"),
+    ],
+)
+def test_bad_tuning_configs(change, match):
+    with pytest.raises(ValueError, match=match):
+        bmm.block_scaled_mm(*_args(), config=dataclasses.replace(ONE_WG, **change), interpret=True)
+
+
+# -- static checks: cross-lowering for CUDA on the CPU ------------------------------------------
+
+LLAMA = [(4096, 4096), (28672, 4096), (4096, 14336), (8192, 8192), (6144, 4096), (57344, 8192)]
+
+
+def test_default_and_candidate_configs_are_valid_for_the_benchmark_grid():
+    for n, k in LLAMA:
+        for m in (1, 16, 64, 128, 256, 512, 1024, 4096, 8192):
+            for od in (jnp.bfloat16, jnp.float32):
+                cfgs = [bmm.default_config(m, n, k, od), *bmm.candidate_configs(m, n, k, od)]
+                assert cfgs[0] == cfgs[1]
+                for cfg in cfgs:
+                    bmm._validate_config(cfg, od)
+                    assert bmm.smem_bytes(cfg, od) <= bmm.SMEM_LIMIT_BYTES
+
+
+def _lower(m, n, k, out_dtype, config, bias=True):
+    kb, nb = _cdiv(k, 128), _cdiv(n, 128)
+    args = [S((m, k), F8), S((n, k), F8), S((m, kb), jnp.float32), S((nb, kb), jnp.float32)]
+    args.append(S((n,), jnp.float32) if bias else None)
+
+    def f(a, b, x, y, bias):
+        return bmm.block_scaled_mm(a, b, x, y, bias=bias, out_dtype=out_dtype, config=config)
+
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+LOWER_CASES = [
+    # every default regime (M = 16, 256, 4096) on Llama shapes, odd shapes, each out dtype
+    (16, 4096, 4096, jnp.bfloat16),
+    (256, 4096, 4096, jnp.bfloat16),
+    (4096, 4096, 4096, jnp.bfloat16),
+    (16, 28672, 4096, jnp.bfloat16),
+    (256, 4096, 14336, jnp.float16),
+    (4096, 8192, 8192, jnp.float32),
+    (1, 272, 384, jnp.bfloat16),
+    (1000, 1040, 2080, jnp.float32),
+    (100, 13664, 4096, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-{jnp.dtype(c[3]).name}")
+def test_default_configs_cross_lower_for_cuda(case):
+    m, n, k, od = case
+    lowered = _lower(m, n, k, od, None)
+    assert "mosaic_gpu" in lowered.as_text()[:20000]
+
+
+def test_every_candidate_config_cross_lowers():
+    for m in (16, 256, 4096):
+        for cfg in bmm.candidate_configs(m, 4096, 4096):
+            _lower(m, 4096, 4096, jnp.bfloat16, cfg, bias=False)
+    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N):  # the interpret-mode test tiles are real configs too
+        _lower(130, 272, 416, jnp.bfloat16, cfg)
+
+
+def test_cross_lowering_catches_shared_memory_overflow(monkeypatch):
+    big = bmm.BlockTuningConfig(max_concurrent_steps=7)
+    monkeypatch.setattr(bmm, "_validate_config", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        _lower(1024, 1024, 1024, jnp.bfloat16, big, bias=False)
