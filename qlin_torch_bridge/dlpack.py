@@ -307,7 +307,7 @@ _DL_CPU, _DL_CUDA = 1, 2
 class _Route:
     """What a conversion between one torch device and its JAX device needs, computed once."""
 
-    __slots__ = ("jax_device", "dl_type", "index", "jax_stream", "jax_stream_torch", "event", "lock")
+    __slots__ = ("jax_device", "dl_type", "index", "jax_stream", "jax_stream_torch", "event", "lock", "streams")
 
     def __init__(self, jax_device: Any, dl_type: int, index: int) -> None:
         self.jax_device, self.dl_type, self.index = jax_device, dl_type, index
@@ -315,6 +315,7 @@ class _Route:
         self.jax_stream_torch: Any = None  # the same stream as a torch.cuda.ExternalStream
         self.event: Any = None  # the one torch event recorded per torch -> JAX hand-over
         self.lock = threading.Lock()  # record + wait of the shared event must not interleave across threads
+        self.streams: dict[int, Any] = {}  # raw CUstream -> a torch Stream object for it (saves one per call)
         if dl_type == _DL_CUDA:
             try:
                 self.jax_stream = int(jax_device.get_stream_for_external_ready_events())
@@ -337,7 +338,17 @@ class _Route:
         """Make JAX's external-ready stream wait for the work queued so far on torch's current stream."""
         if self.jax_stream is None:
             return None
-        ev, current = self.event, torch.cuda.current_stream(self.index)
+        ev, current = self.event, None
+        raw = _RAW_CUDA_STREAM(self.index) if _RAW_CUDA_STREAM is not None else None
+        if raw is not None:
+            current = self.streams.get(raw)
+        if current is None:
+            current = torch.cuda.current_stream(self.index)
+            if raw is not None:
+                # keyed by the raw handle: a torch Stream object always resolves to the handle it was made for
+                if len(self.streams) > 256:
+                    self.streams.clear()
+                self.streams[raw] = current
         with self.lock:
             ev.record(current)
             self.jax_stream_torch.wait_event(ev)
@@ -419,6 +430,35 @@ def to_jax_hot(t: torch.Tensor, *, name: str = "tensor", copy: bool = False) -> 
             except Exception:  # noqa: BLE001 - unaligned, signature change, ...: the full path decides
                 pass
     return to_jax(t, copy=copy, name=name, verify=False)
+
+
+def hot_route(t: torch.Tensor) -> _Route | None:
+    """The cached route of ``t``'s device for :func:`import_hot` / :func:`export_hot` (None: no fast path)."""
+    return _route(t) if (_FAST["on"] or _FAST["export"]) else None
+
+
+def fast_export_dtype(dtype: Any) -> bool:
+    """Whether a JAX result of ``dtype`` crosses on the fast export (fp8 may need the re-tagged capsule)."""
+    want = _J2T.get(jnp.dtype(dtype))
+    return want is not None and want not in _FP8_TORCH
+
+
+def import_hot(t: torch.Tensor, route: _Route) -> jax.Array | None:
+    """``t`` on ``route``'s JAX device, zero copy, stream-ordered, for a ``t`` the caller knows is on that
+    device; None when ``t`` needs :func:`to_jax_hot`'s checks (fp8, grad, strides, alignment, no fast path)."""
+    if not (_FAST["on"] and t.dtype in _HOT_DTYPES and not t.requires_grad and t.is_contiguous()):
+        return None
+    stream = route.order_after_torch()
+    try:
+        return _RAW_IMPORT(_TORCH_TO_CAPSULE(t), route.jax_device, stream, False, route.dl_type)
+    except Exception:  # noqa: BLE001 - unaligned, signature change, ...: the full path decides (and explains)
+        return None
+
+
+def export_hot(a: jax.Array, route: _Route) -> torch.Tensor | None:
+    """A kernel's single-device result of a :func:`fast_export_dtype` dtype, on ``route``'s device, as a
+    torch tensor ordered on torch's current stream; None when the fast export is off."""
+    return _fast_export(a, route) if _FAST["export"] else None
 
 
 def to_torch_hot(a: jax.Array, like: torch.Tensor, *, name: str = "array") -> torch.Tensor:

@@ -38,6 +38,7 @@ from qlin.kernel import MMLinearKernel
 from qlin.params import Params
 from qlin.platform import PLATFORMS
 from qlin.select import registered_kernels
+from qlin_torch_bridge import dlpack
 from qlin_torch_bridge.dlpack import platform_of, to_jax, to_jax_hot, to_torch, to_torch_hot
 from qlin_torch_bridge.params import STATIC_ATTR, WeightLayout, check_same_device, params_from_module
 
@@ -54,48 +55,91 @@ class _State:
     kernel: MMLinearKernel
     apply: Any
     params: Params
-    sources: dict[str, tuple[Any, int]]  # attribute -> (the torch object read, its data pointer)
+    sources: dict[str, tuple[Any, int, int | None]]  # attribute -> (the torch object read, data pointer, _version)
     weight_layout: str
     copy: bool
     platform: str
     kernel_override: str | None = None
-    bias_src: tuple[Any, int] | None = None
+    bias_src: tuple[Any, int, int | None] | None = None  # (bias tensor, data pointer, _version) of bias_jax
     bias_jax: Any = None
     # hot path: the params' leaves and ``call(leaves, x, bias)`` -- the same jitted kernel apply with the
     # pytree already flattened (a Params flatten is Python code: doing it once saves it on every call)
     leaves: tuple = ()
     call: Any = None
-    checks: tuple = ()  # ((attr, object, data_ptr), ...) -- the parameters the cached params were read from
+    checks: tuple = ()  # ((where to look the attribute up (see _holder), attr, object, data_ptr, _version), ...)
     device: Any = None  # the torch device of the layer's weight
+    route: Any = None  # the DLPack route (cached JAX device, streams) of that device, None: public path
+    export_ok: bool = False  # the output dtype crosses on the fast export
 
-    def refresh(self) -> None:
+    def refresh(self, layer: Any = None) -> None:
         leaves, treedef = jax.tree_util.tree_flatten(self.params)
         self.leaves, self.call = tuple(leaves), _leaf_call(self.kernel, treedef)
-        self.checks = tuple((attr, obj, ptr) for attr, (obj, ptr) in self.sources.items())
-        w = self.sources.get(self.params.attribute_name("weight"), (None, 0))[0]
+        self.checks = tuple((_holder(layer, attr, obj), attr, obj, ptr, ver)
+                            for attr, (obj, ptr, ver) in self.sources.items())
+        w = self.sources.get(self.params.attribute_name("weight"), (None, 0, None))[0]
         self.device = w.device if isinstance(w, torch.Tensor) else None
+        self.route = dlpack.hot_route(w) if isinstance(w, torch.Tensor) else None
+        self.export_ok = dlpack.fast_export_dtype(self.kernel.config.out_dtype)
 
 
-def _snapshot(layer: Any, attrs) -> dict[str, tuple[Any, int]]:
+def _version(t: torch.Tensor) -> int | None:
+    """``t._version`` (bumped by every in-place op on ``t`` or a view of it); None for inference tensors."""
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors track no version
+        return None
+
+
+def _holder(layer: Any, attr: str, obj: Any) -> Any:
+    """Where the hot path looks ``attr`` up without ``nn.Module.__getattr__`` (slow, and raising inside
+    for an absent attribute): the dict holding ``obj`` (``_parameters`` / ``_buffers``); for an attribute
+    the layer did not have, the three dicts a later assignment would land in; None: plain getattr."""
+    if not isinstance(layer, torch.nn.Module) or type(getattr(type(layer), attr, None)) is property:
+        return None
+    if attr in layer.__dict__:
+        return None  # a plain instance attribute: let getattr decide
+    for d in (layer._parameters, layer._buffers):
+        if attr in d:
+            return d if d[attr] is obj else None
+    if obj is None and not hasattr(type(layer), attr):
+        return (layer._parameters, layer._buffers, layer.__dict__)
+    return None
+
+
+def _snapshot(layer: Any, attrs) -> dict[str, tuple[Any, int, int | None]]:
     out = {}
     for attr in attrs:
         obj = getattr(layer, attr, None)
-        out[attr] = (obj, obj.data_ptr() if isinstance(obj, torch.Tensor) else 0)
+        out[attr] = (obj, obj.data_ptr(), _version(obj)) if isinstance(obj, torch.Tensor) else (obj, 0, None)
     return out
 
 
 def _unchanged_fast(layer: Any, checks: tuple) -> bool:
-    for attr, obj, ptr in checks:
-        now = getattr(layer, attr, None)
-        if now is not obj or (ptr and now.data_ptr() != ptr):
+    """Every parameter read at processing time is still the same object, at the same address, with no
+    in-place update since (its ``_version``: ``param.mul_(2)``, ``param.copy_(new)`` under no_grad)."""
+    for holder, attr, obj, ptr, ver in checks:
+        if holder is None:
+            now = getattr(layer, attr, None)
+        elif type(holder) is dict:
+            now = holder.get(attr)
+        else:  # absent when read: still absent (or None)?
+            params, buffers, inst = holder
+            now = params.get(attr)
+            if now is None:
+                now = buffers.get(attr)
+                if now is None:
+                    now = inst.get(attr)
+        if now is not obj:
+            return False
+        if ptr and (now.data_ptr() != ptr or (ver is not None and now._version != ver)):
             return False
     return True
 
 
-def _unchanged(layer: Any, sources: dict[str, tuple[Any, int]]) -> bool:
-    for attr, (obj, ptr) in sources.items():
+def _unchanged(layer: Any, sources: dict[str, tuple[Any, int, int | None]]) -> bool:
+    for attr, (obj, ptr, ver) in sources.items():
         now = getattr(layer, attr, None)
-        if now is not obj or (ptr and now.data_ptr() != ptr):
+        if now is not obj or (ptr and (now.data_ptr() != ptr or _version(now) != ver)):
             return False
     return True
 
@@ -205,7 +249,7 @@ def process_weights_after_loading(
         sources=_snapshot(layer, processed.attribute_names().values()),
         weight_layout=weight_layout, copy=copy, platform=platform, kernel_override=kernel,
     )
-    state.refresh()
+    state.refresh(layer)
     object.__setattr__(layer, _STATE_ATTR, state)
     return layer
 
@@ -239,7 +283,7 @@ def _current_params(layer: torch.nn.Module, state: _State) -> tuple[_State, Para
                                 name=type(layer).__name__)
     state.params = params
     state.sources = _snapshot(layer, params.attribute_names().values())
-    state.refresh()
+    state.refresh(layer)
     return state, params
 
 
@@ -250,6 +294,10 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
     ``x`` is ``[..., K]`` float16/bfloat16/float32 on the layer's device; the result is
     ``[..., N]`` in the config's ``out_dtype``. ``copy=True`` allows an explicit copy of an
     ``x`` (or ``bias``) whose memory is not row-major or not aligned (else LayoutError).
+
+    Steady state (nothing about the layer changed since the last call): check the layer's
+    parameters are the ones read (identity, address, ``_version``), hand ``x`` to JAX, one jitted
+    call on the cached JAX views of the parameters (and of ``bias``), hand the result back.
     """
     state = getattr(layer, _STATE_ATTR, None)
     if state is None or not _unchanged_fast(layer, state.checks):
@@ -261,14 +309,22 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
         weight = getattr(layer, state.params.attribute_name("weight"))
         check_same_device({"weight": weight, "x (input)": x} | ({"bias": bias} if bias is not None else {}),
                           type(layer).__name__)
-    xj = to_jax_hot(x, name="x", copy=copy)
+    route = state.route
+    xj = dlpack.import_hot(x, route) if route is not None else None
+    if xj is None:
+        xj = to_jax_hot(x, name="x", copy=copy)
     if bias is None:
         bj = None
     else:
         src = state.bias_src
-        if src is not None and bias is src[0] and bias.data_ptr() == src[1]:
+        if src is not None and bias is src[0] and bias.data_ptr() == src[1] and _version(bias) == src[2]:
             bj = state.bias_jax
         else:
             bj = to_jax(bias, copy=copy, name="bias", verify=False)
-            state.bias_src, state.bias_jax = (bias, bias.data_ptr()), bj
-    return to_torch_hot(state.call(state.leaves, xj, bj), x, name="y")
+            state.bias_src, state.bias_jax = (bias, bias.data_ptr(), _version(bias)), bj
+    y = state.call(state.leaves, xj, bj)
+    if state.export_ok and route is not None:
+        t = dlpack.export_hot(y, route)
+        if t is not None:
+            return t
+    return to_torch_hot(y, x, name="y")
