@@ -1,0 +1,486 @@
+"""GPU check + timing of the block-scaled FP8 Mosaic GPU kernel (issue 8, DeepSeek-V3 style scales).
+
+Run on the H100 from the repo root (< 3 minutes):
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_block_check.py [--phases check,layer,time,sweep]
+
+1. check: :func:`qlin.kernels.mosaic_gpu_block_scaled_mm.block_scaled_mm` (heuristic
+   tiles, plus every warpgroup layout) against a float64 reference of the same fp8
+   operands and block scales, fresh random inputs each case, M in {1, 7, 100, 1000},
+   (N, K) in {(272, 384), (1040, 2048), (1040, 2080) (partial K block), (13664, 4096)},
+   bias and every out dtype on some cases.  The output buffer is poisoned first (a
+   NaN-filled buffer of its size is freed right before the call, so the allocator hands
+   that memory to the output): a tile never written shows up as NaN.
+2. layer: the ``mosaic_gpu_block`` MMLinearKernel end to end (fused per-group quantize,
+   N = 13653 / K = 4000 padded once) against ``qlin.testing.reference_linear_np``, and
+   ``choose_kernel`` on this GPU.
+3. time: CUPTI medians (>= 20 warm runs; weight copies rotated, > 100 MB in all, so
+   small M streams HBM, not L2) on the Llama-3 grid (N, K) in {(4096, 4096),
+   (28672, 4096), (4096, 14336), (8192, 8192)} x M in {16, 128, 1024, 4096} of
+   * ``qlin:mosaic_gpu_block``  - this kernel (heuristic tiles), same operands;
+   * ``qlin:mosaic_gpu``        - qlin's per-channel fp8 kernel (per-token x per-channel scales);
+   * ``xla:dequant_bf16``       - the xla kernel's block path (qlin/kernels/xla.py
+     ``_dequantized_dot``: dequantize both operands to bf16, one bf16 dot);
+   * ``xla:fp8``                - XLA's fp8 GEMM with per-token x per-channel scales (cuBLASLt).
+   Each row has ``rel_err`` against an on-device float32 (HIGHEST) reference.
+4. sweep: the kernel's candidate tile configs at M=4096 4096x4096 (and M=16 4096x14336
+   if time is left), each checked for correctness too.
+
+Writes ``$OUT/gpu_block_check.json`` (default benchmarks/results) and prints markdown
+tables with the ratio to the per-channel kernel and to the XLA dequant path.  Each case
+catches its own exceptions (recorded in the JSON); a time budget keeps the run < 3 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from qlin import bench
+from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+
+T0 = time.time()
+BUDGET_S = 170.0
+F8 = jnp.float8_e4m3fn
+LLAMA = [(4096, 4096), (28672, 4096), (4096, 14336), (8192, 8192)]
+M_GRID = [16, 128, 1024, 4096]
+CHECK_M = [1, 7, 100, 1000]
+CHECK_SHAPES = [(272, 384), (1040, 2048), (1040, 2080), (13664, 4096)]
+SWEEP = [(4096, 4096, 4096, 14), (16, 4096, 14336, 8)]  # (M, N, K, number of candidates)
+
+
+def elapsed() -> float:
+    return time.time() - T0
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def poisoned_call(fn, args, out_shape, out_dtype):
+    poison = jnp.full(out_shape, jnp.nan, out_dtype)
+    poison.block_until_ready()
+    poison.delete()
+    out = fn(*args)
+    return np.asarray(jax.block_until_ready(out).astype(jnp.float32))
+
+
+def host_operands(rng, m, n, k, bias=False):
+    a = np.asarray(jnp.asarray(rng.standard_normal((m, k), dtype=np.float32) * 2, F8))
+    b = np.asarray(jnp.asarray(rng.standard_normal((n, k), dtype=np.float32) * 2, F8))
+    a_s = np.exp2(rng.uniform(-5, 2, (m, cdiv(k, 128)))).astype(np.float32) / np.sqrt(k)
+    b_s = np.exp2(rng.uniform(-5, 2, (cdiv(n, 128), cdiv(k, 128)))).astype(np.float32)
+    bias_v = (rng.standard_normal(n) * 4).astype(np.float32) if bias else None
+    return a, b, a_s, b_s, bias_v
+
+
+def reference64(a, b, a_s, b_s, bias=None):
+    _m, k = a.shape
+    n = b.shape[0]
+    xa = a.astype(np.float64) * np.repeat(a_s.astype(np.float64), 128, axis=1)[:, :k]
+    wb = b.astype(np.float64) * np.repeat(np.repeat(b_s.astype(np.float64), 128, axis=0), 128, axis=1)[:n, :k]
+    y = xa @ wb.T
+    return y if bias is None else y + bias.astype(np.float64)
+
+
+INTERPRET = False  # --cpu-dry-run: Mosaic GPU interpret mode, tiny shapes, wall-clock "timings"
+
+
+def tol(od):
+    from qlin.tolerances import kernel_rtol
+
+    return kernel_rtol(od)
+
+
+# -- 1. check ------------------------------------------------------------------------------------
+
+LAYOUTS = {
+    "w1n_tn32": bmm.BlockTuningConfig(
+        tile_n=32, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="n", grid_tile_width=1, epi_tile_n=32
+    ),
+    "w2m_tn128": bmm.BlockTuningConfig(),
+    "w2n_tn128": bmm.BlockTuningConfig(wg_dimension="n", max_concurrent_steps=4, epi_slots=1),
+    "w2m_tn64": bmm.BlockTuningConfig(tile_n=64, max_concurrent_steps=6),
+}
+
+
+def phase_check(results):
+    cases = []
+    seed = int(time.time()) % 100000
+    for m in CHECK_M:
+        for n, k in CHECK_SHAPES:
+            cases.append((m, n, k, "bfloat16", m == 100, None))
+    cases += [
+        (100, 1040, 2048, "float32", True, None),
+        (7, 272, 384, "float16", True, None),
+    ]
+    if not INTERPRET:
+        cases.append((1000, 13664, 4096, "float32", False, None))
+    for name in LAYOUTS:
+        cases.append(
+            (129, 272, 416, "bfloat16", True, name) if INTERPRET else (129, 1040, 2080, "bfloat16", True, name)
+        )
+        if not INTERPRET:
+            cases.append((1000, 272, 640, "float32", False, name))
+    for i, (m, n, k, od, bias, layout) in enumerate(cases):
+        row = {
+            "kind": "check",
+            "impl": "qlin:mosaic_gpu_block",
+            "M": m,
+            "N": n,
+            "K": k,
+            "out_dtype": od,
+            "bias": bias,
+            "layout": layout,
+        }
+        try:
+            rng = np.random.default_rng(seed + i)
+            a, b, a_s, b_s, bv = host_operands(rng, m, n, k, bias)
+            cfg = LAYOUTS[layout] if layout else None
+            fn = jax.jit(
+                lambda a, b, x, y, bias, cfg=cfg, od=od: bmm.block_scaled_mm(
+                    a, b, x, y, bias=bias, out_dtype=jnp.dtype(od), config=cfg, interpret=INTERPRET
+                )
+            )
+            args = (jnp.asarray(a, F8), jnp.asarray(b, F8), jnp.asarray(a_s), jnp.asarray(b_s))
+            args += (None if bv is None else jnp.asarray(bv),)
+            out = poisoned_call(fn, args, (m, n), jnp.dtype(od))
+            ref = reference64(a, b, a_s, b_s, bv)
+            nan = int(np.isnan(out).sum())
+            err = float(np.linalg.norm(np.nan_to_num(out) - ref) / np.linalg.norm(ref))
+            row.update(
+                config=(cfg or bmm.default_config(m, n, k, jnp.dtype(od))).short(),
+                rel_err=err,
+                nan=nan,
+                ok=bool(err <= tol(od) and nan == 0),
+            )
+        except Exception as e:  # noqa: BLE001
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
+        results.append(row)
+        print(
+            f"check M={m} N={n} K={k} {od} bias={bias} {layout or 'default'}: "
+            f"{'OK' if row['ok'] else 'FAIL'} err={row.get('rel_err')} nan={row.get('nan')} {row.get('error', '')}",
+            flush=True,
+        )
+
+
+# -- 2. layer ------------------------------------------------------------------------------------
+
+
+def phase_layer(results):
+    from qlin import select
+    from qlin.config import FP8ScaledMMConfig
+    from qlin.kernels.mosaic_gpu_block import MosaicGPUBlockFP8Kernel
+    from qlin.quantize import quantize_weight
+    from qlin.testing import reference_linear_np
+
+    cfg = FP8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_group", group_size=128)
+    try:
+        chosen = select.choose_kernel(cfg).name
+    except Exception as e:  # noqa: BLE001
+        chosen = f"error: {e}"
+    results.append({"kind": "select", "config": cfg.describe(), "chosen": chosen, "ok": chosen == "mosaic_gpu_block"})
+    print(f"choose_kernel({cfg.describe()}) on this GPU: {chosen}", flush=True)
+    layer_shapes = ((3, 13653, 4000), (517, 1000, 4096), (64, 4096, 4096)) if not INTERPRET else ((3, 200, 300),)
+    for m, n, k in layer_shapes:
+        row = {"kind": "layer", "impl": "mosaic_gpu_block", "M": m, "N": n, "K": k}
+        try:
+            rng = np.random.default_rng(m + n + k)
+            w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
+            x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32) * 3, jnp.bfloat16)
+            bias = jnp.asarray(rng.standard_normal(n, dtype=np.float32))
+            params = quantize_weight(w, cfg)
+            ker = MosaicGPUBlockFP8Kernel(cfg, interpret=INTERPRET)
+            pp = ker.process_weights_after_loading(params)
+            y = jax.jit(ker.apply_weights)(pp, x, bias)
+            y = np.asarray(y.astype(jnp.float32))
+            ref = reference_linear_np(np.asarray(x.astype(jnp.float32)), params, cfg, np.asarray(bias))
+            err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(y)) else float("inf")
+            row.update(rel_err=err, ok=bool(err <= tol(jnp.bfloat16)), padded=list(pp.weight.shape))
+        except Exception as e:  # noqa: BLE001
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
+        results.append(row)
+        print(f"layer M={m} N={n} K={k}: {'OK' if row['ok'] else 'FAIL'} {row.get('rel_err')} {row.get('error', '')}")
+
+
+# -- 3. time -------------------------------------------------------------------------------------
+
+
+def device_operands(m, n, k, copies, seed=0):
+    key = jax.random.key(seed)
+    ka, kb, ks, _kt = jax.random.split(key, 4)
+    a = (jax.random.normal(ka, (m, k), jnp.float32) * 2).astype(F8)
+    a_s = jnp.exp2(jax.random.uniform(ks, (m, cdiv(k, 128)), jnp.float32, -5, 2)) / np.sqrt(k)
+    bs = []
+    for i in range(copies):
+        kbi, kti = jax.random.split(jax.random.fold_in(kb, i))
+        b = (jax.random.normal(kbi, (n, k), jnp.float32) * 2).astype(F8)
+        b_s = jnp.exp2(jax.random.uniform(kti, (cdiv(n, 128), cdiv(k, 128)), jnp.float32, -5, 2))
+        bs.append((b, b_s))
+    jax.block_until_ready((a, a_s, bs))
+    return a, a_s, bs
+
+
+def _expand_a(a_s, k):
+    return jnp.repeat(a_s, 128, axis=1)[:, :k]
+
+
+def _expand_b(b_s, n, k):
+    return jnp.repeat(jnp.repeat(b_s, 128, axis=0), 128, axis=1)[:n, :k]
+
+
+@jax.jit
+def ref_block_f32(a, b, a_s, b_s):
+    _m, k = a.shape
+    n = b.shape[0]
+    xa = a.astype(jnp.float32) * _expand_a(a_s, k)
+    wb = b.astype(jnp.float32) * _expand_b(b_s, n, k)
+    return jax.lax.dot_general(xa, wb, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.jit
+def ref_channel_f32(a, b, a_s, b_s):
+    acc = jax.lax.dot_general(
+        a.astype(jnp.float32), b.astype(jnp.float32), (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+    )
+    return acc * a_s * b_s
+
+
+def xla_dequant_fn():
+    """The xla kernel's block path from quantized operands (qlin/kernels/xla.py _dequantized_dot)."""
+    from qlin.config import FP8ScaledMMConfig
+    from qlin.kernels.xla import XLAKernel
+    from qlin.params import FP8Params
+
+    cfg = FP8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_group", group_size=128)
+    ker = XLAKernel(cfg)
+
+    def f(a, b, a_s, b_s):
+        return ker._dequantized_dot(FP8Params(weight=b, weight_scale=b_s), a, a_s, None, None)
+
+    return jax.jit(f)
+
+
+def per_channel_fn():
+    if not INTERPRET:
+        return bench.qlin_fn()
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    return jax.jit(lambda a, b, x, y: mm.scaled_mm(a, b, x, y, interpret=True))
+
+
+def measure_us(fn, sets, iterations=20):
+    if not INTERPRET:
+        return bench.measure_us(fn, sets, iterations=iterations)
+    t = time.perf_counter()
+    jax.block_until_ready([fn(*s) for s in sets])
+    return (time.perf_counter() - t) * 1e6 / len(sets)
+
+
+def rel(out, ref):
+    out = out.astype(jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(out))):
+        return float("inf")
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def time_case(results, m, n, k, iterations=20):
+    copies = bench.n_copies(n, k)
+    a, a_s, bs = device_operands(m, n, k, copies)
+    flops = 2.0 * m * n * k
+    # per-channel operands for qlin's per-channel kernel and XLA fp8: same fp8 data.
+    a_tok = jnp.max(a_s, axis=1, keepdims=True)
+    chan = [(b, jnp.max(b_s, axis=1).repeat(128)[:n].reshape(1, n)) for b, b_s in bs]
+    impls = {
+        "qlin:mosaic_gpu_block": (
+            jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, interpret=INTERPRET)),
+            "block",
+        ),
+        "qlin:mosaic_gpu": (per_channel_fn(), "channel"),
+        "xla:dequant_bf16": (xla_dequant_fn(), "block"),
+        "xla:fp8": (bench.xla_fn("fp8"), "channel"),
+    }
+    refs = {
+        "block": ref_block_f32(a, bs[0][0], a_s, bs[0][1]),
+        "channel": ref_channel_f32(a, chan[0][0], a_tok, chan[0][1]),
+    }
+    out_rows = {}
+    for impl, (fn, kind) in impls.items():
+        row = {"kind": "time", "impl": impl, "dtype": "fp8", "M": m, "N": n, "K": k, "copies": copies, "scales": kind}
+        try:
+            sets = [(a, b, a_s, b_s) for b, b_s in bs] if kind == "block" else [(a, b, a_tok, s) for b, s in chan]
+            err = rel(fn(*sets[0]), refs[kind])
+            us = measure_us(fn, sets, iterations=iterations)
+            row.update(us=us, tflops=flops / (us * 1e-6) / 1e12, rel_err=err)
+            if impl == "qlin:mosaic_gpu_block":
+                row["config"] = bmm.default_config(m, n, k).short()
+        except Exception as e:  # noqa: BLE001
+            row.update(us=None, tflops=None, rel_err=None, error=f"{type(e).__name__}: {e}"[:1500])
+        results.append(row)
+        out_rows[impl] = row
+    del a, a_s, bs, chan, refs
+    return out_rows
+
+
+def phase_time(results, summary):
+    for n, k in LLAMA:
+        for m in M_GRID:
+            if elapsed() > BUDGET_S - 45:
+                results.append({"kind": "skipped", "phase": "time", "M": m, "N": n, "K": k, "why": "time budget"})
+                print(f"time M={m} N={n} K={k}: skipped (budget)", flush=True)
+                continue
+            rows = time_case(results, m, n, k)
+            summary.append(rows)
+            print(_summary_line(rows), flush=True)
+
+
+def _fmt(v, p=1):
+    return "-" if v is None else f"{v:.{p}f}"
+
+
+def _summary_line(rows):
+    blk = rows["qlin:mosaic_gpu_block"]
+    chan, deq, x8 = rows["qlin:mosaic_gpu"], rows["xla:dequant_bf16"], rows["xla:fp8"]
+
+    def ratio(o):
+        return None if not (blk.get("us") and o.get("us")) else o["us"] / blk["us"]
+
+    return (
+        f"| {blk['M']} | {blk['N']}x{blk['K']} | {_fmt(blk.get('us'))} | {_fmt(blk.get('tflops'), 0)} | "
+        f"{_fmt(chan.get('us'))} | {_fmt(deq.get('us'))} | {_fmt(x8.get('us'))} | "
+        f"{_fmt(ratio(chan), 2)} | {_fmt(ratio(deq), 2)} | {blk.get('rel_err') or blk.get('error', '')} |"
+    )
+
+
+HEADER = (
+    "| M | NxK | block us | block TF/s | per-channel us | xla dequant us | xla fp8 us | "
+    "block/per-channel (speed) | block/xla-dequant (speed) | block rel_err |\n|" + "---|" * 10
+)
+
+
+# -- 4. sweep ------------------------------------------------------------------------------------
+
+
+def phase_sweep(results):
+    for m, n, k, limit in SWEEP:
+        copies = bench.n_copies(n, k)
+        a, a_s, bs = device_operands(m, n, k, copies, seed=1)
+        ref = ref_block_f32(a, bs[0][0], a_s, bs[0][1])
+        sets = [(a, b, a_s, b_s) for b, b_s in bs]
+        for cfg in bmm.candidate_configs(m, n, k)[:limit]:
+            if elapsed() > BUDGET_S:
+                results.append({"kind": "skipped", "phase": "sweep", "M": m, "N": n, "K": k, "config": cfg.short()})
+                continue
+            row = {
+                "kind": "sweep",
+                "impl": "qlin:mosaic_gpu_block",
+                "dtype": "fp8",
+                "M": m,
+                "N": n,
+                "K": k,
+                "config": cfg.short(),
+            }
+            try:
+                fn = jax.jit(
+                    lambda a, b, x, y, cfg=cfg: bmm.block_scaled_mm(a, b, x, y, config=cfg, interpret=INTERPRET)
+                )
+                err = rel(fn(*sets[0]), ref)
+                us = measure_us(fn, sets, iterations=20)
+                row.update(us=us, tflops=2.0 * m * n * k / (us * 1e-6) / 1e12, rel_err=err, ok=err <= 1e-2)
+            except Exception as e:  # noqa: BLE001
+                row.update(us=None, ok=False, error=f"{type(e).__name__}: {e}"[:1500])
+            results.append(row)
+            print(
+                f"sweep M={m} {n}x{k} {cfg.short()}: {_fmt(row.get('us'))} us "
+                f"{_fmt(row.get('tflops'), 0)} TF/s err={row.get('rel_err')} {row.get('error', '')}",
+                flush=True,
+            )
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--phases", default="check,layer,time,sweep")
+    p.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on the CPU (interpret mode)")
+    args = p.parse_args()
+    phases = args.phases.split(",")
+    if args.cpu_dry_run:
+        global INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M, SWEEP
+        INTERPRET = True
+        LLAMA, M_GRID = [(256, 256)], [16, 100]
+        CHECK_SHAPES, CHECK_M = [(272, 384)], [7]
+        SWEEP = [(128, 256, 256, 2)]
+    out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = jax.devices()[0]
+    results: list[dict] = []
+    summary: list[dict] = []
+    meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__, "phases": phases}
+    path = out_dir / "gpu_block_check.json"
+
+    def dump():
+        path.write_text(json.dumps({**meta, "elapsed_s": round(elapsed(), 1), "rows": results}, indent=1))
+
+    for name, fn in (
+        ("check", lambda: phase_check(results)),
+        ("layer", lambda: phase_layer(results)),
+        ("time", lambda: phase_time(results, summary)),
+        ("sweep", lambda: phase_sweep(results)),
+    ):
+        if name not in phases:
+            continue
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            results.append(
+                {"kind": "error", "phase": name, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+            )
+            print(f"phase {name} failed: {e}", flush=True)
+        dump()
+    checks = [r for r in results if r.get("kind") in ("check", "layer", "select")]
+    print(f"\n{meta['device']}, jax {meta['jax']}, {elapsed():.0f} s")
+    print(f"checks: {sum(bool(r.get('ok')) for r in checks)}/{len(checks)} ok")
+    for r in checks:
+        if not r.get("ok"):
+            print("  FAIL", {k: v for k, v in r.items() if k != "trace"})
+    if summary:
+        print("\n" + HEADER)
+        for rows in summary:
+            print(_summary_line(rows))
+        big = [r for r in summary if r["qlin:mosaic_gpu_block"]["M"] >= 1024]
+        ratios = [
+            r["qlin:mosaic_gpu"]["us"] / r["qlin:mosaic_gpu_block"]["us"]
+            for r in big
+            if r["qlin:mosaic_gpu"].get("us") and r["qlin:mosaic_gpu_block"].get("us")
+        ]
+        beats = [
+            r["xla:dequant_bf16"]["us"] > r["qlin:mosaic_gpu_block"]["us"]
+            for r in summary
+            if r["xla:dequant_bf16"].get("us") and r["qlin:mosaic_gpu_block"].get("us")
+        ]
+        if ratios:
+            print(
+                f"\nM >= 1024: block / per-channel throughput min {min(ratios):.2f}, mean {np.mean(ratios):.2f} (target >= 0.85)"
+            )
+        print(f"faster than xla dequant at {sum(beats)}/{len(beats)} shapes")
+    sweep = [r for r in results if r.get("kind") == "sweep" and r.get("us")]
+    if sweep:
+        print("\nsweep (best first):")
+        for r in sorted(sweep, key=lambda r: (r["M"], r["us"])):
+            print(f"  M={r['M']} {r['N']}x{r['K']} {r['config']}: {r['us']:.1f} us {r['tflops']:.0f} TF/s")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
