@@ -47,6 +47,7 @@ from qlin.kernels.mosaic_gpu_scaled_mm import (
     _SMEM_HEADROOM,
     SMEM_LIMIT_BYTES,
     _cdiv,
+    _mid_m_cost,
     _pick_swizzle,
     _swizzle_transforms,
     num_sms,
@@ -206,13 +207,19 @@ def _fit_smem(cfg: BlockTuningConfig, out_dtype) -> BlockTuningConfig:
 # ----------------------------------------------------------------------------
 
 
-def _small_m_tile(tile_n: int, steps: int = 8) -> BlockTuningConfig:
-    """M <= 64 (decode): one 64-row warpgroup, a narrow N tile, a deep pipeline."""
+def _small_m_tile(tile_n: int, steps: int | None = None, num_compute_wgs: int = 1) -> BlockTuningConfig:
+    """M <= 64 (decode): 64 rows, a narrow N tile (one warpgroup, or two side by side along N).
+
+    The pipeline is deep enough to keep ~64 KB of weight tiles in flight per SM
+    (the problem streams the weight from HBM).
+    """
+    if steps is None:
+        steps = max(6, min(16, (64 << 10) // (num_compute_wgs * tile_n * BLOCK)))
     return BlockTuningConfig(
         tile_m=64,
         tile_n=tile_n,
         max_concurrent_steps=steps,
-        num_compute_wgs=1,
+        num_compute_wgs=num_compute_wgs,
         wg_dimension="n",
         grid_minor_dim="n",
         grid_tile_width=1,
@@ -244,29 +251,32 @@ def _waves_key(m, n, cta_m, cta_n, sms):
 def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTuningConfig:
     """Heuristic tile configuration.
 
-    * M <= 64: one warpgroup, 64 rows, the narrowest N tile (16..128) whose
-      tile count fits the SMs (every SM streams its own slab of the weight).
-    * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the
-      N tile (32..128) with the best last-wave SM utilisation.
-    * M > 512: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M), grouped
+    * M <= 64 (decode, weight-bandwidth bound): 64 rows by the narrowest N
+      tile (16..128 with one warpgroup, 256 with two side by side) whose tile
+      count fits the SMs best, so every SM streams its own slab of the weight;
+      a pipeline deep enough for ~64 KB of weight in flight per SM.
+    * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the N
+      tile (32..128) that the per-channel kernel's traffic model
+      (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest.
+    * M > 512: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M: the
+      largest tile whose two f32 register tiles fit), 5 stages, grouped
       M-minor planar snake of width 8.
     """
     sms = num_sms()
     if m <= 64:
         best = None
-        for tn in (16, 32, 64, 128):
-            key = (*_waves_key(m, n, 64, tn, sms), tn)
+        for nwg, tn in ((1, 16), (1, 32), (1, 64), (1, 128), (2, 128)):
+            key = (*_waves_key(m, n, 64, nwg * tn, sms), nwg * tn)
             if best is None or key < best[0]:
-                best = (key, tn)
-        return _fit_smem(_small_m_tile(best[1]), out_dtype)
+                best = (key, nwg, tn)
+        _, nwg, tn = best
+        return _fit_smem(_small_m_tile(tn, num_compute_wgs=nwg), out_dtype)
     if m <= 512:
         best = None
         for tn in (128, 64, 32):
-            waves, _ = _waves_key(m, n, 128, tn, sms)
-            # fewer waves first; on equal waves the wider tile (less A re-reading).
-            key = (waves, -tn)
-            if best is None or key < best[0]:
-                best = (key, tn)
+            cost = _mid_m_cost(m, n, k, 128, tn, sms)
+            if best is None or cost < best[0] * 0.97:  # wider tiles on near-ties
+                best = (cost, tn)
         return _fit_smem(_two_wg_tile("m", best[1], steps=6), out_dtype)
     return _fit_smem(_two_wg_tile("m", 128, steps=5), out_dtype)
 
@@ -275,19 +285,33 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
     """The tile sweep's search space: the heuristic default first."""
     cands = [default_config(m, n, k, out_dtype)]
     if m <= 64:
-        for tn in (16, 32, 64, 128):
-            for st in (8, 6, 12):
+        for tn in (32, 16, 64, 128):
+            for st in (None, 8, 16):
                 cands.append(_small_m_tile(tn, st))
+        cands.append(_small_m_tile(128, None, num_compute_wgs=2))
+        cands.append(_small_m_tile(64, None, num_compute_wgs=2))
     elif m <= 512:
         for tn in (128, 64, 32):
             cands.append(_two_wg_tile("m", tn, steps=6))
         cands.append(_two_wg_tile("n", 64, steps=6))
         cands.append(_two_wg_tile("n", 128, steps=5))
     else:
-        for wgd in ("m", "n"):
-            for st in (4, 5, 6):
-                for gmd, gw in (("m", 8), ("n", 8), ("m", 16), ("m", 1)):
-                    cands.append(_two_wg_tile(wgd, 128, steps=st, grid_minor=gmd, width=gw))
+        # Most informative first (the GPU check sweeps a prefix of this list).
+        for wgd, st, gmd, gw in (
+            ("m", 4, "m", 8),
+            ("n", 4, "m", 8),
+            ("m", 5, "n", 8),
+            ("m", 5, "m", 16),
+            ("m", 5, "m", 1),
+            ("n", 5, "m", 8),
+            ("m", 6, "m", 8),
+            ("m", 4, "n", 8),
+            ("n", 4, "n", 8),
+            ("m", 3, "m", 8),
+            ("n", 4, "m", 16),
+            ("m", 4, "m", 16),
+        ):
+            cands.append(_two_wg_tile(wgd, 128, steps=st, grid_minor=gmd, width=gw))
     out, seen = [], set()
     for c in cands:
         c = _fit_smem(c, out_dtype)
