@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from qlin import bench  # noqa: E402
 from qlin.kernels import mosaic_gpu_scaled_mm as mm  # noqa: E402
+from qlin.tolerances import fp8_wgmma_kernel_rtol, kernel_rtol  # noqa: E402
 
 T0 = time.time()
 
@@ -187,7 +188,7 @@ def run_checks(results, deadline):
                 nan = int(np.isnan(out).sum())
                 err = bench.rel_err(out, ref)
                 errs.append((err, nan))
-            tol = {"float32": 1e-5, "bfloat16": 8e-3, "float16": 1e-3}[od]
+            tol = fp8_wgmma_kernel_rtol(od, k) if dtype == "fp8" else kernel_rtol(od)
             ok = all(e <= tol and nan == 0 for e, nan in errs)
             used = (cfg or mm.default_config(m, n, k, jdt, odt)).short()
             r = dict(
@@ -270,7 +271,9 @@ def run_wrapper(results):
                 y = np.asarray(jax.jit(ker.apply_weights)(pp, x, bias).astype(jnp.float32))
                 ref = reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))
                 err = bench.rel_err(y.reshape(ref.shape), ref)
-                tol = 8e-3 if cfg.out_dtype != jnp.float32 else 1e-5
+                tol = kernel_rtol(cfg.out_dtype)
+                if isinstance(cfg, FP8ScaledMMConfig):
+                    tol = fp8_wgmma_kernel_rtol(cfg.out_dtype, k)
                 ok = err <= tol and chosen == "mosaic_gpu" and y.shape == ref.shape
                 r = dict(
                     kind="wrapper",

@@ -6,6 +6,14 @@ Two kinds of comparison:
   from the SAME 8-bit operands and scales. Only accumulation order and the final
   cast differ, so this is the output dtype's rounding (bf16 has 8 mantissa bits:
   2**-9 ~ 2e-3 per element) with headroom.
+* ``fp8_accum_rtol(k)`` -- added to ``KERNEL_RTOL`` for fp8 kernels that accumulate
+  in Hopper's fp8 ``wgmma`` without promoting partial sums to CUDA-core float32
+  (qlin's per-channel Mosaic GPU kernel; cuBLAS without fast accumulation and
+  qlin's block-scaled kernel promote).  The tensor core keeps fewer accumulator
+  bits than float32 (DeepSeek-V3 reports about 14), so the error grows with K.
+  Measured on an H100 (float32 output): 5.7e-4 at K = 1152; with bf16 output
+  3.3e-3 at K = 14336 where bf16 rounding alone is ~2e-3.  int8 accumulates
+  exactly in int32 and needs no such term.
 * ``QUANT_RTOL[scheme]`` -- the quantized layer against the float (unquantized)
   layer on Gaussian data: the quantization error itself. e4m3 has 3 mantissa
   bits (~2**-4 relative per element, averaging down in a dot), e5m2 has 2, int8
@@ -32,6 +40,16 @@ QUANT_RTOL: dict[str, float] = {
 
 def kernel_rtol(out_dtype) -> float:
     return KERNEL_RTOL[np.dtype(out_dtype).name]
+
+
+def fp8_accum_rtol(k: int) -> float:
+    """Extra relative error of fp8 wgmma accumulation over a K-long dot (no f32 promotion)."""
+    return 1e-3 * max(1.0, float(np.sqrt(k / 1024)))
+
+
+def fp8_wgmma_kernel_rtol(out_dtype, k: int) -> float:
+    """Tolerance of an fp8 wgmma kernel without promotion vs the float64 reference of its operands."""
+    return kernel_rtol(out_dtype) + fp8_accum_rtol(k)
 
 
 def quant_rtol(config) -> float:
