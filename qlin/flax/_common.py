@@ -6,9 +6,12 @@ the field's *attribute name* (``weight``, ``weight_scale``, ``input_scale``,
 ``bias``. So ``Params.from_mapping`` rebuilds the typed params from the variables,
 and a saved checkpoint has the same keys as a vLLM/torch state dict.
 
-Arrays are stored in qlin's canonical layout (weight ``(N, K)``, canonical scale
-shapes, unpadded); the kernel's ``process_weights_after_loading`` runs inside the
-traced call, where it is free when the kernel needs no other layout.
+Layers hold their params *processed* for the kernel that runs them: the kernel's
+``process_weights_after_loading`` runs once, when the layer is built, converted or
+loaded (e.g. ``mosaic_gpu`` pads N and K to its alignment: weight ``(N_pad, K_pad)``),
+never per call. The logical N and K come from the layer (``in_features`` /
+``out_features``, linen: ``features`` and x). Checkpoints store the logical, unpadded
+arrays (:func:`logical_arrays`), so they load on any machine whatever its kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlin.api import kernel_for
+from qlin.api import in_kernel_layout, kernel_for, logical_params, params_for_kernel
 from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig, MMLinearLayerConfig, ScaledMMConfig
 from qlin.errors import ConfigError, InputError, ParamsError
 from qlin.params import Params
@@ -109,14 +112,94 @@ def check_values(config: MMLinearLayerConfig, arrays: dict[str, Any], stack: tup
         check_params(build_params(config, {name: a[i] for name, a in flat.items()}), config)
 
 
-def build_params(config: MMLinearLayerConfig, arrays: dict[str, Any]) -> Params:
-    """Typed qlin params from the layer's variables (the bias is not part of Params)."""
-    return params_class(config).from_mapping({k: v for k, v in arrays.items() if k != BIAS and v is not None})
+def build_params(config: MMLinearLayerConfig, arrays: dict[str, Any], n: int | None = None,
+                 k: int | None = None) -> Params:
+    """Typed qlin params from the layer's variables (the bias is not part of Params).
+
+    ``n`` / ``k``: the layer's logical N and K; recorded in ``out_features`` /
+    ``in_features`` when the stored weight is padded (processed for a padding kernel).
+    """
+    p = params_class(config).from_mapping({k_: v for k_, v in arrays.items() if k_ != BIAS and v is not None})
+    shape = tuple(np.shape(p.weight))
+    if len(shape) == 2 and n is not None and k is not None and shape != (int(n), int(k)):
+        if shape[0] < n or shape[1] < k:
+            raise ParamsError(f"weight: shape {shape} is smaller than the layer's logical (N, K) = ({n}, {k})")
+        p = p.replace(out_features=int(n), in_features=int(k))
+    return p
 
 
-def apply_quantized(config: MMLinearLayerConfig, arrays: dict[str, Any], x, *, kernel: str | None = None,
-                    where: str = "layer") -> jax.Array:
-    """``x @ W^T + bias`` with the kernel ``qlin.kernel_for(config)`` selects; x is ``[..., K]``."""
+def _slices(arrays: dict[str, Any], stack: tuple[int, ...]):
+    count = int(np.prod(stack)) if len(stack) else 1
+    flat = {name: jnp.reshape(a, (count, *np.shape(a)[len(stack):])) for name, a in arrays.items()}
+    return count, flat
+
+
+def _restack(parts: list[dict[str, Any]], stack: tuple[int, ...]) -> dict[str, Any]:
+    if not stack:
+        return parts[0]
+    return {name: jnp.stack([p[name] for p in parts]).reshape(*stack, *np.shape(parts[0][name]))
+            for name in parts[0]}
+
+
+def process_arrays(config: MMLinearLayerConfig, arrays: dict[str, Any], n: int, k: int, kernel,
+                   stack: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The layer's variables processed for ``kernel`` (an MMLinearKernel instance), layer by layer of a stack.
+
+    Idempotent: arrays already processed for ``kernel`` come back unchanged; arrays
+    processed for another kernel are unpadded first. The bias is left as it is.
+    """
+    bias = arrays.get(BIAS)
+    quant = {name: a for name, a in arrays.items() if name != BIAS and a is not None}
+    count, flat = _slices(quant, stack)
+    parts = []
+    for i in range(count):
+        p = build_params(config, {name: a[i] for name, a in flat.items()}, n, k)
+        out = params_for_kernel(kernel, p).to_mapping()
+        if set(out) != set(quant):
+            raise ParamsError(f"kernel {kernel.name!r}: processing changed the set of arrays from {sorted(quant)} "
+                              f"to {sorted(out)}; a flax layer cannot store that")
+        parts.append(out)
+    result = _restack(parts, stack)
+    if bias is not None:
+        result[BIAS] = bias
+    return result
+
+
+def logical_arrays(config: MMLinearLayerConfig, arrays: dict[str, Any], n: int, k: int,
+                   stack: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The layer's variables without any kernel padding (qlin's canonical layout; what checkpoints store)."""
+    bias = arrays.get(BIAS)
+    quant = {name: a for name, a in arrays.items() if name != BIAS and a is not None}
+    w = quant.get("weight")
+    if w is None or tuple(np.shape(w)[-2:]) == (int(n), int(k)):
+        return dict(arrays)
+    count, flat = _slices(quant, stack)
+    parts = [logical_params(build_params(config, {name: a[i] for name, a in flat.items()}, n, k)).to_mapping()
+             for i in range(count)]
+    result = _restack(parts, stack)
+    if bias is not None:
+        result[BIAS] = bias
+    return result
+
+
+def layout(arrays: dict[str, Any], stack_ndim: int = 0) -> tuple:
+    """Static signature (name, per-layer shape, dtype) of a layer's variables, to tell a processed layout."""
+    return tuple(sorted((name, tuple(np.shape(a))[stack_ndim:], jnp.result_type(a).name)
+                        for name, a in arrays.items() if a is not None))
+
+
+def apply_quantized(config: MMLinearLayerConfig, arrays: dict[str, Any], x, *, n: int | None = None,
+                    k: int | None = None, kernel: str | None = None, processed_for: str | None = None,
+                    processed_layout: tuple | None = None, where: str = "layer") -> jax.Array:
+    """``x @ W^T + bias`` with the kernel ``qlin.kernel_for(config)`` selects; x is ``[..., K]``.
+
+    ``n`` / ``k``: the layer's logical N and K (default: the weight's rows; x's last dim).
+    ``processed_for`` / ``processed_layout``: the kernel the arrays were processed for and
+    their :func:`layout` then; when that kernel is the selected one and the arrays still
+    have that layout, they go to ``apply_weights`` as they are (no processing at all).
+    Otherwise they pass through :func:`qlin.api.params_for_kernel` in the traced call
+    (free if they are in the kernel's layout, a pad of the weight per call if not).
+    """
     w = arrays.get("weight")
     if w is None or np.ndim(w) != 2:
         raise InputError(
@@ -124,23 +207,51 @@ def apply_quantized(config: MMLinearLayerConfig, arrays: dict[str, Any], x, *, k
             "(leading layer axes) must be called inside nnx.scan / nnx.vmap / nn.scan, which slice it to (N, K)"
         )
     x = jnp.asarray(x)
-    if x.ndim < 1 or x.shape[-1] != np.shape(w)[1]:
-        raise InputError(f"{where}: x must have shape [..., {np.shape(w)[1]}] (in_features), got {tuple(x.shape)}")
-    return _jitted(kernel_for(config, override=kernel))(build_params(config, arrays), x, arrays.get(BIAS))
+    w_n, w_k = (int(d) for d in np.shape(w))
+    n = w_n if n is None else int(n)
+    if x.ndim < 1 or (k is not None and x.shape[-1] != k) or x.shape[-1] > w_k:
+        raise InputError(f"{where}: x must have shape [..., {w_k if k is None else k}] (in_features), "
+                         f"got {tuple(x.shape)}")
+    kern = kernel_for(config, override=kernel)
+    params = build_params(config, arrays, n, int(x.shape[-1]))
+    if k is None and x.shape[-1] != w_k and not in_kernel_layout(kern, params):
+        raise InputError(f"{where}: x must have shape [..., {w_k}] (in_features), got {tuple(x.shape)}; if the "
+                         f"weight was padded to K={w_k} for a kernel other than {kern.name!r}, re-process the "
+                         "variables for it (QuantizedLinen.process)")
+    trusted = (processed_for is not None and processed_for == kern.name
+               and processed_layout is not None and layout(arrays) == processed_layout)
+    if processed_for is not None and processed_for != kern.name:
+        _warn_reprocess(where, processed_for, kern.name)
+    return _jitted(kern, trusted)(params, x, arrays.get(BIAS))
 
 
-_JITTED: dict[int, tuple[Any, Any]] = {}
+_WARNED: set[tuple[str, str]] = set()
 
 
-def _jitted(k):
-    """``process_weights_after_loading`` + ``apply_weights`` of kernel ``k`` as one jitted function.
+def _warn_reprocess(where: str, was: str, now: str) -> None:
+    import warnings
+
+    if (was, now) not in _WARNED:
+        _WARNED.add((was, now))
+        warnings.warn(f"{where}: params were processed for kernel {was!r} but {now!r} runs now; they are "
+                      f"re-processed in every call. Call .process() (or qlin.flax.process_nnx(model)) once.",
+                      RuntimeWarning, stacklevel=4)
+
+
+_JITTED: dict[tuple[int, bool], tuple[Any, Any]] = {}
+
+
+def _jitted(k, trusted: bool):
+    """``apply_weights`` of kernel ``k`` (after :func:`params_for_kernel` unless ``trusted``) as one jitted function.
 
     Inside an outer ``jax.jit`` / ``nnx.jit`` / scan it is simply inlined; called eagerly
-    it runs compiled instead of op by op. Processing canonical params is free under jit
-    (reshapes and casts to the same shape/dtype) for kernels that keep qlin's layout.
+    it runs compiled instead of op by op.
     """
-    hit = _JITTED.get(id(k))
+    hit = _JITTED.get((id(k), trusted))
     if hit is None or hit[0] is not k:
-        fn = jax.jit(lambda p, x, b: k.apply_weights(k.process_weights_after_loading(p), x, b))
-        hit = _JITTED[id(k)] = (k, fn)
+        if trusted:
+            fn = jax.jit(k.apply_weights)
+        else:
+            fn = jax.jit(lambda p, x, b: k.apply_weights(params_for_kernel(k, p), x, b))
+        hit = _JITTED[(id(k), trusted)] = (k, fn)
     return hit[1]

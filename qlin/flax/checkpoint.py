@@ -12,6 +12,13 @@ model's definition:
 >>> skeleton = nnx.eval_shape(lambda: Model(rngs=nnx.Rngs(0)))     # no float weights allocated
 >>> qmodel = load_nnx("model.safetensors", skeleton)
 
+Checkpoints store the *logical* params (qlin's canonical, unpadded layout, the same
+keys and shapes as a vLLM/torch state dict), never a kernel's processed layout: a
+layer processed for ``mosaic_gpu`` (weight padded to ``(N_pad, K_pad)``) is unpadded on
+save, and loading processes the params once for the kernel of the loading machine.
+So a file saved on an H100 loads on a CPU and back, and save -> load -> save is
+bit-exact.
+
 Writing uses ``safetensors.numpy``; reading parses the buffers with
 ``safetensors.deserialize`` and ml_dtypes (safetensors' numpy loader has no fp8/bf16 types).
 """
@@ -135,16 +142,22 @@ def _saved_state(model):
 
 
 def save_nnx(path, model) -> None:
-    """Save every variable of an nnx model (RNG state excepted) plus its QLinear layers' configs."""
+    """Save every variable of an nnx model (RNG state excepted) plus its QLinear layers' configs.
+
+    QLinear layers are saved unpadded (:meth:`~qlin.flax.QLinear.logical_arrays`).
+    """
     from flax import nnx
 
     from qlin.flax.nnx import QLinear
 
-    layers = [
-        {"path": _key(p), "config": config_to_dict(m.config), "kernel": m.kernel_name}
-        for p, m in nnx.iter_modules(model) if isinstance(m, QLinear)
-    ]
+    qlinears = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, QLinear)]
+    layers = [{"path": _key(p), "config": config_to_dict(m.config), "kernel": m.kernel_name} for p, m in qlinears]
     arrays = {_key(p): v.get_value() for p, v in _saved_state(model)}
+    for p, m in qlinears:
+        prefix = f"{_key(p)}/" if p else ""
+        for name, a in m.logical_arrays().items():
+            if prefix + name in arrays:
+                arrays[prefix + name] = a
     save_arrays(path, arrays, {"format": FORMAT, "version": FORMAT_VERSION, "kind": "nnx",
                                "layers": json.dumps(layers)})
 
@@ -156,7 +169,8 @@ def load_nnx(path, model):
     (``nnx.eval_shape(lambda: Model(...))``, nothing allocated): the layers the
     file says are quantized are replaced by :class:`~qlin.flax.QLinear` shells,
     then every variable gets the stored array (exact dtype and bits). Shapes and
-    dtypes must match the definition; missing or extra entries are errors.
+    dtypes must match the definition; missing or extra entries are errors. Finally
+    each QLinear is processed once for this machine's kernel (:meth:`QLinear.process`).
     """
     from flax import nnx
 
@@ -208,6 +222,9 @@ def load_nnx(path, model):
     if extra:
         raise InputError(f"{path}: entries {extra[:10]} have no variable in the model")
     nnx.update(model, nnx.from_flat_state(new))
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, QLinear):
+            m.process(strict=False)
     return model
 
 
@@ -223,9 +240,15 @@ def _flatten(tree, prefix=()):
 
 
 def save_linen(path, variables, quantized=None) -> None:
-    """Save a linen variables tree; ``quantized`` (a :class:`~qlin.flax.QuantizedLinen`) records the configs."""
-    layers = [] if quantized is None else [
-        {"path": p, "config": config_to_dict(c), "kernel": k} for p, c, k in quantized.layers]
+    """Save a linen variables tree; ``quantized`` (a :class:`~qlin.flax.QuantizedLinen`) records the configs.
+
+    With ``quantized`` the converted layers are saved unpadded (``quantized.logical``);
+    without it the tree is saved as it is.
+    """
+    layers = []
+    if quantized is not None:
+        layers = [{"path": p, "config": config_to_dict(c), "kernel": k} for p, c, k in quantized.layers]
+        variables = quantized.logical(variables)
     save_arrays(path, _flatten(variables), {"format": FORMAT, "version": FORMAT_VERSION, "kind": "linen",
                                             "layers": json.dumps(layers)})
 
@@ -235,6 +258,8 @@ def load_linen(path, model=None):
 
     With ``model`` (the float linen model) the first item is the ready
     :class:`~qlin.flax.QuantizedLinen`; otherwise a list of ``(path, config, kernel)``.
+    Either way the quantized layers' variables come back processed for this
+    machine's kernels (:meth:`QuantizedLinen.process`).
     """
     from qlin.flax.linen import QuantizedLinen
 
@@ -247,4 +272,25 @@ def load_linen(path, model=None):
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = jnp.asarray(a)
-    return (QuantizedLinen(model, layers) if model is not None else list(layers)), tree
+    dims = []
+    for p, _, _ in layers:
+        w = arrays.get(f"params/{p}/weight" if p else "params/weight")
+        if w is None:
+            raise InputError(f"{path}: no 'params/{p}/weight' for quantized layer {p!r}")
+        dims.append((p, int(w.shape[-2]), int(w.shape[-1])))
+    qm = QuantizedLinen(model, layers, tuple(dims))
+    if layers:
+        tree = _process_linen(qm, tree)
+    return (qm if model is not None else list(layers)), tree
+
+
+def _process_linen(qm, tree):
+    from qlin.api import kernel_for
+    from qlin.errors import NoKernelError
+
+    try:
+        for _, config, kernel in qm.layers:
+            kernel_for(config, override=kernel)
+    except NoKernelError:
+        return tree  # a call raises the selection error, as for an unprocessed tree
+    return qm.process(tree)

@@ -394,8 +394,8 @@ def quantize_linen(model, variables, rules, *, calibration_data: Iterable | None
     """Convert a trained linen model's ``nn.Dense`` params; returns ``(QuantizedLinen, new_variables)``.
 
     ``variables`` is the float ``{'params': ...}`` tree; the result is a NEW tree in
-    which each selected Dense's ``{'kernel', 'bias'}`` became QDense's variables
-    (skipped layers are the very same arrays). ``qm.apply(new_variables, x)`` runs
+    which each selected Dense's ``{'kernel', 'bias'}`` became QDense's variables,
+    processed once for the layer's kernel (skipped layers are the very same arrays). ``qm.apply(new_variables, x)`` runs
     the float model definition with the selected layers quantized; a model written
     with :class:`~qlin.flax.QDense` in their place applies ``new_variables`` directly.
 
@@ -439,7 +439,7 @@ def quantize_linen(model, variables, rules, *, calibration_data: Iterable | None
             raise InputError("calibration_data: no batches")
 
     params = variables["params"]
-    layers = []
+    layers, dims = [], []
     for path, rule in selected.items():
         key_path, d = denses[path]
         scale = zp = None
@@ -450,8 +450,24 @@ def quantize_linen(model, variables, rules, *, calibration_data: Iterable | None
                                      input_zero_point=zp)
         except InputError as e:
             raise InputError(f"{path}: {e}") from None
+        *stack, k, n = np.shape(d["kernel"])
+        arrays = _process_for_kernel(rule, arrays, int(n), int(k), tuple(stack))
         params = _set_in(params, key_path, arrays)
         layers.append((path, rule.config, rule.kernel))
+        dims.append((path, int(n), int(k)))
     new_vars = dict(variables)
     new_vars["params"] = params
-    return QuantizedLinen(model, tuple(layers)), new_vars
+    return QuantizedLinen(model, tuple(layers), tuple(dims)), new_vars
+
+
+def _process_for_kernel(rule: QuantRule, arrays, n: int, k: int, stack: tuple[int, ...]):
+    """A converted layer's arrays processed once for its kernel (left logical if no kernel can run it here)."""
+    from qlin.api import kernel_for
+    from qlin.errors import NoKernelError
+    from qlin.flax import _common
+
+    try:
+        kern = kernel_for(rule.config, override=rule.kernel)
+    except NoKernelError:
+        return arrays  # the call will raise the selection error, as for an unprocessed tree
+    return _common.process_arrays(rule.config, arrays, n, k, kern, stack)

@@ -9,6 +9,15 @@ Two ways to serve a linen model quantized:
   :class:`QuantizedLinen` that :func:`quantize_linen` returns: it intercepts each
   converted ``nn.Dense`` call (``nn.intercept_methods``) and runs the qlin kernel
   on the quantized variables instead. Works under ``jax.jit``, ``nn.scan`` and ``nn.vmap``.
+
+Processed variables: :func:`qlin.flax.quantize_linen` and
+:func:`qlin.flax.checkpoint.load_linen` return the variables already processed for each
+layer's kernel (``process_weights_after_loading`` once: e.g. ``mosaic_gpu`` pads N and K),
+and a call hands them to the kernel without padding or slicing the weight again.
+For a tree built some other way (or after the kernel selection changed), run the
+documented step :meth:`QuantizedLinen.process` once; an unprocessed tree still works,
+processed inside every call. ``QuantizedLinen.logical(variables)`` unpads (what
+``save_linen`` stores).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from qlin.config import MMLinearLayerConfig
-from qlin.errors import InputError
+from qlin.errors import InputError, ParamsError
 from qlin.flax import _common
 
 
@@ -37,8 +46,10 @@ class QDense(nn.Module):
       kernel: force a kernel by name; default ``qlin.kernel_for(config)``.
       input_scale_ub: allocate an fp8 ``input_scale_ub``.
 
-    ``init`` allocates placeholders (zero weight, unit scales); real values come from
-    :func:`qlin.flax.quantize_linen` or :func:`qlin.flax.checkpoint.load_linen`.
+    ``init`` allocates placeholders (zero weight, unit scales, logical shapes); real values
+    come from :func:`qlin.flax.quantize_linen` or :func:`qlin.flax.checkpoint.load_linen`,
+    processed for the kernel (weight possibly padded to ``(N_pad, K_pad)``); N is
+    ``features`` and K the input's last dimension.
     """
 
     features: int
@@ -58,10 +69,13 @@ class QDense(nn.Module):
         specs = _common.variable_specs(cfg, x.shape[-1], self.features, use_bias=self.use_bias,
                                        param_dtype=self.param_dtype, input_scale_ub=self.input_scale_ub)
         arrays = {
-            name: self.param(name, lambda _rng, shape, dt, fill: jnp.full(shape, fill, dt), shape, dt, fill)
+            # existing (possibly padded, processed) variables are read as they are; init makes logical placeholders
+            name: self.get_variable("params", name) if self.has_variable("params", name) else
+            self.param(name, lambda _rng, shape, dt, fill: jnp.full(shape, fill, dt), shape, dt, fill)
             for name, (shape, dt, fill) in specs.items()
         }
-        return _common.apply_quantized(cfg, arrays, x, kernel=self.kernel, where=f"QDense {'/'.join(self.path)}")
+        return _common.apply_quantized(cfg, arrays, x, n=self.features, kernel=self.kernel,
+                                       where=f"QDense {'/'.join(self.path)}")
 
 
 def _path_str(path) -> str:
@@ -75,10 +89,13 @@ class QuantizedLinen:
     ``qm.apply(variables, *args)`` is ``model.apply`` with every converted Dense
     running quantized (the variables must be the converted tree). Layers are keyed
     by their module path ``"Block_0/Dense_1"`` (``nn.Module.path`` joined by "/").
+    ``dims`` records each layer's logical ``(path, N, K)``, which :meth:`process` and
+    :meth:`logical` need once the stored weights are padded.
     """
 
     model: nn.Module
     layers: tuple[tuple[str, MMLinearLayerConfig, str | None], ...]  # (path, config, kernel override)
+    dims: tuple[tuple[str, int, int], ...] = ()  # (path, logical N, logical K)
 
     @property
     def configs(self) -> dict[str, MMLinearLayerConfig]:
@@ -104,9 +121,63 @@ class QuantizedLinen:
         if "kernel" in arrays:
             raise InputError(f"{path}: has both a float 'kernel' and quantized variables; expected converted params")
         n = int(jnp.shape(arrays["weight"])[-2])
-        if n != module.features:
+        dims = {p: (dn, dk) for p, dn, dk in self.dims}
+        if n != module.features and (path not in dims or dims[path][0] != module.features):
             raise InputError(f"{path}: quantized weight has N={n} but the nn.Dense has features={module.features}")
-        return _common.apply_quantized(config, arrays, args[0], kernel=kernel, where=path)
+        k = dims[path][1] if path in dims else None
+        return _common.apply_quantized(config, arrays, args[0], n=module.features, k=k, kernel=kernel, where=path)
+
+    # -- processed variables -------------------------------------------------------------------
+    def _layer_trees(self, variables):
+        if "params" not in variables:
+            raise InputError(f"variables: expected a dict with a 'params' collection, got keys {sorted(variables)}")
+        dims = {p: (n, k) for p, n, k in self.dims}
+        for path, config, kernel in self.layers:
+            node = variables["params"]
+            for part in path.split("/") if path else ():
+                if not hasattr(node, "items") or part not in node:
+                    raise InputError(f"variables: no params for quantized layer {path!r}")
+                node = node[part]
+            if not hasattr(node, "items") or "weight" not in node:
+                raise InputError(f"{path}: converted to {config.describe()} but its variables have no 'weight'")
+            shape = tuple(jnp.shape(node["weight"]))
+            n, k = dims.get(path, shape[-2:])
+            yield path, config, kernel, dict(node), (int(n), int(k)), shape[:-2]
+
+    def _replace(self, variables, new: dict[str, dict]):
+        from qlin.flax.convert import _set_in
+
+        params = variables["params"]
+        for path, arrays in new.items():
+            params = _set_in(params, tuple(path.split("/")) if path else (), arrays)
+        out = dict(variables)
+        out["params"] = params
+        return out
+
+    def process(self, variables):
+        """``variables`` with every converted layer processed for its kernel (once; idempotent).
+
+        The documented step for a tree that was not made by ``quantize_linen`` /
+        ``load_linen`` (those return processed trees), or after the kernel selection
+        changed. Returns a new tree; ``self.dims`` must describe padded layers.
+        """
+        from qlin.api import kernel_for
+
+        new = {}
+        for path, config, kernel, arrays, (n, k), stack in self._layer_trees(variables):
+            kern = kernel_for(config, override=kernel)
+            new[path] = _common.process_arrays(config, arrays, n, k, kern, stack)
+        return self._replace(variables, new)
+
+    def logical(self, variables):
+        """``variables`` with every converted layer's kernel padding removed (qlin's canonical layout)."""
+        new = {}
+        for path, config, _, arrays, (n, k), stack in self._layer_trees(variables):
+            shape = tuple(jnp.shape(arrays["weight"]))[-2:]
+            if shape != (n, k) and (shape[0] < n or shape[1] < k):
+                raise ParamsError(f"{path}: weight {shape} is smaller than the logical (N, K) = ({n}, {k})")
+            new[path] = _common.logical_arrays(config, arrays, n, k, stack)
+        return self._replace(variables, new)
 
     def apply(self, variables, *args, **kwargs):
         """``model.apply(variables, *args, **kwargs)`` with the converted layers quantized."""

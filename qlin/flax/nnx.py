@@ -8,6 +8,12 @@ variables (inference constants: not ``nnx.Param``, so optimizers and
 ``nnx.state(model, nnx.Param)`` skip them); the bias stays an ``nnx.Param``.
 A layer whose variables carry leading axes (created from a stacked
 ``nnx.Linear`` of an ``nnx.vmap``-built stack) is meant to run under ``nnx.scan``.
+
+The variables hold the params *processed* for the layer's kernel (``from_*``
+constructors and ``checkpoint.load_nnx`` run ``process_weights_after_loading`` once;
+e.g. ``mosaic_gpu`` pads N and K), so a call hands them to the kernel as they are.
+:meth:`QLinear.process` re-processes after the kernel changes or variables were set
+by hand; :meth:`QLinear.qparams` / :meth:`QLinear.logical_arrays` give the unpadded params.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from qlin.config import MMLinearLayerConfig
-from qlin.errors import InputError
+from qlin.errors import InputError, NoKernelError
 from qlin.params import Params
 from qlin.flax import _common
 from qlin.flax._common import BIAS
@@ -42,9 +48,11 @@ class QLinear(nnx.Module):
       stack_shape: leading axes of a stacked layer (for ``nnx.scan`` over layers).
       input_scale_ub: allocate an fp8 ``input_scale_ub`` (dynamic per-token cap).
 
-    The constructor allocates placeholder arrays (zero weight, unit scales) of the right
+    The constructor allocates placeholder arrays (zero weight, unit scales) of the logical
     shapes and dtypes, for ``nnx.eval_shape`` and checkpoint loading; build a real layer
-    with :meth:`from_linear`, :meth:`from_float` or :meth:`from_params`.
+    with :meth:`from_linear`, :meth:`from_float` or :meth:`from_params`, which also
+    process the params for the kernel once (:meth:`process`). ``processed_for`` names
+    that kernel (None: not processed; a call then processes inside the traced call).
     """
 
     def __init__(self, in_features: int, out_features: int, *, config: MMLinearLayerConfig, use_bias: bool = True,
@@ -57,6 +65,8 @@ class QLinear(nnx.Module):
         self.use_bias = bool(use_bias)
         self.param_dtype = param_dtype
         self.kernel_name = kernel
+        self.processed_for: str | None = None
+        self._processed_layout: tuple | None = None
         self.stack_shape = tuple(int(s) for s in stack_shape)
         specs = _common.variable_specs(self.config, self.in_features, self.out_features, use_bias=use_bias,
                                        param_dtype=param_dtype, stack_shape=self.stack_shape,
@@ -92,6 +102,7 @@ class QLinear(nnx.Module):
         _common.check_values(layer.config, arrays, stack)
         for name, a in arrays.items():
             getattr(layer, name).set_value(jnp.asarray(a))
+        layer.process(strict=False)
         return layer
 
     @classmethod
@@ -128,20 +139,72 @@ class QLinear(nnx.Module):
         return cls.from_float(linear.kernel.get_value(), config, bias, input_scale=input_scale,
                               input_zero_point=input_zero_point, dtype=dtype, kernel=kernel)
 
+    # -- processing ----------------------------------------------------------------------
+    def process(self, kernel: str | None = None, *, strict: bool = True) -> "QLinear":
+        """Process the variables for the layer's kernel, in place, once; returns the layer.
+
+        ``kernel``: switch the layer to that kernel (by name) first. Idempotent: variables
+        already processed for the kernel stay as they are; ones processed for another
+        kernel are unpadded and processed again. Call it after setting variables by hand
+        (e.g. ``nnx.update`` with logical arrays) or after the kernel selection changed
+        (``QLIN_KERNEL``, ``QLIN_DISABLED_KERNELS``, a newly registered kernel).
+        ``strict=False``: when no kernel can run the config on this machine, leave the
+        variables unprocessed (the call raises the selection error) instead of raising.
+        """
+        from qlin.api import kernel_for
+
+        if kernel is not None:
+            self.kernel_name = kernel
+        try:
+            k = kernel_for(self.config, override=self.kernel_name)
+        except NoKernelError:
+            if strict:
+                raise
+            self.processed_for = self._processed_layout = None
+            return self
+        new = _common.process_arrays(self.config, self.arrays(), self.out_features, self.in_features, k,
+                                     self.stack_shape)
+        for name, a in new.items():
+            getattr(self, name).set_value(a)
+        self.processed_for = k.name
+        self._processed_layout = _common.layout(new, len(self.stack_shape))
+        return self
+
     # -- use --------------------------------------------------------------------------
     def arrays(self) -> dict[str, jax.Array]:
-        """``{variable name: current value}`` of this layer."""
+        """``{variable name: current value}`` of this layer (as stored: processed for ``processed_for``)."""
         return {name: getattr(self, name).get_value() for name in self._specs}
 
+    def logical_arrays(self) -> dict[str, jax.Array]:
+        """The variables without the kernel's padding (qlin's canonical layout; what checkpoints store)."""
+        return _common.logical_arrays(self.config, self.arrays(), self.out_features, self.in_features,
+                                      self.stack_shape)
+
     def qparams(self) -> Params:
-        """The layer's typed qlin params (canonical layout; unstacked layers only for kernels)."""
-        return _common.build_params(self.config, self.arrays())
+        """The layer's typed qlin params, canonical layout (unpadded; unstacked layers only for kernels)."""
+        return _common.build_params(self.config, self.logical_arrays())
+
+    def kernel_params(self) -> Params:
+        """The typed params as stored (in the kernel's layout; logical N / K in out/in_features)."""
+        return _common.build_params(self.config, self.arrays(), self.out_features, self.in_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _common.apply_quantized(self.config, self.arrays(), x, kernel=self.kernel_name,
+        return _common.apply_quantized(self.config, self.arrays(), x, n=self.out_features, k=self.in_features,
+                                       kernel=self.kernel_name, processed_for=self.processed_for,
+                                       processed_layout=self._processed_layout,
                                        where=f"QLinear({self.in_features} -> {self.out_features})")
 
     def __repr__(self) -> str:  # short, unlike nnx's full-state repr
         stack = f", stack={self.stack_shape}" if self.stack_shape else ""
         return (f"QLinear({self.in_features} -> {self.out_features}, {self.config.describe()}, "
                 f"bias={self.use_bias}{stack})")
+
+
+def process_nnx(model, kernel: str | None = None) -> int:
+    """:meth:`QLinear.process` every QLinear of ``model`` (in place); returns how many there are."""
+    count = 0
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, QLinear):
+            m.process(kernel)
+            count += 1
+    return count

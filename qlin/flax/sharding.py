@@ -25,6 +25,13 @@ Weights are ``(N, K)``. On a mesh axis ``axis`` of size ``tp``:
 
 :class:`TPMLP` is the Megatron MLP block: gate and up column-parallel, SwiGLU,
 down row-parallel -- one ``psum`` (plus the scale ``pmin``/``pmax``) per block.
+
+Processing: :func:`shard_column_parallel` / :func:`shard_row_parallel` (and so
+``TPMLP``) run the kernel's ``process_weights_after_loading`` once per shard, when
+they place the weights (e.g. ``mosaic_gpu`` pads each shard's N / K to its alignment;
+the global arrays are the shards' padded blocks side by side). The parallel linears
+then hand each shard's params to the kernel without padding or slicing the weight
+(processing is idempotent); params placed some other way are processed per call.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qlin.api import kernel_for
+from qlin.api import kernel_for, params_for_kernel
 from qlin.config import ScaledMMConfig
 from qlin.errors import ConfigError, InputError
 from qlin.params import Int8Params, Params
@@ -73,6 +80,34 @@ def _put(a, mesh, spec):
     return None if a is None else jax.device_put(a, NamedSharding(mesh, spec))
 
 
+def _local_abstract(tree, specs, mesh: Mesh):
+    """Abstract per-shard values of a placed ``tree`` whose leaves are split by ``specs``."""
+    def local(a, spec):
+        if a is None:
+            return None
+        shape = list(np.shape(a))
+        for i, name in enumerate(tuple(spec or ())):
+            for n in (name if isinstance(name, tuple) else (name,)):
+                if n is not None:
+                    shape[i] //= int(mesh.shape[n])
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(a))
+
+    return jax.tree.map(local, tree, specs, is_leaf=lambda v: v is None)
+
+
+def _process_placed(fn, placed, specs_of, mesh: Mesh):
+    """``fn`` (one shard's processing) run once on every shard of ``placed``; the result keeps its placement.
+
+    ``specs_of(tree)``: the PartitionSpecs tree of a params tree (built from the tree itself, so
+    a kernel's static metadata -- the logical N / K of a padded shard -- carries over).
+    """
+    in_specs = specs_of(placed)
+    out_local = jax.eval_shape(fn, _local_abstract(placed, in_specs, mesh))
+    out_specs = specs_of(out_local)
+    run = jax.shard_map(fn, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs, check_vma=False)
+    return jax.jit(run)(placed)
+
+
 # -- column-parallel ------------------------------------------------------------------------
 
 def column_specs(params: Params, config: ScaledMMConfig, axis: str) -> Params:
@@ -86,8 +121,10 @@ def column_specs(params: Params, config: ScaledMMConfig, axis: str) -> Params:
     return params.replace(**specs)
 
 
-def shard_column_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None):
-    """Canonical params (and bias) placed for column parallelism; returns ``(params, bias)``."""
+def shard_column_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None,
+                          *, kernel: str | None = None):
+    """Canonical params (and bias) placed for column parallelism and processed once per shard for the
+    kernel (``kernel`` by name, default ``qlin.kernel_for(config)``); returns ``(params, bias)``."""
     tp = _tp(mesh, axis)
     params = normalize_params(params, config)
     n, k = params.weight.shape
@@ -97,15 +134,17 @@ def shard_column_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, ax
     if block is not None and (n // tp) % block[0]:
         raise InputError(f"column-parallel: N/tp={n // tp} must be a multiple of the weight block's bn={block[0]}")
     specs = column_specs(params, config, axis)
-    placed = jax.tree.map(lambda a, s: _put(a, mesh, s), params, specs, is_leaf=lambda v: v is None)
     if bias is not None and tuple(np.shape(bias)) != (n,):
         raise InputError(f"bias: expected shape ({n},), got {tuple(np.shape(bias))}")
+    placed = jax.tree.map(lambda a, s: _put(a, mesh, s), params, specs, is_leaf=lambda v: v is None)
+    k = kernel_for(config, override=kernel)
+    placed = _process_placed(lambda p: params_for_kernel(k, p), placed, lambda t: column_specs(t, config, axis), mesh)
     return placed, _put(bias, mesh, P(axis))
 
 
 def _column_local(x, params: Params, bias, config, kernel):
     k = kernel_for(config, override=kernel)
-    return k.apply_weights(k.process_weights_after_loading(params), x, bias)
+    return k.apply_weights(params_for_kernel(k, params), x, bias)
 
 
 def column_parallel_linear(x, params: Params, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None,
@@ -150,8 +189,10 @@ def _needs_stats(config: ScaledMMConfig) -> bool:
 
 
 def shard_row_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis: str = "tp", bias=None,
-                       *, pad: int | None = None):
-    """Canonical params re-laid out and placed for row parallelism; returns ``(RowParallelParams, bias)``.
+                       *, pad: int | None = None, kernel: str | None = None):
+    """Canonical params re-laid out, placed for row parallelism and processed once per shard for the
+    kernel (``kernel`` by name, default ``qlin.kernel_for`` of the config with an f32 output);
+    returns ``(RowParallelParams, bias)``.
 
     ``pad`` zero columns per shard carry the global activation statistics
     (default :func:`default_pad` when the activation scale is dynamic per token/tensor, else 0).
@@ -198,7 +239,24 @@ def shard_row_parallel(params: Params, config: ScaledMMConfig, mesh: Mesh, axis:
     if bias is not None and tuple(np.shape(bias)) != (n,):
         raise InputError(f"bias: expected shape ({n},), got {tuple(np.shape(bias))}")
     rp = RowParallelParams(placed, _put(azp, mesh, P(axis, None)), int(pad), tp, k)
+    kern = kernel_for(dataclasses.replace(config, out_dtype=jnp.float32), override=kernel)
+    rp = _process_placed(lambda r: _row_process(kern, r), rp, lambda t: _row_specs(t, config, axis), mesh)
     return rp, _put(bias, mesh, P())
+
+
+def _row_shard_params(rp: RowParallelParams) -> Params:
+    """One shard's kernel params (its ``azp_adj`` row folded in)."""
+    params = rp.params
+    if rp.azp_adj is not None:
+        params = params.replace(azp_adj=rp.azp_adj.reshape(-1))
+    return params
+
+
+def _row_process(kern, rp: RowParallelParams) -> RowParallelParams:
+    out = params_for_kernel(kern, _row_shard_params(rp))
+    if rp.azp_adj is None:
+        return RowParallelParams(out, None, rp.pad, rp.tp, rp.in_features)
+    return RowParallelParams(out.replace(azp_adj=None), out.azp_adj.reshape(1, -1), rp.pad, rp.tp, rp.in_features)
 
 
 def _row_specs(rp: RowParallelParams, config, axis):
@@ -214,9 +272,7 @@ def _row_specs(rp: RowParallelParams, config, axis):
 
 def _row_local(x, rp: RowParallelParams, config: ScaledMMConfig, axis: str, kernel):
     """One shard's f32 partial ``x_shard @ W_shard^T`` with globally consistent activation scales."""
-    params = rp.params
-    if rp.azp_adj is not None:
-        params = params.replace(azp_adj=rp.azp_adj.reshape(-1))
+    params = _row_shard_params(rp)
     if rp.pad:
         xf = x.astype(jnp.float32)
         if activation_granularity(config) == "per_token":
@@ -229,7 +285,7 @@ def _row_local(x, rp: RowParallelParams, config: ScaledMMConfig, axis: str, kern
         x = jnp.concatenate([x, fill.astype(x.dtype)], axis=-1)
     cfg32 = dataclasses.replace(config, out_dtype=jnp.float32)
     k = kernel_for(cfg32, override=kernel)
-    return k.apply_weights(k.process_weights_after_loading(params), x, None)
+    return k.apply_weights(params_for_kernel(k, params), x, None)
 
 
 def _row_finish(partial, bias, config, axis):
@@ -285,9 +341,9 @@ class TPMLP:
         if not (i1 == i2 == i3 and h1 == h2 == h3):
             raise InputError(f"TPMLP: incompatible shapes gate {gate.weight.shape}, up {up.weight.shape}, "
                              f"down {down.weight.shape}; expected (I, H), (I, H), (H, I)")
-        g, gb = shard_column_parallel(gate, config, mesh, axis, gate_bias)
-        u, ub = shard_column_parallel(up, config, mesh, axis, up_bias)
-        d, b = shard_row_parallel(down, config, mesh, axis, down_bias, pad=row_pad)
+        g, gb = shard_column_parallel(gate, config, mesh, axis, gate_bias, kernel=kernel)
+        u, ub = shard_column_parallel(up, config, mesh, axis, up_bias, kernel=kernel)
+        d, b = shard_row_parallel(down, config, mesh, axis, down_bias, pad=row_pad, kernel=kernel)
         return cls(g, u, d, b, gb, ub, config, mesh, axis, kernel)
 
     @classmethod
@@ -377,6 +433,11 @@ def shard_qlinear(layer, mesh: Mesh, mode: str, axis: str = "tp"):
     tp = _tp(mesh, axis)
     n, k = layer.out_features, layer.in_features
     dim = n if mode == "column" else k
+    stored = int(np.shape(layer.weight.get_value())[-2 if mode == "column" else -1])
+    if stored != dim and stored % tp:
+        raise InputError(f"{mode}-parallel: the weight is padded to {stored} for kernel {layer.processed_for!r}, "
+                         f"not divisible by the mesh axis {axis!r} size {tp}; use the xla kernel "
+                         "(layer.process('xla')) or the shard_map linears")
     if dim % tp:
         raise InputError(f"{mode}-parallel: {'N' if mode == 'column' else 'K'}={dim} must be divisible by the "
                          f"mesh axis {axis!r} size {tp}")
