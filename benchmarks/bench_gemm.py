@@ -1,6 +1,9 @@
 """Thin launcher for the GEMM benchmark; the logic lives in :mod:`qlin.bench`.
 
-PYTHONPATH=. python3 benchmarks/bench_gemm.py [--quick] [--out DIR]
+PYTHONPATH=. python3 benchmarks/bench_gemm.py [--quick] [--dynamic] [--deadline-s 470] [--out DIR]
+
+Writes <out>/<tag>.json (rows + meta: summary, peaks, per-case phase timings), <tag>.md and <tag>.png;
+<out> defaults to $OUT, else benchmarks/results.  `--help` lists every option.
 """
 
 import sys

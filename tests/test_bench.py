@@ -1,0 +1,299 @@
+"""qlin.bench (the GEMM benchmark behind `qlin bench` / benchmarks/bench_gemm.py), on the CPU.
+
+The GPU timing (CUPTI) cannot run here: the pipeline runs with a fake timer that checks what it is
+handed, and the Mosaic GPU kernels in interpret mode.  Everything else is real: the plan, the
+ahead-of-time compiles on worker threads, the device lock, the sampled-row rel_err against the
+f32 reference, the dynamic-linear rows, the JSON / markdown / plot outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlin import bench, viz
+from qlin.tolerances import kernel_rtol, quant_rtol
+
+FAKE_MS = [0.010, 0.030, 0.020]  # median 0.020 ms = 20 us per iteration
+
+
+def fake_timer(calls):
+    def timer(fn, args, iterations):
+        assert isinstance(fn, (jax.stages.Compiled, jax.stages.Wrapped))
+        calls.append((fn, args, iterations))
+        return (FAKE_MS * iterations)[:iterations] if iterations >= 3 else FAKE_MS
+
+    return timer
+
+
+# -- plan ------------------------------------------------------------------------------------------
+
+
+def test_plan_cases_order_tiers_and_coverage():
+    cases = bench.plan_cases(bench.LLAMA3_SHAPES, bench.M_GRID)
+    assert len(cases) == len(set(cases)) == 80
+    assert {(n, k) for n, k, _ in cases} == set(bench.LLAMA3_SHAPES)
+    first = bench.M_PRIORITY[: bench.FIRST_TIER]
+    # tier 1: every shape with the first-priority Ms, shape by shape, M inside in priority order
+    assert cases[:40] == [(n, k, m) for n, k in bench.LLAMA3_SHAPES for m in first]
+    assert {m for _, _, m in cases[40:]} == set(bench.M_GRID) - set(first)
+    # within each shape visit the Ms follow the priority list
+    assert [m for n, k, m in cases[40:50] if (n, k) == bench.LLAMA3_SHAPES[0]] == bench.M_PRIORITY[5:]
+    # Ms off the priority list go last, ascending; duplicates are dropped
+    assert bench.order_ms([3000, 16, 5, 16, 1]) == [16, 1, 5, 3000]
+    assert bench.plan_cases([(8, 8), (8, 8)], [2, 1], first_tier=1) == [(8, 8, 1), (8, 8, 2)]
+
+
+def test_sample_rows_bands_and_prefix():
+    rows = bench.sample_rows(bench.M_GRID, per_band=64)
+    assert np.all(np.diff(rows) > 0) and rows[0] == 0 and rows[-1] == 8191
+    assert len(rows) == 64 + 7 * 64  # [0, 64) in full, then 64 per band [64,128) ... [4096, 8192)
+    for lo, hi in zip(bench.M_GRID[:-1], bench.M_GRID[1:]):
+        band = rows[(rows >= lo) & (rows < hi)]
+        assert len(band) == min(hi - lo, 64) and band[-1] == hi - 1
+    # case M checks rows[rows < M]: every row up to M = 64
+    for m in (1, 16, 64):
+        assert list(rows[: np.searchsorted(rows, m)]) == list(range(m))
+    assert list(bench.sample_rows([8, 3])) == list(range(8))
+
+
+def test_torch_int8_small_m_is_a_skip_not_an_error():
+    assert bench.torch_skip_reason("int8", 16) == bench.TORCH_INT8_SKIP == "torch._int_mm needs M > 16"
+    assert bench.torch_skip_reason("int8", 17) is None and bench.torch_skip_reason("fp8", 1) is None
+
+
+# -- device lock -----------------------------------------------------------------------------------
+
+
+def test_device_lock_is_exclusive_and_serves_main_then_workers_in_job_order():
+    lock = bench.DeviceLock()
+    order, inside = [], []
+
+    def worker(prio):
+        with lock.hold(prio):
+            inside.append(1)
+            assert len(inside) == 1  # nobody else holds it
+            order.append(prio)
+            time.sleep(0.01)
+            inside.pop()
+
+    with lock.hold():  # the main thread holds it: workers queue up
+        threads = [threading.Thread(target=worker, args=(p,)) for p in (5, 3, 4)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 10
+        while len(lock._waiting) < 3 and time.time() < deadline:
+            time.sleep(0.005)
+        assert len(lock._waiting) == 3 and order == []
+    for t in threads:
+        t.join(10)
+    assert order == [3, 4, 5]
+    assert lock.held_s["main"] > 0 and lock.held_s["worker"] >= 0.03
+
+
+def test_needs_device_only_for_programs_with_dots():
+    S = jax.ShapeDtypeStruct
+    dot = jax.jit(bench._xla_one("int8")).lower(*bench._specs_gemm(16, 128, 256, "int8", 1)[0][0])
+    ew = jax.jit(lambda x: x * 2).lower(S((4, 4), jnp.float32))
+    assert bench.needs_device(dot) and not bench.needs_device(ew)
+    # the Mosaic GPU kernel (cross-lowered for CUDA) is a custom call: it compiles without the lock
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    cfg = mm.default_config(16, 4096, 4096, jnp.float8_e4m3fn, jnp.bfloat16)
+    specs = bench._specs_gemm(16, 4096, 4096, "fp8", 2)
+    low = jax.jit(bench.many(bench._qlin_one(cfg))).trace(*specs).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in low.as_text() and not bench.needs_device(low)
+
+
+# -- rows, summary, reports ------------------------------------------------------------------------
+
+
+def _row(impl, dtype, m, us, n=4096, k=4096, **kw):
+    return bench.make_row(impl, dtype, m, n, k, us, 1e-3 if us else None, "gpu:NVIDIA H100 80GB HBM3", **kw)
+
+
+def synthetic_rows():
+    rows = []
+    for m, (q, x, t) in {16: (9.0, 10.0, 40.0), 4096: (100.0, 130.0, 115.0), 128: (12.0, 11.0, 41.0)}.items():
+        rows += [_row("qlin:mosaic_gpu", "fp8", m, q, config="m64n32k256s8w1"), _row("xla", "fp8", m, x)]
+        rows += [_row("torch", "fp8", m, t), _row("xla", "bf16", m, 2 * x)]
+        rows += [_row("qlin:mosaic_gpu", "int8", m, q * 0.9), _row("xla", "int8", m, x)]
+        rows += [_row("qlin:mosaic_gpu+quant", "fp8", m, q + 2), _row("xla+quant", "fp8", m, x + 5)]
+    rows.append(_row("torch", "int8", 16, None, skipped=bench.TORCH_INT8_SKIP))
+    rows.append(_row("torch", "int8", 128, None, error="RuntimeError: boom"))
+    rows.append(_row("torch", "int8", 4096, 300.0))
+    return rows
+
+
+def test_annotate_ratio_peak_and_floor():
+    rows = synthetic_rows()
+    peak = bench.annotate(rows, copy_gbs=3000.0)
+    by = {(r["impl"], r["dtype"], r["M"]): r for r in rows}
+    assert by[("qlin:mosaic_gpu", "fp8", 16)]["ratio_vs_xla"] == pytest.approx(10.0 / 9.0)
+    assert by[("torch", "fp8", 4096)]["ratio_vs_xla"] == pytest.approx(130.0 / 115.0)
+    # the dynamic linear is compared with XLA's dynamic linear, not with the bare GEMM
+    assert by[("qlin:mosaic_gpu+quant", "fp8", 128)]["ratio_vs_xla"] == pytest.approx(16.0 / 14.0)
+    assert "ratio_vs_xla" not in by[("xla", "fp8", 16)] and "ratio_vs_xla" not in by[("xla+quant", "fp8", 16)]
+    # peak: the best measured TF/s of the dtype over every impl
+    fl = 2.0 * 4096 * 4096 * 4096
+    assert peak["fp8"]["tflops"] == pytest.approx(fl / 100e-6 / 1e12) and peak["fp8"]["impl"] == "qlin:mosaic_gpu"
+    assert peak["int8"]["tflops"] == pytest.approx(fl / 90e-6 / 1e12)
+    assert by[("xla", "fp8", 4096)]["frac_of_peak"] == pytest.approx(100.0 / 130.0)
+    assert by[("xla", "bf16", 4096)]["frac_of_peak"] == 1.0
+    # weight-bandwidth floor for qlin rows with M <= 16 only
+    r = by[("qlin:mosaic_gpu", "fp8", 16)]
+    assert r["weight_floor_us"] == pytest.approx(4096 * 4096 / 3000e9 * 1e6) and r["x_floor"] == pytest.approx(
+        9.0 / r["weight_floor_us"]
+    )
+    assert "weight_floor_us" not in by[("qlin:mosaic_gpu", "fp8", 128)] and "x_floor" not in by[("xla", "fp8", 16)]
+
+
+def test_summarize_geomean_worst_wins():
+    s = bench.summarize(synthetic_rows())
+    q = s["qlin:mosaic_gpu fp8"]
+    ratios = [10 / 9, 130 / 100, 11 / 12]
+    assert q["geomean_vs_xla"] == pytest.approx(statistics.geometric_mean(ratios))
+    assert q["worst_vs_xla"] == pytest.approx(11 / 12) and q["worst_case"] == "128x4096x4096"
+    assert (q["wins"], q["compared"], q["cases"], q["failed"]) == (2, 3, 3, 0)
+    assert q["max_rel_err"] == 1e-3 and 0 < q["geomean_frac_of_peak"] <= 1
+    dyn = s["qlin:mosaic_gpu+quant fp8"]
+    assert dyn["wins"] == 3 and dyn["worst_vs_xla"] == pytest.approx(16 / 14)
+    t8 = s["torch int8"]  # the skipped case does not count, the error does
+    assert (t8["cases"], t8["failed"], t8["compared"]) == (2, 1, 1)
+    assert s["xla fp8"]["geomean_vs_xla"] is None and s["xla fp8"]["wins"] == 0
+
+
+def test_markdown_table_cells_and_summary():
+    md = bench.markdown_table(synthetic_rows(), copy_gbs=3000.0)
+    lines = md.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:5] == ["N", "K", "M", "qlin:mosaic_gpu fp8 us", "xla fp8 us"]
+    assert "qlin:mosaic_gpu+quant fp8 x XLA" in head and "xla+quant fp8 us" in head
+    row16 = next(line for line in lines if line.startswith("| 4096 | 4096 | 16 |"))
+    cells = dict(zip(head, [c.strip() for c in row16.strip("|").split("|")]))
+    assert cells["qlin:mosaic_gpu fp8 us"] == "9.0" and cells["torch int8 us"] == "skip"
+    assert cells["qlin:mosaic_gpu fp8 x XLA"] == "1.11"
+    row128 = next(line for line in lines if line.startswith("| 4096 | 4096 | 128 |"))
+    assert "ERR" in row128
+    assert "| qlin:mosaic_gpu | fp8 | 3 | 0 | 1.10 | 0.92 (128x4096x4096) | 2/3 |" in md
+    assert "| 4096 | 4096 | 4096 |" in md and "1374 (1.00)" in md  # 2 * 4096^3 / 100 us
+    assert bench.PEAK_NOTE in md and "copy bandwidth (read+write): 3000 GB/s" in md
+
+
+def test_write_results_schema_viz_loads_and_plot(tmp_path):
+    rows = synthetic_rows()
+    path = bench.write_results(tmp_path, "g", rows, {"device": "gpu:NVIDIA H100 80GB HBM3", "copy_gbs": 3000.0})
+    data = json.loads(path.read_text())
+    assert set(data) == {"meta", "rows"}
+    assert {"summary", "peak_tflops", "peak_note"} <= set(data["meta"])
+    for r in data["rows"]:
+        assert set(viz.REQUIRED_KEYS) <= set(r)
+        if r["us"]:
+            assert r["tflops"] == pytest.approx(2 * r["M"] * r["N"] * r["K"] / r["us"] / 1e6)
+            assert 0 < r["frac_of_peak"] <= 1
+    loaded = viz.load_benchmark_results(tmp_path)
+    assert len(loaded) == sum(1 for r in rows if r["us"])
+    assert bench.plot(rows, tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parse_args_defaults_and_errors():
+    a = bench.parse_args([])
+    assert a.shape_list == bench.LLAMA3_SHAPES and a.m_list == bench.M_GRID and a.iterations == 20
+    assert not a.dynamic and a.deadline_s == 540.0 and a.dtypes == "fp8,int8"
+    q = bench.parse_args(["--quick", "--dynamic", "--deadline-s", "470", "--m", "1,8", "--workers", "2"])
+    assert q.shape_list == bench.QUICK_SHAPES and q.m_list == [1, 8] and q.dynamic and q.deadline_s == 470
+    assert bench.parse_args(["--shapes", "256:512,128:64"]).shape_list == [(256, 512), (128, 64)]
+    for bad in (["--shapes", "256x512"], ["--m", "a"], ["--dtypes", "fp4"], ["--iterations", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+# -- the pipeline, end to end on the CPU -----------------------------------------------------------
+
+
+def test_checker_catches_wrong_rows_and_nan():
+    g = bench.GridBench(dtypes=("int8",), with_torch=False, with_bf16=False)
+    g.rows_idx = bench.sample_rows([4, 64], per_band=8)  # [0..3] + 8 rows spread over [4, 64)
+    m, n = 64, 16
+    cnt = g._cnt(m)
+    fn, specs, _ = g._make_check(m, n, cnt)
+    check = jax.jit(fn)
+    ref = np.random.default_rng(0).standard_normal((len(g.rows_idx), n)).astype(np.float32)
+    out = np.zeros((m, n), np.float32)
+    out[g.rows_idx] = ref
+    assert float(check(jnp.asarray(out, jnp.bfloat16), ref)) < kernel_rtol(jnp.bfloat16)
+    bad = out.copy()
+    bad[g.rows_idx[-1]] *= -1  # one sampled row wrong (the last row of M)
+    assert float(check(jnp.asarray(bad, jnp.bfloat16), ref)) > 0.1
+    unsampled = sorted(set(range(m)) - set(g.rows_idx.tolist()))[0]
+    nan = out.copy()
+    nan[unsampled, 3] = np.nan  # NaN outside the sampled rows: still caught
+    assert math.isinf(float(check(jnp.asarray(nan, jnp.bfloat16), ref)))
+
+
+def test_grid_end_to_end_interpret(tmp_path):
+    """One int8 case with the Mosaic GPU kernels in interpret mode: GEMM and dynamic-linear rows, all checked."""
+    calls = []
+    args = bench.parse_args(
+        ["--shapes", "32:256", "--m", "8", "--dtypes", "int8", "--no-torch", "--no-bf16", "--dynamic",
+         "--iterations", "3", "--max-copies", "1", "--copy-mib", "1", "--workers", "2",
+         "--out", str(tmp_path), "--tag", "e2e"]
+    )  # fmt: skip
+    rows, meta = bench.run(args, timer=fake_timer(calls), interpret=True, log=lambda s: None)
+    by = {(r["impl"], r["dtype"]): r for r in rows}
+    assert set(by) == {("qlin:mosaic_gpu", "int8"), ("xla", "int8"), ("qlin:mosaic_gpu+quant", "int8"),
+                       ("xla+quant", "int8")}  # fmt: skip
+    for r in rows:
+        assert "error" not in r, r
+        assert r["us"] == pytest.approx(20.0) and r["copies"] == 1  # median of the timer's ms, per copy
+        assert r["tflops"] == pytest.approx(2 * 8 * 32 * 256 / 20e-6 / 1e12)
+    assert by[("qlin:mosaic_gpu", "int8")]["rel_err"] < kernel_rtol(jnp.bfloat16)
+    assert by[("xla", "int8")]["rel_err"] < kernel_rtol(jnp.bfloat16)
+    dyn_tol = quant_rtol(bench.dynamic_config("int8"))
+    assert 0 < by[("qlin:mosaic_gpu+quant", "int8")]["rel_err"] < dyn_tol
+    assert 0 < by[("xla+quant", "int8")]["rel_err"] < dyn_tol
+    assert by[("qlin:mosaic_gpu+quant", "int8")]["kernel"] == "mosaic_gpu"
+    assert by[("qlin:mosaic_gpu", "int8")]["ratio_vs_xla"] == pytest.approx(1.0)
+    # the timer got the compiled many-copy program, its argument list, and the iteration count
+    assert all(isinstance(fn, jax.stages.Compiled) for fn, _, _ in calls[1:])  # compiled ahead of time
+    assert all(it == 3 for _, _, it in calls[1:]) and all(len(a[0]) == 1 for _, a, _ in calls[1:])
+    assert len(calls) == 1 + 4  # copy bandwidth + 4 programs
+    ph = meta["phases"][0]
+    assert set(ph["impl_s"]) == {"qlin:mosaic_gpu/int8", "xla/int8", "qlin:mosaic_gpu+quant/int8", "xla+quant/int8"}
+    assert ph["impl_s"]["xla/int8"]["locked"] and ph["impl_s"]["xla+quant/int8"]["locked"]
+    assert meta["compile_totals"]["programs"] >= 6  # 4 timed + checker + reference(s)
+
+
+def test_grid_end_to_end_failures_are_rows_and_outputs_are_written(tmp_path):
+    """Without interpret mode the Mosaic GPU kernel cannot run on the CPU: its rows carry the error, the rest
+    of the grid runs, in plan order, and the JSON / markdown / plot are written; a deadline skips cases."""
+    args = bench.parse_args(
+        ["--shapes", "256:128", "--m", "16,8", "--dtypes", "fp8", "--no-torch", "--no-bf16", "--iterations", "3",
+         "--max-copies", "2", "--copy-mib", "1", "--workers", "3", "--out", str(tmp_path), "--tag", "cpu"]
+    )  # fmt: skip
+    rows, meta = bench.run(args, timer=fake_timer([]), log=lambda s: None)
+    assert [(p["N"], p["K"], p["M"]) for p in meta["phases"]] == [(256, 128, 16), (256, 128, 8)]
+    q = [r for r in rows if r["impl"] == "qlin:mosaic_gpu"]
+    assert len(q) == 2 and all(r["us"] is None and "interpret" in r["error"] for r in q)
+    ok = [r for r in rows if r["impl"] != "qlin:mosaic_gpu"]
+    assert {(r["impl"], r["dtype"]) for r in ok} == {("xla", "fp8")} and len(ok) == 2
+    assert all(r["us"] == pytest.approx(10.0) and r["copies"] == 2 for r in ok)  # 20 us / 2 weight copies
+    assert all(r["rel_err"] < kernel_rtol(jnp.bfloat16) for r in ok)
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert data["meta"]["summary"]["qlin:mosaic_gpu fp8"]["failed"] == 2 and len(data["rows"]) == 4
+    md = (tmp_path / "cpu.md").read_text()
+    assert "| 256 | 128 | 8 | ERR | 10.0 |" in md and "per case" in md
+    assert (tmp_path / "cpu.png").exists()
+    # a deadline already passed: nothing runs, every case is listed as skipped
+    args.deadline_s, args.tag = -1.0, "late"
+    rows, meta = bench.run(args, timer=fake_timer([]), log=lambda s: None)
+    assert rows == [] and len(meta["skipped"]) == 2
