@@ -12,13 +12,22 @@
    JAX -> torch: JAX runs a long computation producing y; torch reduces y on its stream right away.
    Host time of each hand-over is recorded apart from the producer's dispatch: a hand-over that
    takes ~the producer's GPU time is a host sync. End to end: ``QuantLinear`` on a busy torch stream.
-3. Overhead: ``QuantLinear(x)`` (torch in, torch out) vs the SAME jitted callable the layer uses
-   (``state.call(state.leaves, x, bias)``: the kernel's ``apply_weights`` on processed params,
-   pytree pre-flattened) called from JAX on the same arrays. Both timed the same way: wall time of
-   ``reps`` back-to-back calls then one sync, median of ``TRIALS`` interleaved trials; the host time
-   to enqueue the calls is recorded too (``*_host_us``: when it is ~ the wall time the call is
-   host-bound and the GPU idles). ``jax_pytree_us`` (jitted ``apply_weights(params, x, bias)``, the
-   old baseline) and ``torch._scaled_mm`` (fp8) are listed for context. Target: bridge <= 1.05 x JAX.
+3. Host breakdown (``host_breakdown_us``): host us per call of each piece of the hot path and of
+   alternatives, fp8 at one shape.
+4. Overhead, per (config, M, N, K): layers N x K = 14336 x 4096 and 4096 x 4096, M in 1, 16, 256, 1024,
+   4096, fp8 and int8 (per-channel weights, dynamic per-token activations, bf16 out):
+   ``QuantLinear(x)`` (torch in, torch out) vs the SAME jitted callable the layer uses
+   (``state.call(state.leaves, x, bias)``) called from JAX on the same arrays.
+   * wall clock: ``reps`` back-to-back calls then one sync, median of ``TRIALS`` interleaved trials
+     (``bridge_us`` / ``jax_us`` / ``overhead``); the host time to enqueue them (``*_host_us``);
+   * CUDA events on torch's stream around the same back-to-back loops (``*_event_us`` /
+     ``event_overhead``; for JAX: x handed over once, the last result handed back once);
+   * ``host_steps_us``: host us per call of each step inside the bridge's back-to-back calls
+     (check / import / jit / export, and ``export_waits`` = export minus the export of a finished result);
+   * device time per call with the host out of the picture (``gpu_us_*_gated``), latency of one call,
+     ``torch._scaled_mm`` (fp8) for context. Target: bridge <= 1.05 x JAX.
+   A failing case is recorded with its error; past the time budget (env ``BRIDGE_CHECK_BUDGET_S``,
+   default 140 s) the remaining rows are marked skipped; the JSON is written after every section.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import time
 T_START = time.perf_counter()
 #: stop starting new overhead rows after this many seconds (the GPU call is time-limited); the JSON is
 #: written after every section, so a run cut short still reports what it measured
-BUDGET_S = float(os.environ.get("BRIDGE_CHECK_BUDGET_S", "112"))
+BUDGET_S = float(os.environ.get("BRIDGE_CHECK_BUDGET_S", "140"))
 TRIALS = 5
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch's allocator
@@ -44,13 +53,16 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 import qlin  # noqa: E402
-from qlin_torch_bridge import QuantLinear, to_jax, to_torch  # noqa: E402
+from qlin_torch_bridge import QuantLinear, apply_weights, to_jax, to_torch  # noqa: E402
 from qlin_torch_bridge import dlpack as bridge_dlpack  # noqa: E402
+from qlin_torch_bridge import lifecycle  # noqa: E402
 from qlin_torch_bridge.dlpack import to_jax_hot, to_torch_hot  # noqa: E402
 
 DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.int32, torch.bfloat16, torch.float16, torch.float32]
-SHAPES = [(16, 4096, 4096), (128, 4096, 4096), (1024, 4096, 4096), (4096, 4096, 4096), (4096, 14336, 4096)]
-CPU_SHAPES = [(16, 512, 512), (256, 1024, 1024)]
+MS = (1, 16, 256, 1024, 4096)
+LAYERS = ((14336, 4096), (4096, 4096))  # (N, K): an MLP up/gate projection and a square projection
+SHAPES = [(m, n, k) for n, k in LAYERS for m in MS]
+CPU_SHAPES = [(m, n, k) for n, k in ((512, 256),) for m in (1, 16, 256)]
 
 
 def zero_copy(device: str) -> dict:
@@ -235,6 +247,24 @@ def _interleaved(fns: dict, syncs: dict, reps: int, trials: int = TRIALS) -> dic
             for name, v in samples.items()}
 
 
+def _event_us(loops: dict, reps: int, trials: int = TRIALS) -> dict:
+    """CUDA-event time per call: events on torch's current stream around ``loops[name]()`` (``reps``
+    back-to-back calls ending in a torch tensor torch's stream waits for), median of ``trials``, interleaved.
+    Host gaps count (a host-bound loop keeps the GPU idle between calls) -- as in a real model."""
+    samples = {name: [] for name in loops}
+    for _ in range(trials):
+        for name, loop in loops.items():
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            ev0.record()
+            out = loop()
+            ev1.record()
+            ev1.synchronize()
+            samples[name].append(ev0.elapsed_time(ev1) * 1e3 / reps)
+            del out
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _latency(fn, sync, reps: int) -> float:
     samples = []
     for _ in range(reps):
@@ -270,50 +300,107 @@ def _gated_device_us(q, x, leaves, call, bj, n: int = 20, spin_cycles: int = 100
     return out[0], out[1]
 
 
-def breakdown(reps: int = 50) -> dict:
-    """Host microseconds per call of each piece of the bridge's hot path (fp8, M=16, 4096 x 4096)."""
+def hot_path_steps(q, x, reps: int, sync) -> dict:
+    """Host us per call of each step of ``apply_weights``'s steady state, timed inside back-to-back calls
+    (the same functions in the same order as ``lifecycle.apply_weights``):
+
+    * ``check``: are the layer's parameters the ones read (identity, address, ``_version``)?
+    * ``import``: ``x`` to JAX (torch -> JAX stream hand-over + jaxlib's DLPack import)
+    * ``jit``: the jitted kernel call (JAX's dispatch; what the JAX baseline pays per call)
+    * ``export``: the result to torch (jaxlib's DLPack export onto torch's stream + torch's import)
+    * ``export_ready``: the same export of a result that is already computed: ``export - export_ready``
+      is how long the export waits for JAX to launch the computation it just dispatched
+    ``fast_paths``: whether import/export took the cached-route fast paths (else the public DLPack APIs).
+    """
+    st = q._qlin_state
+    route, bj, checks = st.route, st.bias_jax, st.checks
+    pc = time.perf_counter
+    tot = [0.0, 0.0, 0.0, 0.0]
+    fast = route is not None
+    keep = None
+    sync()
+    for _ in range(reps):
+        t0 = pc()
+        lifecycle._unchanged_fast(q, checks)
+        t1 = pc()
+        xj = bridge_dlpack.import_hot(x, route) if route is not None else None
+        if xj is None:
+            fast, xj = False, to_jax_hot(x)
+        t2 = pc()
+        y = st.call(st.leaves, xj, bj)
+        t3 = pc()
+        t = bridge_dlpack.export_hot(y, route) if route is not None and st.export_ok else None
+        if t is None:
+            fast, t = False, to_torch_hot(y, x)
+        t4 = pc()
+        keep = t  # dropped one call later, as in a model (the previous activation is freed)
+        tot[0] += t1 - t0; tot[1] += t2 - t1; tot[2] += t3 - t2; tot[3] += t4 - t3
+    sync()
+    y_ready = st.call(st.leaves, bridge_dlpack.to_jax(x), bj)
+    jax.block_until_ready(y_ready)
+    t0 = pc()
+    for _ in range(reps):
+        keep = to_torch_hot(y_ready, x)
+    ready = (pc() - t0) / reps * 1e6
+    sync()
+    del keep
+    res = {name: round(v / reps * 1e6, 2) for name, v in zip(("check", "import", "jit", "export"), tot)}
+    res["total"] = round(sum(tot) / reps * 1e6, 2)
+    res["export_ready"] = round(ready, 2)
+    res["export_waits"] = round(res["export"] - ready, 2)
+    res["fast_paths"] = fast
+    return res
+
+
+def breakdown(device: str = "cuda", reps: int = 50, m: int = 16, n: int = 4096, k: int = 4096) -> dict:
+    """Host microseconds per call of pieces of the bridge's hot path and of alternatives (fp8, M x N x K)."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    lin = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16).requires_grad_(False)
     q = QuantLinear.from_linear(lin, qlin.FP8ScaledMMConfig())
-    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     st = q._qlin_state
     xj, bj = to_jax(x), to_jax(q.bias)
     route = bridge_dlpack._route(x)
     y_ready = st.call(st.leaves, xj, bj)
     y_ready.block_until_ready()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     keep = []
 
     def per_call(fn):
-        fn(); torch.cuda.synchronize(); jax.block_until_ready(y_ready)
+        fn(); sync(); jax.block_until_ready(y_ready)
         t0 = time.perf_counter()
         for _ in range(reps):
             keep.append(fn())
         t1 = time.perf_counter()
-        torch.cuda.synchronize()
+        sync()
         for v in keep:
             if isinstance(v, jax.Array):
                 v.block_until_ready()
         keep.clear()
-        torch.cuda.synchronize()
+        sync()
         return round((t1 - t0) / reps * 1e6, 2)
 
     with torch.no_grad():
+        q(x)
         res = {
-            "torch_current_stream": per_call(lambda: torch.cuda.current_stream()),
+            "check": per_call(lambda: lifecycle._unchanged_fast(q, st.checks)),
             "t2j_event_hop": per_call(route.order_after_torch),
             "t2j_torch_capsule": per_call(lambda: torch.utils.dlpack.to_dlpack(x)),
-            "t2j_hot": per_call(lambda: to_jax_hot(x)),
+            "t2j_import_hot": per_call(lambda: bridge_dlpack.import_hot(x, st.route)),
             "t2j_public_jax_from_dlpack": per_call(lambda: jax.dlpack.from_dlpack(x)),
-            "j2t_hot_ready": per_call(lambda: to_torch_hot(y_ready, x)),
+            "j2t_export_hot_ready": per_call(lambda: to_torch_hot(y_ready, x)),
             "j2t_public_torch_from_dlpack_ready": per_call(lambda: torch.from_dlpack(y_ready)),
             "jit_call": per_call(lambda: st.call(st.leaves, xj, bj)),
             "jit_call_pytree": per_call(lambda: st.apply(st.params, xj, bj)),
-            "jit_call_then_j2t_hot": per_call(lambda: to_torch_hot(st.call(st.leaves, xj, bj), x)),
+            "jit_call_then_export_hot": per_call(lambda: to_torch_hot(st.call(st.leaves, xj, bj), x)),
             "jit_call_then_unsafe_buffer_pointer": per_call(lambda: st.call(st.leaves, xj, bj).unsafe_buffer_pointer()),
-            "t2j_hot_then_jit_call": per_call(lambda: st.call(st.leaves, to_jax_hot(x), bj)),
+            "import_hot_then_jit_call": per_call(lambda: st.call(st.leaves, bridge_dlpack.import_hot(x, st.route), bj)),
+            "apply_weights": per_call(lambda: apply_weights(q, x, q.bias)),
             "bridge_call": per_call(lambda: q(x)),
         }
-    res["export_waits_for_launch_us"] = round(res["jit_call_then_j2t_hot"] - res["jit_call"] - res["j2t_hot_ready"], 2)
+    res["export_waits_for_launch_us"] = round(res["jit_call_then_export_hot"] - res["jit_call"]
+                                              - res["j2t_export_hot_ready"], 2)
+    res["shape"] = [m, n, k]
     return res
 
 
@@ -330,76 +417,105 @@ def probe_import_on_torch_stream() -> str:
         return f"{type(e).__name__}: {str(e)[:160]}"
 
 
-def overhead(device: str, shapes, reps: int) -> list[dict]:
+def _row(device: str, cfg, m: int, n: int, k: int, reps: int, kernel: str | None) -> dict:
+    cuda = device == "cuda"
+    sync_t = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+    lin.requires_grad_(False)
+    q = QuantLinear.from_linear(lin, cfg, kernel=kernel)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    state = q._qlin_state
+    # the bridge's own jitted callable and leaves: "the same qlin kernel, called from JAX"
+    xj, bj, leaves, call = to_jax(x), to_jax(q.bias), state.leaves, state.call
+    last = {}
+
+    def bridge():
+        last["y"] = q(x)
+
+    def pure():
+        last["yj"] = call(leaves, xj, bj)
+
+    syncs = {"bridge": sync_t, "jax": lambda: last["yj"].block_until_ready()}
+    row = {"config": cfg.describe(), "kernel": q.kernel.name, "M": m, "N": n, "K": k}
+    with torch.no_grad():
+        t = _interleaved({"bridge": bridge, "jax": pure}, syncs, reps)
+        (t_bridge, h_bridge), (t_jax, h_jax) = t["bridge"], t["jax"]
+        row.update({
+            "bridge_us": round(t_bridge, 2), "jax_us": round(t_jax, 2), "overhead": round(t_bridge / t_jax - 1, 4),
+            "bridge_host_us": round(h_bridge, 2), "jax_host_us": round(h_jax, 2),
+            "bridge_extra_host_us": round(h_bridge - h_jax, 2),
+            # the GPU idles between calls when enqueueing takes ~ as long as the call
+            "jax_host_bound": h_jax >= 0.9 * t_jax,
+        })
+        if cuda:
+            def bridge_loop():
+                for _ in range(reps):
+                    y = q(x)
+                return y
+
+            def jax_loop():
+                xj_ = to_jax_hot(x)  # ordered after the start event, like the bridge's first call
+                for _ in range(reps):
+                    yj = call(leaves, xj_, bj)
+                return to_torch_hot(yj, x)  # torch's stream (and the end event) waits for the last call
+
+            try:
+                ev = _event_us({"bridge": bridge_loop, "jax": jax_loop}, reps)
+                row.update({"bridge_event_us": round(ev["bridge"], 2), "jax_event_us": round(ev["jax"], 2),
+                            "event_overhead": round(ev["bridge"] / ev["jax"] - 1, 4)})
+            except Exception as e:  # noqa: BLE001 - keep the wall-clock numbers
+                row["event_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        try:
+            row["host_steps_us"] = hot_path_steps(q, x, reps, sync_t)
+        except Exception as e:  # noqa: BLE001
+            row["host_steps_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        l_bridge = _latency(bridge, sync_t, max(reps // 2, 5))
+        l_jax = _latency(pure, syncs["jax"], max(reps // 2, 5))
+    row.update({"bridge_latency_us": round(l_bridge, 2), "jax_latency_us": round(l_jax, 2),
+                "latency_overhead": round(l_bridge / l_jax - 1, 4),
+                "tflops_bridge": round(2 * m * n * k / t_bridge / 1e6, 2)})
+    if cuda:
+        try:
+            with torch.no_grad():
+                g_bridge, g_jax = _gated_device_us(q, x, leaves, call, bj)
+            row["gpu_us_bridge_gated"], row["gpu_us_jax_gated"] = round(g_bridge, 2), round(g_jax, 2)
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            row["gpu_gated_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    with torch.no_grad():
+        row["max_abs_diff_vs_jax"] = (q(x).float() - to_torch(call(leaves, xj, bj)).float()).abs().max().item()
+    if cuda and isinstance(cfg, qlin.FP8ScaledMMConfig) and hasattr(torch, "_scaled_mm"):
+        try:
+            w8 = q.weight  # (N, K) K-major; _scaled_mm wants B (K, N) column-major = w8.t()
+            sw = q.weight_scale.reshape(1, -1).float()
+            amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+            sx = amax / 448.0
+
+            def tsm():
+                xq = (x.float() / sx).clamp(-448, 448).to(torch.float8_e4m3fn)
+                last["ts"] = torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+            tsm(); sync_t()
+            row["torch_scaled_mm_us"] = round(_time(tsm, sync_t, reps)[0], 2)
+        except Exception as e:  # noqa: BLE001
+            row["torch_scaled_mm_us"] = f"{type(e).__name__}: {str(e)[:120]}"
+    return row
+
+
+def overhead(device: str, shapes, reps: int, kernel: str | None = None, configs=None) -> list[dict]:
+    """One row per (config, (M, N, K)): bridge vs the same jitted kernel called from JAX. A case that
+    fails is recorded (``error``) and the rest go on; past the time budget the rest are ``skipped``."""
     rows = []
-    sync_t = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
-    configs = [qlin.FP8ScaledMMConfig(), qlin.Int8ScaledMMConfig()]
-    for cfg in configs:
-        for m, n, k in shapes:
+    configs = configs or [qlin.FP8ScaledMMConfig(), qlin.Int8ScaledMMConfig()]
+    for m, n, k in shapes:
+        for cfg in configs:
             if time.perf_counter() - T_START > BUDGET_S:
                 rows.append({"config": cfg.describe(), "M": m, "N": n, "K": k, "skipped": "time budget"})
                 continue
-            torch.manual_seed(0)
-            lin = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
-            lin.requires_grad_(False)
-            q = QuantLinear.from_linear(lin, cfg)
-            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            state = q._qlin_state
-            # the bridge's own jitted callable and leaves: "the same qlin kernel, called from JAX"
-            xj, bj, leaves, call = to_jax(x), to_jax(q.bias), state.leaves, state.call
-            params, apply = state.params, state.apply
-            last = {}
-
-            def bridge():
-                last["y"] = q(x)
-
-            def pure():
-                last["yj"] = call(leaves, xj, bj)
-
-            def pytree():
-                last["yp"] = apply(params, xj, bj)
-
-            syncs = {"bridge": sync_t, "jax": lambda: last["yj"].block_until_ready(),
-                     "pytree": lambda: last["yp"].block_until_ready()}
-            with torch.no_grad():
-                t = _interleaved({"bridge": bridge, "jax": pure, "pytree": pytree}, syncs, reps)
-                l_bridge = _latency(bridge, sync_t, max(reps // 2, 5))
-                l_jax = _latency(pure, syncs["jax"], max(reps // 2, 5))
-            (t_bridge, h_bridge), (t_jax, h_jax), (t_tree, _) = t["bridge"], t["jax"], t["pytree"]
-            row = {"config": cfg.describe(), "kernel": q.kernel.name, "M": m, "N": n, "K": k,
-                   "bridge_us": round(t_bridge, 2), "jax_us": round(t_jax, 2),
-                   "overhead": round(t_bridge / t_jax - 1, 4),
-                   "bridge_host_us": round(h_bridge, 2), "jax_host_us": round(h_jax, 2),
-                   "bridge_extra_host_us": round(h_bridge - h_jax, 2),
-                   # the GPU idles between calls when enqueueing takes ~ as long as the call
-                   "jax_host_bound": h_jax >= 0.9 * t_jax,
-                   "jax_pytree_us": round(t_tree, 2),
-                   "bridge_latency_us": round(l_bridge, 2), "jax_latency_us": round(l_jax, 2),
-                   "latency_overhead": round(l_bridge / l_jax - 1, 4),
-                   "tflops_bridge": round(2 * m * n * k / t_bridge / 1e6, 1)}
-            if device == "cuda":
-                try:
-                    with torch.no_grad():
-                        g_bridge, g_jax = _gated_device_us(q, x, leaves, call, bj)
-                    row["gpu_us_bridge_gated"], row["gpu_us_jax_gated"] = round(g_bridge, 2), round(g_jax, 2)
-                except Exception as e:  # noqa: BLE001 - diagnostics only
-                    row["gpu_gated_error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            diff = (q(x).float() - to_torch(call(leaves, xj, bj)).float()).abs().max().item()
-            row["max_abs_diff_vs_jax"] = diff
-            if device == "cuda" and isinstance(cfg, qlin.FP8ScaledMMConfig) and hasattr(torch, "_scaled_mm"):
-                try:
-                    w8 = q.weight  # (N, K) K-major; _scaled_mm wants B (K, N) column-major = w8.t()
-                    sw = q.weight_scale.reshape(1, -1).float()
-                    amax = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-                    sx = amax / 448.0
-                    def tsm():
-                        xq = (x.float() / sx).clamp(-448, 448).to(torch.float8_e4m3fn)
-                        last["ts"] = torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
-                    tsm(); sync_t()
-                    row["torch_scaled_mm_us"] = round(_time(tsm, sync_t, reps)[0], 2)
-                except Exception as e:  # noqa: BLE001
-                    row["torch_scaled_mm_us"] = f"{type(e).__name__}: {str(e)[:120]}"
-            rows.append(row)
+            try:
+                rows.append(_row(device, cfg, m, n, k, reps, kernel))
+            except Exception as e:  # noqa: BLE001 - one failure must not lose the other rows
+                rows.append({"config": cfg.describe(), "M": m, "N": n, "K": k,
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
     return rows
 
 
@@ -409,7 +525,7 @@ def bench_rows(shapes, reps: int = 50, device: str = "cuda") -> list[dict]:
     rows = []
     dev = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for r in overhead(device, shapes, reps):
-        if "skipped" in r:
+        if "skipped" in r or "error" in r:
             continue
         dtype = "fp8" if r["config"].startswith("fp8") else "int8"
         for impl, us in (("qlin:torch_bridge", r["bridge_us"]), ("qlin:jax_same_kernel", r["jax_us"])):
@@ -428,15 +544,60 @@ def _write(result: dict, device: str) -> str:
     return path
 
 
+def summarize(result: dict) -> dict:
+    rows = result.get("overhead", [])
+    measured = [r for r in rows if "skipped" not in r and "error" not in r]
+    key = lambda r: f"{r['config'][:4].strip('-')} {r['M']}x{r['N']}x{r['K']}"  # noqa: E731
+    return {
+        "zero_copy_all_dtypes": result["zero_copy"]["all_zero_copy"],
+        "fp8_native_dlpack": result["zero_copy"]["fp8_native_dlpack"],
+        "stream_ordering_ok": result.get("stream_ordering", {}).get("ok"),
+        "worst_throughput_overhead": max((r["overhead"] for r in measured), default=None),
+        "overhead_target_met": {key(r): r["overhead"] <= 0.05 for r in measured},
+        "event_overhead_target_met": {key(r): r["event_overhead"] <= 0.05 for r in measured if "event_overhead" in r},
+        # the bridge's extra host time per call, and the part of it that is the export waiting for the launch
+        "extra_host_us": {key(r): r["bridge_extra_host_us"] for r in measured},
+        "export_waits_us": {key(r): r["host_steps_us"]["export_waits"] for r in measured if "host_steps_us" in r},
+        "overhead_target_met_large_shapes": all(r["overhead"] <= 0.05 for r in measured
+                                                if r["M"] * r["N"] * r["K"] >= 1024 * 4096 * 4096),
+        "rows_skipped": sum("skipped" in r for r in rows),
+        "rows_failed": sum("error" in r for r in rows),
+        "elapsed_s": round(time.perf_counter() - T_START, 1),
+    }
+
+
+def print_rows(rows) -> None:
+    print(f"{'cfg':4} {'M':>5} {'N':>6} {'K':>5} | {'wall br':>8} {'jax':>8} {'ovh':>7} | {'event br':>8} {'jax':>8} "
+          f"{'ovh':>7} | {'host br':>7} {'jax':>6} | {'check':>5} {'import':>6} {'jit':>6} {'export':>6} {'(wait)':>6} | "
+          f"{'gpu br':>7} {'jax':>7} | {'kernel'}")
+    for r in rows:
+        head = f"{r['config'][:4].strip('-'):4} {r['M']:5d} {r['N']:6d} {r['K']:5d}"
+        if "skipped" in r or "error" in r:
+            print(f"{head}  {r.get('skipped') or r.get('error')}")
+            continue
+        st = r.get("host_steps_us") or dict.fromkeys(("check", "import", "jit", "export", "export_waits"), float("nan"))
+        print(f"{head} | {r['bridge_us']:8.1f} {r['jax_us']:8.1f} {r['overhead']:+7.1%} | "
+              f"{r.get('bridge_event_us', 0):8.1f} {r.get('jax_event_us', 0):8.1f} {r.get('event_overhead', 0):+7.1%} | "
+              f"{r['bridge_host_us']:7.1f} {r['jax_host_us']:6.1f} | {st['check']:5.1f} {st['import']:6.1f} "
+              f"{st['jit']:6.1f} {st['export']:6.1f} {st['export_waits']:6.1f} | "
+              f"{r.get('gpu_us_bridge_gated', 0):7.1f} {r.get('gpu_us_jax_gated', 0):7.1f} | {r['kernel']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (no stream checks)")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--kernel", default=None, help="force a qlin kernel by name (default: qlin's choice)")
+    ap.add_argument("--ms", default=None, help="comma-separated M values (default 1,16,256,1024,4096)")
     args = ap.parse_args()
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible to torch; use --cpu for a dry run", file=sys.stderr)
         return 2
+    shapes = CPU_SHAPES if args.cpu else SHAPES
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
+        shapes = [(m, n, k) for n, k in dict.fromkeys((n, k) for _, n, k in shapes) for m in ms]
     result = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "versions": {"torch": torch.__version__, "jax": jax.__version__, "python": platform.python_version()},
@@ -445,59 +606,49 @@ def main() -> int:
         "jax_platform_version": getattr(jax.devices()[0].client, "platform_version", None),
         "bridge_fast_paths": dict(bridge_dlpack._FAST),
         "timing": f"wall = {args.reps} back-to-back calls then one sync, median of {TRIALS} interleaved trials; "
-                  "host = time to enqueue them",
+                  "host = time to enqueue them; event = CUDA events on torch's stream around the same loops",
     }
     result["zero_copy"] = zero_copy(device)
     result["bridge_routes"] = {str(k): None if v is None else {"jax_device": str(v.jax_device), "jax_stream": v.jax_stream}
                                for k, v in bridge_dlpack._ROUTES.items()}
     _write(result, device)
     if device == "cuda":
-        result["stream_ordering"] = stream_ordering()
-        _write(result, device)
         try:
-            result["host_breakdown_us"] = breakdown()
-        except Exception as e:  # noqa: BLE001 - diagnostics only
-            result["host_breakdown_us"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            result["stream_ordering"] = stream_ordering()
+        except Exception as e:  # noqa: BLE001 - recorded; the overhead rows still run
+            result["stream_ordering"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         _write(result, device)
-        print(f"host us per call: {result['host_breakdown_us']}")
-        so = result["stream_ordering"]
+    try:
+        result["host_breakdown_us"] = breakdown(device) if device == "cuda" else breakdown(device, m=16, n=512, k=256)
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        result["host_breakdown_us"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    _write(result, device)
+    print(f"host us per call (fp8 {result['host_breakdown_us'].get('shape')}): {result['host_breakdown_us']}", flush=True)
+    so = result.get("stream_ordering")
+    if so and "error" not in so:
         print(f"stream ordering ok: {so['ok']}  (torch->jax {so['torch_to_jax_correct']} hot {so['torch_to_jax_hot_correct']}, "
               f"jax->torch {so['jax_to_torch_correct']} hot {so['jax_to_torch_hot_correct']}, layer {so['layer']['trials']}, "
               f"no-sync control stale: {so['torch_to_jax_control_saw_stale_data']})")
         print(f"  host ms to hand over: torch->jax {so['host_ms_torch_to_jax']} hot {so['host_ms_torch_to_jax_hot']} "
               f"(torch spin {so['gpu_spin_ms']} ms); jax->torch {so['host_ms_jax_to_torch']} hot "
               f"{so['host_ms_jax_to_torch_hot']} (jax producer {so['jax_producer_ms']} ms, its dispatch "
-              f"{so['host_ms_jax_producer_dispatch']}); layer call {so['layer']['host_ms_layer_call']}")
-    result["overhead"] = overhead(device, CPU_SHAPES if args.cpu else SHAPES, args.reps)
-    measured = [r for r in result["overhead"] if "skipped" not in r]
-    result["summary"] = {
-        "zero_copy_all_dtypes": result["zero_copy"]["all_zero_copy"],
-        "fp8_native_dlpack": result["zero_copy"]["fp8_native_dlpack"],
-        "stream_ordering_ok": result.get("stream_ordering", {}).get("ok"),
-        "worst_throughput_overhead": max((r["overhead"] for r in measured), default=None),
-        "overhead_target_met": {f"{r['config'][:4]} {r['M']}x{r['N']}x{r['K']}": r["overhead"] <= 0.05 for r in measured},
-        "overhead_target_met_large_shapes": all(r["overhead"] <= 0.05 for r in measured
-                                                if r["M"] * r["N"] * r["K"] >= 1024 * 4096 * 4096),
-        "rows_skipped": sum("skipped" in r for r in result["overhead"]),
-        "elapsed_s": round(time.perf_counter() - T_START, 1),
-    }
-
+              f"{so['host_ms_jax_producer_dispatch']}); layer call {so['layer']['host_ms_layer_call']}", flush=True)
+    elif so:
+        print(f"stream ordering FAILED to run: {so['error']}")
+    result["overhead"] = []
+    for shape in shapes:  # one shape at a time, so the JSON on disk always has every finished row
+        result["overhead"] += overhead(device, [shape], args.reps, kernel=args.kernel)
+        result["summary"] = summarize(result)
+        _write(result, device)
     print(f"device: {result['device']}  torch {torch.__version__}  jax {jax.__version__}")
     print(f"zero copy (all dtypes): {result['zero_copy']['all_zero_copy']}  fp8 native: "
           f"{result['zero_copy']['fp8_native_dlpack']}  unaligned view: {result['zero_copy']['unaligned_view']}")
     for r in result["zero_copy"]["rows"]:
         if "error" in r:
             print(f"  {r['dtype']}: {r['error']}")
-    print(f"{'cfg':5} {'M':>5} {'N':>6} {'K':>5} {'bridge us':>9} {'jax us':>8} {'ovh':>7} {'br host':>8} "
-          f"{'jax host':>8} {'pytree':>8} {'lat ovh':>8} {'gpu br':>7} {'gpu jax':>7} {'_scaled_mm':>10}")
-    for r in result["overhead"]:
-        if "skipped" in r:
-            print(f"{r['config'][:5]:5} {r['M']:5d} {r['N']:6d} {r['K']:5d}  skipped ({r['skipped']})")
-            continue
-        print(f"{r['config'][:5]:5} {r['M']:5d} {r['N']:6d} {r['K']:5d} {r['bridge_us']:9.1f} {r['jax_us']:8.1f} "
-              f"{r['overhead']:+7.1%} {r['bridge_host_us']:8.1f} {r['jax_host_us']:8.1f} {r['jax_pytree_us']:8.1f} "
-              f"{r['latency_overhead']:+8.1%} {r.get('gpu_us_bridge_gated', 0):7.1f} {r.get('gpu_us_jax_gated', 0):7.1f} "
-              f"{str(r.get('torch_scaled_mm_us', '-')):>10}")
+    print("us per call; host steps = bridge host us per call: check / import / jit / export (of which waiting "
+          "for the launch)")
+    print_rows(result["overhead"])
     print(f"wrote {_write(result, device)}  ({result['summary']['elapsed_s']} s)")
     if device == "cuda":
         result["import_on_torch_stream"] = probe_import_on_torch_stream()
