@@ -31,8 +31,10 @@ How the grid fits in a few minutes (the measurement itself is unchanged):
 * the GPU is used by one thread at a time (:class:`DeviceLock`): the main thread
   while it generates data, times (CUPTI records every kernel of the process) or
   checks, a worker while XLA compiles a program with a dot (XLA's autotuner runs
-  candidate kernels on the GPU).  Programs without dots (the Mosaic GPU kernels)
-  compile without the lock, in parallel with the timing;
+  candidate kernels on the GPU).  Programs without dots (the Mosaic GPU kernels,
+  data generators, the rel_err checkers) and the f32 reference (compiled without
+  autotuning: its speed does not matter) compile without the lock, in parallel
+  with the timing;
 * cases run shape by shape (weights generated once per shape visit, jitted
   generators compiled once per shape), M inside;
 * ``rel_err`` is checked on ~500 sampled output rows (every row for small M, and
@@ -684,9 +686,13 @@ class Compiler:
     def _build(self, seq, make) -> Program:
         t0 = time.perf_counter()
         fn, specs, info = make(functools.partial(self.lock.hold, seq))
+        info = dict(info)
+        # A program whose speed does not matter (the f32 reference) compiles without autotuning, so
+        # it runs nothing on the GPU and needs no lock.
+        options = {"xla_gpu_autotune_level": 0} if info.pop("_no_autotune", False) else None
         lowered = self._jax.jit(fn).lower(*specs)
         t1 = time.perf_counter()
-        locked = needs_device(lowered)
+        locked = options is None and needs_device(lowered)
         wait = 0.0
         if locked:
             with self.lock.hold(seq):
@@ -695,9 +701,9 @@ class Compiler:
                 exe = lowered.compile()
         else:
             t2 = t1
-            exe = lowered.compile()
+            exe = lowered.compile(options)
         t3 = time.perf_counter()
-        p = Program(exe, dict(info), t1 - t0, t3 - t2, wait, locked)
+        p = Program(exe, info, t1 - t0, t3 - t2, wait, locked)
         with self._tl:
             self.totals["lower_s"] += p.lower_s
             self.totals["compile_s"] += p.compile_s
@@ -902,7 +908,9 @@ class GridBench:
             for xin in ins:
                 xdt = jnp.bfloat16 if xin == "bf16" else dts[d]
                 specs = (S((r, k), xdt), S((n, k), dts[d]), S((r, 1), jnp.float32), S((1, n), jnp.float32))
-                jobs.append((("ref", n, k, d, xin, r), lambda _lock, specs=specs: (_ref_rows, specs, {})))
+                jobs.append(
+                    (("ref", n, k, d, xin, r), lambda _lock, specs=specs: (_ref_rows, specs, {"_no_autotune": True}))
+                )
         return jobs
 
     def _make(self, imp: Impl, n, k, m, lock_factory):
@@ -1468,7 +1476,14 @@ def run(args, *, timer=cupti_timer, interpret=False, log=print) -> tuple[list[di
         write_results(args.out, args.tag, bench.rows, meta())
         log(phase_line(i, len(cases), rows, ph))
 
-    bench.run(cases, deadline_s=args.deadline_s, t0=t0, on_case=on_case)
+    # Workers lower Mosaic GPU kernels in Python: a short GIL switch interval keeps the main thread's
+    # dispatch of the timed calls from waiting 5 ms for the GIL each time.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    try:
+        bench.run(cases, deadline_s=args.deadline_s, t0=t0, on_case=on_case)
+    finally:
+        sys.setswitchinterval(interval)
     m = meta()
     path = write_results(args.out, args.tag, bench.rows, m)
     md = markdown_table(bench.rows, copy_gbs=copy_gbs)

@@ -113,6 +113,27 @@ def test_needs_device_only_for_programs_with_dots():
     assert "mosaic_gpu" in low.as_text() and not bench.needs_device(low)
 
 
+def test_compiler_locks_only_autotuned_dots_and_waits_for_the_main_thread():
+    S = jax.ShapeDtypeStruct
+    lock = bench.DeviceLock()
+    c = bench.Compiler(lock, 2)
+    bf = jnp.bfloat16
+    try:
+        with lock.hold():  # the main thread is "timing": a dot program cannot compile meanwhile
+            c.submit("dot", lambda _: (bench._xla_one("bf16"), (S((8, 16), bf), S((4, 16), bf)), {}))
+            ref_specs = (S((8, 16), jnp.float32), S((4, 16), jnp.int8), S((8, 1), jnp.float32), S((1, 4), jnp.float32))
+            c.submit("ref", lambda _: (bench._ref_rows, ref_specs, {"_no_autotune": True}))
+            ref = c.get("ref")  # the reference compiles without autotuning: no lock needed
+            time.sleep(0.2)
+            assert not c.jobs["dot"].done()
+        dot = c.get("dot")
+        assert dot.locked and not ref.locked and ref.info == {}
+        x = jnp.ones((8, 16), bf)
+        np.testing.assert_array_equal(np.asarray(dot.exe(x, jnp.ones((4, 16), bf)), np.float32), 16.0)
+    finally:
+        c.shutdown()
+
+
 # -- rows, summary, reports ------------------------------------------------------------------------
 
 
