@@ -536,7 +536,7 @@ def bench_rows(shapes, reps: int = 50, device: str = "cuda") -> list[dict]:
 
 
 def _write(result: dict, device: str) -> str:
-    out_dir = os.environ.get("OUT", ".")
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "gpu_bridge_check.json" if device == "cuda" else "cpu_bridge_check.json")
     with open(path, "w") as fh:
@@ -604,6 +604,8 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "jax_devices": [str(d) for d in jax.devices()],
         "jax_platform_version": getattr(jax.devices()[0].client, "platform_version", None),
+        # which PJRT client runs the GPU (its buffers decide what jaxlib's DLPack export waits for)
+        "jax_client": {a: str(getattr(jax.devices()[0].client, a, None)) for a in ("runtime_type", "platform")},
         "bridge_fast_paths": dict(bridge_dlpack._FAST),
         "timing": f"wall = {args.reps} back-to-back calls then one sync, median of {TRIALS} interleaved trials; "
                   "host = time to enqueue them; event = CUDA events on torch's stream around the same loops",
