@@ -963,7 +963,6 @@ class GridBench:
     def _pool(self, k, dtype):
         """Host activations (max M, K) per (K, dtype): case M uses the first M rows, so the sampled
         reference rows are the same for every M."""
-        import jax
 
         key = (k, dtype)
         if key not in self._pools:
@@ -979,7 +978,6 @@ class GridBench:
         """Weights (copies), weight scales, reference rows and dynamic params of shape (N, K) (main thread,
         device lock held)."""
         import jax
-        import jax.numpy as jnp
 
         self._group = None  # free the previous shape's buffers first
         g = {"w": {}, "ws": {}, "ref": {}, "dyn": {}, "torch": {}}
