@@ -7,6 +7,8 @@
 * :mod:`~qlin_torch_bridge.linear` -- ``QuantLinear`` and ``quantize_(model, config, filter=...)``.
 * :mod:`~qlin_torch_bridge.checkpoint` -- compressed-tensors / DeepSeek-fp8 safetensors checkpoints,
   fused qkv / gate_up shards included.
+* :mod:`~qlin_torch_bridge.bench` -- ``bridge_rows``: GEMM-benchmark rows, ``QuantLinear`` vs the same
+  kernel called from JAX.
 
 See docs/torch.md.
 """
