@@ -1486,7 +1486,12 @@ def run(args, *, timer=cupti_timer, interpret=False, log=print) -> tuple[list[di
 
     def on_case(i, rows, ph):
         write_results(args.out, args.tag, bench.rows, meta())
-        log(phase_line(i, len(cases), rows, ph))
+        el = time.time() - t0
+        left = len(cases) - i - 1
+        log(
+            phase_line(i, len(cases), rows, ph)
+            + f"\n    elapsed {el:.0f}s; at this pace the {left} left need ~{el / (i + 1) * left:.0f}s more"
+        )
 
     # Workers lower Mosaic GPU kernels in Python: a short GIL switch interval keeps the main thread's
     # dispatch of the timed calls from waiting 5 ms for the GIL each time.
