@@ -42,6 +42,17 @@ ONE_WG = bmm.BlockTuningConfig(
 TWO_WG_M = bmm.BlockTuningConfig(
     tile_m=64, tile_n=32, max_concurrent_steps=3, num_compute_wgs=2, wg_dimension="m", grid_tile_width=2, epi_tile_n=16
 )
+# Two K blocks per pipeline step (two accumulators), including a partial last step.
+K256 = bmm.BlockTuningConfig(
+    tile_m=64,
+    tile_n=32,
+    tile_k=256,
+    max_concurrent_steps=2,
+    num_compute_wgs=2,
+    wg_dimension="m",
+    grid_tile_width=1,
+    epi_tile_n=32,
+)
 TWO_WG_N = bmm.BlockTuningConfig(
     tile_m=64,
     tile_n=64,
@@ -105,6 +116,8 @@ CASES = [
     (65, 272, 416, False, jnp.float32, TWO_WG_M),
     (70, 272, 384, True, jnp.float32, TWO_WG_N),
     (9, 400, 160, False, jnp.bfloat16, TWO_WG_N),
+    (130, 48, 640, True, jnp.bfloat16, K256),
+    (5, 176, 96, False, jnp.float32, K256),
 ]
 
 
@@ -113,6 +126,7 @@ CASES = [
     CASES,
     ids=lambda c: (
         f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-w{c[5].num_compute_wgs}{c[5].wg_dimension}"
+        f"-k{c[5].tile_k}"
     ),
 )
 def test_interpret_matches_float64_reference(case):
@@ -150,7 +164,7 @@ def test_default_config_runs_in_interpret_mode():
     n16=st.integers(1, 20),
     kb=st.integers(1, 3),
     k_tail=st.sampled_from([0, 32, 96]),
-    cfg=st.sampled_from([ONE_WG, TWO_WG_M, TWO_WG_N]),
+    cfg=st.sampled_from([ONE_WG, TWO_WG_M, TWO_WG_N, K256]),
     seed=st.integers(0, 2**16),
 )
 def test_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
@@ -286,7 +300,8 @@ def test_bad_bias_and_out_dtype():
     [
         ({"tile_n": 48}, r"tile_n=48 must be 16, 32, 64 or 128"),
         ({"tile_m": 128}, r"tile_m=128 must be 64"),
-        ({"tile_k": 256}, r"tile_k=256 must be 128"),
+        ({"tile_k": 384}, r"tile_k=384 must be 128 or 256"),
+        ({"tile_k": 256, "tile_n": 128, "epi_tile_n": 64}, r"needs 3 f32 register tiles"),
         ({"num_compute_wgs": 3}, r"num_compute_wgs=3"),
         ({"max_concurrent_steps": 1}, r"max_concurrent_steps must be >= 2"),
         ({"tile_n": 128, "epi_tile_n": 48}, r"epi_tile_n=48"),
@@ -336,6 +351,8 @@ LOWER_CASES = [
     (1, 272, 384, jnp.bfloat16),
     (1000, 1040, 2080, jnp.float32),
     (100, 13664, 4096, jnp.bfloat16),
+    (7, 176, 96, jnp.bfloat16),
+    (16, 8192, 8192, jnp.float16),
 ]
 
 
@@ -350,7 +367,7 @@ def test_every_candidate_config_cross_lowers():
     for m in (16, 256, 4096):
         for cfg in bmm.candidate_configs(m, 4096, 4096):
             _lower(m, 4096, 4096, jnp.bfloat16, cfg, bias=False)
-    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N):  # the interpret-mode test tiles are real configs too
+    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N, K256):  # the interpret-mode test tiles are real configs too
         _lower(130, 272, 416, jnp.bfloat16, cfg)
 
 

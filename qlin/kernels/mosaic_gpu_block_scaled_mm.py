@@ -85,7 +85,9 @@ class BlockTuningConfig:
     tile_m, tile_n: the output tile of ONE consumer warpgroup.  tile_m is 64;
       tile_n divides 128 (16, 32, 64 or 128) so the tile lies inside one
       weight-scale block; tile_m * tile_n <= 64 * 128 (two f32 register tiles).
-    tile_k: K depth of one pipeline step: one 128-wide scale block.
+    tile_k: K depth of one pipeline step: 128 (one scale block) or 256 (two blocks,
+      each into its own fresh accumulator; issued together, promoted together), the
+      latter for small tiles only: (tile_k / 128 + 1) * tile_m * tile_n <= 2 * 64 * 128.
     max_concurrent_steps: pipeline depth (shared-memory stages).
     num_compute_wgs: consumer warpgroups (1 or 2), stacked along ``wg_dimension``.
     grid_minor_dim / grid_tile_width: planar-snake traversal of the output tiles.
@@ -146,7 +148,7 @@ def smem_bytes(config: BlockTuningConfig, out_dtype=jnp.bfloat16, has_bias: bool
     c = config
     out_size = jnp.dtype(out_dtype).itemsize
     # a tile + b tile (1 byte each) + the step's activation scales (f32).
-    stage = (c.cta_tile_m + c.cta_tile_n) * c.tile_k + 4 * c.cta_tile_m
+    stage = (c.cta_tile_m + c.cta_tile_n) * c.tile_k + 4 * c.cta_tile_m * (c.tile_k // BLOCK)
     epi_m = c.epi_tile_m or c.tile_m
     epi_n = c.epi_tile_n or c.tile_n
     n_slots = min(c.epi_slots, (c.tile_m * c.tile_n) // (epi_m * epi_n))
@@ -163,10 +165,15 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise ValueError(f"config.tile_m={c.tile_m} must be 64 (two f32 register tiles per warpgroup)")
     if c.tile_n not in (16, 32, 64, 128):
         raise ValueError(f"config.tile_n={c.tile_n} must be 16, 32, 64 or 128 (inside one 128-wide weight-scale block)")
-    if c.tile_m * c.tile_n > MAX_WG_TILE_ELEMS:
-        raise ValueError(f"config tile {c.tile_m}x{c.tile_n} exceeds {MAX_WG_TILE_ELEMS} elements per warpgroup")
-    if c.tile_k != BLOCK:
-        raise ValueError(f"config.tile_k={c.tile_k} must be {BLOCK} (one K scale block per pipeline step)")
+    if c.tile_k not in (BLOCK, 2 * BLOCK):
+        raise ValueError(
+            f"config.tile_k={c.tile_k} must be {BLOCK} or {2 * BLOCK} (one or two K scale blocks per step)"
+        )
+    if (c.tile_k // BLOCK + 1) * c.tile_m * c.tile_n > 2 * MAX_WG_TILE_ELEMS:
+        raise ValueError(
+            f"config tile {c.tile_m}x{c.tile_n} with tile_k={c.tile_k} needs {c.tile_k // BLOCK + 1} f32 register "
+            f"tiles per warpgroup: over {2 * MAX_WG_TILE_ELEMS} elements"
+        )
     if c.num_compute_wgs not in (1, 2):
         raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
     if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
@@ -207,17 +214,25 @@ def _fit_smem(cfg: BlockTuningConfig, out_dtype) -> BlockTuningConfig:
 # ----------------------------------------------------------------------------
 
 
-def _small_m_tile(tile_n: int, steps: int | None = None, num_compute_wgs: int = 1) -> BlockTuningConfig:
+def _small_m_tile(
+    tile_n: int, steps: int | None = None, num_compute_wgs: int = 1, tile_k: int | None = None
+) -> BlockTuningConfig:
     """M <= 64 (decode): 64 rows, a narrow N tile (one warpgroup, or two side by side along N).
 
-    The pipeline is deep enough to keep ~64 KB of weight tiles in flight per SM
-    (the problem streams the weight from HBM).
+    One warpgroup's K steps are serialized (wgmma, wait, promote), so narrow
+    tiles take two K blocks per step (tile_k=256: two accumulators issued
+    together) to halve the per-byte step latency; the pipeline is deep enough
+    to keep ~64 KB of weight tiles in flight per SM (the problem streams the
+    weight from HBM).
     """
+    if tile_k is None:
+        tile_k = 2 * BLOCK if tile_n <= 64 else BLOCK
     if steps is None:
-        steps = max(6, min(16, (64 << 10) // (num_compute_wgs * tile_n * BLOCK)))
+        steps = max(6, min(16, (64 << 10) // (num_compute_wgs * tile_n * tile_k)))
     return BlockTuningConfig(
         tile_m=64,
         tile_n=tile_n,
+        tile_k=tile_k,
         max_concurrent_steps=steps,
         num_compute_wgs=num_compute_wgs,
         wg_dimension="n",
@@ -285,14 +300,23 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
     """The tile sweep's search space: the heuristic default first."""
     cands = [default_config(m, n, k, out_dtype)]
     if m <= 64:
-        for tn in (32, 16, 64, 128):
-            for st in (None, 8, 16):
-                cands.append(_small_m_tile(tn, st))
-        cands.append(_small_m_tile(128, None, num_compute_wgs=2))
-        cands.append(_small_m_tile(64, None, num_compute_wgs=2))
+        # Most informative first (the GPU check sweeps a prefix of this list).
+        cands += [
+            _small_m_tile(32, tile_k=BLOCK),
+            _small_m_tile(16, num_compute_wgs=2),
+            _small_m_tile(16),
+            _small_m_tile(64),
+            _small_m_tile(32, steps=12),
+            _small_m_tile(128),
+            _small_m_tile(128, num_compute_wgs=2),
+            _small_m_tile(64, num_compute_wgs=2),
+            _small_m_tile(64, tile_k=BLOCK),
+            _small_m_tile(16, tile_k=BLOCK),
+        ]
     elif m <= 512:
         for tn in (128, 64, 32):
             cands.append(_two_wg_tile("m", tn, steps=6))
+        cands.append(dataclasses.replace(_two_wg_tile("m", 64, steps=4), tile_k=2 * BLOCK))
         cands.append(_two_wg_tile("n", 64, steps=6))
         cands.append(_two_wg_tile("n", 128, steps=5))
     else:
@@ -344,7 +368,8 @@ def _kernel(
     tile_m, tile_n, tile_k = c.tile_m, c.tile_n, c.tile_k
     cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
     m_iters, n_iters, k_iters = _cdiv(m, cta_m), _cdiv(n, cta_n), _cdiv(k, tile_k)
-    n_blocks = bs_gmem.shape[0]
+    n_blocks, k_blocks = bs_gmem.shape
+    sub = tile_k // BLOCK  # K scale blocks per pipeline step
     nwg = c.num_compute_wgs
     epi_m = c.epi_tile_m or tile_m
     epi_n = c.epi_tile_n or tile_n
@@ -365,7 +390,7 @@ def _kernel(
                 plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
                 plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
                 # One step's activation scales of the CTA's rows: one contiguous f32 box.
-                plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((sub, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
             ],
             wg_axis="wg",
             num_compute_wgs=nwg,
@@ -434,23 +459,35 @@ def _kernel(
                 wg = lax.axis_index("wg")
                 if c.wg_dimension == "m":
                     a_t, b_t = a_smem.at[pl.ds(wg * tile_m, tile_m)], b_smem
-                    as_t = as_smem.at[0, pl.ds(wg * tile_m, tile_m)]
+                    as_rows = pl.ds(wg * tile_m, tile_m)
                 else:
                     a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
-                    as_t = as_smem.at[0]
+                    as_rows = slice(None)
                 # Past the last N block (a warpgroup tile entirely beyond N): clamp; its
                 # output is clipped by the TMA store anyway.
                 nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
 
-                def step(acc_ref):
-                    plgpu.wgmma(acc_ref, a_t, b_t.T)
-                    # Scale loads overlap the asynchronous wgmma.
-                    b_s = bs_gmem[nb, kk]
-                    a_s = plgpu.load(as_t, layout=plgpu.Layout.WGMMA.reduce(1))
-                    return acc_ref[...], a_s * b_s
+                def step(*acc_refs):
+                    for j, acc_ref in enumerate(acc_refs):
+                        if sub == 1:
+                            plgpu.wgmma(acc_ref, a_t, b_t.T)
+                        else:
+                            ks = pl.ds(j * BLOCK, BLOCK)
+                            plgpu.wgmma(acc_ref, a_t.at[:, ks], b_t.at[:, ks].T)
+                    # Scale loads overlap the asynchronous wgmma.  A block past K (last step
+                    # of a K that is not a multiple of tile_k) has zero operands: clamp its index.
+                    s_rows = []
+                    for j in range(sub):
+                        b_s = bs_gmem[nb, jnp.minimum(kk * sub + j, k_blocks - 1)]
+                        a_s = plgpu.load(as_smem.at[j, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                        s_rows.append(a_s * b_s)
+                    return [r[...] for r in acc_refs], s_rows
 
-                partial, s_row = pl.run_scoped(step, plgpu.ACC((tile_m, tile_n), jnp.float32))
-                return total + partial * lax.broadcast_in_dim(s_row, (tile_m, tile_n), [0])
+                accs = [plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(sub)]
+                partials, s_rows = pl.run_scoped(step, *accs)
+                for partial, s_row in zip(partials, s_rows, strict=True):
+                    total = total + partial * lax.broadcast_in_dim(s_row, (tile_m, tile_n), [0])
+                return total
 
             pipeline(mma_body, compute_context)(
                 a_gmem.at[cta_m_slice, :],
