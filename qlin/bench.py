@@ -790,9 +790,11 @@ class Impl:
     kind: str
 
 
-def case_impls(dtypes, *, with_xla=True, with_bf16=True, dynamic=False, qlin_dyn_name="qlin:mosaic_gpu+quant"):
+def case_impls(
+    dtypes, *, with_gemm=True, with_xla=True, with_bf16=True, dynamic=False, qlin_dyn_name="qlin:mosaic_gpu+quant"
+):
     out = []
-    for d in dtypes:
+    for d in dtypes if with_gemm else ():
         out.append(Impl("qlin:mosaic_gpu", d, "qlin"))
         if with_xla:
             out.append(Impl("xla", d, "xla"))
@@ -811,6 +813,7 @@ class GridBench:
         self,
         *,
         dtypes=("fp8", "int8"),
+        with_gemm=True,
         with_xla=True,
         with_bf16=True,
         with_torch=True,
@@ -826,7 +829,7 @@ class GridBench:
         log=print,
     ) -> None:
         self.dtypes = tuple(dtypes)
-        self.with_torch = with_torch and torch_available()
+        self.with_torch = with_torch and with_gemm and torch_available()
         self.dynamic = dynamic
         self.iterations = iterations
         self.timer = timer
@@ -846,7 +849,12 @@ class GridBench:
                 self.dyn_kernels[("xla", d)] = dynamic_kernel(d, "xla")
             qname = f"qlin:{self.dyn_kernels[('qlin', self.dtypes[0])].name}+quant"
         self.impls = case_impls(
-            self.dtypes, with_xla=with_xla, with_bf16=with_bf16, dynamic=dynamic, qlin_dyn_name=qname
+            self.dtypes,
+            with_gemm=with_gemm,
+            with_xla=with_xla,
+            with_bf16=with_bf16,
+            dynamic=dynamic,
+            qlin_dyn_name=qname,
         )
         self.device = device_name()
         self.rows: list[dict] = []
@@ -874,14 +882,26 @@ class GridBench:
         for key, make in self._group_jobs(n, k):
             c.submit(key, make)
 
-    def _gen_dtypes(self):
-        return list(self.dtypes) + (["bf16"] if any(i.kind == "bf16" for i in self.impls) or self.dynamic else [])
+    def _weight_dtypes(self):
+        """Weights generated per shape: the 8-bit ones, bf16 for the bf16 GEMM."""
+        return list(self.dtypes) + (["bf16"] if any(i.kind == "bf16" for i in self.impls) else [])
+
+    def _act_dtypes(self):
+        """Activation pools: 8-bit for the GEMMs, bf16 for the bf16 GEMM and the dynamic linears."""
+        gemm = any(i.kind in ("qlin", "xla") for i in self.impls)
+        bf16 = any(i.kind in ("bf16", "dyn-qlin", "dyn-xla") for i in self.impls)
+        return (list(self.dtypes) if gemm else []) + (["bf16"] if bf16 else [])
+
+    def _ref_inputs(self, d):
+        """Reference rows per 8-bit dtype ``d``: from the 8-bit activations (GEMMs), from bf16 (dynamic)."""
+        gemm = any(i.kind in ("qlin", "xla") for i in self.impls)
+        return ([d] if gemm else []) + (["bf16"] if self.dynamic else [])
 
     def _group_jobs(self, n, k):
         """The programs a shape visit needs before it starts: generators and f32 references."""
         jobs = []
-        for d in self._gen_dtypes():
-            for shape in ((n, k), (self.max_m, k)):
+        for shape, dts in (((n, k), self._weight_dtypes()), ((self.max_m, k), self._act_dtypes())):
+            for d in dts:
                 jobs.append((("gen", shape, d), functools.partial(self._make_gen, shape, d)))
         return jobs + self._ref_jobs(n, k)
 
@@ -906,8 +926,7 @@ class GridBench:
         dts = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
         jobs = []
         for d in self.dtypes:
-            ins = [d] + (["bf16"] if self.dynamic else [])
-            for xin in ins:
+            for xin in self._ref_inputs(d):
                 xdt = jnp.bfloat16 if xin == "bf16" else dts[d]
                 specs = (S((r, k), xdt), S((n, k), dts[d]), S((r, 1), jnp.float32), S((1, n), jnp.float32))
                 jobs.append(
@@ -988,7 +1007,7 @@ class GridBench:
             ws = np.random.default_rng(base + 7 + j).uniform(0.5, 1.5, (1, n)).astype(np.float32)
             g["ws"][d] = jax.device_put(ws / 16 if d == "int8" else ws)
             rows = self.rows_idx
-            for xin in [d] + (["bf16"] if self.dynamic else []):
+            for xin in self._ref_inputs(d):
                 p = self.compiler.get(("ref", n, k, d, xin, len(rows)))
                 x_rows = jax.device_put(self._pool(k, xin)[rows])
                 rs = self._pool(k, "a_s")[rows] if xin != "bf16" else np.ones((len(rows), 1), np.float32)
@@ -1044,7 +1063,7 @@ class GridBench:
                 ph["setup_s"] = time.perf_counter() - t
             g = self._group
             acts = {}
-            for d in set(i.dtype for i in self.impls) | ({"bf16"} if self.dynamic else set()):
+            for d in self._act_dtypes():
                 acts[d] = jax.device_put(self._pool(k, d)[:m])
             a_s = jax.device_put(self._pool(k, "a_s")[:m])
             for imp in self.impls:
@@ -1407,6 +1426,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--no-xla", action="store_true", help="skip the XLA-native 8-bit GEMM rows")
     p.add_argument("--dynamic", action="store_true", help="add the dynamic linear rows (quantize + matmul)")
+    p.add_argument("--dynamic-only", action="store_true", help="only the dynamic linear rows (qlin+quant vs xla+quant)")
     p.add_argument("--iterations", type=int, default=20, help="timed runs per case (>= 20 for reported numbers)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 4), help="compile threads")
     p.add_argument("--lookahead", type=int, default=3, help="cases compiled ahead of the one being timed")
@@ -1417,6 +1437,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="gemm")
     p.add_argument("--deadline-s", type=float, default=540.0, help="stop starting new cases after this many seconds")
     args = p.parse_args(argv)
+    args.dynamic = args.dynamic or args.dynamic_only
     if args.iterations < 1:
         p.error("--iterations must be >= 1")
     bad = set(args.dtypes.split(",")) - {"fp8", "int8"}
@@ -1446,8 +1467,9 @@ def run(args, *, timer=cupti_timer, interpret=False, log=print) -> tuple[list[di
     cases = plan_cases(args.shape_list, args.m_list)
     bench = GridBench(
         dtypes=tuple(args.dtypes.split(",")),
+        with_gemm=not args.dynamic_only,
         with_xla=not args.no_xla,
-        with_bf16=not args.no_bf16,
+        with_bf16=not (args.no_bf16 or args.dynamic_only),
         with_torch=not args.no_torch,
         dynamic=args.dynamic,
         iterations=args.iterations,

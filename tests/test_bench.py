@@ -233,6 +233,13 @@ def test_parse_args_defaults_and_errors():
     q = bench.parse_args(["--quick", "--dynamic", "--deadline-s", "470", "--m", "1,8", "--workers", "2"])
     assert q.shape_list == bench.QUICK_SHAPES and q.m_list == [1, 8] and q.dynamic and q.deadline_s == 470
     assert bench.parse_args(["--shapes", "256:512,128:64"]).shape_list == [(256, 512), (128, 64)]
+    assert bench.parse_args(["--dynamic-only"]).dynamic
+    only = bench.case_impls(("fp8",), with_gemm=False, dynamic=True, with_bf16=False)
+    assert [(i.impl, i.kind) for i in only] == [("qlin:mosaic_gpu+quant", "dyn-qlin"), ("xla+quant", "dyn-xla")]
+    full = bench.case_impls(("fp8", "int8"))
+    assert [(i.impl, i.dtype) for i in full] == [
+        ("qlin:mosaic_gpu", "fp8"), ("xla", "fp8"), ("qlin:mosaic_gpu", "int8"), ("xla", "int8"), ("xla", "bf16")
+    ]  # fmt: skip
     for bad in (["--shapes", "256x512"], ["--m", "a"], ["--dtypes", "fp4"], ["--iterations", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
