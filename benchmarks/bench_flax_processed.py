@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import qlin  # noqa: E402
+import qlin
 
 K = 4096
 NS = (13653, 14336)
@@ -73,8 +73,8 @@ def time_ms(fn, *args) -> float:
 
 
 def main() -> dict:
-    from flax import nnx
     import flax.linen as nn
+    from flax import nnx
 
     from qlin.flax import QLinear, quantize_linen
 
@@ -105,9 +105,10 @@ def main() -> dict:
             try:
                 gd, st = nnx.split(q)
                 gd_raw, st_raw = nnx.split(raw)
-                row["copies_processed"] = weight_copies(jax.make_jaxpr(lambda s, x: nnx.merge(gd, s)(x))(st, x), fp8, n)
+                row["copies_processed"] = weight_copies(
+                    jax.make_jaxpr(lambda s, x, g=gd: nnx.merge(g, s)(x))(st, x), fp8, n)
                 row["copies_per_call"] = weight_copies(
-                    jax.make_jaxpr(lambda s, x: nnx.merge(gd_raw, s)(x))(st_raw, x), fp8, n)
+                    jax.make_jaxpr(lambda s, x, g=gd_raw: nnx.merge(g, s)(x))(st_raw, x), fp8, n)
                 row["copies_linen_processed"] = weight_copies(jax.make_jaxpr(qm.apply)(qv, x), fp8, n)
                 row["copies_linen_per_call"] = weight_copies(jax.make_jaxpr(qm.apply)(qv_logical, x), fp8, n)
                 y1, y2 = fwd(q, x), fwd(raw, x)
@@ -135,6 +136,6 @@ if __name__ == "__main__":
         if "error" in r:
             print(f"{r.get('M', '-'):>5} {r['N']:>6}  ERROR {r['error'][:100]}")
             continue
-        print(f"{r['M']:>5} {r['N']:>6} {str(tuple(r['stored_weight'])):>13} "
+        print(f"{r['M']:>5} {r['N']:>6} {tuple(r['stored_weight'])!s:>13} "
               f"{r['copies_processed']:>4}/{r['copies_per_call']:<5} {r['ms_processed']:>13.3f} {r['ms_per_call']:>12.3f} "
-              f"{r['ms_linen_processed']:>8.3f} {r['ms_linen_per_call']:>9.3f} {str(r['bit_identical']):>5}")
+              f"{r['ms_linen_processed']:>8.3f} {r['ms_linen_per_call']:>9.3f} {r['bit_identical']!s:>5}")

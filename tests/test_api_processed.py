@@ -156,7 +156,7 @@ def test_linear_processed_params_are_not_padded_again(pad_kernel):
     k = kernel_for(cfg)
     processed = k.process_weights_after_loading(params)
     x = _x((4, 24))
-    fn = lambda p, x: qlin.linear(x, p, cfg)  # noqa: E731
+    fn = lambda p, x: qlin.linear(x, p, cfg)
     shapes = [(13, 24), (16, 24)]
     # unprocessed params still work, processed inside the call: the jaxpr pads the weight
     assert weight_copies(jax.make_jaxpr(fn)(params, x), jnp.dtype(jnp.int8), shapes)
