@@ -53,6 +53,13 @@ K256 = bmm.BlockTuningConfig(
     grid_tile_width=1,
     epi_tile_n=32,
 )
+# 64 x 256 warpgroup tiles: two weight-scale blocks through one temporary accumulator.
+N256 = bmm.BlockTuningConfig(
+    tile_m=64, tile_n=256, max_concurrent_steps=2, num_compute_wgs=2, wg_dimension="m", epi_tile_n=64, epi_slots=1
+)
+N256_WG_N = bmm.BlockTuningConfig(
+    tile_m=64, tile_n=256, max_concurrent_steps=2, num_compute_wgs=2, wg_dimension="n", epi_tile_n=32
+)
 TWO_WG_N = bmm.BlockTuningConfig(
     tile_m=64,
     tile_n=64,
@@ -118,6 +125,9 @@ CASES = [
     (9, 400, 160, False, jnp.bfloat16, TWO_WG_N),
     (130, 48, 640, True, jnp.bfloat16, K256),
     (5, 176, 96, False, jnp.float32, K256),
+    (70, 400, 640, True, jnp.bfloat16, N256),
+    (130, 272, 384, False, jnp.float32, N256),
+    (9, 560, 256, True, jnp.float16, N256_WG_N),
 ]
 
 
@@ -164,7 +174,7 @@ def test_default_config_runs_in_interpret_mode():
     n16=st.integers(1, 20),
     kb=st.integers(1, 3),
     k_tail=st.sampled_from([0, 32, 96]),
-    cfg=st.sampled_from([ONE_WG, TWO_WG_M, TWO_WG_N, K256]),
+    cfg=st.sampled_from([ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N]),
     seed=st.integers(0, 2**16),
 )
 def test_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
@@ -301,7 +311,8 @@ def test_bad_bias_and_out_dtype():
         ({"tile_n": 48}, r"tile_n=48 must be 16, 32, 64 or 128"),
         ({"tile_m": 128}, r"tile_m=128 must be 64"),
         ({"tile_k": 384}, r"tile_k=384 must be 128 or 256"),
-        ({"tile_k": 256, "tile_n": 128, "epi_tile_n": 64}, r"needs 3 f32 register tiles"),
+        ({"tile_k": 256, "tile_n": 256, "epi_tile_n": 64}, r"needs 256 f32 registers per thread"),
+        ({"tile_n": 256, "epi_tile_n": 256}, r"epi_tile_n=256 must divide min\(tile_n, 128\)"),
         ({"num_compute_wgs": 3}, r"num_compute_wgs=3"),
         ({"max_concurrent_steps": 1}, r"max_concurrent_steps must be >= 2"),
         ({"tile_n": 128, "epi_tile_n": 48}, r"epi_tile_n=48"),
@@ -367,7 +378,7 @@ def test_every_candidate_config_cross_lowers():
     for m in (16, 256, 4096):
         for cfg in bmm.candidate_configs(m, 4096, 4096):
             _lower(m, 4096, 4096, jnp.bfloat16, cfg, bias=False)
-    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N, K256):  # the interpret-mode test tiles are real configs too
+    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N):  # the interpret-mode tiles are real too
         _lower(130, 272, 416, jnp.bfloat16, cfg)
 
 

@@ -10,16 +10,20 @@
 * One pipeline step is one 128-wide K block.  Each consumer warpgroup issues
   the step's ``wgmma`` into a fresh (zeroed) f32 accumulator, waits, and
   promotes it into a second f32 register array carried through the pipeline:
-  ``total += acc * (a_scale[rows, kb] * b_scale[nb, kb])``.  A warpgroup's N
-  tile lies inside one 128-wide weight-scale block, so the weight scale is one
-  scalar per (warpgroup, step); the activation scales of the CTA's rows for
+  ``total += acc * (a_scale[rows, kb] * b_scale[nb, kb])``.  Warpgroup N
+  tiles are aligned to the 128-wide weight-scale blocks, so the weight scale is
+  one scalar per (warpgroup, N block, step); the activation scales of the CTA's rows for
   the step are a third pipelined TMA input (``a_scale`` transposed to
   (ceil(K / 128), M) so one step's scales are one contiguous box).  The weight
   scale is a scalar load issued right after the ``wgmma`` (its latency hides
   behind the tensor cores).
-* Two f32 accumulators must fit the register file, so a warpgroup tile is at
-  most 64 x 128 (128 registers per thread for both); two consumer warpgroups
-  give a 128 x 128 (along M) or 64 x 256 (along N) CTA tile.
+* The promoted total and the wgmma accumulator are both f32 registers.  A
+  64 x 256 warpgroup tile spans two weight-scale blocks: its two 128-wide
+  halves go through one temporary accumulator one after the other (64 + 128
+  registers per thread), so two warpgroups along M give the same 128 x 256
+  CTA tile as the per-channel kernel (large M).  Narrow decode tiles take two
+  K blocks per step (``tile_k=256``: two accumulators issued together), which
+  halves the serialized per-step latency per weight byte.
 * Everything else is the per-channel kernel's design
   (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
   memory, warp-specialized multi-stage pipeline, persistent grid walking the
@@ -73,9 +77,15 @@ SUPPORTED_OUT_DTYPES = (
     jnp.dtype(jnp.float32),
 )
 _BIAS_DTYPES = SUPPORTED_OUT_DTYPES
-#: Largest warpgroup tile (elements): the wgmma accumulator and the promoted
-#: total are both f32 registers, 2 * 64 * 128 / 128 threads = 128 per thread.
-MAX_WG_TILE_ELEMS = 64 * 128
+#: f32 registers per thread a warpgroup may spend on the promoted total plus the
+#: wgmma accumulator(s) (two consumer warpgroups get 232 registers per thread).
+MAX_ACC_REGISTERS = 192
+
+
+def _acc_registers(c) -> int:
+    """f32 registers per thread: the total (tile_m x tile_n) plus one accumulator per K
+    block of a step, each covering one 128-wide weight-scale block of the tile."""
+    return (c.tile_m * c.tile_n + (c.tile_k // BLOCK) * c.tile_m * min(c.tile_n, BLOCK)) // 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +93,13 @@ class BlockTuningConfig:
     """Tile configuration of one block-scaled kernel instance.
 
     tile_m, tile_n: the output tile of ONE consumer warpgroup.  tile_m is 64;
-      tile_n divides 128 (16, 32, 64 or 128) so the tile lies inside one
-      weight-scale block; tile_m * tile_n <= 64 * 128 (two f32 register tiles).
+      tile_n divides 128 (16, 32, 64 or 128: the tile lies inside one weight-scale
+      block) or is 256 (two blocks, multiplied one after the other through one
+      temporary accumulator).
     tile_k: K depth of one pipeline step: 128 (one scale block) or 256 (two blocks,
-      each into its own fresh accumulator; issued together, promoted together), the
-      latter for small tiles only: (tile_k / 128 + 1) * tile_m * tile_n <= 2 * 64 * 128.
+      each into its own fresh accumulator; issued together, promoted together).
+      The promoted total plus the accumulators must fit MAX_ACC_REGISTERS
+      (64x256 with tile_k=128, or 64x128 with tile_k=256, at most).
     max_concurrent_steps: pipeline depth (shared-memory stages).
     num_compute_wgs: consumer warpgroups (1 or 2), stacked along ``wg_dimension``.
     grid_minor_dim / grid_tile_width: planar-snake traversal of the output tiles.
@@ -162,17 +174,21 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
     if not isinstance(c, BlockTuningConfig):
         raise TypeError(f"config must be a BlockTuningConfig, got {type(c).__name__}")
     if c.tile_m != 64:
-        raise ValueError(f"config.tile_m={c.tile_m} must be 64 (two f32 register tiles per warpgroup)")
-    if c.tile_n not in (16, 32, 64, 128):
-        raise ValueError(f"config.tile_n={c.tile_n} must be 16, 32, 64 or 128 (inside one 128-wide weight-scale block)")
+        raise ValueError(f"config.tile_m={c.tile_m} must be 64 (f32 register tiles per warpgroup)")
+    if c.tile_n not in (16, 32, 64, 128, 256):
+        raise ValueError(
+            f"config.tile_n={c.tile_n} must be 16, 32, 64 or 128 (inside one 128-wide weight-scale block) "
+            "or 256 (two blocks)"
+        )
     if c.tile_k not in (BLOCK, 2 * BLOCK):
         raise ValueError(
             f"config.tile_k={c.tile_k} must be {BLOCK} or {2 * BLOCK} (one or two K scale blocks per step)"
         )
-    if (c.tile_k // BLOCK + 1) * c.tile_m * c.tile_n > 2 * MAX_WG_TILE_ELEMS:
+    regs = _acc_registers(c)
+    if regs > MAX_ACC_REGISTERS:
         raise ValueError(
-            f"config tile {c.tile_m}x{c.tile_n} with tile_k={c.tile_k} needs {c.tile_k // BLOCK + 1} f32 register "
-            f"tiles per warpgroup: over {2 * MAX_WG_TILE_ELEMS} elements"
+            f"config tile {c.tile_m}x{c.tile_n} with tile_k={c.tile_k} needs {regs} f32 registers per thread for "
+            f"the promoted total and the wgmma accumulator(s): over {MAX_ACC_REGISTERS}"
         )
     if c.num_compute_wgs not in (1, 2):
         raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
@@ -188,8 +204,8 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
     epi_n = c.epi_tile_n or c.tile_n
     if c.tile_m % epi_m or epi_m % 64:
         raise ValueError(f"config.epi_tile_m={epi_m} must divide tile_m and be a multiple of 64")
-    if c.tile_n % epi_n or epi_n % 8:
-        raise ValueError(f"config.epi_tile_n={epi_n} must divide tile_n and be a multiple of 8")
+    if min(c.tile_n, BLOCK) % epi_n or epi_n % 8:
+        raise ValueError(f"config.epi_tile_n={epi_n} must divide min(tile_n, 128) and be a multiple of 8")
     need = smem_bytes(c, out_dtype, has_bias)
     if need > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
         raise ValueError(
@@ -243,7 +259,14 @@ def _small_m_tile(
     )
 
 
-def _two_wg_tile(wg_dimension: str, tile_n: int = 128, steps: int = 5, grid_minor: str = "m", width: int = 8):
+def _two_wg_tile(
+    wg_dimension: str,
+    tile_n: int = 128,
+    steps: int = 5,
+    grid_minor: str = "m",
+    width: int = 8,
+    epi_slots: int | None = None,
+):
     return BlockTuningConfig(
         tile_m=64,
         tile_n=tile_n,
@@ -254,7 +277,14 @@ def _two_wg_tile(wg_dimension: str, tile_n: int = 128, steps: int = 5, grid_mino
         grid_tile_width=width,
         epi_tile_m=64,
         epi_tile_n=min(64, tile_n),
+        # 128 x 256 CTA tiles: one epilogue slot leaves room for 4 pipeline stages.
+        epi_slots=epi_slots or (1 if tile_n > BLOCK else 2),
     )
+
+
+def _large_m_tile(tile_n: int = 2 * BLOCK, steps: int = 4, grid_minor: str = "m", width: int = 8):
+    """M > 512: two 64-row warpgroups along M, each 64 x 256 (two weight-scale blocks)."""
+    return _two_wg_tile("m", tile_n, steps=steps, grid_minor=grid_minor, width=width)
 
 
 def _waves_key(m, n, cta_m, cta_n, sms):
@@ -271,11 +301,11 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTunin
       count fits the SMs best, so every SM streams its own slab of the weight;
       a pipeline deep enough for ~64 KB of weight in flight per SM.
     * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the N
-      tile (32..128) that the per-channel kernel's traffic model
+      tile (32..256) that the per-channel kernel's traffic model
       (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest.
-    * M > 512: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M: the
-      largest tile whose two f32 register tiles fit), 5 stages, grouped
-      M-minor planar snake of width 8.
+    * M > 512: 128 x 256 CTA tiles (two 64 x 256 warpgroups along M, each two
+      weight-scale blocks through one temporary accumulator), 4 stages, one
+      epilogue slot, grouped M-minor planar snake of width 8.
     """
     sms = num_sms()
     if m <= 64:
@@ -288,12 +318,13 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTunin
         return _fit_smem(_small_m_tile(tn, num_compute_wgs=nwg), out_dtype)
     if m <= 512:
         best = None
-        for tn in (128, 64, 32):
+        for tn in (256, 128, 64, 32):
             cost = _mid_m_cost(m, n, k, 128, tn, sms)
             if best is None or cost < best[0] * 0.97:  # wider tiles on near-ties
                 best = (cost, tn)
-        return _fit_smem(_two_wg_tile("m", best[1], steps=6), out_dtype)
-    return _fit_smem(_two_wg_tile("m", 128, steps=5), out_dtype)
+        tn = best[1]
+        return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
+    return _fit_smem(_large_m_tile(), out_dtype)
 
 
 def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int | None = None):
@@ -314,6 +345,7 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
             _small_m_tile(16, tile_k=BLOCK),
         ]
     elif m <= 512:
+        cands.append(_two_wg_tile("m", 256, steps=4))
         for tn in (128, 64, 32):
             cands.append(_two_wg_tile("m", tn, steps=6))
         cands.append(dataclasses.replace(_two_wg_tile("m", 64, steps=4), tile_k=2 * BLOCK))
@@ -321,6 +353,14 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
         cands.append(_two_wg_tile("n", 128, steps=5))
     else:
         # Most informative first (the GPU check sweeps a prefix of this list).
+        cands += [
+            _two_wg_tile("m", 128, steps=5),
+            _large_m_tile(steps=3, width=8),
+            _large_m_tile(grid_minor="n"),
+            _large_m_tile(width=16),
+            _large_m_tile(width=4),
+            _two_wg_tile("m", 256, steps=3, epi_slots=2),
+        ]
         for wgd, st, gmd, gw in (
             ("m", 4, "m", 8),
             ("n", 4, "m", 8),
@@ -370,6 +410,8 @@ def _kernel(
     m_iters, n_iters, k_iters = _cdiv(m, cta_m), _cdiv(n, cta_n), _cdiv(k, tile_k)
     n_blocks, k_blocks = bs_gmem.shape
     sub = tile_k // BLOCK  # K scale blocks per pipeline step
+    n_part = min(tile_n, BLOCK)  # columns of one weight-scale block in a warpgroup tile
+    n_sub = tile_n // n_part  # weight-scale blocks per warpgroup tile (1 or 2)
     nwg = c.num_compute_wgs
     epi_m = c.epi_tile_m or tile_m
     epi_n = c.epi_tile_n or tile_n
@@ -432,29 +474,44 @@ def _kernel(
                 if has_bias:
                     plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(col0, tile_n)], bias_smem.at[wg], bias_bars.at[wg])
 
-                total0 = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-                y = eval_pipeline(total0)
+                # The promoted f32 total: one register tile per 128-wide weight-scale block
+                # of the warpgroup's N tile (a 256-wide tile is two blocks, multiplied one
+                # after the other through one temporary accumulator).
+                totals0 = tuple(
+                    plgpu.layout_cast(jnp.zeros((tile_m, n_part), jnp.float32), plgpu.Layout.WGMMA)
+                    for _ in range(n_sub)
+                )
+                totals = eval_pipeline(totals0)
                 if has_bias:
                     plgpu.barrier_wait(bias_bars.at[wg])
-                    bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
-                    y = y + lax.broadcast_in_dim(bias.astype(jnp.float32), (tile_m, tile_n), [1])
-                y = y.astype(out_dtype)
+                ys = []
+                for h, y in enumerate(totals):
+                    if has_bias:
+                        bias = plgpu.load(
+                            bias_smem.at[wg, pl.ds(h * n_part, n_part)], layout=plgpu.Layout.WGMMA.reduce(0)
+                        )
+                        y = y + lax.broadcast_in_dim(bias.astype(jnp.float32), (tile_m, n_part), [1])
+                    ys.append(y.astype(out_dtype))
 
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                for ei in range(tile_m // epi_m):
-                    for ej in range(tile_n // epi_n):
-                        e_m = slice(ei * epi_m, (ei + 1) * epi_m)
-                        e_n = slice(ej * epi_n, (ej + 1) * epi_n)
-                        slot = (ei * (tile_n // epi_n) + ej) % n_slots
-                        plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-                        out_smem[wg, slot] = y[e_m, e_n]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, slot],
-                            out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n],
-                        )
+                count = 0
+                for h, y in enumerate(ys):
+                    for ei in range(tile_m // epi_m):
+                        for ej in range(n_part // epi_n):
+                            e_m = slice(ei * epi_m, (ei + 1) * epi_m)
+                            e_n = slice(ej * epi_n, (ej + 1) * epi_n)
+                            o_n = slice(h * n_part + ej * epi_n, h * n_part + (ej + 1) * epi_n)
+                            slot = count % n_slots
+                            count += 1
+                            plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                            out_smem[wg, slot] = y[e_m, e_n]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, o_n],
+                            )
 
-            def mma_body(idx, a_smem, b_smem, as_smem, total):
+            def mma_body(idx, a_smem, b_smem, as_smem, totals):
                 (kk,) = idx
                 wg = lax.axis_index("wg")
                 if c.wg_dimension == "m":
@@ -463,31 +520,45 @@ def _kernel(
                 else:
                     a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
                     as_rows = slice(None)
-                # Past the last N block (a warpgroup tile entirely beyond N): clamp; its
-                # output is clipped by the TMA store anyway.
-                nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
+                col0 = wg_col0(wg)
+                a_scales = []
+                new_totals = []
+                for h in range(n_sub):
+                    b_h = b_t.at[pl.ds(h * n_part, n_part)] if n_sub > 1 else b_t
+                    # Past the last N block (a tile beyond N): clamp; its output is clipped by the
+                    # TMA store anyway.
+                    nb = jnp.minimum(col0 // BLOCK + h, n_blocks - 1)
 
-                def step(*acc_refs):
-                    for j, acc_ref in enumerate(acc_refs):
-                        if sub == 1:
-                            plgpu.wgmma(acc_ref, a_t, b_t.T)
-                        else:
-                            ks = pl.ds(j * BLOCK, BLOCK)
-                            plgpu.wgmma(acc_ref, a_t.at[:, ks], b_t.at[:, ks].T)
-                    # Scale loads overlap the asynchronous wgmma.  A block past K (last step
-                    # of a K that is not a multiple of tile_k) has zero operands: clamp its index.
-                    s_rows = []
+                    def step(*acc_refs, h=h, b_h=b_h, nb=nb):
+                        for j, acc_ref in enumerate(acc_refs):
+                            if sub == 1:
+                                plgpu.wgmma(acc_ref, a_t, b_h.T)
+                            else:
+                                ks = pl.ds(j * BLOCK, BLOCK)
+                                plgpu.wgmma(acc_ref, a_t.at[:, ks], b_h.at[:, ks].T)
+                        # Scale loads overlap the asynchronous wgmma.  A K block past K (last
+                        # step of a K that is not a multiple of tile_k) has zero operands: clamp.
+                        b_s = [bs_gmem[nb, jnp.minimum(kk * sub + j, k_blocks - 1)] for j in range(sub)]
+                        # The step's activation scales (same for every N block): loaded once.
+                        a_s = (
+                            []
+                            if h
+                            else [
+                                plgpu.load(as_smem.at[j, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                                for j in range(sub)
+                            ]
+                        )
+                        return [r[...] for r in acc_refs], b_s, a_s
+
+                    accs = [plgpu.ACC((tile_m, n_part), jnp.float32) for _ in range(sub)]
+                    partials, b_s, a_s = pl.run_scoped(step, *accs)
+                    a_scales += a_s
+                    total = totals[h]
                     for j in range(sub):
-                        b_s = bs_gmem[nb, jnp.minimum(kk * sub + j, k_blocks - 1)]
-                        a_s = plgpu.load(as_smem.at[j, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
-                        s_rows.append(a_s * b_s)
-                    return [r[...] for r in acc_refs], s_rows
-
-                accs = [plgpu.ACC((tile_m, tile_n), jnp.float32) for _ in range(sub)]
-                partials, s_rows = pl.run_scoped(step, *accs)
-                for partial, s_row in zip(partials, s_rows, strict=True):
-                    total = total + partial * lax.broadcast_in_dim(s_row, (tile_m, tile_n), [0])
-                return total
+                        s_row = a_scales[j] * b_s[j]
+                        total = total + partials[j] * lax.broadcast_in_dim(s_row, (tile_m, n_part), [0])
+                    new_totals.append(total)
+                return tuple(new_totals)
 
             pipeline(mma_body, compute_context)(
                 a_gmem.at[cta_m_slice, :],
