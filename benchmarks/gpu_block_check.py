@@ -123,7 +123,9 @@ LAYOUTS = {
     ),
     "w2m_tn128": bmm.BlockTuningConfig(),
     "w2m_tn256": bmm.BlockTuningConfig(tile_n=256, max_concurrent_steps=4, epi_slots=1),
-    "w2n_tn256": bmm.BlockTuningConfig(tile_n=256, wg_dimension="n", max_concurrent_steps=3, epi_slots=1),
+    "w1n_tn256": bmm.BlockTuningConfig(
+        tile_n=256, num_compute_wgs=1, wg_dimension="n", max_concurrent_steps=4, grid_tile_width=1
+    ),
     "w2n_tn128": bmm.BlockTuningConfig(wg_dimension="n", max_concurrent_steps=4, epi_slots=1),
     "w2m_tn64": bmm.BlockTuningConfig(tile_n=64, max_concurrent_steps=6),
     "w1n_tn32_k256": bmm.BlockTuningConfig(
