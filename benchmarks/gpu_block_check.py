@@ -34,6 +34,8 @@ Run on the H100 from the repo root (< 3 minutes):
 4. sweep: the first candidate tile configs at M=4096 4096x4096 (and M=16 4096x14336
    if time is left), each checked for correctness too.
 
+A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
+
 Writes ``$OUT/gpu_block_check.json`` (default benchmarks/results) and prints markdown
 tables with the ratio to the per-channel kernel and to the XLA dequant path.  Each case
 catches its own exceptions (recorded in the JSON); a time budget keeps the run < 3 min.
@@ -462,20 +464,24 @@ def phase_sweep(results):
 
 
 def main():
+    global XLA_FP8, BUDGET_S, SWEEP, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="check,accuracy,layer,time,sweep")
     p.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on the CPU (interpret mode)")
     p.add_argument("--xla-fp8", action="store_true", help="also time XLA's fp8 GEMM (per-channel scales)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="stop starting new cases after this many seconds")
+    p.add_argument("--sweep-limit", type=int, default=None, help="candidate configs per sweep shape (default 10 / 6)")
     args = p.parse_args()
     phases = args.phases.split(",")
-    global XLA_FP8
     XLA_FP8 = args.xla_fp8
+    BUDGET_S = args.budget_s
     if args.cpu_dry_run:
-        global INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M, SWEEP
         INTERPRET = True
         LLAMA, M_GRID = [(256, 256)], [16, 100]
         CHECK_SHAPES, CHECK_M = [(272, 384)], [7]
         SWEEP = [(128, 256, 256, 2)]
+    if args.sweep_limit is not None:
+        SWEEP = [(m, n, k, args.sweep_limit) for m, n, k, _ in SWEEP]
     out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
