@@ -7,8 +7,9 @@
 * ``a_scale`` (M, ceil(K / 128)): one float32 scale per token per 128-wide K
   group (dynamic per-group activations); ``b_scale`` (ceil(N / 128),
   ceil(K / 128)): one float32 scale per 128 x 128 weight block.
-* One pipeline step is one 128-wide K block.  Each consumer warpgroup issues
-  the step's ``wgmma`` into a fresh (zeroed) f32 accumulator, waits, and
+* One pipeline step is one 128-wide K block (two with ``tile_k=256``).  Each
+  consumer warpgroup issues the block's ``wgmma`` into a fresh (zeroed) f32
+  accumulator, waits, and
   promotes it into a second f32 register array carried through the pipeline:
   ``total += acc * (a_scale[rows, kb] * b_scale[nb, kb])``.  Warpgroup N
   tiles are aligned to the 128-wide weight-scale blocks, so the weight scale is
