@@ -387,3 +387,11 @@ def test_cross_lowering_catches_shared_memory_overflow(monkeypatch):
     monkeypatch.setattr(bmm, "_validate_config", lambda *a, **k: None)
     with pytest.raises(ValueError, match="exceeds available shared memory"):
         _lower(1024, 1024, 1024, jnp.bfloat16, big, bias=False)
+
+
+def test_interpret_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("QLIN_MOSAIC_INTERPRET", "1")
+    assert MosaicGPUBlockFP8Kernel(BLOCK_CFG).interpret
+    monkeypatch.setenv("QLIN_MOSAIC_INTERPRET", "0")
+    assert not MosaicGPUBlockFP8Kernel(BLOCK_CFG).interpret
+    assert MosaicGPUBlockFP8Kernel(BLOCK_CFG, interpret=True).interpret
