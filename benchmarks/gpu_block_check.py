@@ -133,8 +133,8 @@ LAYOUTS = {
     "w1n_tn32_k256": bmm.BlockTuningConfig(
         tile_n=32, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="n", epi_tile_n=32
     ),
-    "w2n_tn16_k256": bmm.BlockTuningConfig(
-        tile_n=16, tile_k=256, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="n", epi_tile_n=16
+    "w1n_tn16_k256": bmm.BlockTuningConfig(
+        tile_n=16, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="n", epi_tile_n=16
     ),
 }
 

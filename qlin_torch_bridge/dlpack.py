@@ -63,6 +63,11 @@ __all__ = [
 ]
 
 
+#: Alignment of every buffer handed to JAX: XLA's GPU entry-parameter alignment and TMA's
+#: global-address rule are both 16 bytes.
+ALIGN_BYTES = 16
+
+
 class LayoutError(InputError):
     """A tensor's memory layout cannot be shared with JAX without a copy (and no copy was allowed)."""
 
@@ -237,6 +242,16 @@ def to_jax(t: torch.Tensor, *, copy: bool = False, name: str = "tensor", verify:
             )
         t = t.contiguous()
     fp8_fallback = t.dtype in _FP8_TORCH and not _native_fp8("to_jax")
+    if t.data_ptr() % ALIGN_BYTES:
+        # jaxlib checks alignment on the CPU only; on CUDA it accepted a 4-byte offset view and
+        # the next XLA kernel reading it failed with CUDA_ERROR_MISALIGNED_ADDRESS (H100).
+        if not copy:
+            raise LayoutError(
+                f"{name}: data pointer {t.data_ptr():#x} is not {ALIGN_BYTES}-byte aligned, as XLA's GPU kernels "
+                "and TMA require; this happens for views at an offset (e.g. t[1:]). Pass copy=True to copy it "
+                "explicitly."
+            )
+        t = t.clone(memory_format=torch.contiguous_format)
     try:
         a = _from_torch(t, fp8_fallback)
     except ValueError as e:
@@ -421,7 +436,8 @@ def to_jax_hot(t: torch.Tensor, *, name: str = "tensor", copy: bool = False) -> 
     A contiguous, grad-free tensor of a non-fp8 dtype on a known device goes straight through the
     cached route; anything else (and every error message) takes :func:`to_jax`.
     """
-    if _FAST["on"] and t.dtype in _HOT_DTYPES and not t.requires_grad and t.is_contiguous():
+    if (_FAST["on"] and t.dtype in _HOT_DTYPES and not t.requires_grad and t.is_contiguous()
+            and not t.data_ptr() % ALIGN_BYTES):
         route = _route(t)
         if route is not None:
             stream = route.order_after_torch()
@@ -446,7 +462,8 @@ def fast_export_dtype(dtype: Any) -> bool:
 def import_hot(t: torch.Tensor, route: _Route) -> jax.Array | None:
     """``t`` on ``route``'s JAX device, zero copy, stream-ordered, for a ``t`` the caller knows is on that
     device; None when ``t`` needs :func:`to_jax_hot`'s checks (fp8, grad, strides, alignment, no fast path)."""
-    if not (_FAST["on"] and t.dtype in _HOT_DTYPES and not t.requires_grad and t.is_contiguous()):
+    if not (_FAST["on"] and t.dtype in _HOT_DTYPES and not t.requires_grad and t.is_contiguous()
+            and not t.data_ptr() % ALIGN_BYTES):
         return None
     stream = route.order_after_torch()
     try:

@@ -314,6 +314,7 @@ def test_bad_bias_and_out_dtype():
         ({"tile_k": 256, "tile_n": 256, "epi_tile_n": 64}, r"needs 256 f32 registers per thread"),
         ({"tile_n": 256, "epi_tile_n": 256}, r"epi_tile_n=256 must divide min\(tile_n, 128\)"),
         ({"num_compute_wgs": 3}, r"num_compute_wgs=3"),
+        ({"tile_n": 16, "epi_tile_n": 16, "num_compute_wgs": 2, "wg_dimension": "n"}, r"tile_n=16 with two warpgroups"),
         ({"max_concurrent_steps": 1}, r"max_concurrent_steps must be >= 2"),
         ({"tile_n": 128, "epi_tile_n": 48}, r"epi_tile_n=48"),
         ({"tile_n": 128, "num_compute_wgs": 2, "max_concurrent_steps": 7}, r"needs \d+ bytes of shared memory"),

@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from qlin.errors import InputError  # noqa: E402
 from qlin_torch_bridge import dlpack  # noqa: E402
-from qlin_torch_bridge.dlpack import LayoutError, to_jax, to_torch  # noqa: E402
+from qlin_torch_bridge.dlpack import LayoutError, to_jax, to_jax_hot, to_torch  # noqa: E402
 
 DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.int32, torch.bfloat16, torch.float16,
           torch.float32]
@@ -127,6 +127,22 @@ def test_unaligned_view_needs_an_explicit_copy():
     with pytest.raises(LayoutError, match="aligned"):
         to_jax(view)
     np.testing.assert_array_equal(np.asarray(to_jax(view, copy=True)), view.numpy())
+
+
+@pytest.mark.parametrize("offset", [1, 4, 8])
+def test_views_not_16_byte_aligned_are_refused_on_every_path(offset):
+    # jaxlib checks alignment only on the CPU; on an H100 it accepted a 4-byte offset view and the next
+    # kernel failed with CUDA_ERROR_MISALIGNED_ADDRESS, so the bridge checks 16 bytes itself.
+    base = torch.arange(256, dtype=torch.int8)
+    assert base.data_ptr() % 64 == 0
+    view = base[offset:]
+    with pytest.raises(LayoutError, match="16-byte aligned"):
+        to_jax(view)
+    with pytest.raises(LayoutError, match="16-byte aligned"):
+        to_jax_hot(view)
+    np.testing.assert_array_equal(np.asarray(to_jax(view, copy=True)), view.numpy())
+    aligned = base[64:]  # jaxlib's CPU client wants 64 bytes; CUDA buffers get the bridge's 16-byte check
+    assert to_jax(aligned).unsafe_buffer_pointer() == aligned.data_ptr()
 
 
 def test_bad_tensors_get_clear_errors():

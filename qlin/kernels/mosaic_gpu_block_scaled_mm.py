@@ -195,6 +195,12 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
     if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
         raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
+    if c.num_compute_wgs == 2 and c.wg_dimension == "n" and c.tile_n < 32:
+        # H100 (jax 0.11.2): 2 x 16-wide warpgroup tiles side by side along N with tile_k=256 failed with
+        # CUDA_ERROR_MISALIGNED_ADDRESS (interpret mode and CUDA lowering both accepted it).
+        raise ValueError(
+            f"config.tile_n={c.tile_n} with two warpgroups along N must be >= 32 (16-wide halves faulted on an H100)"
+        )
     if c.grid_tile_width < 1:
         raise ValueError(f"config.grid_tile_width={c.grid_tile_width} must be >= 1")
     if c.epi_slots not in (1, 2):
@@ -335,7 +341,6 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
         # Most informative first (the GPU check sweeps a prefix of this list).
         cands += [
             _small_m_tile(32, tile_k=BLOCK),
-            _small_m_tile(16, num_compute_wgs=2),
             _small_m_tile(16),
             _small_m_tile(64),
             _small_m_tile(32, steps=12),
