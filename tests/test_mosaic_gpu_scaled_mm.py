@@ -357,6 +357,14 @@ def test_cross_lowering_tuning_candidates():
             _lower(m, n, k, F8, jnp.bfloat16, cfg, bias=False)
 
 
+def test_cross_lowering_mid_m_in_between_tiles():
+    # The 160 / 192-wide mid-M candidates (wave quantization at wide N) compile for sm90.
+    cands = [c for c in mm.candidate_configs(512, 10240, 8192, F8, jnp.bfloat16) if c.tile_n in (160, 192)]
+    assert len(cands) == 2
+    for cfg in cands:
+        _lower(512, 10240, 8192, F8, jnp.bfloat16, cfg, bias=True)
+
+
 def test_cross_lowering_catches_what_interpret_mode_does_not(monkeypatch):
     # Over-full shared memory passes interpret mode but not the Mosaic GPU compiler.
     big = mm.TuningConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=5, epi_slots=2)

@@ -433,6 +433,10 @@ def candidate_configs(
         for tn in (64, 128, 32, 256):
             cands.append(_mid_m_tile(tn))
         cands.append(_large_m_tile())
+        # Tile counts between the powers of two: at M = 512 a 2x64 x 256 tile left 10240 and 28672
+        # wide N at 2 and 3.4 waves on the H100 (0.77x / 0.78x XLA); 160 / 192 give ~2 full waves.
+        for tn, en in ((160, 32), (192, 64)):
+            cands.append(dataclasses.replace(_mid_m_tile(tn), epi_tile_n=en))
         for tn in (64, 128, 256):
             for sk in _split_k_options(n, k, tn, 128, sms=num_sms(), m=m, cta_m=128):
                 cands.append(dataclasses.replace(_mid_m_tile(tn), split_k=sk, epi_slots=1))
