@@ -367,7 +367,8 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     * 64 < M <= 512: 2 x 64 rows (two consumer warpgroups along M) by an N tile
       picked with a small traffic model (memory bound: the A tile is re-read
       from L2 by every N tile, the weight streamed once); split-K 2 when K is
-      long and the tiles fill less than half the SMs.
+      long and the tiles fill less than half the SMs; above M = 256, where the
+      model wants 256-wide tiles, the large-M tile instead.
     * M > 512: 2 x (128 x 128) tiles (warpgroups along N), 4 stages, grouped
       planar-snake order: compute bound, ~1380 TF/s fp8 on H100 at 4096^3.
     """
