@@ -93,6 +93,25 @@ def test_any_row_count_and_pipeline_depth(m, max_ctas, stages):
     _assert_same(got, _jnp_ref(x, "int8", "per_token", symmetric=False))
 
 
+@pytest.mark.parametrize("m,kw", [(1, dict(kind="fp8", granularity="per_token")),
+                                  (3, dict(kind="int8", granularity="per_token", symmetric=False)),
+                                  (5, dict(kind="fp8", granularity="per_group", group_size=128))])
+@pytest.mark.parametrize("store", ["direct", "tma"])
+def test_rows_out_allocates_tile_rows_and_writes_only_m(m, kw, store):
+    """rows_out=8: outputs of 8 rows (the GEMM's TMA tile), the first m bit-identical to rows_out=None."""
+    x = _make_x(m, 512, jnp.bfloat16, seed=50 + m)
+    got = mq.quantize_rows(x, interpret=True, rows_out=8, store=store, **kw)
+    want = mq.quantize_rows(x, interpret=True, store=store, **kw)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert g.shape == (8, *w.shape[1:]) and g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g[:m]).view(np.uint8), np.asarray(w).view(np.uint8))
+    with pytest.raises(InputError, match="rows_out: expected an int >= M=5"):
+        mq.quantize_rows(_make_x(5, 512, jnp.bfloat16), kind="fp8", granularity="per_token", rows_out=4)
+
+
 @pytest.mark.parametrize("k,gran,group", [(16, "per_token", None), (336, "per_token", None), (200 * 16, "per_token", None),
                                           (96, "per_group", 64), (1000 + 8, "per_group", 128)])
 def test_k_padding(k, gran, group):

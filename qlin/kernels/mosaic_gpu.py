@@ -143,11 +143,15 @@ class MosaicGPUScaledMMKernel(ScaledMMKernel):
         n_pad, k_pad = params.weight.shape
         # Dynamic per-token activations: the fused Mosaic GPU quantize kernel (one pass over x;
         # bit-identical to quantize_activation, checked on an H100); other schemes use the jnp path.
-        q, s, zp = fused_quantize_activation(x2d, params, cfg, interpret=self.interpret)
+        # The GEMM needs whole 8-row TMA tiles: the fused kernel allocates them itself (rows past m
+        # never written, never read back: the output rows they produce are sliced off below), so
+        # decode (M = 1) runs no separate pad of q and its scales.
+        q, s, zp = fused_quantize_activation(x2d, params, cfg, interpret=self.interpret, rows_out=_round_up(m, 8))
+        mq = q.shape[0]  # rounded up when the fused kernel ran, else m (scaled_mm pads then)
         if k_pad != k:
             q = _pad_to(q, 1, k_pad)  # zero columns meet the zero-padded weight columns
         a_scale = jnp.asarray(s, jnp.float32)
-        a_scale = a_scale.reshape(1, 1) if a_scale.size == 1 else a_scale.reshape(m, 1)
+        a_scale = a_scale.reshape(1, 1) if a_scale.size == 1 else a_scale.reshape(mq, 1)
         ws = jnp.asarray(params.weight_scale, jnp.float32)
         b_scale = ws.reshape(1, 1) if ws.ndim == 0 or ws.size == 1 else ws.reshape(1, n_pad)
         if bias is not None:
@@ -158,7 +162,7 @@ class MosaicGPUScaledMMKernel(ScaledMMKernel):
         if zp is not None:
             assert isinstance(params, Int8Params) and params.azp_adj is not None
             azp = jnp.asarray(zp, jnp.int32)
-            azp = azp.reshape(1, 1) if azp.size == 1 else azp.reshape(m, 1)
+            azp = azp.reshape(1, 1) if azp.size == 1 else azp.reshape(mq, 1)
             azp_adj = jnp.asarray(params.azp_adj, jnp.int32).reshape(1, n_pad)
         y = mm.scaled_mm(
             q,
@@ -172,7 +176,7 @@ class MosaicGPUScaledMMKernel(ScaledMMKernel):
             config=self.tuning,
             interpret=self.interpret,
         )
-        return y[:, :n] if n_pad != n else y
+        return y[:m, :n] if (n_pad != n or mq != m) else y
 
 
 # Hopper kernels go ahead of the portable xla kernel on cuda.

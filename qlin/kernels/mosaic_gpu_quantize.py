@@ -281,7 +281,7 @@ def _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_forma
 
 
 def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8_format, interpret,
-           division="xla"):
+           division="xla", rows_out=None):
     """Build the plgpu.kernel for a plan; returns ``f(x3, [ub]) -> (q3, s, [zp])``."""
     m, nc, w, sub, stages, grid = p.m, p.chunks, p.width, p.subchunk, p.stages, p.grid
     layout = _row_layout(w, jnp.dtype(in_dtype).itemsize)
@@ -330,15 +330,17 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
         zpf = jnp.clip(jnp.round(float(INT8_QMIN) - xmin / s), float(INT8_QMIN), float(INT8_QMAX))
         return s, zpf
 
-    out_types = [jax.ShapeDtypeStruct((m, nc, w), q_dtype)]
+    # rows_out > m: outputs with extra rows the kernel never writes (see quantize_rows).
+    mo = m if rows_out is None else rows_out
+    out_types = [jax.ShapeDtypeStruct((mo, nc, w), q_dtype)]
     if per_group:
-        out_types.append(jax.ShapeDtypeStruct((m, nc), jnp.float32))
+        out_types.append(jax.ShapeDtypeStruct((mo, nc), jnp.float32))
         if asym:
-            out_types.append(jax.ShapeDtypeStruct((m, nc), jnp.int32))
+            out_types.append(jax.ShapeDtypeStruct((mo, nc), jnp.int32))
     else:
-        out_types.append(jax.ShapeDtypeStruct((m,), jnp.float32))
+        out_types.append(jax.ShapeDtypeStruct((mo,), jnp.float32))
         if asym:
-            out_types.append(jax.ShapeDtypeStruct((m,), jnp.int32))
+            out_types.append(jax.ShapeDtypeStruct((mo,), jnp.int32))
     n_out = len(out_types)
 
     tma_store = p.store == "tma"
@@ -479,11 +481,11 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
     jax.jit,
     static_argnames=(
         "kind", "granularity", "group_size", "symmetric", "fp8_format", "interpret", "max_ctas", "stages",
-        "has_ub", "store", "division",
+        "has_ub", "store", "division", "rows_out",
     ),
 )
 def _quantize_rows_jit(x, ub, *, kind, granularity, group_size, symmetric, fp8_format, interpret, max_ctas, stages,
-                       has_ub, store, division):
+                       has_ub, store, division, rows_out=None):
     m, k = x.shape
     per_group = granularity == "per_group"
     p = plan(m, k, x.dtype, granularity=granularity, group_size=group_size, symmetric=symmetric,
@@ -492,17 +494,20 @@ def _quantize_rows_jit(x, ub, *, kind, granularity, group_size, symmetric, fp8_f
         x = jnp.pad(x, ((0, 0), (0, p.k_padded - k)))
     x3 = x.reshape(m, p.chunks, p.width)
     fn = _build(p, x.dtype, kind=kind, per_group=per_group, has_ub=has_ub, symmetric=symmetric,
-                fp8_format=fp8_format, interpret=interpret, division=division)
+                fp8_format=fp8_format, interpret=interpret, division=division, rows_out=rows_out)
     args = (x3, ub.reshape(1)) if has_ub else (x3,)
     outs = fn(*args)
-    q = outs[0].reshape(m, p.k_padded)[:, :k]
+    mo = m if rows_out is None else rows_out
+    q = outs[0].reshape(mo, p.k_padded)
+    if p.k_padded != k:
+        q = q[:, :k]
     if per_group:
         groups = _cdiv(k, group_size)
         s = outs[1][:, :groups]
         zp = outs[2][:, :groups] if not symmetric else None
     else:
-        s = outs[1].reshape(m, 1)
-        zp = outs[2].reshape(m, 1) if not symmetric else None
+        s = outs[1].reshape(mo, 1)
+        zp = outs[2].reshape(mo, 1) if not symmetric else None
     return q, s, zp
 
 
@@ -520,6 +525,7 @@ def quantize_rows(
     stages: int | None = None,
     store: str = DEFAULT_STORE,
     division: str = "xla",
+    rows_out: int | None = None,
 ):
     """Quantize the rows of ``x`` (M, K) in one fused Mosaic GPU pass.
 
@@ -539,6 +545,10 @@ def quantize_rows(
         (``a / const -> a * fl(1/const)``, per token ``x / s -> x * fl(1/s)``; see the module
         docstring); "ieee" divides as written. Only the GPU check uses "ieee", to tell which
         one a GPU's XLA build matches.
+      rows_out: give the outputs this many rows (>= M). Rows M.. are allocated but NEVER
+        written (arbitrary bits, possibly NaN): for a consumer that needs whole 8-row TMA tiles
+        anyway and discards those rows (the scaled matmul at M % 8 != 0), so that no separate
+        XLA pad of ``q`` and the scales runs before it.
 
     Returns:
       ``(q, scale, zero_point)``: exactly what :func:`qlin.quantize.quantize_fp8` /
@@ -546,6 +556,10 @@ def quantize_rows(
       None when symmetric; fp8 returns None there too).
     """
     x = _check_args(x, kind, granularity, group_size, scale_ub, symmetric, fp8_format, division)
+    if rows_out is not None:
+        if isinstance(rows_out, bool) or not isinstance(rows_out, (int, np.integer)) or rows_out < x.shape[0]:
+            raise InputError(f"rows_out: expected an int >= M={x.shape[0]}, got {rows_out!r}")
+        rows_out = None if int(rows_out) == x.shape[0] else int(rows_out)
     has_ub = scale_ub is not None
     ub = jnp.asarray(scale_ub, jnp.float32).reshape(()) if has_ub else jnp.zeros((), jnp.float32)
     plan(x.shape[0], x.shape[1], x.dtype, granularity=granularity,
@@ -555,7 +569,7 @@ def quantize_rows(
         x, ub, kind=kind, granularity=granularity, group_size=None if group_size is None else int(group_size),
         symmetric=bool(symmetric), fp8_format=fp8_format,
         interpret=interpret if isinstance(interpret, plgpu.InterpretGPUParams) else bool(interpret), max_ctas=max_ctas,
-        stages=stages, has_ub=has_ub, store=store, division=division,
+        stages=stages, has_ub=has_ub, store=store, division=division, rows_out=rows_out,
     )
 
 
@@ -624,13 +638,17 @@ def can_fuse(x_shape, x_dtype, config) -> tuple[bool, str]:
     return True, "ok"
 
 
-def fused_quantize_activation(x, params, config, *, interpret=False):
+def fused_quantize_activation(x, params, config, *, interpret=False, rows_out=None):
     """Drop-in for :func:`qlin.quantize.quantize_activation` using the fused kernel.
 
     Returns the same ``(q, scale, zero_point or None)`` with the same shapes
     (``x`` may be ``[..., K]``). Configs or shapes the kernel does not take
     (static or dynamic per-tensor activations, K % 16 != 0, unsupported group
     sizes; see :func:`can_fuse`) go through the jnp path unchanged.
+
+    ``rows_out`` (2-D ``x`` only): when the kernel runs, its outputs get that many rows, the
+    ones past M never written (see :func:`quantize_rows`); the jnp path ignores it, so check
+    ``q.shape[0]``.
     """
     from qlin.quantize import quantize_activation
 
@@ -643,6 +661,10 @@ def fused_quantize_activation(x, params, config, *, interpret=False):
         ub = getattr(params, "input_scale_ub", None)
         if ub is not None:
             args["scale_ub"] = ub
+    if rows_out is not None:
+        if x.ndim != 2:
+            raise InputError(f"rows_out: only for 2-D x (M, K), got shape {tuple(x.shape)}")
+        return quantize_rows(x, interpret=interpret, rows_out=rows_out, **args)
     lead, k = x.shape[:-1], x.shape[-1]
     q, s, zp = quantize_rows(x.reshape(-1, k), interpret=interpret, **args)
     q = q.reshape(*lead, k)
