@@ -73,6 +73,18 @@ TWO_WG_N = bmm.BlockTuningConfig(
 )
 
 
+# Overlapped promotion (two ping-pong accumulators, stages released one step late): the
+# parity-picked accumulator (tile_k=128), the static pair (tile_k=256), warpgroups along N,
+# one warpgroup with a full 128-wide weight-scale block.
+OV_K128 = dataclasses.replace(TWO_WG_M, overlap=True)
+OV_K256 = dataclasses.replace(K256, overlap=True)
+OV_WG_N = dataclasses.replace(TWO_WG_N, overlap=True)
+OV_ONE_WG = bmm.BlockTuningConfig(
+    tile_n=128, max_concurrent_steps=3, num_compute_wgs=1, wg_dimension="n", epi_tile_n=64, overlap=True
+)
+OVERLAP_CONFIGS = (OV_K128, OV_K256, OV_WG_N, OV_ONE_WG)
+
+
 def _cdiv(a, b):
     return -(-a // b)
 
@@ -183,6 +195,112 @@ def test_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
     ops = _operands(np.random.default_rng(seed), m, n, k, bias=bool(seed % 2))
     out = _run(ops, jnp.bfloat16, cfg)
     assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
+# -- overlapped promotion (config.overlap) --------------------------------------------------------
+
+OVERLAP_CASES = [
+    # (M, N, K, bias, out_dtype, config).  Pipeline steps: K / tile_k rounded up; an odd count
+    # leaves the last K block in the first accumulator, an even one in the second (tile_k=128).
+    (130, 176, 640, True, jnp.bfloat16, OV_K128),  # 5 steps, partial M and N tiles
+    (65, 272, 416, False, jnp.float32, OV_K128),  # 4 steps, partial last K block (416 = 3.25 x 128)
+    (9, 48, 128, True, jnp.float16, OV_K128),  # a single K block: no overlap (nothing to release late)
+    (130, 48, 640, True, jnp.bfloat16, OV_K256),  # 3 steps, K not a multiple of 256
+    (70, 176, 1024, False, jnp.float16, OV_K256),  # 4 full steps
+    (5, 48, 96, False, jnp.float32, OV_K256),  # one partial step
+    (70, 272, 384, True, jnp.float32, OV_WG_N),
+    (33, 400, 160, False, jnp.bfloat16, OV_WG_N),  # 2 steps, the second a 32-wide K block
+    (100, 272, 512, True, jnp.bfloat16, OV_ONE_WG),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    OVERLAP_CASES,
+    ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-{c[5].short()}",
+)
+def test_overlap_interpret_matches_float64_reference(case):
+    m, n, k, bias, od, cfg = case
+    rng = np.random.default_rng(m * 7919 + n * 31 + k + 1)
+    ops = _operands(rng, m, n, k, bias)
+    out = _run(ops, od, cfg)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(od)
+
+
+@pytest.mark.parametrize("cfg", [OV_K128, OV_K256], ids=lambda c: c.short())
+@pytest.mark.parametrize("kb", [3, 4])
+def test_overlap_promotes_each_k_block_with_its_own_scales(cfg, kb):
+    # Exact f32 result from small integers and power-of-two scales: a promotion that used the
+    # current step's scales for the previous step's accumulator (or dropped the last block, or
+    # promoted one twice) is off by whole scale factors.  kb = 3 / 4 K blocks: both parities
+    # of the last accumulator with tile_k=128, a partial and a full last step with tile_k=256.
+    rng = np.random.default_rng(kb)
+    m, n, k = 128, 64, 128 * kb
+    a = rng.integers(-4, 5, (m, k)).astype(np.float32)
+    b = rng.integers(-4, 5, (n, k)).astype(np.float32)
+    a_s = np.exp2(rng.integers(-3, 4, (m, kb))).astype(np.float32)
+    b_s = np.exp2(rng.integers(-3, 4, (1, kb))).astype(np.float32)
+    ops = (np.asarray(jnp.asarray(a, F8)), np.asarray(jnp.asarray(b, F8)), a_s, b_s, None)
+    out = _run(ops, jnp.float32, cfg)
+    np.testing.assert_array_equal(out, _reference(*ops).astype(np.float32))
+
+
+@settings(max_examples=3, deadline=None)
+@given(
+    m=st.integers(1, 140),
+    n16=st.integers(1, 12),
+    kb=st.integers(1, 5),
+    k_tail=st.sampled_from([0, 32, 96]),
+    cfg=st.sampled_from(OVERLAP_CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_overlap_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
+    n = 16 * n16
+    k = 128 * kb - k_tail
+    ops = _operands(np.random.default_rng(seed), m, n, k, bias=bool(seed % 2))
+    out = _run(ops, jnp.bfloat16, cfg)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
+def test_overlap_config_validation():
+    # 64 x 256 warpgroup tiles: total (128) + two 64 x 128 accumulators = 256 registers.
+    wide = dataclasses.replace(N256, overlap=True)
+    with pytest.raises(
+        ValueError, match=r"config m64n256k128\S*o \(tile 64x256.*overlap=True.*needs 256 f32 registers"
+    ):
+        bmm.block_scaled_mm(*_args(), config=wide, interpret=True)
+    assert bmm._acc_registers(OV_ONE_WG) == bmm.MAX_ACC_REGISTERS == 192
+    with pytest.raises(TypeError, match=r"config.overlap='yes' must be True or False"):
+        bmm.block_scaled_mm(*_args(), config=dataclasses.replace(ONE_WG, overlap="yes"), interpret=True)
+    assert OV_K128.short() == TWO_WG_M.short() + "o"
+    assert bmm.BlockTuningConfig.from_dict(OV_K256.to_dict()) == OV_K256
+
+
+def test_overlap_variants_lead_the_large_m_candidates_but_never_the_default():
+    for n, k in LLAMA:
+        for m in (1, 16, 64, 128, 256, 512, 1024, 4096, 8192):
+            assert not bmm.default_config(m, n, k).overlap
+        for m in (1024, 4096):
+            cands = bmm.candidate_configs(m, n, k)
+            flags = [c.overlap for c in cands]
+            assert not flags[0] and all(flags[1:5]) and not any(flags[6:])
+            assert {(c.tile_k, c.wg_dimension) for c in cands if c.overlap} == {(128, "m"), (256, "m"), (128, "n")}
+
+
+OVERLAP_LOWER_SHAPES = [(4096, 4096, 4096), (1024, 4096, 4096), (4096, 28672, 4096), (1024, 28672, 4096)]
+
+
+def test_overlap_variants_cross_lower_for_cuda():
+    # Shared-memory size, TMA and wgmma layouts of every overlap candidate at the target shapes;
+    # the lowered kernel really waits for one wgmma group in flight (wait_group 1), the plain
+    # kernel never does.
+    for m, n, k in OVERLAP_LOWER_SHAPES:
+        for cfg in (c for c in bmm.candidate_configs(m, n, k) if c.overlap):
+            assert "wgmma.wait_group.sync.aligned 1;" in _lower(m, n, k, jnp.bfloat16, cfg).as_text()
+    plain = bmm.default_config(4096, 4096, 4096)
+    assert "wgmma.wait_group.sync.aligned 1;" not in _lower(4096, 4096, 4096, jnp.bfloat16, plain).as_text()
+    for cfg in OVERLAP_CONFIGS:  # the interpret-mode tiles are real too
+        _lower(130, 272, 416, jnp.bfloat16, cfg)
 
 
 # -- the MMLinearKernel ---------------------------------------------------------------------------

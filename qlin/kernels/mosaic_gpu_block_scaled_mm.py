@@ -85,8 +85,10 @@ MAX_ACC_REGISTERS = 192
 
 def _acc_registers(c) -> int:
     """f32 registers per thread: the total (tile_m x tile_n) plus one accumulator per K
-    block of a step, each covering one 128-wide weight-scale block of the tile."""
-    return (c.tile_m * c.tile_n + (c.tile_k // BLOCK) * c.tile_m * min(c.tile_n, BLOCK)) // 128
+    block of a step (two with ``overlap``: the ping-pong pair), each covering one
+    128-wide weight-scale block of the tile."""
+    n_accs = 2 if c.overlap else c.tile_k // BLOCK
+    return (c.tile_m * c.tile_n + n_accs * c.tile_m * min(c.tile_n, BLOCK)) // 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,13 @@ class BlockTuningConfig:
     num_compute_wgs: consumer warpgroups (1 or 2), stacked along ``wg_dimension``.
     grid_minor_dim / grid_tile_width: planar-snake traversal of the output tiles.
     epi_tile_m / epi_tile_n: shared-memory tile of the epilogue store (None = whole tile).
+    overlap: overlapped promotion (opt-in, not yet measured on a GPU): two wgmma
+      accumulators used alternately, so K block k's wgmma runs on the tensor cores
+      while block k-1's result is promoted on the CUDA cores (``wgmma_wait(1)``, the
+      pipeline stages released one step late).  Needs tile_n <= 128 (total + two
+      accumulators = 192 registers at 64 x 128).  With tile_k=128 the accumulator of
+      a step is picked by the step's parity (``lax.cond``); with tile_k=256 the two K
+      blocks of a step alternate statically.
     """
 
     tile_m: int = 64
@@ -118,6 +127,7 @@ class BlockTuningConfig:
     epi_tile_m: int | None = 64
     epi_tile_n: int | None = 64
     epi_slots: int = 2
+    overlap: bool = False
 
     @property
     def cta_tile_m(self) -> int:
@@ -133,7 +143,7 @@ class BlockTuningConfig:
             f"w{self.num_compute_wgs}{self.wg_dimension}"
             f"g{self.grid_minor_dim}{self.grid_tile_width}"
             f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
-            f"x{self.epi_slots}"
+            f"x{self.epi_slots}" + ("o" if self.overlap else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,11 +195,14 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise ValueError(
             f"config.tile_k={c.tile_k} must be {BLOCK} or {2 * BLOCK} (one or two K scale blocks per step)"
         )
+    if not isinstance(c.overlap, bool):
+        raise TypeError(f"config.overlap={c.overlap!r} must be True or False")
     regs = _acc_registers(c)
     if regs > MAX_ACC_REGISTERS:
         raise ValueError(
-            f"config tile {c.tile_m}x{c.tile_n} with tile_k={c.tile_k} needs {regs} f32 registers per thread for "
-            f"the promoted total and the wgmma accumulator(s): over {MAX_ACC_REGISTERS}"
+            f"config {c.short()} (tile {c.tile_m}x{c.tile_n}, tile_k={c.tile_k}"
+            f"{', overlap=True: two ping-pong accumulators' if c.overlap else ''}) needs {regs} f32 registers per "
+            f"thread for the promoted total and the wgmma accumulator(s): over {MAX_ACC_REGISTERS}"
         )
     if c.num_compute_wgs not in (1, 2):
         raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
@@ -294,6 +307,10 @@ def _large_m_tile(tile_n: int = 2 * BLOCK, steps: int = 4, grid_minor: str = "m"
     return _two_wg_tile("m", tile_n, steps=steps, grid_minor=grid_minor, width=width)
 
 
+def _overlap(cfg: BlockTuningConfig, **changes) -> BlockTuningConfig:
+    return dataclasses.replace(cfg, overlap=True, **changes)
+
+
 def _waves_key(m, n, cta_m, cta_n, sms):
     tiles = _cdiv(m, cta_m) * _cdiv(n, cta_n)
     waves = _cdiv(tiles, sms)
@@ -358,8 +375,14 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
         cands.append(_two_wg_tile("n", 64, steps=6))
         cands.append(_two_wg_tile("n", 128, steps=5))
     else:
-        # Most informative first (the GPU check sweeps a prefix of this list).
+        # Most informative first (the GPU check sweeps a prefix of this list).  The overlapped
+        # promotion variants (config.overlap, not yet timed on a GPU) lead.
         cands += [
+            _overlap(_two_wg_tile("m", 128, steps=5)),
+            _overlap(_two_wg_tile("m", 128, steps=3, epi_slots=1), tile_k=2 * BLOCK),
+            _overlap(_two_wg_tile("n", 128, steps=4)),
+            _overlap(_two_wg_tile("m", 128, steps=4, width=16)),
+            _overlap(_two_wg_tile("m", 128, steps=5, grid_minor="n")),
             _two_wg_tile("m", 128, steps=5),
             _large_m_tile(steps=3, width=8),
             _large_m_tile(grid_minor="n"),
@@ -402,7 +425,17 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
 
 
 def _kernel(
-    a_gmem, b_gmem, ast_gmem, bs_gmem, *rest, config: BlockTuningConfig, has_bias: bool, m: int, n: int, k: int
+    a_gmem,
+    b_gmem,
+    ast_gmem,
+    bs_gmem,
+    *rest,
+    config: BlockTuningConfig,
+    has_bias: bool,
+    m: int,
+    n: int,
+    k: int,
+    interpret: bool = False,
 ):
     rest = list(rest)
     bias_gmem = rest.pop(0) if has_bias else None
@@ -424,6 +457,11 @@ def _kernel(
     n_epi = (tile_m // epi_m) * (tile_n // epi_n)
     n_slots = min(c.epi_slots, n_epi)
 
+    # Overlapped promotion (ping-pong accumulators) needs >= 2 pipeline steps: with one step
+    # delay_release=1 would release no stage at all (see the synchronization notes in _kernel).
+    overlap = c.overlap and k_iters >= 2
+    delay_release = 1 if overlap else 0
+
     in_swizzle = _pick_swizzle(tile_k, k, dtype)
     assert in_swizzle is not None, (tile_k, k)
     in_transforms = _swizzle_transforms(in_swizzle, dtype)
@@ -435,10 +473,22 @@ def _kernel(
             grid=(k_iters,),
             memory_registers=40 if nwg == 2 else 56,
             in_specs=[
-                plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(
+                    (cta_m, tile_k),
+                    lambda kk: (0, kk),
+                    transforms=in_transforms,
+                    memory_space=plgpu.SMEM,
+                    delay_release=delay_release,
+                ),
+                plgpu.BlockSpec(
+                    (cta_n, tile_k),
+                    lambda kk: (0, kk),
+                    transforms=in_transforms,
+                    memory_space=plgpu.SMEM,
+                    delay_release=delay_release,
+                ),
                 # One step's activation scales of the CTA's rows: one contiguous f32 box.
-                plgpu.BlockSpec((sub, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((sub, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM, delay_release=delay_release),
             ],
             wg_axis="wg",
             num_compute_wgs=nwg,
@@ -487,7 +537,10 @@ def _kernel(
                     plgpu.layout_cast(jnp.zeros((tile_m, n_part), jnp.float32), plgpu.Layout.WGMMA)
                     for _ in range(n_sub)
                 )
-                totals = eval_pipeline(totals0)
+                if overlap:
+                    totals = _overlap_scope(eval_pipeline, totals0[0])
+                else:
+                    totals = eval_pipeline(totals0)
                 if has_bias:
                     plgpu.barrier_wait(bias_bars.at[wg])
                 ys = []
@@ -566,7 +619,123 @@ def _kernel(
                     new_totals.append(total)
                 return tuple(new_totals)
 
-            pipeline(mma_body, compute_context)(
+            # -- overlapped promotion (config.overlap) ---------------------------------------------
+            #
+            # Two wgmma accumulators used alternately.  Step k issues K block k's wgmma into one of
+            # them, then wgmma_wait(1): the wgmma groups of a warpgroup complete in issue order, so
+            # block k-1's group (the other accumulator) is complete while block k's runs on the
+            # tensor cores; block k-1 is promoted into the f32 total with its own scales (carried
+            # from step k-1 in registers: the product a_scale[rows] * b_scale, one vector) and its
+            # accumulator is re-zeroed for block k+1.  With tile_k=256 the two K blocks of a step
+            # alternate statically (a, then b, within every step); with tile_k=128 the step's
+            # parity picks the accumulator (lax.cond).
+            #
+            # Shared-memory stages: the pipeline's consumed-barrier arrival for a stage follows the
+            # body's return, and the memory warpgroup refills that stage right after.  Here the
+            # body returns with its own wgmma still reading its stage, so every input BlockSpec has
+            # delay_release=1: the arrival after step k's body releases step k-1's stage, whose
+            # wgmma the wait(1) in step k has completed.  The last step's stage is never released
+            # (the pipeline's quiesce only waits for steps 0..N-2) and the memory warpgroup of a
+            # persistent CTA starts the next output tile's prologue as soon as that quiesce is done,
+            # so the last step's body waits for ALL its wgmma groups (wgmma_wait(0)) before it
+            # returns: the arrival that ends the quiesce then comes after the last read of any
+            # stage of this tile.  The final promotion (the last block, already complete) runs after
+            # the pipeline.  One step (k_iters == 1) would release nothing: no overlap there.
+            #
+            # Interpret mode (jax 0.11.2) runs wgmma synchronously and cannot store into an
+            # accumulator (no rule for wgmma_accumulator_store_p), so there an accumulator is not
+            # re-zeroed: its value at its last promotion is carried and subtracted instead (same
+            # schedule, same scale bookkeeping; only the reset differs).
+            ov_refs = {}
+
+            def _zero_acc():
+                return plgpu.layout_cast(jnp.zeros((tile_m, n_part), jnp.float32), plgpu.Layout.WGMMA)
+
+            def _overlap_scope(eval_pipeline, total0):
+                s0 = plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                bases0 = (_zero_acc(), _zero_acc()) if interpret else ()
+
+                def scope(acc_a, acc_b):
+                    ov_refs["accs"] = (acc_a, acc_b)  # read by overlap_body while the pipeline traces
+                    total, s_last, bases = eval_pipeline((total0, s0, bases0))
+                    # Which accumulator holds the last K block is static: k_iters is.
+                    i_last = 1 if sub == 2 or (k_iters - 1) % 2 else 0
+                    last = (acc_a, acc_b)[i_last][...]
+                    if interpret:
+                        last = last - bases[i_last]
+                    return (total + last * lax.broadcast_in_dim(s_last, (tile_m, n_part), [0]),)
+
+                return pl.run_scoped(
+                    scope, plgpu.ACC((tile_m, n_part), jnp.float32), plgpu.ACC((tile_m, n_part), jnp.float32)
+                )
+
+            def overlap_body(idx, a_smem, b_smem, as_smem, carry):
+                (kk,) = idx
+                total, s_prev, bases = carry
+                accs = ov_refs["accs"]
+                wg = lax.axis_index("wg")
+                if c.wg_dimension == "m":
+                    a_t, b_t = a_smem.at[pl.ds(wg * tile_m, tile_m)], b_smem
+                    as_rows = pl.ds(wg * tile_m, tile_m)
+                else:
+                    a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
+                    as_rows = slice(None)
+                nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
+
+                def scale(j):
+                    # This K block's scale vector (a K block past K has zero operands: clamp).
+                    b_s = bs_gmem[nb, jnp.minimum(kk * sub + j, k_blocks - 1)]
+                    a_s = plgpu.load(as_smem.at[j, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                    return a_s * b_s
+
+                def issue(acc_ref, j):
+                    if sub == 1:
+                        plgpu.wgmma(acc_ref, a_t, b_t.T)
+                    else:
+                        ks = pl.ds(j * BLOCK, BLOCK)
+                        plgpu.wgmma(acc_ref, a_t.at[:, ks], b_t.at[:, ks].T)
+
+                def promote(total, bases, i, s_row):
+                    # Wait until at most one wgmma group (the one just issued) is in flight:
+                    # accumulator i's group, issued before it, is complete.
+                    done = plgpu.wgmma_accumulator_load(accs[i], wait_n=1)
+                    if interpret:
+                        bases = tuple(done if j == i else b for j, b in enumerate(bases))
+                        done = done - bases_in[i]
+                    else:
+                        accs[i][...] = _zero_acc()
+                    return total + done * lax.broadcast_in_dim(s_row, (tile_m, n_part), [0]), bases
+
+                bases_in = bases
+                if sub == 2:
+                    # Accumulator 1 holds the previous step's second K block (zeros at step 0).
+                    issue(accs[0], 0)
+                    s0, s1 = scale(0), scale(1)
+                    total, bases = promote(total, bases, 1, s_prev)
+                    issue(accs[1], 1)
+                    total, bases = promote(total, bases, 0, s0)
+                    s_new = s1
+                else:
+
+                    def branch(cur):
+                        # Issue into accumulator `cur`, promote the other (the previous step's).
+                        def f(total, s_prev, bases):
+                            issue(accs[cur], 0)
+                            s_row = scale(0)
+                            total, bases = promote(total, bases, 1 - cur, s_prev)
+                            return total, s_row, bases
+
+                        return f
+
+                    total, s_new, bases = lax.cond(lax.rem(kk, 2) == 0, branch(0), branch(1), total, s_prev, bases)
+
+                @pl.when(kk == k_iters - 1)
+                def _drain():
+                    plgpu.wgmma_wait(0)
+
+                return total, s_new, bases
+
+            pipeline(overlap_body if overlap else mma_body, compute_context)(
                 a_gmem.at[cta_m_slice, :],
                 b_gmem.at[cta_n_slice, :],
                 ast_gmem.at[:, cta_m_slice],
@@ -683,7 +852,7 @@ def _call(args, *, config, has_bias, out_dtype, interpret):
     if interpret:
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
     f = plgpu.kernel(
-        functools.partial(_kernel, config=config, has_bias=has_bias, m=m, n=n, k=k),
+        functools.partial(_kernel, config=config, has_bias=has_bias, m=m, n=n, k=k, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(grid,),
         grid_names=("sm",),
