@@ -4,6 +4,17 @@ Run on the H100 from the repo root (< 3 minutes):
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_block_check.py [--phases check,accuracy,layer,time,sweep] [--xla-fp8]
 
+The overlapped-promotion variants (``BlockTuningConfig(overlap=True)``: ping-pong wgmma
+accumulators, not yet run on a GPU) alone, correctness first, then timed against the default
+tiles and the per-channel kernel, plus ptxas' register / spill / wgmma-serialization report:
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_block_check.py --phases overlap,ptxas,sweep
+
+(``overlap`` checks only the overlap layouts, 5 cases each; ``check`` runs 2 of them per layout
+after its other checks.
+Every overlap case is guarded by a watchdog: a hang ends the process after ``--case-timeout-s``
+with the JSON of the rows so far written.)
+
 (``--cpu-dry-run`` runs the whole script on the CPU in interpret mode at tiny shapes.)
 
 1. check: :func:`qlin.kernels.mosaic_gpu_block_scaled_mm.block_scaled_mm` (heuristic
@@ -31,8 +42,14 @@ Run on the H100 from the repo root (< 3 minutes):
    * ``xla:fp8`` (with ``--xla-fp8``) - XLA's fp8 GEMM, per-token x per-channel scales (cuBLASLt).
    M = 4096 and 1024 go first (the >= 85 % of per-channel target).  Each row has ``rel_err``
    against an on-device float32 (HIGHEST) reference.
-4. sweep: the first candidate tile configs at M=4096 4096x4096 (and M=16 4096x14336
-   if time is left), each checked for correctness too.
+4. sweep: the first candidate tile configs at M=4096 4096x4096, M=4096 28672x4096 (the
+   overlap variants lead the large-M candidates) and M=16 4096x14336 if time is left, each
+   checked for correctness too, with the per-channel kernel timed on the same shape
+   (``sweep_baseline`` rows; the summary prints each config's ratio to it, target >= 0.85).
+5. ptxas (opt-in): compiles the default and each overlap layout at M=4096 4096x4096 with
+   ``MOSAIC_GPU_DUMP_PTXAS=1`` / ``MOSAIC_GPU_DUMP_TO`` and records ptxas' register count,
+   spills and any "wgmma ... serialized" warning (the overlap only pays if ptxas keeps the
+   wgmma asynchronous).
 
 A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
 
@@ -69,7 +86,12 @@ M_GRID = [4096, 1024, 16, 128]  # the M >= 1024 target first, in case the time b
 CHECK_M = [1, 100, 1000]
 CHECK_SHAPES = [(272, 384), (1040, 2080), (13664, 4096)]
 XLA_FP8 = False  # --xla-fp8: also time XLA's fp8 GEMM (per-token x per-channel scales)
-SWEEP = [(4096, 4096, 4096, 10), (16, 4096, 14336, 6)]  # (M, N, K, number of candidates)
+SWEEP = [(4096, 4096, 4096, 10), (4096, 28672, 4096, 6), (16, 4096, 14336, 6)]  # (M, N, K, candidates)
+CASE_TIMEOUT_S = 120.0  # watchdog per overlap case (compile + run): a hung kernel ends the process
+
+
+def DUMP():  # main() replaces it: writes the JSON of the rows so far
+    return None
 
 
 def elapsed() -> float:
@@ -137,6 +159,64 @@ LAYOUTS = {
         tile_n=16, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="n", epi_tile_n=16
     ),
 }
+# Overlapped promotion (two ping-pong accumulators, wgmma_wait(1), stages released one step late):
+# the large-M candidates of bmm.candidate_configs, plus one warpgroup.
+OVERLAP_LAYOUTS = {
+    "ov_w2m_tn128": bmm.BlockTuningConfig(max_concurrent_steps=5, overlap=True),
+    "ov_w2m_tn128_k256": bmm.BlockTuningConfig(tile_k=256, max_concurrent_steps=3, epi_slots=1, overlap=True),
+    "ov_w2n_tn128": bmm.BlockTuningConfig(wg_dimension="n", max_concurrent_steps=4, overlap=True),
+    "ov_w1n_tn128": bmm.BlockTuningConfig(
+        num_compute_wgs=1, wg_dimension="n", max_concurrent_steps=6, grid_tile_width=1, overlap=True
+    ),
+}
+LAYOUTS.update(OVERLAP_LAYOUTS)
+
+
+def overlap_cases(name, full=True):
+    """Per overlap layout: partial tiles with an odd step count (17 x 128 K), many output tiles per
+    SM (the persistent loop reuses the stages right after a tile's last, late-released step), and
+    with ``full`` (the ``overlap`` phase; ``check`` runs the first two) an even step count with f32
+    out, a single K block (no overlap there), f16 out at the target shape."""
+    if INTERPRET:
+        return [(129, 272, 416, "bfloat16", True, name), (7, 272, 128, "float32", False, name)][: 2 if full else 1]
+    return [
+        (129, 1040, 2080, "bfloat16", True, name),
+        (1000, 13664, 4096, "bfloat16", False, name),
+        (257, 1040, 2048, "float32", True, name),
+        (100, 272, 128, "bfloat16", True, name),
+        (4096, 4096, 4096, "float16", False, name),
+    ][: 5 if full else 2]
+
+
+class Watchdog:
+    """Ends the process (after writing the JSON so far) if one case runs past ``seconds``: a hung
+    kernel (a pipeline barrier never arriving) cannot be interrupted from Python."""
+
+    def __init__(self, what, seconds=None):
+        self.what, self.seconds = what, seconds or CASE_TIMEOUT_S
+
+    def __enter__(self):
+        import threading
+
+        def fire():
+            print(f"WATCHDOG: {self.what} still running after {self.seconds:.0f} s: exiting", flush=True)
+            try:
+                RESULTS.append({"kind": "hang", "case": self.what, "after_s": self.seconds})
+                DUMP()
+            finally:
+                os._exit(3)
+
+        self.timer = threading.Timer(self.seconds, fire)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        return False
+
+
+RESULTS: list[dict] = []
 
 
 def phase_accuracy(results):
@@ -172,21 +252,27 @@ def phase_accuracy(results):
             print(f"accuracy (f32 out, unit scales) {impl} M={m} N={n} K={k}: rel_err={row.get('rel_err')}", flush=True)
 
 
-def phase_check(results):
+def phase_check(results, overlap_only=False):
     cases = []
     seed = int(time.time()) % 100000
-    for m in CHECK_M:
-        for n, k in CHECK_SHAPES:
-            cases.append((m, n, k, "bfloat16", m == 100, None))
-    cases += [
-        (7, 1040, 2048, "bfloat16", True, None),
-        (100, 1040, 2048, "float32", True, None),
-        (7, 272, 384, "float16", True, None),
-    ]
-    for name in LAYOUTS:
-        cases.append(
-            (129, 272, 416, "bfloat16", True, name) if INTERPRET else (129, 1040, 2080, "bfloat16", True, name)
-        )
+    if not overlap_only:
+        for m in CHECK_M:
+            for n, k in CHECK_SHAPES:
+                cases.append((m, n, k, "bfloat16", m == 100, None))
+        cases += [
+            (7, 1040, 2048, "bfloat16", True, None),
+            (100, 1040, 2048, "float32", True, None),
+            (7, 272, 384, "float16", True, None),
+        ]
+        for name in LAYOUTS:
+            if name in OVERLAP_LAYOUTS:
+                continue
+            cases.append(
+                (129, 272, 416, "bfloat16", True, name) if INTERPRET else (129, 1040, 2080, "bfloat16", True, name)
+            )
+    # The overlap variants last: a fault there (sticky on CUDA) cannot lose the checks above.
+    for name in OVERLAP_LAYOUTS:
+        cases += overlap_cases(name, full=overlap_only)
     for i, (m, n, k, od, bias, layout) in enumerate(cases):
         row = {
             "kind": "check",
@@ -198,10 +284,14 @@ def phase_check(results):
             "bias": bias,
             "layout": layout,
         }
+        if layout in OVERLAP_LAYOUTS:
+            print(f"check M={m} N={n} K={k} {od} {layout}: starting", flush=True)
         try:
             rng = np.random.default_rng(seed + i)
             a, b, a_s, b_s, bv = host_operands(rng, m, n, k, bias)
             cfg = LAYOUTS[layout] if layout else None
+            if layout in OVERLAP_LAYOUTS:  # fewer stages where a float32 output tile needs the room
+                cfg = bmm._fit_smem(cfg, jnp.dtype(od))
             fn = jax.jit(
                 lambda a, b, x, y, bias, cfg=cfg, od=od: bmm.block_scaled_mm(
                     a, b, x, y, bias=bias, out_dtype=jnp.dtype(od), config=cfg, interpret=INTERPRET
@@ -209,7 +299,8 @@ def phase_check(results):
             )
             args = (jnp.asarray(a, F8), jnp.asarray(b, F8), jnp.asarray(a_s), jnp.asarray(b_s))
             args += (None if bv is None else jnp.asarray(bv),)
-            out = poisoned_call(fn, args, (m, n), jnp.dtype(od))
+            with Watchdog(f"check M={m} N={n} K={k} {layout}"):
+                out = poisoned_call(fn, args, (m, n), jnp.dtype(od))
             ref = reference64(a, b, a_s, b_s, bv)
             nan = int(np.isnan(out).sum())
             err = float(np.linalg.norm(np.nan_to_num(out) - ref) / np.linalg.norm(ref))
@@ -222,6 +313,7 @@ def phase_check(results):
         except Exception as e:  # noqa: BLE001
             row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
         results.append(row)
+        DUMP()
         print(
             f"check M={m} N={n} K={k} {od} bias={bias} {layout or 'default'}: "
             f"{'OK' if row['ok'] else 'FAIL'} err={row.get('rel_err')} nan={row.get('nan')} {row.get('error', '')}",
@@ -433,6 +525,19 @@ def phase_sweep(results):
         a, a_s, bs = device_operands(m, n, k, copies, seed=1)
         ref = ref_block_f32(a, bs[0][0], a_s, bs[0][1])
         sets = [(a, b, a_s, b_s) for b, b_s in bs]
+        if elapsed() > BUDGET_S:
+            results.append({"kind": "skipped", "phase": "sweep", "M": m, "N": n, "K": k, "why": "time budget"})
+            continue
+        base = {"kind": "sweep_baseline", "impl": "qlin:mosaic_gpu", "dtype": "fp8", "M": m, "N": n, "K": k}
+        try:  # the per-channel kernel on the same fp8 data (per-token x per-channel scales)
+            a_tok = jnp.max(a_s, axis=1, keepdims=True)
+            chan = [(a, b, a_tok, jnp.max(b_s, axis=1).repeat(128)[:n].reshape(1, n)) for b, b_s in bs]
+            us = measure_us(per_channel_fn(), chan, iterations=20)
+            base.update(us=us, tflops=2.0 * m * n * k / (us * 1e-6) / 1e12)
+        except Exception as e:  # noqa: BLE001
+            base.update(us=None, error=f"{type(e).__name__}: {e}"[:1500])
+        results.append(base)
+        print(f"sweep M={m} {n}x{k} per-channel baseline: {_fmt(base.get('us'))} us", flush=True)
         for cfg in bmm.candidate_configs(m, n, k)[:limit]:
             if elapsed() > BUDGET_S:
                 results.append({"kind": "skipped", "phase": "sweep", "M": m, "N": n, "K": k, "config": cfg.short()})
@@ -450,42 +555,108 @@ def phase_sweep(results):
                 fn = jax.jit(
                     lambda a, b, x, y, cfg=cfg: bmm.block_scaled_mm(a, b, x, y, config=cfg, interpret=INTERPRET)
                 )
-                err = rel(fn(*sets[0]), ref)
-                us = measure_us(fn, sets, iterations=20)
-                row.update(us=us, tflops=2.0 * m * n * k / (us * 1e-6) / 1e12, rel_err=err, ok=err <= 1e-2)
+                with Watchdog(f"sweep M={m} {n}x{k} {cfg.short()}"):
+                    err = rel(fn(*sets[0]), ref)
+                    us = measure_us(fn, sets, iterations=20)
+                row.update(
+                    us=us, tflops=2.0 * m * n * k / (us * 1e-6) / 1e12, rel_err=err, ok=err <= 1e-2, overlap=cfg.overlap
+                )
+                if base.get("us"):
+                    row["vs_per_channel"] = base["us"] / us
             except Exception as e:  # noqa: BLE001
                 row.update(us=None, ok=False, error=f"{type(e).__name__}: {e}"[:1500])
             results.append(row)
+            DUMP()
             print(
                 f"sweep M={m} {n}x{k} {cfg.short()}: {_fmt(row.get('us'))} us "
-                f"{_fmt(row.get('tflops'), 0)} TF/s err={row.get('rel_err')} {row.get('error', '')}",
+                f"{_fmt(row.get('tflops'), 0)} TF/s vs per-channel {_fmt(row.get('vs_per_channel'), 2)} "
+                f"err={row.get('rel_err')} {row.get('error', '')}",
                 flush=True,
             )
 
 
+# -- 5. ptxas ------------------------------------------------------------------------------------
+
+
+def phase_ptxas(results, out_dir):
+    """ptxas' view of each overlap layout (and the default) at M=4096 4096x4096: registers,
+    spills, wgmma serialization warnings.  Reads what MOSAIC_GPU_DUMP_PTXAS writes under
+    MOSAIC_GPU_DUMP_TO (a fresh folder per config; if jaxlib reads the variables once per process,
+    only the first folder fills and the rest is on stdout)."""
+    import re
+
+    m, n, k = (4096, 4096, 4096) if not INTERPRET else (128, 256, 256)
+    cfgs = {"default": bmm.default_config(m, n, k), **OVERLAP_LAYOUTS}
+    kb, nb = cdiv(k, 128), cdiv(n, 128)
+    args = (
+        jax.ShapeDtypeStruct((m, k), F8),
+        jax.ShapeDtypeStruct((n, k), F8),
+        jax.ShapeDtypeStruct((m, kb), jnp.float32),
+        jax.ShapeDtypeStruct((nb, kb), jnp.float32),
+    )
+    pat = re.compile(r"(serializ|spill|registers|Potential Performance Loss)", re.IGNORECASE)
+    for name, cfg in cfgs.items():
+        row = {"kind": "ptxas", "layout": name, "config": cfg.short(), "M": m, "N": n, "K": k}
+        d = out_dir / "ptxas" / name
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+            os.environ["MOSAIC_GPU_DUMP_TO"] = str(d)
+            f = jax.jit(lambda a, b, x, y, cfg=cfg: bmm.block_scaled_mm(a, b, x, y, config=cfg, interpret=INTERPRET))
+            with Watchdog(f"ptxas compile {name}"):
+                f.lower(*args).compile()
+            lines = []
+            for p in sorted(d.rglob("*")):
+                if p.is_file():
+                    lines += [
+                        f"{p.name}: {ln.strip()}" for ln in p.read_text(errors="replace").splitlines() if pat.search(ln)
+                    ]
+            row.update(files=len([p for p in d.rglob("*") if p.is_file()]), report=lines[:40])
+            row["serialized"] = any("serializ" in ln.lower() for ln in lines)
+            row["spills"] = [ln for ln in lines if "spill" in ln.lower()][:6]
+        except Exception as e:  # noqa: BLE001
+            row.update(error=f"{type(e).__name__}: {e}"[:1500])
+        finally:
+            os.environ.pop("MOSAIC_GPU_DUMP_PTXAS", None)
+            os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
+        results.append(row)
+        DUMP()
+        print(
+            f"ptxas {name} {cfg.short()}: files={row.get('files')} serialized={row.get('serialized')} "
+            f"{row.get('error', '')}",
+            flush=True,
+        )
+        for ln in row.get("report", [])[:8]:
+            print(f"    {ln}", flush=True)
+
+
 def main():
-    global XLA_FP8, BUDGET_S, SWEEP, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M
+    global XLA_FP8, BUDGET_S, SWEEP, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M, CASE_TIMEOUT_S, DUMP
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="check,accuracy,layer,time,sweep")
     p.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on the CPU (interpret mode)")
     p.add_argument("--xla-fp8", action="store_true", help="also time XLA's fp8 GEMM (per-channel scales)")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="stop starting new cases after this many seconds")
-    p.add_argument("--sweep-limit", type=int, default=None, help="candidate configs per sweep shape (default 10 / 6)")
+    p.add_argument(
+        "--sweep-limit", type=int, default=None, help="candidate configs per sweep shape (default 10 / 6 / 6)"
+    )
+    p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="watchdog per overlap / sweep case")
     args = p.parse_args()
     phases = args.phases.split(",")
     XLA_FP8 = args.xla_fp8
     BUDGET_S = args.budget_s
+    CASE_TIMEOUT_S = args.case_timeout_s
     if args.cpu_dry_run:
         INTERPRET = True
         LLAMA, M_GRID = [(256, 256)], [16, 100]
         CHECK_SHAPES, CHECK_M = [(272, 384)], [7]
-        SWEEP = [(128, 256, 256, 2)]
+        SWEEP = [(640, 256, 384, 3)]
     if args.sweep_limit is not None:
         SWEEP = [(m, n, k, args.sweep_limit) for m, n, k, _ in SWEEP]
     out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
-    results: list[dict] = []
+    results = RESULTS
     summary: list[dict] = []
     meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__, "phases": phases}
     path = out_dir / "gpu_block_check.json"
@@ -493,8 +664,12 @@ def main():
     def dump():
         path.write_text(json.dumps({**meta, "elapsed_s": round(elapsed(), 1), "rows": results}, indent=1))
 
+    DUMP = dump
+
     for name, fn in (
         ("check", lambda: phase_check(results)),
+        ("overlap", lambda: phase_check(results, overlap_only=True)),
+        ("ptxas", lambda: phase_ptxas(results, out_dir)),
         ("accuracy", lambda: phase_accuracy(results)),
         ("layer", lambda: phase_layer(results)),
         ("time", lambda: phase_time(results, summary)),
@@ -510,7 +685,7 @@ def main():
             )
             print(f"phase {name} failed: {e}", flush=True)
         dump()
-    checks = [r for r in results if r.get("kind") in ("check", "layer", "select")]
+    checks = [r for r in results if r.get("kind") in ("check", "layer", "select", "hang")]
     print(f"\n{meta['device']}, jax {meta['jax']}, {elapsed():.0f} s")
     print(f"checks: {sum(bool(r.get('ok')) for r in checks)}/{len(checks)} ok")
     for r in checks:
@@ -539,11 +714,14 @@ def main():
     for r in results:
         if r.get("kind") == "accuracy":
             print(f"accuracy f32 out, unit scales, K={r['K']}: {r['impl']} rel_err={r.get('rel_err', r.get('error'))}")
-    sweep = [r for r in results if r.get("kind") == "sweep" and r.get("us")]
+    sweep = [r for r in results if r.get("kind") in ("sweep", "sweep_baseline") and r.get("us")]
     if sweep:
-        print("\nsweep (best first):")
-        for r in sorted(sweep, key=lambda r: (r["M"], r["us"])):
-            print(f"  M={r['M']} {r['N']}x{r['K']} {r['config']}: {r['us']:.1f} us {r['tflops']:.0f} TF/s")
+        print("\nsweep (best first; o = overlapped promotion; ratio = per-channel us / this us, target >= 0.85):")
+        for r in sorted(sweep, key=lambda r: (r["M"], r["N"], r["us"])):
+            name = r.get("config") or "per-channel qlin:mosaic_gpu"
+            ratio = f" ratio {r['vs_per_channel']:.2f}" if r.get("vs_per_channel") else ""
+            bad = "" if r.get("ok", True) else f" WRONG rel_err={r.get('rel_err')}"
+            print(f"  M={r['M']} {r['N']}x{r['K']} {name}: {r['us']:.1f} us {r['tflops']:.0f} TF/s{ratio}{bad}")
     print(f"\nwrote {path}")
 
 

@@ -303,6 +303,29 @@ def test_overlap_variants_cross_lower_for_cuda():
         _lower(130, 272, 416, jnp.bfloat16, cfg)
 
 
+def test_gpu_check_script_overlap_layouts_are_valid():
+    # benchmarks/gpu_block_check.py checks these on the GPU (overlap phase): each must be a valid
+    # overlap config for every out dtype it is checked with (fewer stages for float32 outputs).
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_block_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_block_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert set(mod.OVERLAP_LAYOUTS) <= set(mod.LAYOUTS) and len(mod.OVERLAP_LAYOUTS) >= 3
+    for name, cfg in mod.OVERLAP_LAYOUTS.items():
+        assert cfg.overlap
+        steps = set()
+        for m, n, k, od, _bias, layout in mod.overlap_cases(name):
+            assert layout == name
+            fitted = bmm._fit_smem(cfg, jnp.dtype(od))
+            bmm._validate_config(fitted, jnp.dtype(od))
+            steps.add(_cdiv(k, cfg.tile_k))
+        # a single step (no overlap), and both parities of the last step's accumulator
+        assert 1 in steps and {s % 2 for s in steps if s > 1} == {0, 1}
+
+
 # -- the MMLinearKernel ---------------------------------------------------------------------------
 
 
