@@ -25,6 +25,12 @@
   CTA tile as the per-channel kernel (large M).  Narrow decode tiles take two
   K blocks per step (``tile_k=256``: two accumulators issued together), which
   halves the serialized per-step latency per weight byte.
+* ``BlockTuningConfig(overlap=True)`` (opt-in; not the heuristic's choice until
+  timed on a GPU): two accumulators used alternately, so block k's ``wgmma``
+  runs on the tensor cores while block k-1 is promoted (``wgmma_wait(1)``; the
+  pipeline releases a stage one step late, ``delay_release=1``, and the last
+  step of a tile drains every ``wgmma`` before the next tile's prologue may
+  refill the stages).  See "overlapped promotion" in ``_kernel``.
 * Everything else is the per-channel kernel's design
   (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
   memory, warp-specialized multi-stage pipeline, persistent grid walking the
@@ -700,13 +706,13 @@ def _kernel(
                     # accumulator i's group, issued before it, is complete.
                     done = plgpu.wgmma_accumulator_load(accs[i], wait_n=1)
                     if interpret:
+                        base = bases[i]
                         bases = tuple(done if j == i else b for j, b in enumerate(bases))
-                        done = done - bases_in[i]
+                        done = done - base
                     else:
                         accs[i][...] = _zero_acc()
                     return total + done * lax.broadcast_in_dim(s_row, (tile_m, n_part), [0]), bases
 
-                bases_in = bases
                 if sub == 2:
                     # Accumulator 1 holds the previous step's second K block (zeros at step 0).
                     issue(accs[0], 0)
