@@ -47,9 +47,9 @@ with the JSON of the rows so far written.)
    checked for correctness too, with the per-channel kernel timed on the same shape
    (``sweep_baseline`` rows; the summary prints each config's ratio to it, target >= 0.85).
 5. ptxas (opt-in): compiles the default and each overlap layout at M=4096 4096x4096 with
-   ``MOSAIC_GPU_DUMP_PTXAS=1`` / ``MOSAIC_GPU_DUMP_TO`` and records ptxas' register count,
-   spills and any "wgmma ... serialized" warning (the overlap only pays if ptxas keeps the
-   wgmma asynchronous).
+   ``MOSAIC_GPU_DUMP_PTXAS=1`` (output captured from the file descriptors, full text in
+   ``$OUT/ptxas_<layout>.txt``) and records ptxas' register count, spills and any
+   "wgmma ... serialized" warning (the overlap only pays if ptxas keeps the wgmma asynchronous).
 
 A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
 
@@ -578,56 +578,76 @@ def phase_sweep(results):
 # -- 5. ptxas ------------------------------------------------------------------------------------
 
 
+def _capture_fds(fn):
+    """Runs ``fn`` with the process's stdout and stderr (file descriptors 1 and 2, where jaxlib's
+    C++ code and the ptxas it spawns write) redirected to a file; returns (fn(), captured text)."""
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as tf:
+        os.dup2(tf.fileno(), 1)
+        os.dup2(tf.fileno(), 2)
+        try:
+            out = fn()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        tf.seek(0)
+        return out, tf.read().decode(errors="replace")
+
+
 def phase_ptxas(results, out_dir):
-    """ptxas' view of each overlap layout (and the default) at M=4096 4096x4096: registers,
-    spills, wgmma serialization warnings.  Reads what MOSAIC_GPU_DUMP_PTXAS writes under
-    MOSAIC_GPU_DUMP_TO (a fresh folder per config; if jaxlib reads the variables once per process,
-    only the first folder fills and the rest is on stdout)."""
+    """ptxas' view of the default tiles and each overlap layout at M=4096 4096x4096: registers,
+    spills, "wgmma ... serialized" warnings (the overlap only pays if ptxas keeps the wgmma
+    asynchronous).  MOSAIC_GPU_DUMP_PTXAS=1 (read by jaxlib at every Mosaic GPU compilation)
+    makes jaxlib print ptxas' verbose output; it is captured from the file descriptors around
+    one compile + run of a fresh kernel per config and the full text written to
+    $OUT/ptxas_<layout>.txt.  (MOSAIC_GPU_DUMP_TO is left unset: it would switch on the MLIR
+    pass dumps instead.)"""
     import re
 
     m, n, k = (4096, 4096, 4096) if not INTERPRET else (128, 256, 256)
     cfgs = {"default": bmm.default_config(m, n, k), **OVERLAP_LAYOUTS}
     kb, nb = cdiv(k, 128), cdiv(n, 128)
     args = (
-        jax.ShapeDtypeStruct((m, k), F8),
-        jax.ShapeDtypeStruct((n, k), F8),
-        jax.ShapeDtypeStruct((m, kb), jnp.float32),
-        jax.ShapeDtypeStruct((nb, kb), jnp.float32),
+        jnp.zeros((m, k), F8),
+        jnp.zeros((n, k), F8),
+        jnp.ones((m, kb), jnp.float32),
+        jnp.ones((nb, kb), jnp.float32),
     )
-    pat = re.compile(r"(serializ|spill|registers|Potential Performance Loss)", re.IGNORECASE)
+    pat = re.compile(r"(serializ|spill|registers|Potential Performance Loss|warning)", re.IGNORECASE)
     for name, cfg in cfgs.items():
         row = {"kind": "ptxas", "layout": name, "config": cfg.short(), "M": m, "N": n, "K": k}
-        d = out_dir / "ptxas" / name
+        os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
-            os.environ["MOSAIC_GPU_DUMP_TO"] = str(d)
+            # A distinct bias-free closure per config: a fresh compilation (no cache hit).
             f = jax.jit(lambda a, b, x, y, cfg=cfg: bmm.block_scaled_mm(a, b, x, y, config=cfg, interpret=INTERPRET))
             with Watchdog(f"ptxas compile {name}"):
-                f.lower(*args).compile()
-            lines = []
-            for p in sorted(d.rglob("*")):
-                if p.is_file():
-                    lines += [
-                        f"{p.name}: {ln.strip()}" for ln in p.read_text(errors="replace").splitlines() if pat.search(ln)
-                    ]
-            row.update(files=len([p for p in d.rglob("*") if p.is_file()]), report=lines[:40])
+                _, text = _capture_fds(lambda f=f: np.asarray(f(*args)[:1, :1]))
+            (out_dir / f"ptxas_{name}.txt").write_text(text)
+            lines = [ln.strip() for ln in text.splitlines() if pat.search(ln)]
+            row.update(captured_chars=len(text), report=lines[:40])
             row["serialized"] = any("serializ" in ln.lower() for ln in lines)
             row["spills"] = [ln for ln in lines if "spill" in ln.lower()][:6]
         except Exception as e:  # noqa: BLE001
             row.update(error=f"{type(e).__name__}: {e}"[:1500])
         finally:
             os.environ.pop("MOSAIC_GPU_DUMP_PTXAS", None)
-            os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
         results.append(row)
         DUMP()
         print(
-            f"ptxas {name} {cfg.short()}: files={row.get('files')} serialized={row.get('serialized')} "
-            f"{row.get('error', '')}",
+            f"ptxas {name} {cfg.short()}: captured {row.get('captured_chars')} chars, "
+            f"serialized={row.get('serialized')} {row.get('error', '')}",
             flush=True,
         )
         for ln in row.get("report", [])[:8]:
-            print(f"    {ln}", flush=True)
+            print(f"    {ln[:200]}", flush=True)
 
 
 def main():
