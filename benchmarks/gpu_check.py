@@ -164,6 +164,8 @@ def run_checks(results, deadline):
         cfg = CHECK_CONFIGS[cname] if cname else None
         jdt = jnp.int8 if dtype == "int8" else jnp.float8_e4m3fn
         odt = jnp.dtype(od)
+        case = dict(kind="check", config=cname or "default", M=m, N=n, K=k, dtype=dtype, a_mode=a_mode,
+                    b_mode=b_mode, bias=bias, azp=azp_mode, out=od)
         errs = []
         try:
             for rep in range(2 if ci < n_tier1 else 1):  # fresh inputs: stale outputs would not match
@@ -192,18 +194,8 @@ def run_checks(results, deadline):
             ok = all(e <= tol and nan == 0 for e, nan in errs)
             used = (cfg or mm.default_config(m, n, k, jdt, odt)).short()
             r = dict(
-                kind="check",
-                config=cname or "default",
+                case,
                 cfg=used,
-                M=m,
-                N=n,
-                K=k,
-                dtype=dtype,
-                a_mode=a_mode,
-                b_mode=b_mode,
-                bias=bias,
-                azp=azp_mode,
-                out=od,
                 rel_err=max(e for e, _ in errs),
                 nan=max(n_ for _, n_ in errs),
                 ok=ok,
@@ -211,21 +203,7 @@ def run_checks(results, deadline):
             )
         except Exception as e:  # noqa: BLE001
             ok = False
-            r = dict(
-                kind="check",
-                config=cname or "default",
-                M=m,
-                N=n,
-                K=k,
-                dtype=dtype,
-                a_mode=a_mode,
-                b_mode=b_mode,
-                bias=bias,
-                azp=azp_mode,
-                out=od,
-                ok=False,
-                error=f"{type(e).__name__}: {str(e)[:400]}",
-            )
+            r = dict(case, ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
             traceback.print_exc(limit=3)
         results.append(r)
         if not ok:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,17 +54,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from qlin.kernels.mosaic_gpu_scaled_mm import (
-    _SMEM_HEADROOM,
     SMEM_LIMIT_BYTES,
+    TileConfigBase,
     _cdiv,
     _mid_m_cost,
     _pick_swizzle,
     _swizzle_transforms,
+    check_smem,
+    fit_smem,
     num_sms,
 )
 
 __all__ = [
     "BLOCK",
+    "SMEM_LIMIT_BYTES",
     "SUPPORTED_OUT_DTYPES",
     "BlockTuningConfig",
     "block_scaled_mm",
@@ -98,7 +100,7 @@ def _acc_registers(c) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockTuningConfig:
+class BlockTuningConfig(TileConfigBase):
     """Tile configuration of one block-scaled kernel instance.
 
     tile_m, tile_n: the output tile of ONE consumer warpgroup.  tile_m is 64;
@@ -135,30 +137,8 @@ class BlockTuningConfig:
     epi_slots: int = 2
     overlap: bool = False
 
-    @property
-    def cta_tile_m(self) -> int:
-        return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
-
-    @property
-    def cta_tile_n(self) -> int:
-        return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
-
     def short(self) -> str:
-        return (
-            f"m{self.tile_m}n{self.tile_n}k{self.tile_k}s{self.max_concurrent_steps}"
-            f"w{self.num_compute_wgs}{self.wg_dimension}"
-            f"g{self.grid_minor_dim}{self.grid_tile_width}"
-            f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
-            f"x{self.epi_slots}" + ("o" if self.overlap else "")
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlockTuningConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return self._short_stem() + ("o" if self.overlap else "")
 
 
 def required_alignment(out_dtype=jnp.bfloat16) -> tuple[int, int]:
@@ -210,45 +190,18 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
             f"{', overlap=True: two ping-pong accumulators' if c.overlap else ''}) needs {regs} f32 registers per "
             f"thread for the promoted total and the wgmma accumulator(s): over {MAX_ACC_REGISTERS}"
         )
-    if c.num_compute_wgs not in (1, 2):
-        raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
-    if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
-        raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
+    c.check_layout(epi_n_divides=min(c.tile_n, BLOCK))
     if c.num_compute_wgs == 2 and c.wg_dimension == "n" and c.tile_n < 32:
         # H100 (jax 0.11.2): 2 x 16-wide warpgroup tiles side by side along N with tile_k=256 failed with
         # CUDA_ERROR_MISALIGNED_ADDRESS (interpret mode and CUDA lowering both accepted it).
         raise ValueError(
             f"config.tile_n={c.tile_n} with two warpgroups along N must be >= 32 (16-wide halves faulted on an H100)"
         )
-    if c.grid_tile_width < 1:
-        raise ValueError(f"config.grid_tile_width={c.grid_tile_width} must be >= 1")
-    if c.epi_slots not in (1, 2):
-        raise ValueError(f"config.epi_slots={c.epi_slots} must be 1 or 2")
-    if c.max_concurrent_steps < 2:
-        raise ValueError("config.max_concurrent_steps must be >= 2")
-    epi_m = c.epi_tile_m or c.tile_m
-    epi_n = c.epi_tile_n or c.tile_n
-    if c.tile_m % epi_m or epi_m % 64:
-        raise ValueError(f"config.epi_tile_m={epi_m} must divide tile_m and be a multiple of 64")
-    if min(c.tile_n, BLOCK) % epi_n or epi_n % 8:
-        raise ValueError(f"config.epi_tile_n={epi_n} must divide min(tile_n, 128) and be a multiple of 8")
-    need = smem_bytes(c, out_dtype, has_bias)
-    if need > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
-        raise ValueError(
-            f"config {c.short()} needs {need} bytes of shared memory, over the "
-            f"{SMEM_LIMIT_BYTES - _SMEM_HEADROOM} available"
-        )
+    check_smem(c, smem_bytes(c, out_dtype, has_bias))
 
 
 def _fit_smem(cfg: BlockTuningConfig, out_dtype) -> BlockTuningConfig:
-    limit = SMEM_LIMIT_BYTES - _SMEM_HEADROOM
-    while smem_bytes(cfg, out_dtype) > limit and cfg.max_concurrent_steps > 3:
-        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
-    if smem_bytes(cfg, out_dtype) > limit and cfg.epi_slots > 1:
-        cfg = dataclasses.replace(cfg, epi_slots=1)
-    while smem_bytes(cfg, out_dtype) > limit and cfg.max_concurrent_steps > 2:
-        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
-    return cfg
+    return fit_smem(cfg, lambda c: smem_bytes(c, out_dtype))
 
 
 # ----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,14 +44,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = [
-    "TuningConfig",
-    "scaled_mm",
-    "required_alignment",
-    "default_config",
-    "candidate_configs",
-    "smem_bytes",
     "SUPPORTED_IN_DTYPES",
     "SUPPORTED_OUT_DTYPES",
+    "TileConfigBase",
+    "TuningConfig",
+    "candidate_configs",
+    "check_smem",
+    "default_config",
+    "fit_smem",
+    "required_alignment",
+    "scaled_mm",
+    "smem_bytes",
 ]
 
 SUPPORTED_IN_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))
@@ -69,8 +73,83 @@ _SMEM_HEADROOM = 2560
 H100_NUM_SMS = 132
 
 
+class TileConfigBase:
+    """What every Mosaic GPU GEMM tuning config here shares (the per-channel and the
+    block-scaled kernel): the CTA tile, the short name stem, (de)serialization for the
+    tuning cache, and the pipeline / epilogue / grid checks (:meth:`check_layout`)."""
+
+    @property
+    def cta_tile_m(self) -> int:
+        return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
+
+    @property
+    def cta_tile_n(self) -> int:
+        return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
+
+    def _short_stem(self) -> str:
+        return (
+            f"m{self.tile_m}n{self.tile_n}k{self.tile_k}s{self.max_concurrent_steps}"
+            f"w{self.num_compute_wgs}{self.wg_dimension}"
+            f"g{self.grid_minor_dim}{self.grid_tile_width}"
+            f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
+            f"x{self.epi_slots}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check_layout(self, epi_n_divides: int) -> None:
+        """Warpgroups, grid order, pipeline depth and epilogue tiles; ``epi_tile_n`` must
+        divide ``epi_n_divides`` (the warpgroup tile's width, or a part of it)."""
+        c = self
+        if c.num_compute_wgs not in (1, 2):
+            raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
+        if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
+            raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
+        if c.grid_tile_width < 1:
+            raise ValueError(f"config.grid_tile_width={c.grid_tile_width} must be >= 1")
+        if c.epi_slots not in (1, 2):
+            raise ValueError(f"config.epi_slots={c.epi_slots} must be 1 or 2")
+        if c.max_concurrent_steps < 2:
+            raise ValueError("config.max_concurrent_steps must be >= 2")
+        epi_m = c.epi_tile_m or c.tile_m
+        epi_n = c.epi_tile_n or c.tile_n
+        if c.tile_m % epi_m or epi_m % 64:
+            raise ValueError(f"config.epi_tile_m={epi_m} must divide tile_m and be a multiple of 64")
+        if epi_n_divides % epi_n or epi_n % 8:
+            what = "tile_n" if epi_n_divides == c.tile_n else f"min(tile_n, {epi_n_divides})"
+            raise ValueError(f"config.epi_tile_n={epi_n} must divide {what} and be a multiple of 8")
+
+
+def check_smem(config: TileConfigBase, need: int) -> None:
+    """Raises when ``need`` bytes of shared memory do not fit one CTA (with the compiler's headroom)."""
+    if need > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
+        raise ValueError(
+            f"config {config.short()} needs {need} bytes of shared memory, over the "
+            f"{SMEM_LIMIT_BYTES - _SMEM_HEADROOM} available"
+        )
+
+
+def fit_smem(cfg, need: Callable[[Any], int]):
+    """Drops pipeline stages (to 3), then epilogue slots, then stages (to 2) until
+    ``need(cfg)`` bytes of shared memory fit."""
+    limit = SMEM_LIMIT_BYTES - _SMEM_HEADROOM
+    while need(cfg) > limit and cfg.max_concurrent_steps > 3:
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+    if need(cfg) > limit and cfg.epi_slots > 1:
+        cfg = dataclasses.replace(cfg, epi_slots=1)
+    while need(cfg) > limit and cfg.max_concurrent_steps > 2:
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True)
-class TuningConfig:
+class TuningConfig(TileConfigBase):
     """Tile configuration of one kernel instance.
 
     tile_m, tile_n: the output tile of ONE consumer warpgroup (the wgmma
@@ -104,31 +183,8 @@ class TuningConfig:
     epi_slots: int = 2
     split_k: int = 1
 
-    @property
-    def cta_tile_m(self) -> int:
-        return self.tile_m * (self.num_compute_wgs if self.wg_dimension == "m" else 1)
-
-    @property
-    def cta_tile_n(self) -> int:
-        return self.tile_n * (self.num_compute_wgs if self.wg_dimension == "n" else 1)
-
     def short(self) -> str:
-        return (
-            f"m{self.tile_m}n{self.tile_n}k{self.tile_k}s{self.max_concurrent_steps}"
-            f"w{self.num_compute_wgs}{self.wg_dimension}"
-            f"g{self.grid_minor_dim}{self.grid_tile_width}"
-            f"e{self.epi_tile_m or self.tile_m}x{self.epi_tile_n or self.tile_n}"
-            f"x{self.epi_slots}"
-            + (f"sk{self.split_k}" if self.split_k > 1 else "")
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TuningConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return self._short_stem() + (f"sk{self.split_k}" if self.split_k > 1 else "")
 
 
 def required_alignment(dtype, out_dtype=jnp.bfloat16) -> tuple[int, int]:
@@ -170,28 +226,10 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(f"config.tile_k={c.tile_k} must be a multiple of 32")
     if c.tile_k > 128 and c.tile_k % 128:
         raise ValueError(f"config.tile_k={c.tile_k} > 128 must be a multiple of 128")
-    if c.num_compute_wgs not in (1, 2):
-        raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
-    if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
-        raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
-    if c.epi_slots not in (1, 2):
-        raise ValueError(f"config.epi_slots={c.epi_slots} must be 1 or 2")
-    if c.max_concurrent_steps < 2:
-        raise ValueError("config.max_concurrent_steps must be >= 2")
+    c.check_layout(epi_n_divides=c.tile_n)
     if not isinstance(c.split_k, int) or c.split_k < 1:
         raise ValueError(f"config.split_k={c.split_k} must be an int >= 1")
-    epi_m = c.epi_tile_m or c.tile_m
-    epi_n = c.epi_tile_n or c.tile_n
-    if c.tile_m % epi_m or epi_m % 64:
-        raise ValueError(f"config.epi_tile_m={epi_m} must divide tile_m and be a multiple of 64")
-    if c.tile_n % epi_n or epi_n % 8:
-        raise ValueError(f"config.epi_tile_n={epi_n} must divide tile_n and be a multiple of 8")
-    need = smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs)
-    if need > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
-        raise ValueError(
-            f"config {c.short()} needs {need} bytes of shared memory, over the "
-            f"{SMEM_LIMIT_BYTES - _SMEM_HEADROOM} available"
-        )
+    check_smem(c, smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs))
 
 
 def num_sms() -> int:
@@ -278,15 +316,7 @@ def _small_m_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tunin
 
 
 def _fit_smem(cfg: TuningConfig, dtype, out_dtype) -> TuningConfig:
-    """Drops pipeline stages (then epilogue slots) until the config fits in SMEM."""
-    limit = SMEM_LIMIT_BYTES - _SMEM_HEADROOM
-    while smem_bytes(cfg, dtype, out_dtype) > limit and cfg.max_concurrent_steps > 3:
-        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
-    if smem_bytes(cfg, dtype, out_dtype) > limit and cfg.epi_slots > 1:
-        cfg = dataclasses.replace(cfg, epi_slots=1)
-    while smem_bytes(cfg, dtype, out_dtype) > limit and cfg.max_concurrent_steps > 2:
-        cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
-    return cfg
+    return fit_smem(cfg, lambda c: smem_bytes(c, dtype, out_dtype))
 
 
 # Rough H100 rates for the mid-M tile choice (measured: one SM streams ~70 GB/s
