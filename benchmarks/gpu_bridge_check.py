@@ -39,6 +39,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 T_START = time.perf_counter()
 #: stop starting new overhead rows after this many seconds (the GPU call is time-limited); the JSON is
@@ -110,8 +111,14 @@ class _NoSync:
         return self.t.__dlpack__(stream=-1)
 
 
-def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000) -> dict:
-    out = {}
+STREAM_PARTS = ("t2j", "control", "j2t", "layer")
+SECTIONS = ("zero_copy", *STREAM_PARTS, "breakdown", "overhead", "probe")
+
+
+def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000, parts=STREAM_PARTS) -> dict:
+    """``parts`` picks sub-checks (torch->JAX, its no-sync control, JAX->torch, the layer), so a fault
+    can be pinned to one of them by running each in its own process."""
+    out = {"parts": list(parts)}
     s = torch.cuda.Stream()
     n = 1 << 22
     jax.block_until_ready(jnp.all(jnp.zeros(n) == 1.0))  # compile the check before the timing-sensitive part
@@ -121,8 +128,8 @@ def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000) -> dict:
         ev0.record(); torch.cuda._sleep(spin_cycles); ev1.record()
     ev1.synchronize()
     out["gpu_spin_ms"] = round(ev0.elapsed_time(ev1), 2)
-    for i in range(trials):
-        for hot in (False, True):
+    for i in range(trials if "t2j" in parts or "control" in parts else 0):
+        for hot in ((False, True) if "t2j" in parts else ()):
             x = torch.zeros(n, device="cuda")
             torch.cuda.synchronize()
             with torch.cuda.stream(s):
@@ -134,6 +141,8 @@ def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000) -> dict:
                 (host_t2j_hot if hot else host_t2j).append((time.perf_counter() - t0) * 1e3)
                 r = jnp.all(a == float(i + 1))
                 (ok_t2j_hot if hot else ok_t2j).append(bool(r))
+        if "control" not in parts:
+            continue
         x2 = torch.zeros(n, device="cuda")
         torch.cuda.synchronize()
         with torch.cuda.stream(s):
@@ -158,12 +167,13 @@ def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000) -> dict:
         acc = jax.lax.fori_loop(0, 200, body, m)
         return jnp.maximum(acc, seed)  # tanh < = 1 <= seed: all `seed`, but only after the whole chain
 
-    slow_ones(jnp.float32(1)).block_until_ready()
+    if "j2t" in parts:
+        slow_ones(jnp.float32(1)).block_until_ready()
     seeds = [jnp.float32(i + 1) for i in range(trials)]  # on the device before the timed part
     jax.block_until_ready(seeds)
     ok_j2t, ok_j2t_hot, dispatch, host_j2t, host_j2t_hot, consumer = [], [], [], [], [], []
     like = torch.empty(0, device="cuda")
-    for i in range(trials):
+    for i in range(trials if "j2t" in parts else 0):
         for hot in (False, True):
             with torch.cuda.stream(s):
                 t0 = time.perf_counter()
@@ -188,10 +198,11 @@ def stream_ordering(trials: int = 5, spin_cycles: int = 200_000_000) -> dict:
     out["host_ms_jax_to_torch_hot"] = [round(v, 3) for v in host_j2t_hot]
     out["host_ms_jax_producer_dispatch"] = [round(v, 3) for v in dispatch]
     out["host_ms_torch_consumer_enqueue"] = [round(v, 3) for v in consumer]
-    t0 = time.perf_counter()
-    slow_ones(jnp.float32(1)).block_until_ready()
-    out["jax_producer_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
-    out["layer"] = _layer_on_busy_stream(s, spin_cycles, trials)
+    if "j2t" in parts:
+        t0 = time.perf_counter()
+        slow_ones(jnp.float32(1)).block_until_ready()
+        out["jax_producer_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+    out["layer"] = _layer_on_busy_stream(s, spin_cycles, trials) if "layer" in parts else {"correct": True, "trials": [], "host_ms_layer_call": []}
     out["ok"] = (all(ok_t2j) and all(ok_j2t) and all(ok_t2j_hot) and all(ok_j2t_hot)
                  and out["layer"]["correct"])
     return out
@@ -538,7 +549,8 @@ def bench_rows(shapes, reps: int = 50, device: str = "cuda") -> list[dict]:
 def _write(result: dict, device: str) -> str:
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gpu_bridge_check.json" if device == "cuda" else "cpu_bridge_check.json")
+    tag = result.get("sections_tag", "")
+    path = os.path.join(out_dir, f"{'gpu' if device == 'cuda' else 'cpu'}_bridge_check{tag}.json")
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2, default=str)
     return path
@@ -549,8 +561,8 @@ def summarize(result: dict) -> dict:
     measured = [r for r in rows if "skipped" not in r and "error" not in r]
     key = lambda r: f"{r['config'][:4].strip('-')} {r['M']}x{r['N']}x{r['K']}"  # noqa: E731
     return {
-        "zero_copy_all_dtypes": result["zero_copy"]["all_zero_copy"],
-        "fp8_native_dlpack": result["zero_copy"]["fp8_native_dlpack"],
+        "zero_copy_all_dtypes": result.get("zero_copy", {}).get("all_zero_copy"),
+        "fp8_native_dlpack": result.get("zero_copy", {}).get("fp8_native_dlpack"),
         "stream_ordering_ok": result.get("stream_ordering", {}).get("ok"),
         "worst_throughput_overhead": max((r["overhead"] for r in measured), default=None),
         "overhead_target_met": {key(r): r["overhead"] <= 0.05 for r in measured},
@@ -589,7 +601,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--kernel", default=None, help="force a qlin kernel by name (default: qlin's choice)")
     ap.add_argument("--ms", default=None, help="comma-separated M values (default 1,16,256,1024,4096)")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}); run one per process "
+                         "to pin a CUDA fault (they are sticky) to a section")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        ap.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; choose from {SECTIONS}")
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible to torch; use --cpu for a dry run", file=sys.stderr)
@@ -607,25 +625,31 @@ def main() -> int:
         # which PJRT client runs the GPU (its buffers decide what jaxlib's DLPack export waits for)
         "jax_client": {a: str(getattr(jax.devices()[0].client, a, None)) for a in ("runtime_type", "platform")},
         "bridge_fast_paths": dict(bridge_dlpack._FAST),
+        "sections_tag": "" if only == set(SECTIONS) else "_" + "_".join(sorted(only)),
         "timing": f"wall = {args.reps} back-to-back calls then one sync, median of {TRIALS} interleaved trials; "
                   "host = time to enqueue them; event = CUDA events on torch's stream around the same loops",
     }
-    result["zero_copy"] = zero_copy(device)
+    if "zero_copy" in only:
+        result["zero_copy"] = zero_copy(device)
     result["bridge_routes"] = {str(k): None if v is None else {"jax_device": str(v.jax_device), "jax_stream": v.jax_stream}
                                for k, v in bridge_dlpack._ROUTES.items()}
     _write(result, device)
-    if device == "cuda":
+    parts = [p for p in STREAM_PARTS if p in only]
+    if device == "cuda" and parts:
         try:
-            result["stream_ordering"] = stream_ordering()
+            result["stream_ordering"] = stream_ordering(parts=parts)
         except Exception as e:  # noqa: BLE001 - recorded; the overhead rows still run
+            traceback.print_exc()
             result["stream_ordering"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         _write(result, device)
-    try:
-        result["host_breakdown_us"] = breakdown(device) if device == "cuda" else breakdown(device, m=16, n=512, k=256)
-    except Exception as e:  # noqa: BLE001 - diagnostics only
-        result["host_breakdown_us"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    _write(result, device)
-    print(f"host us per call (fp8 {result['host_breakdown_us'].get('shape')}): {result['host_breakdown_us']}", flush=True)
+    if "breakdown" in only:
+        try:
+            result["host_breakdown_us"] = breakdown(device) if device == "cuda" else breakdown(device, m=16, n=512, k=256)
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            result["host_breakdown_us"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        _write(result, device)
+        print(f"host us per call (fp8 {result['host_breakdown_us'].get('shape')}): {result['host_breakdown_us']}",
+              flush=True)
     so = result.get("stream_ordering")
     if so and "error" not in so:
         print(f"stream ordering ok: {so['ok']}  (torch->jax {so['torch_to_jax_correct']} hot {so['torch_to_jax_hot_correct']}, "
@@ -633,26 +657,29 @@ def main() -> int:
               f"no-sync control stale: {so['torch_to_jax_control_saw_stale_data']})")
         print(f"  host ms to hand over: torch->jax {so['host_ms_torch_to_jax']} hot {so['host_ms_torch_to_jax_hot']} "
               f"(torch spin {so['gpu_spin_ms']} ms); jax->torch {so['host_ms_jax_to_torch']} hot "
-              f"{so['host_ms_jax_to_torch_hot']} (jax producer {so['jax_producer_ms']} ms, its dispatch "
+              f"{so['host_ms_jax_to_torch_hot']} (jax producer {so.get('jax_producer_ms')} ms, its dispatch "
               f"{so['host_ms_jax_producer_dispatch']}); layer call {so['layer']['host_ms_layer_call']}", flush=True)
     elif so:
         print(f"stream ordering FAILED to run: {so['error']}")
     result["overhead"] = []
-    for shape in shapes:  # one shape at a time, so the JSON on disk always has every finished row
+    for shape in shapes if "overhead" in only else ():  # one shape at a time, so the JSON on disk always has every finished row
         result["overhead"] += overhead(device, [shape], args.reps, kernel=args.kernel)
         result["summary"] = summarize(result)
         _write(result, device)
     print(f"device: {result['device']}  torch {torch.__version__}  jax {jax.__version__}")
-    print(f"zero copy (all dtypes): {result['zero_copy']['all_zero_copy']}  fp8 native: "
-          f"{result['zero_copy']['fp8_native_dlpack']}  unaligned view: {result['zero_copy']['unaligned_view']}")
-    for r in result["zero_copy"]["rows"]:
-        if "error" in r:
-            print(f"  {r['dtype']}: {r['error']}")
+    if "zero_copy" in result:
+        zc = result["zero_copy"]
+        print(f"zero copy (all dtypes): {zc['all_zero_copy']}  fp8 native: {zc['fp8_native_dlpack']}  "
+              f"unaligned view: {zc['unaligned_view']}")
+        for r in zc["rows"]:
+            if "error" in r:
+                print(f"  {r['dtype']}: {r['error']}")
     print("us per call; host steps = bridge host us per call: check / import / jit / export (of which waiting "
           "for the launch)")
     print_rows(result["overhead"])
+    result["summary"] = summarize(result)
     print(f"wrote {_write(result, device)}  ({result['summary']['elapsed_s']} s)")
-    if device == "cuda":
+    if device == "cuda" and "probe" in only:
         result["import_on_torch_stream"] = probe_import_on_torch_stream()
         print(f"jaxlib import with torch's stream as definition stream: {result['import_on_torch_stream']}")
         _write(result, device)
