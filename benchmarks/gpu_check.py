@@ -66,6 +66,8 @@ def make_case(m, n, k, dtype, a_mode, b_mode, bias, azp_mode, seed):
     if b_mode == "tensor":
         b_s = b_s[:1, :1].copy()
     bias_v = rng.standard_normal(n).astype(np.float32) if bias else None
+    if isinstance(bias, str):  # a 16-bit bias: the reference sees the rounded values
+        bias_v = np.asarray(jnp.asarray(bias_v, bias).astype(jnp.float32))
     azp = adj = None
     if azp_mode != "none":
         azp = rng.integers(-100, 100, (m, 1) if azp_mode == "token" else (1, 1)).astype(np.int32)
@@ -97,6 +99,17 @@ CHECK_CONFIGS = {
     "splitK3_mid": mm.TuningConfig(
         tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="m",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64, epi_slots=1, split_k=3,
+    ),
+    # Two warpgroups, column vectors narrower than TMA's 128-byte shared-memory grid (a 16-bit bias
+    # at tile_n=32, every f32 vector at tile_n=16): the rows are padded (an nn.Linear's bf16 bias at
+    # M=256 faulted with CUDA_ERROR_MISALIGNED_ADDRESS before).
+    "mid_m64x32_wgM": mm.TuningConfig(
+        tile_m=64, tile_n=32, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32,
+    ),
+    "mid_m64x16_wgN": mm.TuningConfig(
+        tile_m=64, tile_n=16, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="n",
+        epi_tile_m=64, epi_tile_n=16,
     ),
     "big_m128x128_wgN": mm.TuningConfig(
         tile_m=128,
@@ -138,6 +151,10 @@ def run_checks(results, deadline):
         for m in (7, 129) if cname else (1, 129, 1000):
             for dtype, azp in (("fp8", "none"), ("int8", "token")):
                 cases.append((cname, m, 1040, 2080, dtype, "token", "channel", True, azp, "bfloat16"))
+    # A bf16 / f16 bias (what an nn.Linear hands over), the layer shape that faulted first.
+    for cname in ("mid_m64x32_wgM", "mid_m64x16_wgN", None):
+        for bias_dt in ("bfloat16", "float16"):
+            cases.append((cname, 256, 1024, 1024, "fp8", "token", "channel", bias_dt, "none", "bfloat16"))
     n_tier1 = len(cases)
     matrix = []
     for dtype, azp in (("fp8", "none"), ("int8", "none"), ("int8", "token"), ("int8", "tensor")):
@@ -182,7 +199,7 @@ def run_checks(results, deadline):
                     jnp.asarray(b, jdt),
                     jnp.asarray(a_s),
                     jnp.asarray(b_s),
-                    None if bias_v is None else jnp.asarray(bias_v),
+                    None if bias_v is None else jnp.asarray(bias_v, bias if isinstance(bias, str) else None),
                     None if azp is None else jnp.asarray(azp),
                     None if adj is None else jnp.asarray(adj),
                 )

@@ -159,6 +159,23 @@ def test_interpret_matches_float64_reference(case):
     assert rel_err(out, _reference(*ops)) < kernel_rtol(od)
 
 
+@pytest.mark.parametrize("bias_dtype", [jnp.float32, jnp.bfloat16])
+def test_two_narrow_warpgroups_along_n_with_bias(bias_dtype):
+    """2 x 16-wide warpgroup tiles along N: each warpgroup's bias row is TMA'd into its own 128-byte
+    aligned slot (a 64-byte row put the second one off TMA's grid: CUDA_ERROR_MISALIGNED_ADDRESS on an
+    H100). Interpret mode cannot see alignment; this checks the padded rows are read back right."""
+    cfg = dataclasses.replace(ONE_WG, tile_n=16, epi_tile_n=16, num_compute_wgs=2, wg_dimension="n")
+    rng = np.random.default_rng(16)
+    a, b, a_s, b_s, bias = _operands(rng, 70, 80, 256, bias=True)
+    bias = np.asarray(jnp.asarray(bias, bias_dtype).astype(jnp.float32))
+    out = bmm.block_scaled_mm(
+        jnp.asarray(a, F8), jnp.asarray(b, F8), jnp.asarray(a_s), jnp.asarray(b_s),
+        bias=jnp.asarray(bias, bias_dtype), out_dtype=jnp.bfloat16, config=cfg, interpret=True,
+    )
+    ref = _reference(a, b, a_s, b_s, bias)
+    assert rel_err(np.asarray(out.astype(jnp.float32)), ref) < kernel_rtol(jnp.bfloat16)
+
+
 def test_each_k_block_gets_its_own_scales():
     # f32 output, exact small integers: every K block contributes with its own activation and
     # weight scale (powers of two, so the sum is exact in float32 up to rounding of the total).
@@ -276,14 +293,17 @@ def test_overlap_config_validation():
     assert bmm.BlockTuningConfig.from_dict(OV_K256.to_dict()) == OV_K256
 
 
-def test_overlap_variants_lead_the_large_m_candidates_but_never_the_default():
+def test_overlap_variants_close_the_large_m_candidates_and_are_never_the_default():
+    # measured slower on an H100 (0.17-0.34 of the per-channel kernel): swept last
     for n, k in LLAMA:
         for m in (1, 16, 64, 128, 256, 512, 1024, 4096, 8192):
             assert not bmm.default_config(m, n, k).overlap
         for m in (1024, 4096):
             cands = bmm.candidate_configs(m, n, k)
             flags = [c.overlap for c in cands]
-            assert not flags[0] and all(flags[1:5]) and not any(flags[6:])
+            assert not any(flags[:-5]) and all(flags[-5:])
+            default = cands[0]
+            assert (default.tile_n, default.num_compute_wgs, default.wg_dimension) == (128, 2, "m")
             assert {(c.tile_k, c.wg_dimension) for c in cands if c.overlap} == {(128, "m"), (256, "m"), (128, "n")}
 
 
@@ -455,7 +475,6 @@ def test_bad_bias_and_out_dtype():
         ({"tile_k": 256, "tile_n": 256, "epi_tile_n": 64}, r"needs 256 f32 registers per thread"),
         ({"tile_n": 256, "epi_tile_n": 256}, r"epi_tile_n=256 must divide min\(tile_n, 128\)"),
         ({"num_compute_wgs": 3}, r"num_compute_wgs=3"),
-        ({"tile_n": 16, "epi_tile_n": 16, "num_compute_wgs": 2, "wg_dimension": "n"}, r"tile_n=16 with two warpgroups"),
         ({"max_concurrent_steps": 1}, r"max_concurrent_steps must be >= 2"),
         ({"tile_n": 128, "epi_tile_n": 48}, r"epi_tile_n=48"),
         ({"tile_n": 128, "num_compute_wgs": 2, "max_concurrent_steps": 7}, r"needs \d+ bytes of shared memory"),

@@ -21,12 +21,14 @@
 * The promoted total and the wgmma accumulator are both f32 registers.  A
   64 x 256 warpgroup tile spans two weight-scale blocks: its two 128-wide
   halves go through one temporary accumulator one after the other (64 + 128
-  registers per thread), so two warpgroups along M give the same 128 x 256
-  CTA tile as the per-channel kernel (large M).  Narrow decode tiles take two
+  registers per thread), so two warpgroups along M can give the per-channel
+  kernel's 128 x 256 CTA tile; at large M the heuristic takes 128 x 128
+  (one block per warpgroup), measured faster on an H100.  Narrow decode tiles take two
   K blocks per step (``tile_k=256``: two accumulators issued together), which
   halves the serialized per-step latency per weight byte.
-* ``BlockTuningConfig(overlap=True)`` (opt-in; not the heuristic's choice until
-  timed on a GPU): two accumulators used alternately, so block k's ``wgmma``
+* ``BlockTuningConfig(overlap=True)`` (opt-in; measured 0.17-0.34 of the per-channel
+  kernel on an H100, where ptxas still serializes the wgmmas and spills: kept as a
+  correct, tested tuning option, last among the candidates): two accumulators used alternately, so block k's ``wgmma``
   runs on the tensor cores while block k-1 is promoted (``wgmma_wait(1)``; the
   pipeline releases a stage one step late, ``delay_release=1``, and the last
   step of a tile drains every ``wgmma`` before the next tile's prologue may
@@ -63,6 +65,7 @@ from qlin.kernels.mosaic_gpu_scaled_mm import (
     check_smem,
     fit_smem,
     num_sms,
+    tma_row_len,
 )
 
 __all__ = [
@@ -115,7 +118,7 @@ class BlockTuningConfig(TileConfigBase):
     num_compute_wgs: consumer warpgroups (1 or 2), stacked along ``wg_dimension``.
     grid_minor_dim / grid_tile_width: planar-snake traversal of the output tiles.
     epi_tile_m / epi_tile_n: shared-memory tile of the epilogue store (None = whole tile).
-    overlap: overlapped promotion (opt-in, not yet measured on a GPU): two wgmma
+    overlap: overlapped promotion (opt-in; slower on an H100, see the module docstring): two wgmma
       accumulators used alternately, so K block k's wgmma runs on the tensor cores
       while block k-1's result is promoted on the CUDA cores (``wgmma_wait(1)``, the
       pipeline stages released one step late).  Needs tile_n <= 128 (total + two
@@ -162,7 +165,7 @@ def smem_bytes(config: BlockTuningConfig, out_dtype=jnp.bfloat16, has_bias: bool
     epi_n = c.epi_tile_n or c.tile_n
     n_slots = min(c.epi_slots, (c.tile_m * c.tile_n) // (epi_m * epi_n))
     out = c.num_compute_wgs * n_slots * epi_m * epi_n * out_size
-    vecs = c.num_compute_wgs * 4 * c.tile_n if has_bias else 0
+    vecs = c.num_compute_wgs * 4 * tma_row_len(c.tile_n, jnp.float32) if has_bias else 0
     return c.max_concurrent_steps * stage + out + vecs + 256
 
 
@@ -191,12 +194,6 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
             f"thread for the promoted total and the wgmma accumulator(s): over {MAX_ACC_REGISTERS}"
         )
     c.check_layout(epi_n_divides=min(c.tile_n, BLOCK))
-    if c.num_compute_wgs == 2 and c.wg_dimension == "n" and c.tile_n < 32:
-        # H100 (jax 0.11.2): 2 x 16-wide warpgroup tiles side by side along N with tile_k=256 failed with
-        # CUDA_ERROR_MISALIGNED_ADDRESS (interpret mode and CUDA lowering both accepted it).
-        raise ValueError(
-            f"config.tile_n={c.tile_n} with two warpgroups along N must be >= 32 (16-wide halves faulted on an H100)"
-        )
     check_smem(c, smem_bytes(c, out_dtype, has_bias))
 
 
@@ -262,7 +259,7 @@ def _two_wg_tile(
 
 
 def _large_m_tile(tile_n: int = 2 * BLOCK, steps: int = 4, grid_minor: str = "m", width: int = 8):
-    """M > 512: two 64-row warpgroups along M, each 64 x 256 (two weight-scale blocks)."""
+    """Two 64-row warpgroups along M, each 64 x 256 (two weight-scale blocks): a large-M candidate."""
     return _two_wg_tile("m", tile_n, steps=steps, grid_minor=grid_minor, width=width)
 
 
@@ -286,9 +283,10 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTunin
     * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the N
       tile (32..256) that the per-channel kernel's traffic model
       (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest.
-    * M > 512: 128 x 256 CTA tiles (two 64 x 256 warpgroups along M, each two
-      weight-scale blocks through one temporary accumulator), 4 stages, one
-      epilogue slot, grouped M-minor planar snake of width 8.
+    * M > 512: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M, one weight-scale
+      block each), 5 stages, two epilogue slots, grouped M-minor planar snake of width 8:
+      on an H100 0.75-0.77 of the per-channel kernel at M=4096, vs 0.61 for 128 x 256 tiles
+      (fewer registers: no second block through a temporary accumulator).
     """
     sms = num_sms()
     if m <= 64:
@@ -307,7 +305,7 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTunin
                 best = (cost, tn)
         tn = best[1]
         return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
-    return _fit_smem(_large_m_tile(), out_dtype)
+    return _fit_smem(_two_wg_tile("m", BLOCK, steps=5), out_dtype)
 
 
 def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int | None = None):
@@ -335,14 +333,11 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
         cands.append(_two_wg_tile("n", 128, steps=5))
     else:
         # Most informative first (the GPU check sweeps a prefix of this list).  The overlapped
-        # promotion variants (config.overlap, not yet timed on a GPU) lead.
+        # promotion variants (config.overlap) come last: on an H100 they ran at 0.17-0.34 of the
+        # per-channel kernel (ptxas still serializes the wgmmas and spills), the plain 2 x 64 x 128
+        # default at 0.75-0.77 (benchmarks/results/h100_block_check.md).
         cands += [
-            _overlap(_two_wg_tile("m", 128, steps=5)),
-            _overlap(_two_wg_tile("m", 128, steps=3, epi_slots=1), tile_k=2 * BLOCK),
-            _overlap(_two_wg_tile("n", 128, steps=4)),
-            _overlap(_two_wg_tile("m", 128, steps=4, width=16)),
-            _overlap(_two_wg_tile("m", 128, steps=5, grid_minor="n")),
-            _two_wg_tile("m", 128, steps=5),
+            _large_m_tile(),
             _large_m_tile(steps=3, width=8),
             _large_m_tile(grid_minor="n"),
             _large_m_tile(width=16),
@@ -364,6 +359,13 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
             ("m", 4, "m", 16),
         ):
             cands.append(_two_wg_tile(wgd, 128, steps=st, grid_minor=gmd, width=gw))
+        cands += [
+            _overlap(_two_wg_tile("m", 128, steps=5)),
+            _overlap(_two_wg_tile("m", 128, steps=3, epi_slots=1), tile_k=2 * BLOCK),
+            _overlap(_two_wg_tile("n", 128, steps=4)),
+            _overlap(_two_wg_tile("m", 128, steps=4, width=16)),
+            _overlap(_two_wg_tile("m", 128, steps=5, grid_minor="n")),
+        ]
     out, seen = [], set()
     for c in cands:
         c = _fit_smem(c, out_dtype)
@@ -456,13 +458,15 @@ def _kernel(
         )
 
     ignore = lambda *_, **__: None
+    bias_dt = bias_gmem.dtype if has_bias else jnp.float32
 
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, ast_gmem),
         out_smem=plgpu.SMEM((nwg, n_slots, epi_m, epi_n), out_dtype, transforms=out_transforms),
         bias_bars=plgpu.Barrier(num_barriers=nwg),
-        bias_smem=plgpu.SMEM((nwg, tile_n), bias_gmem.dtype if has_bias else jnp.float32),
+        # one row per warpgroup, each on TMA's 128-byte grid (see tma_row_len)
+        bias_smem=plgpu.SMEM((nwg, tma_row_len(tile_n, bias_dt)), bias_dt),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem, bias_bars, bias_smem):
@@ -487,7 +491,9 @@ def _kernel(
                     wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
 
                 if has_bias:
-                    plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(col0, tile_n)], bias_smem.at[wg], bias_bars.at[wg])
+                    plgpu.copy_gmem_to_smem(
+                        bias_gmem.at[pl.ds(col0, tile_n)], bias_smem.at[wg, pl.ds(0, tile_n)], bias_bars.at[wg]
+                    )
 
                 # The promoted f32 total: one register tile per 128-wide weight-scale block
                 # of the warpgroup's N tile (a 256-wide tile is two blocks, multiplied one

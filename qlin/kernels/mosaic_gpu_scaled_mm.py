@@ -71,6 +71,9 @@ SMEM_LIMIT_BYTES = 227 * 1024
 # split-K config 1.9 KB over this estimate was rejected by the Mosaic GPU compiler.
 _SMEM_HEADROOM = 2560
 H100_NUM_SMS = 132
+#: TMA (cp.async.bulk.tensor) writes shared memory only at 128-byte aligned addresses; interpret
+#: mode and the CUDA lowering do not check it, the hardware faults (CUDA_ERROR_MISALIGNED_ADDRESS).
+TMA_SMEM_ALIGN = 128
 
 
 class TileConfigBase:
@@ -202,6 +205,18 @@ def required_alignment(dtype, out_dtype=jnp.bfloat16) -> tuple[int, int]:
     return max(8, 32 // out_size), 32 // in_size
 
 
+def tma_row_len(length: int, dtype) -> int:
+    """Elements to allocate for one warpgroup's row of a TMA-loaded epilogue vector.
+
+    The rows of an ``(nwg, len)`` shared-memory buffer sit ``len * itemsize`` bytes apart, so ``len``
+    is rounded up to a multiple of :data:`TMA_SMEM_ALIGN` bytes: e.g. a 32-wide bf16 bias row (64
+    bytes) would put the second warpgroup's TMA destination off the 128-byte grid (seen faulting on
+    an H100 with 2 warpgroups and ``tile_n=32``). Copies and loads use the first ``length`` elements.
+    """
+    per = TMA_SMEM_ALIGN // jnp.dtype(dtype).itemsize
+    return _cdiv(length, per) * per
+
+
 def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_col_vecs: int = 3) -> int:
     """Shared memory one CTA of ``config`` needs (pipeline + epilogue)."""
     in_size = jnp.dtype(dtype).itemsize
@@ -211,8 +226,9 @@ def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_co
     epi_n = config.epi_tile_n or config.tile_n
     n_slots = min(config.epi_slots, (config.tile_m * config.tile_n) // (epi_m * epi_n))
     out = config.num_compute_wgs * n_slots * epi_m * epi_n * out_size
-    # Epilogue vectors (4-byte): a_scale, azp per row; b_scale, bias, azp_adj per column.
-    vecs = config.num_compute_wgs * 4 * (n_row_vecs * config.tile_m + n_col_vecs * config.tile_n)
+    # Epilogue vectors (at most 4-byte): a_scale, azp per row; b_scale, bias, azp_adj per column.
+    row, col = tma_row_len(config.tile_m, jnp.float32), tma_row_len(config.tile_n, jnp.float32)
+    vecs = config.num_compute_wgs * 4 * (n_row_vecs * row + n_col_vecs * col)
     return config.max_concurrent_steps * stage + out + vecs + 256
 
 
@@ -587,7 +603,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         )
 
     ignore = lambda *_, **__: None
-    vec_smem = {name: plgpu.SMEM((nwg, tile_m if along == "m" else tile_n), vdt) for name, _, along, vdt in vecs}
+    vec_len = {name: tile_m if along == "m" else tile_n for name, _, along, _ in vecs}
+    # One row per warpgroup, each starting on TMA's 128-byte grid.
+    vec_smem = {name: plgpu.SMEM((nwg, tma_row_len(vec_len[name], vdt)), vdt) for name, _, _, vdt in vecs}
 
     @functools.partial(
         pl.run_scoped,
@@ -629,7 +647,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                 # Fetch this tile's epilogue vectors while the main loop runs.
                 for j, (name, ref, along, _) in enumerate(vecs):
                     sl = pl.ds(row0, tile_m) if along == "m" else pl.ds(col0, tile_n)
-                    plgpu.copy_gmem_to_smem(ref.at[sl], vec_smem[name].at[wg], vec_bars.at[wg * len(vecs) + j])
+                    dst = vec_smem[name].at[wg, pl.ds(0, vec_len[name])]
+                    plgpu.copy_gmem_to_smem(ref.at[sl], dst, vec_bars.at[wg * len(vecs) + j])
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
                 def _acc_scope(acc_ref):
@@ -639,10 +658,10 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                         plgpu.barrier_wait(vec_bars.at[wg * len(vecs) + j])
 
                     def row_vec(name):
-                        return plgpu.load(vec_smem[name].at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                        return plgpu.load(vec_smem[name].at[wg, pl.ds(0, tile_m)], layout=plgpu.Layout.WGMMA.reduce(1))
 
                     def col_vec(name):
-                        return plgpu.load(vec_smem[name].at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+                        return plgpu.load(vec_smem[name].at[wg, pl.ds(0, tile_n)], layout=plgpu.Layout.WGMMA.reduce(0))
 
                     def bcast_row(v):
                         return lax.broadcast_in_dim(v, (tile_m, tile_n), [0])
