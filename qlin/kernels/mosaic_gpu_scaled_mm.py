@@ -391,10 +391,11 @@ def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         cost = _mid_m_cost(m, n, k, 128, tn, sms)
         if best is None or cost < best[0] * 0.97:  # prefer wider tiles on near-ties
             best = (cost, tn)
-    if best[1] == 256 and m > 256:
-        # Wide N at M = 257..512: the 2x64 x 256 mid tile (3 stages) ran 37 us per wave of tiles at
-        # 512 x 28672 x 4096 on the H100 (150 us, 0.78x XLA), where the large-M 128 x 256 tile (4 stages)
-        # runs 25.5 us per wave at the same N and K; at K = 8192 the two were within 5 %.
+    if best[1] == 256 and m > 128:
+        # Wide N at M = 129..512: the 2x64 x 256 mid tile (3 stages) ran 37 us per wave of tiles at
+        # 512 x 28672 x 4096 on the H100 (150 us, 0.78x XLA; 88 us, 0.82x at M = 256), where the
+        # large-M 128 x 256 tile (4 stages) runs 25.5 us per wave at the same N and K (M = 512 with it:
+        # 1.23x XLA); at K = 8192 the two were within 5 %.
         return _fit_smem(_large_m_tile(), dtype, out_dtype)
     cfg = _mid_m_tile(best[1])
     tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
@@ -413,7 +414,7 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     * 64 < M <= 512: 2 x 64 rows (two consumer warpgroups along M) by an N tile
       picked with a small traffic model (memory bound: the A tile is re-read
       from L2 by every N tile, the weight streamed once); split-K 2 when K is
-      long and the tiles fill less than half the SMs; above M = 256, where the
+      long and the tiles fill less than half the SMs; above M = 128, where the
       model wants 256-wide tiles, the large-M tile instead.
     * M > 512: 2 x (128 x 128) tiles (warpgroups along N), 4 stages, grouped
       planar-snake order: compute bound, ~1380 TF/s fp8 on H100 at 4096^3.
