@@ -325,3 +325,51 @@ def test_grid_end_to_end_failures_are_rows_and_outputs_are_written(tmp_path):
     args.deadline_s, args.tag = -1.0, "late"
     rows, meta = bench.run(args, timer=fake_timer([]), log=lambda s: None)
     assert rows == [] and len(meta["skipped"]) == 2
+
+
+def _load_merge_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "merge_gemm.py"
+    spec = importlib.util.spec_from_file_location("merge_gemm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_merge_gemm_later_runs_win_skips_never_replace_and_targets(tmp_path):
+    merge_gemm = _load_merge_script()
+    dev = "gpu:H100"
+    run1 = [
+        bench.make_row("qlin:mosaic_gpu", "fp8", 256, 4096, 4096, 20.0, 1e-3, dev),
+        bench.make_row("xla", "fp8", 256, 4096, 4096, 16.0, 1e-3, dev),
+        bench.make_row("qlin:mosaic_gpu", "fp8", 4096, 4096, 4096, 100.0, 1e-3, dev),
+        bench.make_row("xla", "fp8", 4096, 4096, 4096, 130.0, 1e-3, dev),
+        bench.make_row("qlin:mosaic_gpu", "fp8", 1, 4096, 4096, 10.0, 1e-3, dev),
+        bench.make_row("xla", "fp8", 1, 4096, 4096, 11.0, 1e-3, dev),
+    ]
+    run2 = [  # the M=256 case re-measured after a heuristic change; a skipped M=4096 row
+        bench.make_row("qlin:mosaic_gpu", "fp8", 256, 4096, 4096, 12.0, 1e-3, dev),
+        bench.make_row("xla", "fp8", 256, 4096, 4096, 16.0, 1e-3, dev),
+        dict(impl="qlin:mosaic_gpu", dtype="fp8", M=4096, N=4096, K=4096, skipped="deadline"),
+    ]
+    for name, rows in (("a.json", run1), ("b.json", run2)):
+        (tmp_path / name).write_text(json.dumps({"meta": {"copy_gbs": 3000.0}, "rows": rows}))
+    assert merge_gemm.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path),
+                            "--tag", "m"]) == 0
+    out = json.loads((tmp_path / "m.json").read_text())
+    by = {(r["impl"], r["M"]): r for r in out["rows"]}
+    assert by[("qlin:mosaic_gpu", 256)]["us"] == 12.0 and by[("qlin:mosaic_gpu", 256)]["source"] == "b.json"
+    assert by[("qlin:mosaic_gpu", 4096)]["us"] == 100.0  # the skip did not replace the measurement
+    assert by[("qlin:mosaic_gpu", 256)]["ratio_vs_xla"] == pytest.approx(16.0 / 12.0)
+    t = out["meta"]["targets"]["fp8"]
+    assert t["cases"] == 3 and t["at_least_xla"] == "3/3" and t["losses"] == []
+    assert t["min_tflops_m_ge_4096"] == pytest.approx(2 * 4096**3 / 100e-6 / 1e12)
+    floor_us = 4096 * 4096 / 3000e9 * 1e6
+    assert t["decode_x_floor"] == [round(10.0 / floor_us, 2)]
+    assert (tmp_path / "m.md").read_text().count("| 4096 | 4096 |") == 3
+    (tmp_path / "c.json").write_text(json.dumps({"meta": {}, "rows": [
+        bench.make_row("xla", "fp8", 1, 4096, 4096, 11.0, 1e-3, "gpu:H200")]}))
+    with pytest.raises(SystemExit, match="several devices"):
+        merge_gemm.main([str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path)])

@@ -335,7 +335,7 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
         # Most informative first (the GPU check sweeps a prefix of this list).  The overlapped
         # promotion variants (config.overlap) come last: on an H100 they ran at 0.17-0.34 of the
         # per-channel kernel (ptxas still serializes the wgmmas and spills), the plain 2 x 64 x 128
-        # default at 0.75-0.77 (benchmarks/results/h100_block_check.md).
+        # default at 0.75-0.77 (benchmarks/results/h100_block_sweep.json).
         cands += [
             _large_m_tile(),
             _large_m_tile(steps=3, width=8),
