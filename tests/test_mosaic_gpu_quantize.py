@@ -9,6 +9,8 @@ GPU runtime).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,6 +193,18 @@ def test_can_fuse_reasons():
     ok, why = mq.can_fuse((4, 4096), jnp.bfloat16,
                           Int8ScaledMMConfig(activation="dynamic_per_group", group_size=128, symmetric=False))
     assert not ok and "bit-identical" in why
+
+
+def test_tma_store_scale_slots_sit_on_the_128_byte_grid():
+    """store="tma", per-group: the scale (and zero-point) slots are TMA sources; 8 f32 scales (32 bytes,
+    K = 1024 with groups of 128) per slot would put the second slot off TMA's 128-byte shared-memory grid
+    (the per-channel GEMM's epilogue vectors faulted exactly so on an H100), so slots are padded."""
+    p = mq.plan(7, 1024, jnp.bfloat16, granularity="per_group", group_size=128, store="tma")
+    direct = dataclasses.replace(p, store="direct")
+    assert p.chunks * 4 < 128
+    extra = p.smem_bytes(2, True, False) - direct.smem_bytes(2, True, False)
+    assert extra == 2 * p.k_padded + 2 * 128  # q slots + two 128-byte scale slots
+    assert p.smem_bytes(2, True, True) - p.smem_bytes(2, True, False) == 2 * 128
 
 
 # -- the real kernel, cross-lowered for CUDA on the CPU ------------------------------------------

@@ -69,6 +69,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 
 from qlin.errors import InputError
+from qlin.kernels.mosaic_gpu_scaled_mm import tma_row_len
 from qlin.quantize import INT8_QMAX, INT8_QMIN, SCALE_EPS, fp8_dtype, fp8_max
 
 __all__ = [
@@ -130,7 +131,7 @@ class QuantizePlan:
         if self.store == "direct":
             return x + 1024
         q = 2 * self.k_padded
-        s = 2 * self.chunks * 4 * (2 if asym else 1) if per_group else 0
+        s = 2 * tma_row_len(self.chunks, jnp.float32) * 4 * (2 if asym else 1) if per_group else 0
         return x + q + s + 1024
 
 
@@ -348,9 +349,10 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
     if tma_store:
         scratch.append(plgpu.SMEM((q_slots, nc, w), q_dtype))
         if per_group:
-            scratch.append(plgpu.SMEM((q_slots, nc), jnp.float32))
+            # Slots padded to TMA's 128-byte grid (nc f32 scales are 64 bytes at K = 2048, group 128).
+            scratch.append(plgpu.SMEM((q_slots, tma_row_len(nc, jnp.float32)), jnp.float32))
             if asym:
-                scratch.append(plgpu.SMEM((q_slots, nc), jnp.int32))
+                scratch.append(plgpu.SMEM((q_slots, tma_row_len(nc, jnp.int32)), jnp.int32))
     scratch.append(plgpu.Barrier(num_barriers=stages))
     copies_per_row = 1 + (1 + asym if per_group else 0)
 
@@ -394,8 +396,8 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
             xs = x_smem.at[slot]
             # Destinations: shared-memory tiles stored by TMA, or this row of global memory directly.
             qd = q_smem.at[qs] if tma_store else q_gmem.at[row]
-            sd = (s_smem.at[qs] if tma_store else s_gmem.at[row]) if per_group else None
-            zd = (zp_smem.at[qs] if tma_store else zp_gmem.at[row]) if (per_group and asym) else None
+            sd = (s_smem.at[qs, pl.ds(0, nc)] if tma_store else s_gmem.at[row]) if per_group else None
+            zd = (zp_smem.at[qs, pl.ds(0, nc)] if tma_store else zp_gmem.at[row]) if (per_group and asym) else None
 
             def load(c):
                 return plgpu.load(xs.at[pl.ds(c * sub, sub)], layout=layout).astype(jnp.float32)
@@ -446,9 +448,9 @@ def _build(p: QuantizePlan, in_dtype, *, kind, per_group, has_ub, symmetric, fp8
             if tma_store:
                 plgpu.copy_smem_to_gmem(qd, q_gmem.at[row])
                 if per_group:
-                    plgpu.copy_smem_to_gmem(s_smem.at[qs], s_gmem.at[row])
+                    plgpu.copy_smem_to_gmem(sd, s_gmem.at[row])
                     if asym:
-                        plgpu.copy_smem_to_gmem(zp_smem.at[qs], zp_gmem.at[row])
+                        plgpu.copy_smem_to_gmem(zd, zp_gmem.at[row])
                 # The other q slot (used by the next row) must be read out by TMA.
                 plgpu.wait_smem_to_gmem(copies_per_row, wait_read_only=True)
             return carry
