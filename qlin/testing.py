@@ -6,6 +6,10 @@ NumPy from the 8-bit operands, independently of every jnp kernel.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 
 from qlin.config import ScaledMMConfig
@@ -46,3 +50,16 @@ def reference_linear_np(x, params: Params, config: ScaledMMConfig, bias=None) ->
     if bias is not None:
         y = y + np.asarray(bias, np.float64)
     return y.reshape(*lead, params.n)
+
+
+#: The repository root (benchmarks/, examples/ and notebooks/ hold scripts the tests import).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str, name: str | None = None) -> ModuleType:
+    """Import a script that is not part of a package (e.g. ``"benchmarks/gpu_check.py"``) by its path."""
+    path = REPO_ROOT / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -173,13 +173,9 @@ def test_sharding_bad_input():
 
 def test_bench_tp_mlp_tiny_runs_and_checks():
     """benchmarks/bench_tp_mlp.py (what issue 4 runs on GPUs) works end to end at tiny sizes."""
-    import importlib.util
-    from pathlib import Path
+    from qlin.testing import load_script
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_tp_mlp.py"
-    spec = importlib.util.spec_from_file_location("bench_tp_mlp", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_tp_mlp.py")
     result = bench.main(bench._args(["--tiny", "--tokens", "16", "--iters", "1", "--config", "int8"]))
     assert result["all_ok"] and result["devices"] == 8
     impls = {(r["impl"], r["devices"]) for r in result["results"]}

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from qlin import bench, viz
+from qlin.testing import load_script
 from qlin.tolerances import kernel_rtol, quant_rtol
 
 FAKE_MS = [0.010, 0.030, 0.020]  # median 0.020 ms = 20 us per iteration
@@ -327,19 +328,8 @@ def test_grid_end_to_end_failures_are_rows_and_outputs_are_written(tmp_path):
     assert rows == [] and len(meta["skipped"]) == 2
 
 
-def _load_merge_script():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "merge_gemm.py"
-    spec = importlib.util.spec_from_file_location("merge_gemm", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_merge_gemm_later_runs_win_skips_never_replace_and_targets(tmp_path):
-    merge_gemm = _load_merge_script()
+    merge_gemm = load_script("benchmarks/merge_gemm.py")
     dev = "gpu:H100"
     run1 = [
         bench.make_row("qlin:mosaic_gpu", "fp8", 256, 4096, 4096, 20.0, 1e-3, dev),

@@ -1,21 +1,15 @@
 """examples/flax_transformer.py runs end to end (tiny sizes) and reports sane numbers."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 
 import qlin
+from qlin.testing import load_script
 from qlin.tolerances import quant_rtol
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flax_transformer.py"
-
-
 def test_flax_transformer_example_small(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("flax_transformer_example", EXAMPLE)
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
+    ex = load_script("examples/flax_transformer.py", "flax_transformer_example")
     monkeypatch.setenv("OUT", str(tmp_path))
     layers = 1
     result = ex.main(["--small", "--layers", str(layers), "--iters", "1"])

@@ -28,7 +28,7 @@ from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
 from qlin.kernels.mosaic_gpu_block import MosaicGPUBlockFP8Kernel
 from qlin.kernels.reference import ReferenceKernel
 from qlin.quantize import quantize_weight
-from qlin.testing import reference_linear_np
+from qlin.testing import load_script, reference_linear_np
 from qlin.tolerances import kernel_rtol, rel_err
 
 F8 = jnp.float8_e4m3fn
@@ -326,13 +326,7 @@ def test_overlap_variants_cross_lower_for_cuda():
 def test_gpu_check_script_overlap_layouts_are_valid():
     # benchmarks/gpu_block_check.py checks these on the GPU (overlap phase): each must be a valid
     # overlap config for every out dtype it is checked with (fewer stages for float32 outputs).
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_block_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_block_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/gpu_block_check.py")
     assert set(mod.OVERLAP_LAYOUTS) <= set(mod.LAYOUTS) and len(mod.OVERLAP_LAYOUTS) >= 3
     for name, cfg in mod.OVERLAP_LAYOUTS.items():
         assert cfg.overlap

@@ -8,7 +8,6 @@ never picks up another Python's ``python3`` kernel. Each notebook has a wall-clo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from qlin.testing import load_script
 
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("jupytext")
@@ -28,10 +29,7 @@ KERNEL_NAME = "qlin-notebook-test"
 
 
 def _sync_module():
-    spec = importlib.util.spec_from_file_location("qlin_notebook_sync", NB_DIR / "sync.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("notebooks/sync.py", "qlin_notebook_sync")
 
 
 def test_every_notebook_is_paired():

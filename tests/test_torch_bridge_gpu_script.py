@@ -1,23 +1,17 @@
 """The GPU check script's checks, run on the CPU so the script the GPU run relies on cannot rot."""
 
-import importlib.util
 import json
-import pathlib
 import sys
 
 import pytest
 
+from qlin.testing import load_script
+
 torch = pytest.importorskip("torch")
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bridge_check.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("gpu_bridge_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu_bridge_check.py")
 
 
 def test_zero_copy_check_on_cpu(script):
