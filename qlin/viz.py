@@ -333,6 +333,8 @@ def load_benchmark_results(path: str | os.PathLike | None = None, *, include_fai
     list; the scalar fields of the object and of its ``"meta"`` object (e.g.
     ``"device"``, ``"copy_gbs"``) fill in keys its rows lack. Each row must have
     :data:`REQUIRED_KEYS`; a malformed file raises ``ValueError`` naming it.
+    A merged grid (``meta.sources``, written by ``benchmarks/merge_gemm.py``) stands in for the
+    files it lists: their rows are dropped when both are in the folder.
     Rows of cases that did not run (``us`` None) are left out unless
     ``include_failed``; each row gets ``failed`` and ``source`` (the file name).
     Returns ``[]`` when there are no results.
@@ -344,6 +346,7 @@ def load_benchmark_results(path: str | os.PathLike | None = None, *, include_fai
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("*.json")) if path.is_dir() else []
     rows: list[dict] = []
+    superseded: set[str] = set()
     for f in files:
         try:
             data = json.loads(f.read_text())
@@ -352,7 +355,19 @@ def load_benchmark_results(path: str | os.PathLike | None = None, *, include_fai
         if path.is_dir() and not _is_benchmark_file(data):
             continue  # other GPU results in the folder (bridge / quantize checks, qlin info)
         rows.extend(_rows_of(data, f.name))
+        superseded |= _merged_sources(data)
+    # A merged grid (benchmarks/merge_gemm.py) replaces the runs it was merged from.
+    rows = [r for r in rows if r["source"] not in superseded]
     return rows if include_failed else [r for r in rows if not r["failed"]]
+
+
+def _merged_sources(data: Any) -> set[str]:
+    """File names a merged benchmark file (``meta.sources``) was built from."""
+    meta = data.get("meta") if isinstance(data, Mapping) else None
+    sources = meta.get("sources") if isinstance(meta, Mapping) else None
+    if not isinstance(sources, list):
+        return set()
+    return {s["file"] for s in sources if isinstance(s, Mapping) and isinstance(s.get("file"), str)}
 
 
 def shapes_of(rows: Iterable[Mapping]) -> list[tuple[int, int]]:

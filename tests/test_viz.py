@@ -219,6 +219,17 @@ def test_load_benchmark_results_bench_format_with_meta_and_failed_cases(tmp_path
     assert both[1]["us"] is None and both[1]["device"] == "NVIDIA H100 80GB HBM3"  # its own key wins
 
 
+def test_load_benchmark_results_merged_grid_replaces_its_sources(tmp_path):
+    (tmp_path / "run1.json").write_text(json.dumps({"meta": {}, "rows": [_row(us=20.0), _row(m=64)]}))
+    (tmp_path / "run2.json").write_text(json.dumps({"meta": {}, "rows": [_row(us=12.0)]}))
+    merged = {"meta": {"sources": [{"file": "run1.json", "rows": 2}, {"file": "run2.json", "rows": 1}]},
+              "rows": [_row(us=12.0), _row(m=64)]}
+    (tmp_path / "merged.json").write_text(json.dumps(merged))
+    rows = viz.load_benchmark_results(tmp_path)
+    assert [r["source"] for r in rows] == ["merged.json", "merged.json"] and rows[0]["us"] == 12.0
+    assert len(viz.load_benchmark_results(tmp_path / "run1.json")) == 2  # a single file loads as is
+
+
 def test_load_benchmark_results_errors(tmp_path):
     assert viz.load_benchmark_results(tmp_path) == []
     bad = _row()
