@@ -62,6 +62,7 @@ from qlin.kernels.mosaic_gpu_scaled_mm import (
     _mid_m_cost,
     _pick_swizzle,
     _swizzle_transforms,
+    check_gemm_operands,
     check_smem,
     fit_smem,
     num_sms,
@@ -716,36 +717,11 @@ def _kernel(
 
 
 def _validate(a, b, a_scale, b_scale, bias, out_dtype):
-    if a.ndim != 2:
-        raise ValueError(f"a must be 2-D (M, K); got shape {a.shape}")
-    if b.ndim != 2:
-        raise ValueError(f"b must be 2-D (N, K), K-major; got shape {b.shape}")
     if jnp.dtype(a.dtype) != IN_DTYPE:
         raise ValueError(f"a has dtype {a.dtype}; expected float8_e4m3fn")
     if jnp.dtype(b.dtype) != IN_DTYPE:
         raise ValueError(f"b has dtype {b.dtype}; expected float8_e4m3fn")
-    m, k = a.shape
-    n, k2 = b.shape
-    if k2 != k:
-        raise ValueError(
-            f"b has shape {b.shape}: expected (N, K) with K={k} matching a {a.shape} "
-            "(b must be the K-major (N, K) weight, not (K, N))"
-        )
-    if m < 1 or n < 1 or k < 1:
-        raise ValueError(f"empty operands: a {a.shape}, b {b.shape}")
-    if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
-        raise ValueError(f"out_dtype {out_dtype} must be bfloat16, float16 or float32")
-    n_mult, k_mult = required_alignment(out_dtype)
-    if k % k_mult:
-        raise ValueError(
-            f"K={k} (a.shape[1], b.shape[1]) must be a multiple of {k_mult} (TMA tiling by the 32-byte "
-            "wgmma swizzle); pad K once in process_weights_after_loading"
-        )
-    if n % n_mult:
-        raise ValueError(
-            f"N={n} (b.shape[0]) must be a multiple of {n_mult} for out_dtype {jnp.dtype(out_dtype).name} "
-            "(TMA tiling of b rows and of the 32-byte output swizzle); pad N once in process_weights_after_loading"
-        )
+    m, n, k = check_gemm_operands(a, b, out_dtype, *required_alignment(out_dtype))
     kb, nb = _cdiv(k, BLOCK), _cdiv(n, BLOCK)
     for name, x, shape in (("a_scale", a_scale, (m, kb)), ("b_scale", b_scale, (nb, kb))):
         if tuple(x.shape) != shape:

@@ -49,6 +49,7 @@ __all__ = [
     "TileConfigBase",
     "TuningConfig",
     "candidate_configs",
+    "check_gemm_operands",
     "check_smem",
     "default_config",
     "fit_smem",
@@ -739,15 +740,16 @@ def _check_vec(name, x, shapes, dtypes):
         raise ValueError(f"{name} has dtype {x.dtype}; expected one of {[str(jnp.dtype(d)) for d in dtypes]}")
 
 
-def _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype):
+def check_gemm_operands(a, b, out_dtype, n_mult: int, k_mult: int) -> tuple[int, int, int]:
+    """Shape, out-dtype and TMA-alignment checks shared by the Mosaic GPU GEMMs; returns ``(m, n, k)``.
+
+    ``a`` is (M, K), ``b`` the K-major (N, K) weight; N and K must be multiples of ``n_mult`` /
+    ``k_mult`` (:func:`required_alignment`). Operand dtypes are each kernel's own business.
+    """
     if a.ndim != 2:
         raise ValueError(f"a must be 2-D (M, K); got shape {a.shape}")
     if b.ndim != 2:
         raise ValueError(f"b must be 2-D (N, K), K-major; got shape {b.shape}")
-    if jnp.dtype(a.dtype) not in SUPPORTED_IN_DTYPES:
-        raise ValueError(f"a has dtype {a.dtype}; expected float8_e4m3fn or int8")
-    if jnp.dtype(b.dtype) != jnp.dtype(a.dtype):
-        raise ValueError(f"b has dtype {b.dtype}; expected the dtype of a ({a.dtype})")
     m, k = a.shape
     n, k2 = b.shape
     if k2 != k:
@@ -759,7 +761,6 @@ def _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype):
         raise ValueError(f"empty operands: a {a.shape}, b {b.shape}")
     if jnp.dtype(out_dtype) not in SUPPORTED_OUT_DTYPES:
         raise ValueError(f"out_dtype {out_dtype} must be bfloat16, float16 or float32")
-    n_mult, k_mult = required_alignment(a.dtype, out_dtype)
     if k % k_mult:
         raise ValueError(
             f"K={k} (a.shape[1], b.shape[1]) must be a multiple of {k_mult} for "
@@ -772,6 +773,15 @@ def _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype):
             f"{jnp.dtype(out_dtype).name} (TMA tiling of b rows and of the 32-byte output swizzle); "
             "pad N once in process_weights_after_loading"
         )
+    return m, n, k
+
+
+def _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype):
+    if jnp.dtype(a.dtype) not in SUPPORTED_IN_DTYPES:
+        raise ValueError(f"a has dtype {a.dtype}; expected float8_e4m3fn or int8")
+    if jnp.dtype(b.dtype) != jnp.dtype(a.dtype):
+        raise ValueError(f"b has dtype {b.dtype}; expected the dtype of a ({a.dtype})")
+    m, n, _ = check_gemm_operands(a, b, out_dtype, *required_alignment(a.dtype, out_dtype))
     _check_vec("a_scale", a_scale, [(m, 1), (1, 1)], [jnp.float32])
     _check_vec("b_scale", b_scale, [(1, n), (1, 1)], [jnp.float32])
     if bias is not None:
