@@ -483,6 +483,13 @@ def _kernel(
             def wg_col0(wg):
                 return n_idx * cta_n + (wg * tile_n if c.wg_dimension == "n" else 0)
 
+            def wg_operands(wg, a_smem, b_smem):
+                """This warpgroup's A tile, B tile and rows of the step's activation scales."""
+                if c.wg_dimension == "m":
+                    rows = pl.ds(wg * tile_m, tile_m)
+                    return a_smem.at[rows], b_smem, rows
+                return a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)], slice(None)
+
             def compute_context(eval_pipeline):
                 wg = lax.axis_index("wg")
                 col0 = wg_col0(wg)
@@ -539,12 +546,7 @@ def _kernel(
             def mma_body(idx, a_smem, b_smem, as_smem, totals):
                 (kk,) = idx
                 wg = lax.axis_index("wg")
-                if c.wg_dimension == "m":
-                    a_t, b_t = a_smem.at[pl.ds(wg * tile_m, tile_m)], b_smem
-                    as_rows = pl.ds(wg * tile_m, tile_m)
-                else:
-                    a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
-                    as_rows = slice(None)
+                a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 col0 = wg_col0(wg)
                 a_scales = []
                 new_totals = []
@@ -640,12 +642,7 @@ def _kernel(
                 total, s_prev, bases = carry
                 accs = ov_refs["accs"]
                 wg = lax.axis_index("wg")
-                if c.wg_dimension == "m":
-                    a_t, b_t = a_smem.at[pl.ds(wg * tile_m, tile_m)], b_smem
-                    as_rows = pl.ds(wg * tile_m, tile_m)
-                else:
-                    a_t, b_t = a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)]
-                    as_rows = slice(None)
+                a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
 
                 def scale(j):
