@@ -57,6 +57,7 @@ import qlin  # noqa: E402
 from qlin_torch_bridge import QuantLinear, apply_weights, to_jax, to_torch  # noqa: E402
 from qlin_torch_bridge import dlpack as bridge_dlpack  # noqa: E402
 from qlin_torch_bridge import lifecycle  # noqa: E402
+from qlin_torch_bridge.bench import time_calls  # noqa: E402
 from qlin_torch_bridge.dlpack import to_jax_hot, to_torch_hot  # noqa: E402
 
 DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.int32, torch.bfloat16, torch.float16, torch.float32]
@@ -238,18 +239,6 @@ def _layer_on_busy_stream(s, spin_cycles: int, trials: int) -> dict:
     return {"correct": all(correct), "trials": correct, "host_ms_layer_call": [round(v, 3) for v in host]}
 
 
-def _time(fn, sync, reps: int) -> tuple[float, float]:
-    """(wall us per call, host us per call): ``reps`` back-to-back calls then one sync."""
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t1 = time.perf_counter()
-    sync()
-    t2 = time.perf_counter()
-    return (t2 - t0) / reps * 1e6, (t1 - t0) / reps * 1e6
-
-
 def _interleaved(fns: dict, syncs: dict, reps: int, trials: int = TRIALS) -> dict:
     """Median (wall, host) per name over ``trials`` rounds, the candidates interleaved in each round."""
     for name, fn in fns.items():  # warm: compile, allocator, caches
@@ -257,7 +246,7 @@ def _interleaved(fns: dict, syncs: dict, reps: int, trials: int = TRIALS) -> dic
     samples = {name: [] for name in fns}
     for _ in range(trials):
         for name, fn in fns.items():
-            samples[name].append(_time(fn, syncs[name], reps))
+            samples[name].append(time_calls(fn, syncs[name], reps))
     return {name: (statistics.median(w for w, _ in v), statistics.median(h for _, h in v))
             for name, v in samples.items()}
 
@@ -510,7 +499,7 @@ def _row(device: str, cfg, m: int, n: int, k: int, reps: int, kernel: str | None
                 xq = (x.float() / sx).clamp(-448, 448).to(torch.float8_e4m3fn)
                 last["ts"] = torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
             tsm(); sync_t()
-            row["torch_scaled_mm_us"] = round(_time(tsm, sync_t, reps)[0], 2)
+            row["torch_scaled_mm_us"] = round(time_calls(tsm, sync_t, reps)[0], 2)
         except Exception as e:  # noqa: BLE001
             row["torch_scaled_mm_us"] = f"{type(e).__name__}: {str(e)[:120]}"
     return row

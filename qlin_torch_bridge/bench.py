@@ -31,13 +31,14 @@ import qlin
 from qlin_torch_bridge.dlpack import to_jax, to_torch
 from qlin_torch_bridge.linear import QuantLinear
 
-__all__ = ["bridge_rows", "CONFIGS"]
+__all__ = ["bridge_rows", "CONFIGS", "time_calls"]
 
 #: dtype name -> the layer config the rows use
 CONFIGS = {"fp8": qlin.FP8ScaledMMConfig(), "int8": qlin.Int8ScaledMMConfig()}
 
 
-def _time(fn, sync, reps: int) -> tuple[float, float]:
+def time_calls(fn, sync, reps: int) -> tuple[float, float]:
+    """(wall us per call, host us per call): ``reps`` back-to-back calls then one ``sync``."""
     sync()
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -70,8 +71,8 @@ def _case(dtype: str, m: int, n: int, k: int, device: str, reps: int, trials: in
             fn(); fn(); sync()  # compile, caches
         samples: dict[str, list] = {"b": [], "j": []}
         for _ in range(trials):
-            samples["b"].append(_time(bridge, sync_b, reps))
-            samples["j"].append(_time(same_kernel, sync_j, reps))
+            samples["b"].append(time_calls(bridge, sync_b, reps))
+            samples["j"].append(time_calls(same_kernel, sync_j, reps))
         yb, yj = q(x).float(), to_torch(st.call(st.leaves, xj, bj)).float()
     err = float(torch.linalg.norm(yb - yj) / torch.linalg.norm(yj).clamp_min(1e-30))
     us_b, host_b = statistics.median(w for w, _ in samples["b"]), statistics.median(h for _, h in samples["b"])
