@@ -1421,6 +1421,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small grid")
     p.add_argument("--shapes", default=None, help="N:K,N:K,... (default: Llama-3 8B+70B)")
     p.add_argument("--m", default=None, help="comma-separated M values")
+    p.add_argument(
+        "--cases",
+        default=None,
+        help="M:N:K,... explicit cases, run in the given order (instead of the --shapes x --m grid; "
+        "e.g. the holes of a merged grid)",
+    )
     p.add_argument("--dtypes", default="fp8,int8")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-bf16", action="store_true")
@@ -1456,6 +1462,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.m_list = [int(v) for v in args.m.split(",")]
         except ValueError:
             p.error(f"--m: expected comma-separated integers, got {args.m!r}")
+    args.case_list = None
+    if args.cases:
+        if args.shapes or args.m or args.quick:
+            p.error("--cases replaces the grid: drop --shapes / --m / --quick")
+        try:
+            cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+            assert cases and all(len(c) == 3 and min(c) >= 1 for c in cases)
+        except (ValueError, AssertionError):
+            p.error(f"--cases: expected M:N:K,M:N:K,... of positive integers, got {args.cases!r}")
+        args.case_list = [(n, k, m) for m, n, k in dict.fromkeys(cases)]
+        args.shape_list = list(dict.fromkeys((n, k) for n, k, _ in args.case_list))
+        args.m_list = sorted({m for _, _, m in args.case_list})
     return args
 
 
@@ -1464,7 +1482,7 @@ def run(args, *, timer=cupti_timer, interpret=False, log=print) -> tuple[list[di
     import jax
 
     t0 = time.time()
-    cases = plan_cases(args.shape_list, args.m_list)
+    cases = getattr(args, "case_list", None) or plan_cases(args.shape_list, args.m_list)
     bench = GridBench(
         dtypes=tuple(args.dtypes.split(",")),
         with_gemm=not args.dynamic_only,

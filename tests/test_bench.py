@@ -241,7 +241,13 @@ def test_parse_args_defaults_and_errors():
     assert [(i.impl, i.dtype) for i in full] == [
         ("qlin:mosaic_gpu", "fp8"), ("xla", "fp8"), ("qlin:mosaic_gpu", "int8"), ("xla", "int8"), ("xla", "bf16")
     ]  # fmt: skip
-    for bad in (["--shapes", "256x512"], ["--m", "a"], ["--dtypes", "fp4"], ["--iterations", "0"]):
+    c = bench.parse_args(["--cases", "256:4096:14336,1:8192:28672,256:4096:14336"])
+    assert c.case_list == [(4096, 14336, 256), (8192, 28672, 1)]  # (N, K, M), given order, deduplicated
+    assert c.shape_list == [(4096, 14336), (8192, 28672)] and c.m_list == [1, 256]
+    for bad in (
+        ["--shapes", "256x512"], ["--m", "a"], ["--dtypes", "fp4"], ["--iterations", "0"],
+        ["--cases", "1:2"], ["--cases", "0:16:16"], ["--cases", "1:16:16", "--m", "4"],
+    ):  # fmt: skip
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
 

@@ -329,6 +329,20 @@ def test_wide_n_mid_m_takes_the_large_tile(monkeypatch):
     assert mm.default_config(128, 28672, 4096, F8) != large  # one 128-row tile: the mid-M model decides
 
 
+def test_wide_n_mid_m_takes_192_wide_tiles_when_they_need_no_more_waves(monkeypatch):
+    # H100, 512 x 10240 x 8192 fp8: 2x64 x 192 tiles (216, two waves) 81.3 us, 128 x 256 (160, two waves) 89.3.
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    large = mm.default_config(4096, 28672, 4096, F8)
+    for m, n, k in ((512, 10240, 8192), (256, 10240, 8192), (512, 6144, 4096)):
+        for dt in (F8, jnp.int8):
+            cfg = mm.default_config(m, n, k, dt)
+            assert (cfg.cta_tile_m, cfg.cta_tile_n, cfg.num_compute_wgs, cfg.wg_dimension) == (128, 192, 2, "m")
+            assert mm.smem_bytes(cfg, dt, jnp.bfloat16) <= mm.SMEM_LIMIT_BYTES
+    # 192-wide tiles would add a wave: keep 128 x 256 (448 vs 600 tiles at 512 x 28672; 128 vs 172 at 8192^2).
+    assert mm.default_config(512, 28672, 4096, F8) == large
+    assert mm.default_config(512, 8192, 8192, F8) == large
+
+
 def _lower(m, n, k, dtype, out_dtype, config, bias=True, azp=None):
     args = [S((m, k), dtype), S((n, k), dtype), S((m, 1), jnp.float32), S((1, n), jnp.float32)]
     args.append(S((n,), jnp.float32) if bias else None)
