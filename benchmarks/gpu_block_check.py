@@ -660,6 +660,7 @@ def main():
     p.add_argument(
         "--sweep-limit", type=int, default=None, help="candidate configs per sweep shape (default 10 / 6 / 6)"
     )
+    p.add_argument("--m", default=None, help="comma-separated M values of the time phase (default: %s)" % M_GRID)
     p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="watchdog per overlap / sweep case")
     args = p.parse_args()
     phases = args.phases.split(",")
@@ -671,6 +672,8 @@ def main():
         LLAMA, M_GRID = [(256, 256)], [16, 100]
         CHECK_SHAPES, CHECK_M = [(272, 384)], [7]
         SWEEP = [(640, 256, 384, 3)]
+    if args.m:
+        M_GRID = [int(v) for v in args.m.split(",")]
     if args.sweep_limit is not None:
         SWEEP = [(m, n, k, args.sweep_limit) for m, n, k, _ in SWEEP]
     out_dir = Path(os.environ.get("OUT") or "benchmarks/results")

@@ -369,3 +369,42 @@ def test_merge_gemm_later_runs_win_skips_never_replace_and_targets(tmp_path):
         bench.make_row("xla", "fp8", 1, 4096, 4096, 11.0, 1e-3, "gpu:H200")]}))
     with pytest.raises(SystemExit, match="several devices"):
         merge_gemm.main([str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path)])
+
+
+def test_cupti_timer_retakes_a_window_with_an_uneven_kernel_count(monkeypatch):
+    from jax.experimental.mosaic.gpu import profiler
+
+    calls = []
+
+    def measure(fn, iterations):
+        def run(*args):
+            calls.append(iterations)
+            if len(calls) == 1:
+                raise RuntimeError("The number of kernel launches is not divisible by the number of iterations")
+            return None, [0.5] * iterations
+
+        return run
+
+    monkeypatch.setattr(profiler, "measure", measure)
+    assert bench.cupti_timer(lambda: None, (), 4) == [0.5] * 4 and len(calls) == 2
+
+    def broken(fn, iterations):
+        def run(*args):
+            raise RuntimeError("The number of kernel launches is not divisible by the number of iterations")
+
+        return run
+
+    monkeypatch.setattr(profiler, "measure", broken)
+    with pytest.raises(RuntimeError, match="not divisible"):
+        bench.cupti_timer(lambda: None, (), 4)
+
+    def other(fn, iterations):
+        def run(*args):
+            raise RuntimeError("CUPTI init failed")
+
+        return run
+
+    calls.clear()
+    monkeypatch.setattr(profiler, "measure", other)
+    with pytest.raises(RuntimeError, match="init failed"):
+        bench.cupti_timer(lambda: None, (), 4)
