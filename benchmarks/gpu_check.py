@@ -111,6 +111,16 @@ CHECK_CONFIGS = {
         tile_m=64, tile_n=16, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="n",
         epi_tile_m=64, epi_tile_n=16,
     ),
+    # Mid M, wide N (the heuristic's 2 x 64 x 192 where it needs no more waves than 128 x 256) and
+    # the same CTA tile as 2 x 128 x 96 warpgroups along N (an autotuner candidate).
+    "mid_m64x192_wgM": mm.TuningConfig(
+        tile_m=64, tile_n=192, tile_k=128, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64,
+    ),
+    "mid_m128x96_wgN": mm.TuningConfig(
+        tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="n",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32, epi_slots=1,
+    ),
     "big_m128x128_wgN": mm.TuningConfig(
         tile_m=128,
         tile_n=128,
@@ -135,7 +145,7 @@ CHECK_CONFIGS = {
 }
 
 
-def run_checks(results, deadline):
+def run_checks(results, deadline, only_configs=None):
     dev = bench.device_name()
     ms = [1, 7, 64, 100, 129, 1000]
     # N, K: multiples of 16 / 32 that are not multiples of the tiles (K=2080
@@ -147,12 +157,18 @@ def run_checks(results, deadline):
     # heuristic default at small / mid / large M) with the most general
     # epilogue; 2. the scale-mode x zero-point x out-dtype matrix on the
     # default configs; 3. every config x M x shape.
-    for cname in list(CHECK_CONFIGS) + [None]:
+    names = list(CHECK_CONFIGS) + [None]
+    if only_configs:
+        unknown = set(only_configs) - set(CHECK_CONFIGS) - {"default"}
+        if unknown:
+            raise SystemExit(f"--only-configs: unknown {sorted(unknown)} (known: {sorted(CHECK_CONFIGS)}, default)")
+        names = [c for c in names if (c or "default") in only_configs]
+    for cname in names:
         for m in (7, 129) if cname else (1, 129, 1000):
             for dtype, azp in (("fp8", "none"), ("int8", "token")):
                 cases.append((cname, m, 1040, 2080, dtype, "token", "channel", True, azp, "bfloat16"))
     # A bf16 / f16 bias (what an nn.Linear hands over), the layer shape that faulted first.
-    for cname in ("mid_m64x32_wgM", "mid_m64x16_wgN", None):
+    for cname in [c for c in ("mid_m64x32_wgM", "mid_m64x16_wgN", None) if c in names]:
         for bias_dt in ("bfloat16", "float16"):
             cases.append((cname, 256, 1024, 1024, "fp8", "token", "channel", bias_dt, "none", "bfloat16"))
     n_tier1 = len(cases)
@@ -164,8 +180,8 @@ def run_checks(results, deadline):
                     m = 7 if (a_mode == "token") == (od != "float32") else 129
                     matrix.append((None, m, 1040, 1152, dtype, a_mode, b_mode, od != "float16", azp, od))
     random.Random(0).shuffle(matrix)  # a deadline then cuts a spread sample
-    cases += matrix
-    for cname in CHECK_CONFIGS:
+    cases += matrix if None in names else []
+    for cname in [c for c in names if c]:
         for n, k in shapes:
             for m in ms:
                 for dtype, azp in (("fp8", "none"), ("int8", "token")):
@@ -389,6 +405,9 @@ def main():
         default="16:4096:4096,128:4096:4096,512:4096:4096,"
         "4096:4096:4096,16:28672:4096,4096:28672:4096,4096:4096:14336,1:8192:8192",
     )
+    p.add_argument(
+        "--only-configs", default=None, help="check phase: only these CHECK_CONFIGS names (and 'default')"
+    )
     p.add_argument("--sweep-cases", default="4096:4096:4096,16:4096:4096,128:4096:4096")
     p.add_argument("--sweep-dtypes", default="fp8")
     p.add_argument("--no-torch", action="store_true")
@@ -408,7 +427,11 @@ def main():
     copy_gbs = None
     try:
         if "check" in phases:
-            run_checks(results, args.check_s or (args.deadline_s * 0.45 if len(phases) > 1 else args.deadline_s))
+            run_checks(
+                results,
+                args.check_s or (args.deadline_s * 0.45 if len(phases) > 1 else args.deadline_s),
+                args.only_configs.split(",") if args.only_configs else None,
+            )
         if "wrapper" in phases:
             run_wrapper(results)
         if "time" in phases or "sweep" in phases:

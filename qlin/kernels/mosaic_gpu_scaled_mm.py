@@ -497,6 +497,14 @@ def candidate_configs(
         # wide N at 2 and 3.4 waves on the H100 (0.77x / 0.78x XLA); 160 / 192 give ~2 full waves.
         for tn, en in ((160, 32), (192, 64)):
             cands.append(dataclasses.replace(_mid_m_tile(tn), epi_tile_n=en))
+        # The same 128 x 192 CTA tile as two 128 x 96 warpgroups along N (A shared, less shared-memory
+        # traffic per wgmma than 2 x 64 x 192).
+        cands.append(
+            TuningConfig(
+                tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2,
+                wg_dimension="n", grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32, epi_slots=1,
+            )
+        )  # fmt: skip
         for tn in (64, 128, 256):
             for sk in _split_k_options(n, k, tn, 128, sms=num_sms(), m=m, cta_m=128):
                 cands.append(dataclasses.replace(_mid_m_tile(tn), split_k=sk, epi_slots=1))
