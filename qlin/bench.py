@@ -148,7 +148,11 @@ def _qlin_one(config, interpret: bool = False):
 
     from qlin.kernels import mosaic_gpu_scaled_mm as mm
 
+    from qlin.kernels.mosaic_gpu import uses_xla_gemv
+
     def f(a, b, a_s, b_s):
+        if uses_xla_gemv(a.dtype, *a.shape):  # what the mosaic_gpu kernel's apply_weights runs
+            return _xla_one("int8")(a, b, a_s, b_s)
         return mm.scaled_mm(a, b, a_s, b_s, out_dtype=jnp.bfloat16, config=config, interpret=interpret)
 
     return jax.jit(f)
@@ -523,7 +527,10 @@ def bench_case(
         try:
             fn = qlin_fn(cfg)
             us = measure_us(fn, sets, iterations)
-            row("qlin:mosaic_gpu", dtype, us, device_rel_err(fn(*sets[0]), *sets[0]), config=cfg.short())
+            from qlin.kernels.mosaic_gpu import uses_xla_gemv
+
+            label = "xla_gemv" if uses_xla_gemv(a.dtype, m, k) else cfg.short()
+            row("qlin:mosaic_gpu", dtype, us, device_rel_err(fn(*sets[0]), *sets[0]), config=label)
         except Exception as e:  # noqa: BLE001
             row("qlin:mosaic_gpu", dtype, None, None, error=_err(e))
         if with_xla:
@@ -956,7 +963,10 @@ class GridBench:
             with lock_factory() if autotune.autotune_enabled() else _no_lock():
                 cfg = autotune.get_config(m, n, k, dt, jnp.bfloat16)
             specs = _specs_gemm(m, n, k, imp.dtype, self.copies(n, k))
-            return many(_qlin_one(cfg, self.interpret)), specs, {"config": cfg.short()}
+            from qlin.kernels.mosaic_gpu import uses_xla_gemv
+
+            info = {"config": "xla_gemv" if uses_xla_gemv(dt, m, k) else cfg.short()}
+            return many(_qlin_one(cfg, self.interpret)), specs, info
         if imp.kind == "xla":
             return many(_xla_one(imp.dtype)), _specs_gemm(m, n, k, imp.dtype, self.copies(n, k)), {}
         if imp.kind == "bf16":

@@ -16,7 +16,7 @@ import pytest
 from qlin import select
 from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
 from qlin.kernels import mosaic_gpu_scaled_mm as mm
-from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
+from qlin.kernels.mosaic_gpu import INT8_GEMV_MAX_K, MosaicGPUScaledMMKernel, uses_xla_gemv
 from qlin.quantize import quantize_weight
 from qlin.testing import reference_linear_np
 
@@ -80,7 +80,57 @@ def test_decode_rows_need_no_pad_before_the_gemm(config, m):
     assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 8e-3
     gpu = MosaicGPUScaledMMKernel(config, interpret=False)
     text = jax.jit(gpu.apply_weights).trace(pp, x).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 2 and "stablehlo.pad" not in text
+    assert "stablehlo.pad" not in text
+    if uses_xla_gemv(pp.weight.dtype, m, pp.weight.shape[1]):  # int8 decode: fused quantize + XLA's GEMV
+        assert text.count("mosaic_gpu") >= 1 and "stablehlo.dot_general" in text
+    else:
+        assert text.count("mosaic_gpu") >= 2
+
+
+def test_int8_gemv_route_truth_table():
+    assert uses_xla_gemv(jnp.int8, 1, 4096) and uses_xla_gemv(jnp.int8, 1, INT8_GEMV_MAX_K)
+    assert not uses_xla_gemv(jnp.int8, 1, 28672)  # long K: the wgmma kernel was faster (H100)
+    assert not uses_xla_gemv(jnp.int8, 2, 4096) and not uses_xla_gemv(jnp.float8_e4m3fn, 1, 4096)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Int8ScaledMMConfig(activation="static"),
+        Int8ScaledMMConfig(symmetric=False),
+        Int8ScaledMMConfig(symmetric=False, activation="static", weight_granularity="per_tensor",
+                           out_dtype=jnp.float32),
+    ],
+    ids=lambda c: c.describe().replace(" ", "_"),
+)
+def test_int8_decode_runs_xla_gemv_and_matches_float64_oracle(config):
+    """int8, M = 1: XLA's int8 dot (a GEMV on the GPU) on the padded weight, zero points, bias, N sliced."""
+    import jax
+
+    rng = np.random.default_rng(7)
+    n, k = 50, 40  # padded to (64, 64)
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
+    kw = {}
+    if config.is_static:
+        kw["input_scale"] = 0.03
+        if not config.symmetric:
+            kw["input_zero_point"] = -7
+    params = quantize_weight(w, config, **kw)
+    ker = MosaicGPUScaledMMKernel(config, interpret=True, tuning=SMALL)
+    pp = ker.process_weights_after_loading(params)
+    assert pp.weight.shape[0] > n and uses_xla_gemv(pp.weight.dtype, 1, pp.weight.shape[1])
+    y = ker.apply_weights(pp, x, bias)
+    assert y.shape == (1, n) and y.dtype == config.out_dtype
+    ref = reference_linear_np(np.asarray(x), params, config, np.asarray(bias, np.float64))
+    tol = 1e-5 if config.out_dtype == jnp.float32 else 8e-3
+    assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < tol
+    gpu = MosaicGPUScaledMMKernel(config, interpret=False)
+    text = jax.jit(gpu.apply_weights).trace(pp, x, bias).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.dot_general" in text and "xi8>" in text
+    if config.is_static:
+        assert "mosaic_gpu" not in text  # nothing of the wgmma kernel (and no quantize kernel) runs
 
 
 def test_process_weights_is_idempotent_and_pads_once():

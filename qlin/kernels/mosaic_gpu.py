@@ -15,7 +15,8 @@ Wraps :func:`qlin.kernels.mosaic_gpu_scaled_mm.scaled_mm` in the
 * ``apply_weights``: quantizes ``x`` (the fused Mosaic GPU quantize kernel for dynamic
   per-token/group activations, else :func:`qlin.quantize.quantize_activation`),
   pads K if the weight was padded, runs the fused kernel, slices N and restores
-  the leading dimensions.
+  the leading dimensions.  int8 decode (M = 1, K <= :data:`INT8_GEMV_MAX_K`) runs
+  XLA's int8 dot instead, which XLA lowers to a GEMV (see :func:`uses_xla_gemv`).
 
 Interpret mode (CPU): ``MosaicGPUScaledMMKernel(config, interpret=True)`` or
 ``QLIN_MOSAIC_INTERPRET=1``.
@@ -32,12 +33,26 @@ import jax.numpy as jnp
 from qlin.config import FP8ScaledMMConfig
 from qlin.kernels import mosaic_gpu_scaled_mm as mm
 from qlin.kernels.common import ScaledMMKernel
+from qlin.kernels.xla import scaled_dot
 from qlin.kernels.mosaic_gpu_quantize import fused_quantize_activation
 from qlin.params import Int8Params, Params
 from qlin.platform import compute_capability as _current_cc
 from qlin.quantize import activation_granularity
 from qlin.select import register_kernel
 from qlin.validate import normalize_params
+
+
+#: int8 decode (M = 1) up to this K runs XLA's int8 ``dot_general``, which XLA lowers to a GEMV
+#: reduction fusion (no tensor cores, no 64-row wgmma tile): on the H100 it streamed the weight
+#: faster than the wgmma kernel at every Llama-3 shape with K <= 14336 (the kernel ran at
+#: 0.83-0.97x of it) and slower at K = 28672 (1.07x).  fp8 has no such GEMV in XLA (cuBLASLt
+#: runs a GEMM): the Mosaic kernel is the faster one there at every shape.
+INT8_GEMV_MAX_K = 16384
+
+
+def uses_xla_gemv(dtype, m: int, k: int) -> bool:
+    """Whether ``apply_weights`` routes an (M, K) x (N, K) product to XLA's int8 GEMV."""
+    return jnp.dtype(dtype) == jnp.dtype(jnp.int8) and m == 1 and k <= INT8_GEMV_MAX_K
 
 
 def _env_interpret() -> bool:
@@ -146,10 +161,16 @@ class MosaicGPUScaledMMKernel(ScaledMMKernel):
         # The GEMM needs whole 8-row TMA tiles: the fused kernel allocates them itself (rows past m
         # never written, never read back: the output rows they produce are sliced off below), so
         # decode (M = 1) runs no separate pad of q and its scales.
-        q, s, zp = fused_quantize_activation(x2d, params, cfg, interpret=self.interpret, rows_out=_round_up(m, 8))
+        gemv = uses_xla_gemv(params.weight.dtype, m, k_pad)
+        rows_out = None if gemv else _round_up(m, 8)
+        q, s, zp = fused_quantize_activation(x2d, params, cfg, interpret=self.interpret, rows_out=rows_out)
         mq = q.shape[0]  # rounded up when the fused kernel ran, else m (scaled_mm pads then)
         if k_pad != k:
             q = _pad_to(q, 1, k_pad)  # zero columns meet the zero-padded weight columns
+        if gemv:
+            bias_p = None if bias is None else _pad_to(bias, 0, n_pad)
+            y = scaled_dot(q, s, zp, params, bias_p, cfg.out_dtype)
+            return y[:, :n] if n_pad != n else y
         a_scale = jnp.asarray(s, jnp.float32)
         a_scale = a_scale.reshape(1, 1) if a_scale.size == 1 else a_scale.reshape(mq, 1)
         ws = jnp.asarray(params.weight_scale, jnp.float32)
@@ -182,4 +203,4 @@ class MosaicGPUScaledMMKernel(ScaledMMKernel):
 # Hopper kernels go ahead of the portable xla kernel on cuda.
 register_kernel(MosaicGPUScaledMMKernel, platforms=("cuda",), before="xla")
 
-__all__ = ["MosaicGPUScaledMMKernel"]
+__all__ = ["INT8_GEMV_MAX_K", "MosaicGPUScaledMMKernel", "uses_xla_gemv"]

@@ -33,6 +33,19 @@ def scaled_dot_epilogue(acc, x_scale, w_scale, bias, out_dtype):
     return y.astype(out_dtype)
 
 
+def scaled_dot(q, s, zp, params: Params, bias, out_dtype) -> jax.Array:
+    """One 8-bit ``dot_general`` (f32 / int32 accumulation), the zero-point term, the scale epilogue.
+
+    ``q`` (M, K) against ``params.weight`` (N, K); returns (M, N) for the weight's (maybe padded) N.
+    """
+    int8 = jnp.issubdtype(q.dtype, jnp.integer)
+    acc = jax.lax.dot_general(q, params.weight, _DOT_NT, preferred_element_type=jnp.int32 if int8 else jnp.float32)
+    if zp is not None:
+        assert isinstance(params, Int8Params) and params.azp_adj is not None
+        acc = acc - zp * params.azp_adj.reshape(1, -1)
+    return scaled_dot_epilogue(acc, s, params.weight_scale, bias, out_dtype)
+
+
 class XLAKernel(ScaledMMKernel):
     name = "xla"
 
@@ -45,15 +58,7 @@ class XLAKernel(ScaledMMKernel):
         q, s, zp = quantize_activation(x2d, params, cfg)
         if cfg.weight_block is not None or activation_granularity(cfg) == "per_group":
             return self._dequantized_dot(params, q, s, zp, bias)
-        int8 = jnp.issubdtype(q.dtype, jnp.integer)
-        acc = jax.lax.dot_general(
-            q, params.weight, _DOT_NT, preferred_element_type=jnp.int32 if int8 else jnp.float32
-        )
-        if zp is not None:
-            assert isinstance(params, Int8Params) and params.azp_adj is not None
-            acc = acc - zp * params.azp_adj.reshape(1, -1)
-        y = scaled_dot_epilogue(acc, s, params.weight_scale, bias, cfg.out_dtype)
-        return y[:, : params.n]
+        return scaled_dot(q, s, zp, params, bias, cfg.out_dtype)[:, : params.n]
 
     def _dequantized_dot(self, params: Params, q, s, zp, bias) -> jax.Array:
         cfg = self.config
