@@ -2,7 +2,8 @@
 
 A full grid does not fit one device call (XLA's compile-time autotuning of its own GEMMs dominates),
 so the grid is measured in several runs. Later files win for a case measured twice (a re-run after a
-heuristic change replaces the old rows); skipped rows never replace measured ones. Writes
+heuristic change replaces the old rows); skipped rows never replace measured ones; the dynamic
+linear's ``+quant`` rows are left out (GEMM rows only). Writes
 ``<out>/<tag>.{json,md,png}`` and prints the issue-5 targets:
 
     python3 benchmarks/merge_gemm.py benchmarks/results/h100_gemm_grid.json \\
@@ -38,6 +39,8 @@ def merge(paths: list[Path]) -> tuple[list[dict], dict]:
             copy_gbs.append(meta["copy_gbs"])
         n_new = 0
         for r in data["rows"]:
+            if str(r.get("impl", "")).endswith("+quant"):
+                continue  # the dynamic linear (quantize + matmul) has its own tables: GEMM rows only here
             r = {k: v for k, v in r.items() if k not in DERIVED}
             if r.get("device"):
                 devices.add(r["device"])

@@ -349,6 +349,7 @@ def test_merge_gemm_later_runs_win_skips_never_replace_and_targets(tmp_path):
         bench.make_row("qlin:mosaic_gpu", "fp8", 256, 4096, 4096, 12.0, 1e-3, dev),
         bench.make_row("xla", "fp8", 256, 4096, 4096, 16.0, 1e-3, dev),
         dict(impl="qlin:mosaic_gpu", dtype="fp8", M=4096, N=4096, K=4096, skipped="deadline"),
+        bench.make_row("qlin:mosaic_gpu+quant", "fp8", 256, 4096, 4096, 14.0, 1e-3, dev),  # dynamic: left out
     ]
     for name, rows in (("a.json", run1), ("b.json", run2)):
         (tmp_path / name).write_text(json.dumps({"meta": {"copy_gbs": 3000.0}, "rows": rows}))
@@ -356,6 +357,7 @@ def test_merge_gemm_later_runs_win_skips_never_replace_and_targets(tmp_path):
                             "--tag", "m"]) == 0
     out = json.loads((tmp_path / "m.json").read_text())
     by = {(r["impl"], r["M"]): r for r in out["rows"]}
+    assert not any(r["impl"].endswith("+quant") for r in out["rows"])
     assert by[("qlin:mosaic_gpu", 256)]["us"] == 12.0 and by[("qlin:mosaic_gpu", 256)]["source"] == "b.json"
     assert by[("qlin:mosaic_gpu", 4096)]["us"] == 100.0  # the skip did not replace the measurement
     assert by[("qlin:mosaic_gpu", 256)]["ratio_vs_xla"] == pytest.approx(16.0 / 12.0)
