@@ -147,7 +147,6 @@ def _qlin_one(config, interpret: bool = False):
     import jax.numpy as jnp
 
     from qlin.kernels import mosaic_gpu_scaled_mm as mm
-
     from qlin.kernels.mosaic_gpu import uses_xla_gemv
 
     def f(a, b, a_s, b_s):
@@ -178,6 +177,13 @@ def _xla_one(dtype: str):
         return (acc.astype(jnp.float32) * a_s * b_s).astype(jnp.bfloat16)
 
     return jax.jit(f)
+
+
+def qlin_label(config, dtype, m: int, k: int) -> str:
+    """The ``config`` a qlin row reports: the tile config, or ``xla_gemv`` where int8 decode runs XLA's GEMV."""
+    from qlin.kernels.mosaic_gpu import uses_xla_gemv
+
+    return "xla_gemv" if uses_xla_gemv(dtype, m, k) else config.short()
 
 
 def qlin_fn(config=None, out_dtype=None):
@@ -527,10 +533,8 @@ def bench_case(
         try:
             fn = qlin_fn(cfg)
             us = measure_us(fn, sets, iterations)
-            from qlin.kernels.mosaic_gpu import uses_xla_gemv
-
-            label = "xla_gemv" if uses_xla_gemv(a.dtype, m, k) else cfg.short()
-            row("qlin:mosaic_gpu", dtype, us, device_rel_err(fn(*sets[0]), *sets[0]), config=label)
+            err = device_rel_err(fn(*sets[0]), *sets[0])
+            row("qlin:mosaic_gpu", dtype, us, err, config=qlin_label(cfg, a.dtype, m, k))
         except Exception as e:  # noqa: BLE001
             row("qlin:mosaic_gpu", dtype, None, None, error=_err(e))
         if with_xla:
@@ -963,10 +967,7 @@ class GridBench:
             with lock_factory() if autotune.autotune_enabled() else _no_lock():
                 cfg = autotune.get_config(m, n, k, dt, jnp.bfloat16)
             specs = _specs_gemm(m, n, k, imp.dtype, self.copies(n, k))
-            from qlin.kernels.mosaic_gpu import uses_xla_gemv
-
-            info = {"config": "xla_gemv" if uses_xla_gemv(dt, m, k) else cfg.short()}
-            return many(_qlin_one(cfg, self.interpret)), specs, info
+            return many(_qlin_one(cfg, self.interpret)), specs, {"config": qlin_label(cfg, dt, m, k)}
         if imp.kind == "xla":
             return many(_xla_one(imp.dtype)), _specs_gemm(m, n, k, imp.dtype, self.copies(n, k)), {}
         if imp.kind == "bf16":

@@ -410,3 +410,14 @@ def test_cupti_timer_retakes_a_window_with_an_uneven_kernel_count(monkeypatch):
     monkeypatch.setattr(profiler, "measure", other)
     with pytest.raises(RuntimeError, match="init failed"):
         bench.cupti_timer(lambda: None, (), 4)
+
+
+def test_qlin_rows_name_the_int8_gemv_route():
+    import jax.numpy as jnp
+
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    cfg = mm.default_config(1, 4096, 4096, jnp.int8)
+    assert bench.qlin_label(cfg, jnp.int8, 1, 4096) == "xla_gemv"  # what apply_weights runs at int8 decode
+    assert bench.qlin_label(cfg, jnp.int8, 1, 28672) == cfg.short()  # long K: the wgmma kernel
+    assert bench.qlin_label(cfg, jnp.float8_e4m3fn, 1, 4096) == cfg.short()

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from qlin.config import FP8ScaledMMConfig
 from qlin.kernels import mosaic_gpu_scaled_mm as mm
 from qlin.kernels.common import ScaledMMKernel
-from qlin.kernels.xla import scaled_dot
 from qlin.kernels.mosaic_gpu_quantize import fused_quantize_activation
+from qlin.kernels.xla import scaled_dot
 from qlin.params import Int8Params, Params
 from qlin.platform import compute_capability as _current_cc
 from qlin.quantize import activation_granularity, quantize_activation
@@ -156,19 +156,20 @@ class MosaicGPUScaledMMKernel(ScaledMMKernel):
         m = x2d.shape[0]
         n, k = params.n, params.k
         n_pad, k_pad = params.weight.shape
-        # Dynamic per-token activations: the fused Mosaic GPU quantize kernel (one pass over x;
-        # bit-identical to quantize_activation, checked on an H100); other schemes use the jnp path.
-        # The GEMM needs whole 8-row TMA tiles: the fused kernel allocates them itself (rows past m
-        # never written, never read back: the output rows they produce are sliced off below), so
-        # decode (M = 1) runs no separate pad of q and its scales.
         if uses_xla_gemv(params.weight.dtype, m, k_pad):
-            # The xla kernel's own sequence (jnp quantize + dot): XLA fuses the quantize into its
-            # GEMV; after the fused quantize kernel the same GEMV ran 1-36 us slower on the H100.
+            # int8 decode: the xla kernel's own sequence (jnp quantize + dot) on the padded weight. XLA
+            # fuses the quantize into its GEMV; fed by the fused quantize kernel instead, the same GEMV
+            # ran 0.4-37 us slower on the H100.
             q, s, zp = quantize_activation(x2d, params, cfg)
             if k_pad != k:
                 q = _pad_to(q, 1, k_pad)
             y = scaled_dot(q, s, zp, params, None if bias is None else _pad_to(bias, 0, n_pad), cfg.out_dtype)
             return y[:, :n] if n_pad != n else y
+        # Dynamic per-token activations: the fused Mosaic GPU quantize kernel (one pass over x;
+        # bit-identical to quantize_activation, checked on an H100); other schemes use the jnp path.
+        # The GEMM needs whole 8-row TMA tiles: the fused kernel allocates them itself (rows past m
+        # never written, never read back: the output rows they produce are sliced off below), so
+        # decode (M = 1) runs no separate pad of q and its scales.
         q, s, zp = fused_quantize_activation(x2d, params, cfg, interpret=self.interpret, rows_out=_round_up(m, 8))
         mq = q.shape[0]  # rounded up when the fused kernel ran, else m (scaled_mm pads then)
         if k_pad != k:
