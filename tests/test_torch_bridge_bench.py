@@ -22,7 +22,9 @@ def test_rows_pair_the_bridge_with_the_same_kernel_from_jax():
     bridge = [r for r in rows if r["impl"] == "qlin:torch_bridge"]
     for r in bridge:
         us_jax = next(j["us"] for j in rows if j["impl"] == "qlin:jax_same_kernel" and j["dtype"] == r["dtype"])
-        assert r["overhead_vs_jax"] == pytest.approx(r["us"] / us_jax - 1, abs=1e-3)
+        # The row's us are rounded to 0.01: the ratio of the rounded values is off by up to this much.
+        slack = r["us"] / us_jax * (0.005 / r["us"] + 0.005 / us_jax) + 1e-4
+        assert r["overhead_vs_jax"] == pytest.approx(r["us"] / us_jax - 1, abs=slack)
 
 
 def test_a_failing_case_gives_error_rows():
