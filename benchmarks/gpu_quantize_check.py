@@ -28,6 +28,7 @@ Exits 1 if any bit-exactness check fails. Budget: < 3 minutes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -138,7 +139,25 @@ def median_ms(f, *args):
     return statistics.median(times) if times else None
 
 
-def main():
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phases", default="check,time,sweep", help="comma-separated: check, time, sweep")
+    p.add_argument("--sweep-schemes", default="fp8_tok", help=f"comma-separated, of {sorted(SCHEMES)}")
+    p.add_argument("--sweep-shapes", default="4096:4096,4096:14336", help="M:K,M:K,...")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="stop starting sweep variants after this")
+    a = p.parse_args(argv)
+    a.phases = a.phases.split(",")
+    a.sweep_schemes = a.sweep_schemes.split(",")
+    unknown = set(a.sweep_schemes) - set(SCHEMES)
+    if unknown:
+        p.error(f"--sweep-schemes: unknown {sorted(unknown)}")
+    a.sweep_shapes = [tuple(int(v) for v in s.split(":")) for s in a.sweep_shapes.split(",")]
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    phases = args.phases
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     result = {"device": dev.device_kind, "jax": jax.__version__, "checks": [], "timings": [], "skipped": []}
@@ -168,147 +187,158 @@ def main():
 
     # -- 1. correctness ------------------------------------------------------------------------
     fns = {name: (kernel_fn(**dict(kw)), jnp_fn(**kw)) for name, kw in SCHEMES.items()}
-    # Most informative shapes first, so a tight time budget drops the least important ones.
-    order = [(7, KS[0]), (1000, KS[-1]), (4096, KS[0]), (1, KS[-1]), (128, KS[0]), (4096, KS[-1]),
-             (1, KS[0]), (7, KS[-1]), (128, KS[-1]), (1000, KS[0])]
-    shapes = [(m, k) for m, k in order if m in MS and k in KS]
-    shapes += [(m, k) for k in KS for m in MS]
-    shapes = list(dict.fromkeys(shapes))
-    for m, k in shapes:
-        for name, kw in SCHEMES.items():
-            kern, ref = fns[name]
-            if time.time() - T0 > BUDGET_S * 0.55:
-                result["skipped"].append(f"check {name} M={m} K={k} (time budget)")
-                continue
+    tma_fn = kernel_fn(kind="fp8", granularity="per_token", store="tma")
+    n_ok = 0
+    if "check" in phases:
+        # Most informative shapes first, so a tight time budget drops the least important ones.
+        order = [(7, KS[0]), (1000, KS[-1]), (4096, KS[0]), (1, KS[-1]), (128, KS[0]), (4096, KS[-1]),
+                 (1, KS[0]), (7, KS[-1]), (128, KS[-1]), (1000, KS[0])]
+        shapes = [(m, k) for m, k in order if m in MS and k in KS]
+        shapes += [(m, k) for k in KS for m in MS]
+        shapes = list(dict.fromkeys(shapes))
+        for m, k in shapes:
+            for name, kw in SCHEMES.items():
+                kern, ref = fns[name]
+                if time.time() - T0 > BUDGET_S * 0.55:
+                    result["skipped"].append(f"check {name} M={m} K={k} (time budget)")
+                    continue
+                key, sub = jax.random.split(key)
+                x = make_x(sub, m, k)
+                ub = jnp.float32(kw.get("scale_ub", 1.0))
+                g = k // kw["group_size"] if kw.get("group_size") else 1
+                poison([((m, k), jnp.int8), ((m, g), jnp.float32), ((m, g), jnp.float32)])
+                got = jax.block_until_ready(kern(x, ub))
+                want = jax.block_until_ready(ref(x, ub))
+                cmp = compare(got, want)
+                ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in cmp.values())
+                failures += not ok
+                result["checks"].append({"scheme": name, "m": m, "k": k, "dtype": "bfloat16", "ok": ok, **cmp})
+                if not ok:
+                    print(f"MISMATCH {name} M={m} K={k}: {cmp}", flush=True)
+                    # Diagnose: does the kernel with divisions as written (division="ieee") match instead?
+                    # (It would if this GPU's XLA did not rewrite x / c into x * (1 / c).)
+                    ieee = compare(kernel_fn(division="ieee", **dict(kw))(x, ub), want)
+                    ieee_ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in ieee.values())
+                    result["checks"][-1]["ieee_division_matches"] = ieee_ok
+                    print(f"  with division='ieee': {'MATCHES' if ieee_ok else ieee}", flush=True)
+        # f32 / f16 inputs (other register layouts) at one shape each.
+        for dtype in (jnp.float32, jnp.float16):
+            kern, ref = kernel_fn(kind="fp8", granularity="per_token"), jnp_fn("fp8")
             key, sub = jax.random.split(key)
-            x = make_x(sub, m, k)
-            ub = jnp.float32(kw.get("scale_ub", 1.0))
-            g = k // kw["group_size"] if kw.get("group_size") else 1
-            poison([((m, k), jnp.int8), ((m, g), jnp.float32), ((m, g), jnp.float32)])
-            got = jax.block_until_ready(kern(x, ub))
-            want = jax.block_until_ready(ref(x, ub))
-            cmp = compare(got, want)
+            mm, kk = (5, 512) if DRYRUN else (1000, 14336)
+            x = make_x(sub, mm, kk, dtype)
+            poison([((mm, kk), jnp.int8), ((mm, 1), jnp.float32)])
+            cmp = compare(kern(x, jnp.float32(1)), ref(x, jnp.float32(1)))
             ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in cmp.values())
             failures += not ok
-            result["checks"].append({"scheme": name, "m": m, "k": k, "dtype": "bfloat16", "ok": ok, **cmp})
-            if not ok:
-                print(f"MISMATCH {name} M={m} K={k}: {cmp}", flush=True)
-                # Diagnose: does the kernel with divisions as written (division="ieee") match instead?
-                # (It would if this GPU's XLA did not rewrite x / c into x * (1 / c).)
-                ieee = compare(kernel_fn(division="ieee", **dict(kw))(x, ub), want)
-                ieee_ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in ieee.values())
-                result["checks"][-1]["ieee_division_matches"] = ieee_ok
-                print(f"  with division='ieee': {'MATCHES' if ieee_ok else ieee}", flush=True)
-    # f32 / f16 inputs (other register layouts) at one shape each.
-    for dtype in (jnp.float32, jnp.float16):
-        kern, ref = kernel_fn(kind="fp8", granularity="per_token"), jnp_fn("fp8")
-        key, sub = jax.random.split(key)
-        mm, kk = (5, 512) if DRYRUN else (1000, 14336)
-        x = make_x(sub, mm, kk, dtype)
-        poison([((mm, kk), jnp.int8), ((mm, 1), jnp.float32)])
-        cmp = compare(kern(x, jnp.float32(1)), ref(x, jnp.float32(1)))
-        ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in cmp.values())
-        failures += not ok
-        result["checks"].append({"scheme": "fp8_tok", "m": mm, "k": kk, "dtype": jnp.dtype(dtype).name,
-                                 "ok": ok, **cmp})
-    # The TMA-store variant (timed below for comparison) at one big shape.
-    mm, kk = (7, 512) if DRYRUN else (4096, 14336)
-    key, sub = jax.random.split(key)
-    x = make_x(sub, mm, kk)
-    poison([((mm, kk), jnp.int8), ((mm, 1), jnp.float32)])
-    tma_fn = kernel_fn(kind="fp8", granularity="per_token", store="tma")
-    cmp = compare(tma_fn(x, jnp.float32(1)), fns["fp8_tok"][1](x, jnp.float32(1)))
-    ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in cmp.values())
-    failures += not ok
-    result["checks"].append({"scheme": "fp8_tok:tma", "m": mm, "k": kk, "dtype": "bfloat16", "ok": ok, **cmp})
-    # Per-group with the TMA store (the default from jax 0.12): K = 2048 / groups of 128 gives 16 scales
-    # (64 bytes) per row, the case whose shared-memory slots must be padded to TMA's 128-byte grid.
-    # (Asymmetric per-group int8 is left out: it differs from XLA's GPU rounding on ~0.4 % of groups.)
-    for name in ("fp8_g128",):
-        mm, kk = (7, 512) if DRYRUN else (1000, 2048)
+            result["checks"].append({"scheme": "fp8_tok", "m": mm, "k": kk, "dtype": jnp.dtype(dtype).name,
+                                     "ok": ok, **cmp})
+        # The TMA-store variant (timed below for comparison) at one big shape.
+        mm, kk = (7, 512) if DRYRUN else (4096, 14336)
         key, sub = jax.random.split(key)
         x = make_x(sub, mm, kk)
-        poison([((mm, kk), jnp.int8), ((mm, kk // 128), jnp.float32), ((mm, kk // 128), jnp.int32)])
-        kern = kernel_fn(store="tma", **dict(SCHEMES[name]))
-        cmp = compare(kern(x, jnp.float32(1)), fns[name][1](x, jnp.float32(1)))
+        poison([((mm, kk), jnp.int8), ((mm, 1), jnp.float32)])
+        cmp = compare(tma_fn(x, jnp.float32(1)), fns["fp8_tok"][1](x, jnp.float32(1)))
         ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in cmp.values())
         failures += not ok
-        result["checks"].append({"scheme": f"{name}:tma", "m": mm, "k": kk, "dtype": "bfloat16", "ok": ok, **cmp})
-    n_ok = sum(c["ok"] for c in result["checks"])
-    print(f"bit-exact checks: {n_ok}/{len(result['checks'])} passed ({time.time() - T0:.0f} s)", flush=True)
+        result["checks"].append({"scheme": "fp8_tok:tma", "m": mm, "k": kk, "dtype": "bfloat16", "ok": ok, **cmp})
+        # Per-group with the TMA store (the default from jax 0.12): K = 2048 / groups of 128 gives 16 scales
+        # (64 bytes) per row, the case whose shared-memory slots must be padded to TMA's 128-byte grid.
+        # (Asymmetric per-group int8 is left out: it differs from XLA's GPU rounding on ~0.4 % of groups.)
+        for name in ("fp8_g128",):
+            mm, kk = (7, 512) if DRYRUN else (1000, 2048)
+            key, sub = jax.random.split(key)
+            x = make_x(sub, mm, kk)
+            poison([((mm, kk), jnp.int8), ((mm, kk // 128), jnp.float32), ((mm, kk // 128), jnp.int32)])
+            kern = kernel_fn(store="tma", **dict(SCHEMES[name]))
+            cmp = compare(kern(x, jnp.float32(1)), fns[name][1](x, jnp.float32(1)))
+            ok = all(v == "absent" or (isinstance(v, dict) and v["mismatches"] == 0) for v in cmp.values())
+            failures += not ok
+            result["checks"].append({"scheme": f"{name}:tma", "m": mm, "k": kk, "dtype": "bfloat16", "ok": ok, **cmp})
+        n_ok = sum(c["ok"] for c in result["checks"])
+        print(f"bit-exact checks: {n_ok}/{len(result['checks'])} passed ({time.time() - T0:.0f} s)", flush=True)
 
     # -- 2. timing -----------------------------------------------------------------------------
-    copy_fns = {"memcpy": jax.jit(lambda x: jnp.copy(x)), "neg": jax.jit(lambda x: -x)}
     rows = []
-    for k in KS:
-        for m in MS:
-            if time.time() - T0 > BUDGET_S * 0.85:
-                result["skipped"].append(f"timing M={m} K={k} (time budget)")
-                continue
-            key, sub = jax.random.split(key)
-            x = make_x(sub, m, k)
-            nbytes_x = m * k * 2
-            copy = {}
-            for cname, cf in copy_fns.items():
-                t = median_ms(cf, x)
-                if t:
-                    copy[cname] = 2 * nbytes_x / (t * 1e-3) / 1e9
-            copy_gbs = max(copy.values()) if copy else None
-            variants = [(name, fns[name][0]) for name in TIMED]
-            if m * k >= 8 * 2**20:  # the TMA-store variant of the kernel, for comparison
-                variants.append(("fp8_tok:tma", tma_fn))
-            for name, kfn in variants:
-                kw = SCHEMES[name.split(":")[0]]
-                g = k // kw["group_size"] if kw.get("group_size") else 1
-                extra = m * g * 4 * (2 if kw.get("symmetric") is False else 1)
-                moved = nbytes_x + m * k + extra
-                ub = jnp.float32(kw.get("scale_ub", 1.0))
-                tk = median_ms(kfn, x, ub)
-                tx = median_ms(fns[name.split(":")[0]][1], x, ub)
-                row = {
-                    "scheme": name, "m": m, "k": k, "elements": m * k,
-                    "kernel_us": None if tk is None else tk * 1e3,
-                    "xla_us": None if tx is None else tx * 1e3,
-                    "kernel_gbs": None if tk is None else moved / (tk * 1e-3) / 1e9,
-                    "xla_gbs": None if tx is None else moved / (tx * 1e-3) / 1e9,
-                    "copy_gbs": copy_gbs, "copy_detail_gbs": copy,
-                }
-                row["frac_of_copy"] = (row["kernel_gbs"] / copy_gbs) if (copy_gbs and row["kernel_gbs"]) else None
-                row["speedup_vs_xla"] = (tx / tk) if (tk and tx) else None
-                rows.append(row)
-    result["timings"] = rows
+    if "time" in phases:
+        copy_fns = {"memcpy": jax.jit(lambda x: jnp.copy(x)), "neg": jax.jit(lambda x: -x)}
+        for k in KS:
+            for m in MS:
+                if time.time() - T0 > BUDGET_S * 0.85:
+                    result["skipped"].append(f"timing M={m} K={k} (time budget)")
+                    continue
+                key, sub = jax.random.split(key)
+                x = make_x(sub, m, k)
+                nbytes_x = m * k * 2
+                copy = {}
+                for cname, cf in copy_fns.items():
+                    t = median_ms(cf, x)
+                    if t:
+                        copy[cname] = 2 * nbytes_x / (t * 1e-3) / 1e9
+                copy_gbs = max(copy.values()) if copy else None
+                variants = [(name, fns[name][0]) for name in TIMED]
+                if m * k >= 8 * 2**20:  # the TMA-store variant of the kernel, for comparison
+                    variants.append(("fp8_tok:tma", tma_fn))
+                for name, kfn in variants:
+                    kw = SCHEMES[name.split(":")[0]]
+                    g = k // kw["group_size"] if kw.get("group_size") else 1
+                    extra = m * g * 4 * (2 if kw.get("symmetric") is False else 1)
+                    moved = nbytes_x + m * k + extra
+                    ub = jnp.float32(kw.get("scale_ub", 1.0))
+                    tk = median_ms(kfn, x, ub)
+                    tx = median_ms(fns[name.split(":")[0]][1], x, ub)
+                    row = {
+                        "scheme": name, "m": m, "k": k, "elements": m * k,
+                        "kernel_us": None if tk is None else tk * 1e3,
+                        "xla_us": None if tx is None else tx * 1e3,
+                        "kernel_gbs": None if tk is None else moved / (tk * 1e-3) / 1e9,
+                        "xla_gbs": None if tx is None else moved / (tx * 1e-3) / 1e9,
+                        "copy_gbs": copy_gbs, "copy_detail_gbs": copy,
+                    }
+                    row["frac_of_copy"] = (row["kernel_gbs"] / copy_gbs) if (copy_gbs and row["kernel_gbs"]) else None
+                    row["speedup_vs_xla"] = (tx / tk) if (tk and tx) else None
+                    rows.append(row)
+        result["timings"] = rows
 
-    # -- 3. tuning sweep (fp8 per-token, largest shapes): is the default plan the best one? ----
+    # -- 3. tuning sweep: is the default plan the best one? (stages x grid x store, per scheme) ----
     sweep = []
     copy_at = {(r["m"], r["k"]): r["copy_gbs"] for r in rows}
-    for m, k in [(4096, KS[0]), (4096, KS[-1])] if not DRYRUN else [(7, KS[0])]:
-        default = mq.plan(m, k, jnp.bfloat16, granularity="per_token")
-        variants = [dict(), dict(store="tma")]
-        for st in (2, 3, 4, 6):
-            if st != default.stages:
-                variants.append(dict(stages=st))
-        for ctas in (132, 264):
-            if ctas != default.grid:
-                variants.append(dict(max_ctas=ctas))
+    sweep_shapes = args.sweep_shapes if not DRYRUN else [(7, KS[0])]
+    for m, k in sweep_shapes if "sweep" in phases else []:
         key, sub = jax.random.split(key)
         x = make_x(sub, m, k)
-        moved = m * k * 3 + m * 4
-        for var in variants:
-            if time.time() - T0 > BUDGET_S:
-                result["skipped"].append(f"sweep M={m} K={k} {var} (time budget)")
-                continue
-            try:
-                pl_ = mq.plan(m, k, jnp.bfloat16, granularity="per_token",
-                              **{a: var[a] for a in ("stages", "max_ctas", "store") if a in var})
-                t = median_ms(kernel_fn(kind="fp8", granularity="per_token", **var), x, jnp.float32(1))
-            except Exception as e:  # noqa: BLE001 - a variant that does not fit is reported, not fatal
-                sweep.append({"m": m, "k": k, "variant": var, "error": f"{type(e).__name__}: {e}"[:300]})
-                continue
-            gbs = None if t is None else moved / (t * 1e-3) / 1e9
-            cg = copy_at.get((m, k))
-            sweep.append({"m": m, "k": k, "variant": var or "default", "stages": pl_.stages, "grid": pl_.grid,
-                          "store": pl_.store, "us": None if t is None else t * 1e3, "gbs": gbs,
-                          "frac_of_copy": (gbs / cg) if (gbs and cg) else None})
+        if (m, k) not in copy_at:
+            t = median_ms(jax.jit(lambda x: -x), x)
+            copy_at[(m, k)] = 2 * m * k * 2 / (t * 1e-3) / 1e9 if t else None
+        for name in args.sweep_schemes:
+            kw = dict(SCHEMES[name])
+            gran, gs = kw["granularity"], kw.get("group_size")
+            default = mq.plan(m, k, jnp.bfloat16, granularity=gran, group_size=gs,
+                              symmetric=kw.get("symmetric", True))
+            variants = [dict(), dict(store="tma")]
+            variants += [dict(stages=st) for st in (2, 3, 4, 6, 8) if st != default.stages]
+            variants += [dict(max_ctas=c) for c in (132, 264) if c != default.grid]
+            g = k // gs if gs else 1
+            moved = m * k * 3 + m * g * 4 * (2 if kw.get("symmetric") is False else 1)
+            ub = jnp.float32(kw.get("scale_ub", 1.0))
+            for var in variants:
+                if time.time() - T0 > args.budget_s:
+                    result["skipped"].append(f"sweep {name} M={m} K={k} {var} (time budget)")
+                    continue
+                try:
+                    pl_ = mq.plan(m, k, jnp.bfloat16, granularity=gran, group_size=gs,
+                                  symmetric=kw.get("symmetric", True),
+                                  **{a: var[a] for a in ("stages", "max_ctas", "store") if a in var})
+                    t = median_ms(kernel_fn(**kw, **var), x, ub)
+                except Exception as e:  # noqa: BLE001 - a variant that does not fit is reported, not fatal
+                    sweep.append({"scheme": name, "m": m, "k": k, "variant": var,
+                                  "error": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                gbs = None if t is None else moved / (t * 1e-3) / 1e9
+                cg = copy_at.get((m, k))
+                sweep.append({"scheme": name, "m": m, "k": k, "variant": var or "default", "stages": pl_.stages,
+                              "grid": pl_.grid, "store": pl_.store, "us": None if t is None else t * 1e3,
+                              "gbs": gbs, "frac_of_copy": (gbs / cg) if (gbs and cg) else None})
     result["sweep"] = sweep
     big = [r for r in rows if r["elements"] >= 8 * 2**20 and r["frac_of_copy"] is not None]
     result["summary"] = {
@@ -332,12 +362,12 @@ def main():
               f"{fmt(r['kernel_gbs'], '10.0f')}{fmt(r['xla_gbs'], '9.0f')}{fmt(r['copy_gbs'], '10.0f')}"
               f"{fmt(r['frac_of_copy'], '6.2f')}{fmt(r['speedup_vs_xla'], '7.2f')}")
     if sweep:
-        print("sweep (fp8 per-token):")
+        print("sweep:")
         for r in sweep:
             if "error" in r:
-                print(f"  M={r['m']} K={r['k']} {r['variant']}: {r['error']}")
+                print(f"  {r['scheme']} M={r['m']} K={r['k']} {r['variant']}: {r['error']}")
             else:
-                print(f"  M={r['m']} K={r['k']} stages={r['stages']} grid={r['grid']} store={r['store']}: "
+                print(f"  {r['scheme']} M={r['m']} K={r['k']} stages={r['stages']} grid={r['grid']} store={r['store']}: "
                       f"{fmt(r['us'], '.1f')} us {fmt(r['gbs'], '.0f')} GB/s frac {fmt(r['frac_of_copy'], '.2f')}")
     print(json.dumps(result["summary"]), flush=True)
     if result["skipped"]:

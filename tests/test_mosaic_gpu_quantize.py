@@ -268,3 +268,33 @@ def test_is_supported_reasons():
     if jax.default_backend() == "cpu":
         ok, why = mq.is_supported()
         assert not ok and "CUDA" in why
+
+
+def test_plan_prefers_more_ctas_per_sm_over_deeper_prefetch(monkeypatch):
+    # H100, fp8 per-token, 4096 x 4096: 2-4 stages (8-6 CTAs per SM) 18.8-19.1 us, 8 stages (3 CTAs) 20.1.
+    monkeypatch.setattr(mq, "_num_sms", lambda: 132)
+    for k in (1024, 2048, 4096, 14336):
+        p = mq.plan(4096, k, jnp.bfloat16, granularity="per_token")
+        per_sm = lambda st: min(mq._MAX_CTAS_PER_SM, mq._SMEM_PER_SM_USABLE // (  # noqa: E731
+            dataclasses.replace(p, stages=st).smem_bytes(2, False, False) + mq._SMEM_RESERVED))
+        assert all(per_sm(p.stages) >= per_sm(st) for st in range(2, 9))  # most CTAs per SM
+        assert all(per_sm(st) < per_sm(p.stages) for st in range(p.stages + 1, 9))  # then the deepest
+    assert mq.plan(4096, 4096, jnp.bfloat16, granularity="per_token").stages == 2  # 8 CTAs per SM
+    assert mq.plan(4096, 1024, jnp.bfloat16, granularity="per_token").stages == 8  # 8 CTAs fit anyway
+
+
+def test_gpu_quantize_check_script_sweep_runs_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU script's sweep phase (per scheme, stage / grid / store variants) in its CPU dry run."""
+    from qlin.testing import load_script
+
+    script = load_script("benchmarks/gpu_quantize_check.py", "gpu_quantize_check")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert script.main(["--phases", "sweep", "--sweep-schemes", "int8_tok_asym"]) == 0
+    import json
+
+    out = json.loads((tmp_path / "quantize_check.json").read_text())
+    rows = out["sweep"]
+    assert rows and all(r["scheme"] == "int8_tok_asym" and "error" not in r for r in rows)
+    assert {r["stages"] for r in rows} >= {2, 3, 4} and out["checks"] == []
+    with pytest.raises(SystemExit):
+        script.parse_args(["--sweep-schemes", "fp4"])
