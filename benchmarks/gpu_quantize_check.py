@@ -19,8 +19,10 @@ Run on a machine with jax 0.11.2 and an H100/H200:
    ceiling, a device-to-device pass over x (``jnp.copy`` and ``-x``; the faster
    counts). GB/s count bytes read + written (x, q, scales, zero points); the
    fraction is kernel GB/s / copy GB/s. Target: >= 0.85 at M*K >= 8M.
-3. A small tuning sweep (stages, grid, store) for fp8 per-token at M=4096, so one GPU run also
-   says whether the default plan is the best one.
+3. A small tuning sweep (stages, grid, store) at M = 4096 (``--sweep-schemes``, ``--sweep-shapes``;
+   fp8 per-token by default), so one GPU run also says whether the default plan is the best one.
+
+``--phases check,time,sweep`` (the default) picks the parts, e.g. ``--phases check,sweep``.
 
 Writes $OUT/quantize_check.json (or ./quantize_check.json) and prints a table.
 Exits 1 if any bit-exactness check fails. Budget: < 3 minutes.
