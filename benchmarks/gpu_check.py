@@ -132,6 +132,11 @@ CHECK_CONFIGS = {
         grid_tile_width=8,
         epi_slots=1,
     ),
+    # The large-M default from M = 2048: one wgmma group in flight (delay_release=1, wait(1)).
+    "big_m128x128_wgN_inflight": mm.TuningConfig(
+        tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="n",
+        grid_minor_dim="m", grid_tile_width=8, epi_slots=1, wgmma_inflight=True,
+    ),
     "big_m128x256_wgM": mm.TuningConfig(
         tile_m=128,
         tile_n=256,

@@ -57,6 +57,7 @@ TWO_WG_N = mm.TuningConfig(
 )
 
 SPLIT_K3 = dataclasses.replace(ONE_WG, split_k=3, epi_slots=1)
+INFLIGHT = dict(wgmma_inflight=True, max_concurrent_steps=3)
 
 
 def _operands(rng, m, n, k, dtype, a_mode="token", b_mode="channel", bias=False, azp=None):
@@ -139,6 +140,10 @@ CASES = [
     ("fp8", 100, 48, 160, "token", "channel", True, None, jnp.bfloat16, SPLIT_K3),
     ("int8", 9, 48, 160, "token", "channel", True, "token", jnp.float32, SPLIT_K3),
     ("int8", 70, 32, 128, "tensor", "tensor", True, "tensor", jnp.bfloat16, dataclasses.replace(TWO_WG_M, split_k=2)),
+    # One wgmma group in flight (delay_release=1): 2 and 3 K steps, partial last K tile, split-K.
+    ("fp8", 130, 80, 160, "token", "channel", True, None, jnp.bfloat16, dataclasses.replace(TWO_WG_N, **INFLIGHT)),
+    ("int8", 100, 48, 128, "token", "channel", True, "token", jnp.float32, dataclasses.replace(ONE_WG, **INFLIGHT)),
+    ("fp8", 9, 48, 160, "tensor", "channel", False, None, jnp.float16, dataclasses.replace(SPLIT_K3, **INFLIGHT)),
 ]
 
 
@@ -148,7 +153,7 @@ CASES = [
     ids=lambda c: (
         f"{c[0]}-M{c[1]}N{c[2]}K{c[3]}-a{c[4]}-b{c[5]}"
         f"-bias{int(c[6])}-azp{c[7]}-{jnp.dtype(c[8]).name}-w{c[9].num_compute_wgs}"
-        f"{c[9].wg_dimension}"
+        f"{c[9].wg_dimension}{'-inflight' if c[9].wgmma_inflight else ''}"
     ),
 )
 def test_interpret_matches_float64_reference(case):
@@ -282,11 +287,45 @@ def test_bad_epilogue_arguments():
             dict(tile_m=128, tile_n=256, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2),
             r"needs \d+ bytes of shared memory",
         ),
+        (dict(wgmma_inflight=True, max_concurrent_steps=2), r"wgmma_inflight needs max_concurrent_steps >= 3"),
     ],
 )
 def test_bad_tuning_configs(change, match):
     with pytest.raises(ValueError, match=match):
         mm.scaled_mm(*_args(), config=dataclasses.replace(ONE_WG, **change), interpret=True)
+
+
+def test_wgmma_inflight_must_be_a_bool():
+    with pytest.raises(TypeError, match="wgmma_inflight=1 must be True or False"):
+        mm.scaled_mm(*_args(), config=dataclasses.replace(ONE_WG, wgmma_inflight=1), interpret=True)
+
+
+def test_large_m_keeps_one_wgmma_in_flight_from_m_2048(monkeypatch):
+    # H100: 1.4-2.4 % faster from M = 2048, neutral at 1024, 1.7 % slower at 512 x 28672 x 4096.
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    for m in (2048, 4096, 8192):
+        cfg = mm.default_config(m, 8192, 8192, F8)
+        assert cfg.wgmma_inflight and cfg.short().endswith("i") and cfg.cta_tile_n == 256
+        assert dataclasses.replace(cfg, wgmma_inflight=False) == mm.default_config(1024, 8192, 8192, F8)
+    for m in (1, 16, 128, 512, 1024):
+        assert not mm.default_config(m, 8192, 8192, F8).wgmma_inflight
+    # the autotuner tries the other side of the switch
+    assert any(c.wgmma_inflight for c in mm.candidate_configs(1024, 8192, 8192, F8))
+    assert any(not c.wgmma_inflight for c in mm.candidate_configs(4096, 8192, 8192, F8))
+
+
+def test_tma_rows_pads_only_above_one_row_tile():
+    assert [mm.tma_rows(m) for m in (1, 5, 8, 9, 16, 100, 129)] == [1, 5, 8, 16, 16, 104, 136]
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 100])
+def test_decode_runs_unpadded_and_larger_m_pads(m):
+    # Mosaic GPU takes fewer than 8 rows as one partial TMA tile (measured: the XLA pads + slice cost
+    # 0.4-3 us at decode); above 8 rows it needs whole 8-row tiles (the CUDA lowering rejects M = 100).
+    args = [S((m, 256), F8), S((512, 256), F8), S((m, 1), jnp.float32), S((1, 512), jnp.float32)]
+    hlo = jax.jit(lambda a, b, x, y: mm.scaled_mm(a, b, x, y)).trace(*args).lower(lowering_platforms=("cuda",))
+    text = hlo.as_text()
+    assert ("stablehlo.pad" in text) == (m % 8 != 0 and m > 8)
 
 
 def test_required_alignment():
@@ -323,7 +362,7 @@ def test_wide_n_mid_m_takes_the_large_tile(monkeypatch):
     # H100: at 256 x 28672 x 4096 the 2x64 x 256 mid tile ran 0.82x XLA, at 512 0.78x; the large-M
     # 128 x 256 tile (warpgroups along N, 4 stages) streams a wave of tiles ~1.45x faster.
     monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
-    large = mm.default_config(4096, 28672, 4096, F8)
+    large = mm.default_config(1024, 28672, 4096, F8)
     for m in (256, 512):
         assert mm.default_config(m, 28672, 4096, F8) == large
     assert mm.default_config(128, 28672, 4096, F8) != large  # one 128-row tile: the mid-M model decides
@@ -332,7 +371,7 @@ def test_wide_n_mid_m_takes_the_large_tile(monkeypatch):
 def test_wide_n_mid_m_takes_192_wide_tiles_when_they_need_no_more_waves(monkeypatch):
     # H100, 512 x 10240 x 8192 fp8: 2x64 x 192 tiles (216, two waves) 81.3 us, 128 x 256 (160, two waves) 89.3.
     monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
-    large = mm.default_config(4096, 28672, 4096, F8)
+    large = mm.default_config(1024, 28672, 4096, F8)
     for m, n, k in ((512, 10240, 8192), (256, 10240, 8192), (512, 6144, 4096)):
         for dt in (F8, jnp.int8):
             cfg = mm.default_config(m, n, k, dt)

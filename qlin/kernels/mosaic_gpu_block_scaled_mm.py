@@ -55,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from qlin.kernels import mosaic_gpu_scaled_mm as mm_mod
 from qlin.kernels.mosaic_gpu_scaled_mm import (
     SMEM_LIMIT_BYTES,
     TileConfigBase,
@@ -765,8 +766,8 @@ def block_scaled_mm(
     if config is None:
         config = default_config(m, n, k, out_dtype)
     _validate_config(config, out_dtype, bias is not None)
-    # M must be a multiple of 8 for TMA (8-row tiling): pad the activation side, slice the output.
-    m_pad = (-m) % 8
+    # M > 8 not a multiple of 8: pad the activation side, slice the output (see tma_rows).
+    m_pad = mm_mod.tma_rows(m) - m
     if m_pad:
         a = jnp.pad(a, ((0, m_pad), (0, 0)))
     # (ceil(K/128), M'): one K step's scales for a CTA's rows are one contiguous TMA box; M' covers
