@@ -8,6 +8,7 @@ f32 reference, the dynamic-linear rows, the JSON / markdown / plot outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -421,3 +422,24 @@ def test_qlin_rows_name_the_int8_gemv_route():
     assert bench.qlin_label(cfg, jnp.int8, 1, 4096) == "xla_gemv"  # what apply_weights runs at int8 decode
     assert bench.qlin_label(cfg, jnp.int8, 1, 28672) == cfg.short()  # long K: the wgmma kernel
     assert bench.qlin_label(cfg, jnp.float8_e4m3fn, 1, 4096) == cfg.short()
+
+
+def test_ab_gemm_sides_are_valid_and_differ_only_in_what_they_compare():
+    # benchmarks/ab_gemm.py (GPU A/B runs): the two sides of each comparison, checked without a GPU.
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    ab = load_script("benchmarks/ab_gemm.py")
+    f8 = jnp.float8_e4m3fn
+    for m, n, k in ((4096, 4096, 4096), (256, 4096, 4096), (16, 28672, 4096), (1, 8192, 8192)):
+        sides = ab.sides("inflight", m, n, k, f8)
+        off, on = sides["off"][0], sides["on"][0]
+        assert not off.wgmma_inflight and on.wgmma_inflight
+        assert off == dataclasses.replace(mm.default_config(m, n, k, f8), wgmma_inflight=False)
+        for cfg, _ in sides.values():
+            mm._validate_config(cfg, f8, jnp.bfloat16)
+        # 2-stage configs get tile_k halved and the stages doubled (in-flight needs 3 stages)
+        if off.max_concurrent_steps < 3:
+            assert (on.tile_k, on.max_concurrent_steps) == (off.tile_k // 2, 2 * off.max_concurrent_steps)
+    pad = ab.sides("decode_pad", 5, 4096, 4096, f8)
+    assert pad["pad8"][0] == pad["unpadded"][0]
+    assert (pad["pad8"][1](5), pad["unpadded"][1](5), pad["unpadded"][1](13)) == (8, 5, 16)

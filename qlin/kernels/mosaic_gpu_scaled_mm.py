@@ -263,7 +263,9 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
     if not isinstance(c.wgmma_inflight, bool):
         raise TypeError(f"config.wgmma_inflight={c.wgmma_inflight!r} must be True or False")
     if c.wgmma_inflight and c.max_concurrent_steps < 3:
-        raise ValueError("config.wgmma_inflight needs max_concurrent_steps >= 3 (one stage is held by the running wgmma)")
+        raise ValueError(
+            "config.wgmma_inflight needs max_concurrent_steps >= 3 (one stage is held by the running wgmma)"
+        )
     check_smem(c, smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs))
 
 

@@ -1,0 +1,138 @@
+"""A/B timing of one Mosaic GPU GEMM design choice, both sides in the same run (H100 / H200).
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/ab_gemm.py --ab inflight [--check-s 140]
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/ab_gemm.py --ab decode_pad
+
+``--ab inflight``: the heuristic tile config with ``wgmma_inflight`` off and on (one wgmma group
+  in flight across pipeline steps; where a config has fewer than 3 stages, ``tile_k`` is halved
+  and the stages doubled), plus the on-variant with one more stage where shared memory allows.
+  ``--check-s`` first runs ``gpu_check``'s correctness checks (float64 reference, NaN-poisoned
+  outputs, partial tiles) with every check config switched to in-flight.
+``--ab decode_pad``: ``scaled_mm`` at decode M with the activation padded to 8 rows (what it did
+  before :func:`qlin.kernels.mosaic_gpu_scaled_mm.tma_rows`) and unpadded.
+
+Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
+``--iterations`` warm runs over rotated weight copies.  Writes $OUT/ab_gemm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax.numpy as jnp  # noqa: E402
+
+from qlin import bench  # noqa: E402
+from qlin.kernels import mosaic_gpu_scaled_mm as mm  # noqa: E402
+
+INFLIGHT_CASES = (
+    "4096:4096:4096,8192:8192:8192,4096:28672:4096,4096:4096:14336,2048:8192:28672,8192:57344:8192,"
+    "256:4096:4096,512:10240:8192,128:4096:14336,256:8192:28672,512:28672:4096,1024:4096:4096,"
+    "16:4096:4096,16:28672:4096,1:8192:8192,64:57344:8192"
+)
+DECODE_CASES = "1:4096:4096,1:8192:8192,1:28672:4096,1:4096:14336,5:4096:4096,1:8192:28672,8:4096:4096"
+
+
+def inflight(c: mm.TuningConfig, **kw) -> mm.TuningConfig:
+    c = dataclasses.replace(c, wgmma_inflight=True, **kw)
+    if c.max_concurrent_steps < 3 and c.tile_k >= 256:
+        c = dataclasses.replace(c, tile_k=c.tile_k // 2, max_concurrent_steps=2 * c.max_concurrent_steps)
+    return dataclasses.replace(c, max_concurrent_steps=max(3, c.max_concurrent_steps))
+
+
+_TMA_ROWS = mm.tma_rows  # the library's row rule; the decode_pad A side swaps in _pad8
+
+
+def _pad8(m: int) -> int:
+    return -(-m // 8) * 8
+
+
+def sides(ab: str, m: int, n: int, k: int, jdt):
+    """{name: (tuning config, tma_rows function)} of one case."""
+    base = mm.default_config(m, n, k, jdt, jnp.bfloat16)
+    if ab == "decode_pad":
+        return {"pad8": (base, _pad8), "unpadded": (base, _TMA_ROWS)}
+    off = dataclasses.replace(base, wgmma_inflight=False)
+    on = mm._fit_smem(inflight(off), jdt, jnp.bfloat16)
+    out = {"off": (off, _TMA_ROWS), "on": (on, _TMA_ROWS)}
+    more = mm._fit_smem(inflight(off, max_concurrent_steps=off.max_concurrent_steps + 1), jdt, jnp.bfloat16)
+    if more != on and more.max_concurrent_steps >= 3:
+        out["on_plus1"] = (more, _TMA_ROWS)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ab", choices=("inflight", "decode_pad"), required=True)
+    p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
+    p.add_argument("--dtypes", default="fp8,int8")
+    p.add_argument("--check-s", type=float, default=0.0, help="--ab inflight: gpu_check budget first (0 = none)")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=520.0)
+    args = p.parse_args(argv)
+    t0 = time.time()
+    out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict = {"ab": args.ab, "device": bench.device_name(), "check": [], "time": []}
+
+    def dump():
+        (out_dir / "ab_gemm.json").write_text(json.dumps(res, indent=1, default=str))
+
+    if args.check_s > 0 and args.ab == "inflight":
+        import gpu_check
+
+        gpu_check.T0 = t0
+        gpu_check.CHECK_CONFIGS = {f"{k}_inflight": inflight(v) for k, v in gpu_check.CHECK_CONFIGS.items()}
+        default = mm.default_config
+        mm.default_config = lambda *a, **kw: inflight(default(*a, **kw))  # the "default" rows too
+        try:
+            gpu_check.run_checks(res["check"], args.check_s)
+        finally:
+            mm.default_config = default
+        dump()
+    cases = args.cases or (INFLIGHT_CASES if args.ab == "inflight" else DECODE_CASES)
+    for cs in cases.split(","):
+        m, n, k = (int(v) for v in cs.split(":"))
+        for dt in args.dtypes.split(","):
+            if time.time() - t0 > args.budget_s:
+                print(f"budget: skipped {m}x{n}x{k} {dt}", flush=True)
+                continue
+            jdt = jnp.int8 if dt == "int8" else jnp.float8_e4m3fn
+            a, bs, a_s, b_s = bench.device_operands(m, n, k, dt, bench.n_copies(n, k), 1)
+            sets = [(a, b, a_s, b_s) for b in bs]
+            row: dict = dict(M=m, N=n, K=k, dtype=dt, xla_us=bench.measure_us(bench.xla_fn(dt), sets, args.iterations))
+            for rep in range(2):
+                for name, (cfg, rows) in sides(args.ab, m, n, k, jdt).items():
+                    if rep and name == "on_plus1":
+                        continue
+                    row[f"{name}_cfg"] = cfg.short()
+                    try:
+                        mm._validate_config(cfg, jdt, jnp.bfloat16)
+                        mm.tma_rows = rows
+                        # A plain function: traced afresh under each timing program (tma_rows is read then).
+                        us = bench.measure_us(
+                            lambda a, b, x, y, cfg=cfg: mm.scaled_mm(a, b, x, y, out_dtype=jnp.bfloat16, config=cfg),
+                            sets,
+                            args.iterations,
+                        )
+                        row.setdefault(f"{name}_us", []).append(us)
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{name}_error"] = str(e).splitlines()[0][:200]
+                    finally:
+                        mm.tma_rows = _TMA_ROWS
+            res["time"].append(row)
+            dump()
+            print(json.dumps(row), flush=True)
+    print(f"total {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
