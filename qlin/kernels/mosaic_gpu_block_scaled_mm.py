@@ -39,7 +39,7 @@
   output tiles in a planar-snake order, epilogue (bias, cast) in registers
   and one store through shared memory + TMA.
 * Partial tiles: TMA zero-fills out-of-bounds loads and clips stores, so any
-  M >= 1 (padded to 8 rows here), N a multiple of 16 and K a multiple of 32
+  M >= 1 (M > 8 padded to 8 rows here, see tma_rows), N a multiple of 16 and K a multiple of 32
   work; a K that is not a multiple of 128 ends with a partial K block (the
   zero-filled columns add nothing), at a narrower swizzle.
 """
