@@ -10,6 +10,8 @@
   outputs, partial tiles) with every check config switched to in-flight.
 ``--ab decode_pad``: ``scaled_mm`` at decode M with the activation padded to 8 rows (what it did
   before :func:`qlin.kernels.mosaic_gpu_scaled_mm.tma_rows`) and unpadded.
+``--ab wide_n``: the 128 x 320 CTA tile (two 128 x 160 warpgroups) against what the heuristic picks
+  without it (128 x 256, or 2 x 64 x 192 at mid M).
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
 ``--iterations`` warm runs over rotated weight copies.  Writes $OUT/ab_gemm.json.
@@ -39,6 +41,7 @@ INFLIGHT_CASES = (
     "16:4096:4096,16:28672:4096,1:8192:8192,64:57344:8192"
 )
 DECODE_CASES = "1:4096:4096,1:8192:8192,1:28672:4096,1:4096:14336,5:4096:4096,1:8192:28672,8:4096:4096"
+WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
 def inflight(c: mm.TuningConfig, **kw) -> mm.TuningConfig:
@@ -57,6 +60,14 @@ def _pad8(m: int) -> int:
 
 def sides(ab: str, m: int, n: int, k: int, jdt):
     """{name: (tuning config, tma_rows function)} of one case."""
+    if ab == "wide_n":
+        takes = mm._takes_wide_n_tile
+        mm._takes_wide_n_tile = lambda *a, **kw: False
+        try:
+            previous = mm.default_config(m, n, k, jdt, jnp.bfloat16)
+        finally:
+            mm._takes_wide_n_tile = takes
+        return {"previous": (previous, _TMA_ROWS), "wide_n": (mm._wide_n_tile(), _TMA_ROWS)}
     base = mm.default_config(m, n, k, jdt, jnp.bfloat16)
     if ab == "decode_pad":
         return {"pad8": (base, _pad8), "unpadded": (base, _TMA_ROWS)}
@@ -71,7 +82,7 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("inflight", "decode_pad"), required=True)
+    p.add_argument("--ab", choices=("inflight", "decode_pad", "wide_n"), required=True)
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
     p.add_argument("--dtypes", default="fp8,int8")
     p.add_argument("--check-s", type=float, default=0.0, help="--ab inflight: gpu_check budget first (0 = none)")
@@ -98,7 +109,7 @@ def main(argv=None) -> None:
         finally:
             mm.default_config = default
         dump()
-    cases = args.cases or (INFLIGHT_CASES if args.ab == "inflight" else DECODE_CASES)
+    cases = args.cases or {"inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES}[args.ab]
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
         for dt in args.dtypes.split(","):

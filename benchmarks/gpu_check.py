@@ -137,6 +137,11 @@ CHECK_CONFIGS = {
         tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", grid_tile_width=8, epi_slots=1, wgmma_inflight=True,
     ),
+    # 128 x 320 CTA tiles (two 128 x 160 warpgroups along N): where 128 x 256 tiles leave a nearly empty wave.
+    "wide_m128x160_wgN": mm.TuningConfig(
+        tile_m=128, tile_n=160, tile_k=128, max_concurrent_steps=3, num_compute_wgs=2, wg_dimension="n",
+        grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1,
+    ),
     "big_m128x256_wgM": mm.TuningConfig(
         tile_m=128,
         tile_n=256,

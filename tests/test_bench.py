@@ -440,6 +440,9 @@ def test_ab_gemm_sides_are_valid_and_differ_only_in_what_they_compare():
         # 2-stage configs get tile_k halved and the stages doubled (in-flight needs 3 stages)
         if off.max_concurrent_steps < 3:
             assert (on.tile_k, on.max_concurrent_steps) == (off.tile_k // 2, 2 * off.max_concurrent_steps)
+    wide = ab.sides("wide_n", 512, 10240, 8192, f8)
+    assert wide["wide_n"][0] == mm._wide_n_tile() and wide["previous"][0].cta_tile_n == 192
+    assert mm.default_config(512, 10240, 8192, f8) == mm._wide_n_tile()  # the patch did not leak
     pad = ab.sides("decode_pad", 5, 4096, 4096, f8)
     assert pad["pad8"][0] == pad["unpadded"][0]
     assert (pad["pad8"][1](5), pad["unpadded"][1](5), pad["unpadded"][1](13)) == (8, 5, 16)

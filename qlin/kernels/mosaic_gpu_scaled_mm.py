@@ -413,6 +413,35 @@ def _large_m_tile(inflight: bool = False) -> TuningConfig:
     )
 
 
+def _wide_n_tile() -> TuningConfig:
+    """128 x 320 CTA tile (two 128 x 160 consumer warpgroups along N, 3 stages): one wave where 128 x 256
+    tiles leave a nearly empty extra one (see :func:`_takes_wide_n_tile`)."""
+    return TuningConfig(
+        tile_m=128, tile_n=160, tile_k=128, max_concurrent_steps=3, num_compute_wgs=2, wg_dimension="n",
+        grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1,
+    )  # fmt: skip
+
+
+def _wave_cost(m: int, n: int, cta_n: int, sms: int, per_tile: float) -> float:
+    """Waves of 128-row CTA tiles of width ``cta_n`` times the time of one tile (in units of N columns)."""
+    return _cdiv(_cdiv(m, 128) * _cdiv(n, cta_n), sms) * per_tile
+
+
+def _takes_wide_n_tile(m: int, n: int, sms: int, mid_192: bool) -> bool:
+    """Whether 128 x 320 tiles beat 128 x 256 (and, at mid M, 2 x 64 x 192) by >= 5 % in waves x tile work.
+
+    A tile's time grows with its width at a fixed 128 rows and K; the 2 x 64 x 192 mid tile does ~20 %
+    less work per SM-second (cost 240).  The H100 agreed within ~4 % (fp8, same run): 512 x 10240 x 8192
+    82.8 -> 58.9 us (1 wave of 128 x 320 vs 2 of 2 x 64 x 192; XLA 72.3), 1024 x 10240 x 8192 132.2 -> 113.8,
+    512 x 28672 x 4096 96.1 -> 91.6; and the model keeps 128 x 256 where 128 x 320 lost (1024 x 6144 x 4096
+    46.3 vs 57.5, 4096^3 97.1 vs 117.4) and 2 x 64 x 192 at 256 x 10240 x 8192 (44.3 vs 53.6).
+    """
+    other = _wave_cost(m, n, 256, sms, 256)
+    if mid_192:
+        other = min(other, _wave_cost(m, n, 192, sms, 240))
+    return _wave_cost(m, n, 320, sms, 320) <= 0.95 * other
+
+
 def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
     best = None
     for tn in (256, 128, 64, 32):
@@ -427,6 +456,8 @@ def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         # Where 2x64 x 192 tiles need no more waves than 128 x 256 ones, they win on the shorter
         # wave: 512 x 10240 x 8192 (two waves either way) ran 81.3 us vs 89.3 on the H100 (the
         # mid tile does ~20 % less work per SM-second, the 192-wide wave is 25 % shorter).
+        if _takes_wide_n_tile(m, n, sms, mid_192=True):
+            return _fit_smem(_wide_n_tile(), dtype, out_dtype)
         waves = lambda tn: _cdiv(_cdiv(m, 128) * _cdiv(n, tn), sms)  # noqa: E731
         if waves(192) <= waves(256):
             return _fit_smem(_mid_m_tile(192), dtype, out_dtype)
@@ -451,7 +482,10 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
       long and the tiles fill less than half the SMs; above M = 128, where the
       model wants 256-wide tiles, the large-M tile instead.
     * M > 512: 2 x (128 x 128) tiles (warpgroups along N), 4 stages, grouped
-      planar-snake order: compute bound, ~1380 TF/s fp8 on H100 at 4096^3.
+      planar-snake order: compute bound, ~1400 TF/s fp8 on H100 at 4096^3; one
+      wgmma group in flight from M = 2048.
+    * From M = 129: 2 x (128 x 160) tiles (128 x 320) where they need >= 5 % less
+      waves x tile work than the tiles above (a nearly empty last wave).
     """
     sms = num_sms()
     if m <= 64:
@@ -461,6 +495,8 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     # One wgmma group in flight per warpgroup: 1.4-2.4 % faster from M = 2048 on the H100 (fp8 and
     # int8; 4096^3 fp8 99.9 -> 98.5 us, 8192^3 776 -> 758), neutral at M = 1024 and 1.7 % slower at
     # M = 512 x 28672 x 4096 (its last stage is held by the running wgmma: 3 stages of prefetch).
+    if _takes_wide_n_tile(m, n, sms, mid_192=False):
+        return _fit_smem(_wide_n_tile(), dtype, out_dtype)
     return _fit_smem(_large_m_tile(inflight=m >= 2048), dtype, out_dtype)
 
 
@@ -519,6 +555,7 @@ def candidate_configs(
         for tn in (64, 128, 32, 256):
             cands.append(_mid_m_tile(tn))
         cands.append(_large_m_tile())
+        cands.append(_wide_n_tile())
         # Tile counts between the powers of two: at M = 512 a 2x64 x 256 tile left 10240 and 28672
         # wide N at 2 and 3.4 waves on the H100 (0.77x / 0.78x XLA); 160 / 192 give ~2 full waves.
         for tn, en in ((160, 32), (192, 64)):
@@ -536,7 +573,8 @@ def candidate_configs(
             for sk in _split_k_options(n, k, tn, 128, sms=num_sms(), m=m, cta_m=128):
                 cands.append(dataclasses.replace(_mid_m_tile(tn), split_k=sk, epi_slots=1))
     else:
-        cands.append(_large_m_tile(inflight=not base.wgmma_inflight))  # the other side of the M = 2048 switch
+        # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
+        cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile()]
         for tm, tn, wgd, st, slots in (
             (128, 128, "n", 4, 1),
             (64, 256, "m", 3, 2),
