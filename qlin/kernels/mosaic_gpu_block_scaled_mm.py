@@ -39,8 +39,8 @@
   output tiles in a planar-snake order, epilogue (bias, cast) in registers
   and one store through shared memory + TMA.
 * Partial tiles: TMA zero-fills out-of-bounds loads and clips stores, so any
-  M >= 1 (M > 8 padded to 8 rows here, see tma_rows), N a multiple of 16 and K a multiple of 32
-  work; a K that is not a multiple of 128 ends with a partial K block (the
+  M >= 1 (M > 8 padded to 8 rows here, see tma_rows), N a multiple of 16 and
+  K a multiple of 32 work; a K that is not a multiple of 128 ends with a partial K block (the
   zero-filled columns add nothing), at a narrower swizzle.
 """
 
@@ -55,7 +55,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from qlin.kernels import mosaic_gpu_scaled_mm as mm_mod
 from qlin.kernels.mosaic_gpu_scaled_mm import (
     SMEM_LIMIT_BYTES,
     TileConfigBase,
@@ -68,6 +67,7 @@ from qlin.kernels.mosaic_gpu_scaled_mm import (
     fit_smem,
     num_sms,
     tma_row_len,
+    tma_rows,
 )
 
 __all__ = [
@@ -767,7 +767,7 @@ def block_scaled_mm(
         config = default_config(m, n, k, out_dtype)
     _validate_config(config, out_dtype, bias is not None)
     # M > 8 not a multiple of 8: pad the activation side, slice the output (see tma_rows).
-    m_pad = mm_mod.tma_rows(m) - m
+    m_pad = tma_rows(m) - m
     if m_pad:
         a = jnp.pad(a, ((0, m_pad), (0, 0)))
     # (ceil(K/128), M'): one K step's scales for a CTA's rows are one contiguous TMA box; M' covers

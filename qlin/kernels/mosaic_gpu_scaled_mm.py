@@ -492,11 +492,11 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
         return _small_m_config(m, n, k, dtype, out_dtype, sms)
     if m <= 512:
         return _mid_m_config(m, n, k, dtype, out_dtype, sms)
+    if _takes_wide_n_tile(m, n, sms, mid_192=False):
+        return _fit_smem(_wide_n_tile(), dtype, out_dtype)
     # One wgmma group in flight per warpgroup: 1.4-2.4 % faster from M = 2048 on the H100 (fp8 and
     # int8; 4096^3 fp8 99.9 -> 98.5 us, 8192^3 776 -> 758), neutral at M = 1024 and 1.7 % slower at
     # M = 512 x 28672 x 4096 (its last stage is held by the running wgmma: 3 stages of prefetch).
-    if _takes_wide_n_tile(m, n, sms, mid_192=False):
-        return _fit_smem(_wide_n_tile(), dtype, out_dtype)
     return _fit_smem(_large_m_tile(inflight=m >= 2048), dtype, out_dtype)
 
 
