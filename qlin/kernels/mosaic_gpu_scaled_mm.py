@@ -458,8 +458,7 @@ def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         # mid tile does ~20 % less work per SM-second, the 192-wide wave is 25 % shorter).
         if _takes_wide_n_tile(m, n, sms, mid_192=True):
             return _fit_smem(_wide_n_tile(), dtype, out_dtype)
-        waves = lambda tn: _cdiv(_cdiv(m, 128) * _cdiv(n, tn), sms)  # noqa: E731
-        if waves(192) <= waves(256):
+        if _wave_cost(m, n, 192, sms, 1) <= _wave_cost(m, n, 256, sms, 1):
             return _fit_smem(_mid_m_tile(192), dtype, out_dtype)
         return _fit_smem(_large_m_tile(), dtype, out_dtype)
     cfg = _mid_m_tile(best[1])
