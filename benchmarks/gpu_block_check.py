@@ -61,6 +61,7 @@ catches its own exceptions (recorded in the JSON); a time budget keeps the run <
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -77,6 +78,7 @@ import jax.numpy as jnp
 
 from qlin import bench
 from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+from qlin.tolerances import fp8_wgmma_kernel_rtol
 
 T0 = time.time()
 BUDGET_S = 170.0
@@ -87,6 +89,7 @@ CHECK_M = [1, 100, 1000]
 CHECK_SHAPES = [(272, 384), (1040, 2080), (13664, 4096)]
 XLA_FP8 = False  # --xla-fp8: also time XLA's fp8 GEMM (per-token x per-channel scales)
 SWEEP = [(4096, 4096, 4096, 10), (4096, 28672, 4096, 6), (16, 4096, 14336, 6)]  # (M, N, K, candidates)
+SWEEP_RESCALE = False  # --sweep-rescale: sweep only the default and the rescaled-accumulation candidates
 CASE_TIMEOUT_S = 120.0  # watchdog per overlap case (compile + run): a hung kernel ends the process
 
 
@@ -170,6 +173,21 @@ OVERLAP_LAYOUTS = {
     ),
 }
 LAYOUTS.update(OVERLAP_LAYOUTS)
+# Rescaled accumulation (one accumulator carried in the current K block's units, pl.run_state with
+# an initialized accumulator on the GPU): 128 x 128 warpgroup tiles along N and M, the 2 x 64 x 128
+# layout, a narrow decode tile with two K blocks per step.
+RESCALE_LAYOUTS = {
+    "rs_w2n_m128": bmm._rescale_wide_tile("n"),
+    "rs_w2m_m128": bmm._rescale_wide_tile("m", steps=3),
+    "rs_w2m_tn128": bmm.BlockTuningConfig(max_concurrent_steps=5, rescale=True),
+    "rs_w1n_tn32_k256": bmm.BlockTuningConfig(
+        tile_n=32, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="n", epi_tile_n=32,
+        rescale=True,
+    ),  # fmt: skip
+}
+LAYOUTS.update(RESCALE_LAYOUTS)
+# accuracy phase: rescaled accumulation adds each K block inside the wgmma (no f32 promotion)
+RESCALE_ACCURACY_CONFIG = bmm._fit_smem(bmm._rescale_wide_tile("n"), jnp.dtype(jnp.float32))
 
 
 def overlap_cases(name, full=True):
@@ -237,6 +255,13 @@ def phase_accuracy(results):
                 (ja, jb, jnp.ones((m, cdiv(k, 128)), jnp.float32), jnp.ones((cdiv(n, 128), cdiv(k, 128)), jnp.float32)),
             ),
             (
+                "qlin:mosaic_gpu_block:rescale",
+                lambda a, b, x, y: bmm.block_scaled_mm(
+                    a, b, x, y, out_dtype=jnp.float32, config=RESCALE_ACCURACY_CONFIG, interpret=INTERPRET
+                ),
+                (ja, jb, jnp.ones((m, cdiv(k, 128)), jnp.float32), jnp.ones((cdiv(n, 128), cdiv(k, 128)), jnp.float32)),
+            ),
+            (
                 "qlin:mosaic_gpu",
                 lambda a, b, x, y: mm.scaled_mm(a, b, x, y, out_dtype=jnp.float32, interpret=INTERPRET),
                 (ja, jb, jnp.ones((m, 1), jnp.float32), jnp.ones((1, n), jnp.float32)),
@@ -252,10 +277,27 @@ def phase_accuracy(results):
             print(f"accuracy (f32 out, unit scales) {impl} M={m} N={n} K={k}: rel_err={row.get('rel_err')}", flush=True)
 
 
-def phase_check(results, overlap_only=False):
+def rescale_cases(name):
+    """Per rescale layout: partial tiles and K blocks, many output tiles per SM, a single K block,
+    M <= 8 unpadded, every out dtype, bias on some."""
+    if INTERPRET:
+        return [(129, 272, 416, "bfloat16", True, name), (7, 272, 128, "float32", False, name)]
+    return [
+        (129, 1040, 2080, "bfloat16", True, name),
+        (1000, 13664, 4096, "bfloat16", False, name),
+        (257, 1040, 2048, "float32", True, name),
+        (100, 272, 128, "float16", True, name),
+        (5, 4096, 4096, "bfloat16", True, name),
+    ]
+
+
+def phase_check(results, overlap_only=False, rescale_only=False):
     cases = []
     seed = int(time.time()) % 100000
-    if not overlap_only:
+    if rescale_only:
+        for name in RESCALE_LAYOUTS:
+            cases += rescale_cases(name)
+    elif not overlap_only:
         for m in CHECK_M:
             for n, k in CHECK_SHAPES:
                 cases.append((m, n, k, "bfloat16", m == 100, None))
@@ -271,7 +313,7 @@ def phase_check(results, overlap_only=False):
                 (129, 272, 416, "bfloat16", True, name) if INTERPRET else (129, 1040, 2080, "bfloat16", True, name)
             )
     # The overlap variants last: a fault there (sticky on CUDA) cannot lose the checks above.
-    for name in OVERLAP_LAYOUTS:
+    for name in OVERLAP_LAYOUTS if not rescale_only else ():
         cases += overlap_cases(name, full=overlap_only)
     for i, (m, n, k, od, bias, layout) in enumerate(cases):
         row = {
@@ -290,7 +332,7 @@ def phase_check(results, overlap_only=False):
             rng = np.random.default_rng(seed + i)
             a, b, a_s, b_s, bv = host_operands(rng, m, n, k, bias)
             cfg = LAYOUTS[layout] if layout else None
-            if layout in OVERLAP_LAYOUTS:  # fewer stages where a float32 output tile needs the room
+            if layout in OVERLAP_LAYOUTS or layout in RESCALE_LAYOUTS:  # fewer stages for float32 outputs
                 cfg = bmm._fit_smem(cfg, jnp.dtype(od))
             fn = jax.jit(
                 lambda a, b, x, y, bias, cfg=cfg, od=od: bmm.block_scaled_mm(
@@ -304,11 +346,16 @@ def phase_check(results, overlap_only=False):
             ref = reference64(a, b, a_s, b_s, bv)
             nan = int(np.isnan(out).sum())
             err = float(np.linalg.norm(np.nan_to_num(out) - ref) / np.linalg.norm(ref))
+            # Rescaled accumulation sums all of K in the fp8 wgmma (no per-block promotion): the
+            # per-channel kernel's tolerance at this K.
+            rescaled = cfg is not None and cfg.rescale and not INTERPRET
+            limit = fp8_wgmma_kernel_rtol(jnp.dtype(od), k) if rescaled else tol(od)
             row.update(
                 config=(cfg or bmm.default_config(m, n, k, jnp.dtype(od))).short(),
                 rel_err=err,
                 nan=nan,
-                ok=bool(err <= tol(od) and nan == 0),
+                ok=bool(err <= limit and nan == 0),
+                tol=limit,
             )
         except Exception as e:  # noqa: BLE001
             row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
@@ -338,9 +385,15 @@ def phase_layer(results):
         chosen = f"error: {e}"
     results.append({"kind": "select", "config": cfg.describe(), "chosen": chosen, "ok": chosen == "mosaic_gpu_block"})
     print(f"choose_kernel({cfg.describe()}) on this GPU: {chosen}", flush=True)
-    layer_shapes = ((3, 13653, 4000), (517, 1000, 4096), (64, 4096, 4096)) if not INTERPRET else ((3, 200, 300),)
-    for m, n, k in layer_shapes:
-        row = {"kind": "layer", "impl": "mosaic_gpu_block", "M": m, "N": n, "K": k}
+    fast = dataclasses.replace(cfg, fast_accum=True)
+    layer_shapes = (
+        ((3, 13653, 4000, cfg), (517, 1000, 4096, cfg), (64, 4096, 4096, cfg), (1000, 13653, 4000, fast),
+         (2049, 1040, 2080, fast))
+        if not INTERPRET
+        else ((3, 200, 300, cfg), (600, 200, 300, fast))
+    )  # fmt: skip
+    for m, n, k, cfg in layer_shapes:
+        row = {"kind": "layer", "impl": "mosaic_gpu_block", "M": m, "N": n, "K": k, "fast_accum": cfg.fast_accum}
         try:
             rng = np.random.default_rng(m + n + k)
             w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
@@ -353,11 +406,12 @@ def phase_layer(results):
             y = np.asarray(y.astype(jnp.float32))
             ref = reference_linear_np(np.asarray(x.astype(jnp.float32)), params, cfg, np.asarray(bias))
             err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(y)) else float("inf")
-            row.update(rel_err=err, ok=bool(err <= tol(jnp.bfloat16)), padded=list(pp.weight.shape))
+            limit = fp8_wgmma_kernel_rtol(jnp.bfloat16, k) if cfg.fast_accum and not INTERPRET else tol(jnp.bfloat16)
+            row.update(rel_err=err, ok=bool(err <= limit), tol=limit, padded=list(pp.weight.shape))
         except Exception as e:  # noqa: BLE001
             row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
         results.append(row)
-        print(f"layer M={m} N={n} K={k}: {'OK' if row['ok'] else 'FAIL'} {row.get('rel_err')} {row.get('error', '')}")
+        print(f"layer M={m} N={n} K={k} fast_accum={cfg.fast_accum}: {'OK' if row['ok'] else 'FAIL'} {row.get('rel_err')} {row.get('error', '')}")
 
 
 # -- 3. time -------------------------------------------------------------------------------------
@@ -453,6 +507,10 @@ def time_case(results, m, n, k, iterations=20):
             jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, interpret=INTERPRET)),
             "block",
         ),
+        "qlin:mosaic_gpu_block:fast_accum": (
+            jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, fast_accum=True, interpret=INTERPRET)),
+            "block",
+        ),
         "qlin:mosaic_gpu": (per_channel_fn(), "channel"),
         "xla:dequant_bf16": (xla_dequant_fn(), "block"),
     }
@@ -470,8 +528,8 @@ def time_case(results, m, n, k, iterations=20):
             err = rel(fn(*sets[0]), refs[kind])
             us = measure_us(fn, sets, iterations=iterations)
             row.update(us=us, tflops=flops / (us * 1e-6) / 1e12, rel_err=err)
-            if impl == "qlin:mosaic_gpu_block":
-                row["config"] = bmm.default_config(m, n, k).short()
+            if impl.startswith("qlin:mosaic_gpu_block"):
+                row["config"] = bmm.default_config(m, n, k, fast_accum=impl.endswith("fast_accum")).short()
         except Exception as e:  # noqa: BLE001
             row.update(us=None, tflops=None, rel_err=None, error=f"{type(e).__name__}: {e}"[:1500])
         results.append(row)
@@ -497,22 +555,24 @@ def _fmt(v, p=1):
 
 
 def _summary_line(rows):
-    blk = rows["qlin:mosaic_gpu_block"]
+    blk, fast = rows["qlin:mosaic_gpu_block"], rows.get("qlin:mosaic_gpu_block:fast_accum", {})
     chan, deq, x8 = rows["qlin:mosaic_gpu"], rows["xla:dequant_bf16"], rows.get("xla:fp8", {})
 
-    def ratio(o):
-        return None if not (blk.get("us") and o.get("us")) else o["us"] / blk["us"]
+    def ratio(o, b=blk):
+        return None if not (b.get("us") and o.get("us")) else o["us"] / b["us"]
 
     return (
         f"| {blk['M']} | {blk['N']}x{blk['K']} | {_fmt(blk.get('us'))} | {_fmt(blk.get('tflops'), 0)} | "
-        f"{_fmt(chan.get('us'))} | {_fmt(deq.get('us'))} | {_fmt(x8.get('us'))} | "
-        f"{_fmt(ratio(chan), 2)} | {_fmt(ratio(deq), 2)} | {blk.get('rel_err') or blk.get('error', '')} |"
+        f"{_fmt(fast.get('us'))} | {_fmt(chan.get('us'))} | {_fmt(deq.get('us'))} | {_fmt(x8.get('us'))} | "
+        f"{_fmt(ratio(chan), 2)} | {_fmt(ratio(chan, fast), 2)} | {_fmt(ratio(deq), 2)} | "
+        f"{blk.get('rel_err') or blk.get('error', '')} | {fast.get('rel_err') or fast.get('error', '')} |"
     )
 
 
 HEADER = (
-    "| M | NxK | block us | block TF/s | per-channel us | xla dequant us | xla fp8 us | "
-    "block/per-channel (speed) | block/xla-dequant (speed) | block rel_err |\n|" + "---|" * 10
+    "| M | NxK | block us | block TF/s | fast_accum us | per-channel us | xla dequant us | xla fp8 us | "
+    "block/per-channel (speed) | fast_accum/per-channel | block/xla-dequant (speed) | block rel_err | "
+    "fast_accum rel_err |\n|" + "---|" * 13
 )
 
 
@@ -538,7 +598,10 @@ def phase_sweep(results):
             base.update(us=None, error=f"{type(e).__name__}: {e}"[:1500])
         results.append(base)
         print(f"sweep M={m} {n}x{k} per-channel baseline: {_fmt(base.get('us'))} us", flush=True)
-        for cfg in bmm.candidate_configs(m, n, k)[:limit]:
+        cands = bmm.candidate_configs(m, n, k)
+        if SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
+            cands = cands[:1] + [c for c in bmm.candidate_configs(m, n, k, fast_accum=True) if c.rescale]
+        for cfg in cands[:limit]:
             if elapsed() > BUDGET_S:
                 results.append({"kind": "skipped", "phase": "sweep", "M": m, "N": n, "K": k, "config": cfg.short()})
                 continue
@@ -559,7 +622,7 @@ def phase_sweep(results):
                     err = rel(fn(*sets[0]), ref)
                     us = measure_us(fn, sets, iterations=20)
                 row.update(
-                    us=us, tflops=2.0 * m * n * k / (us * 1e-6) / 1e12, rel_err=err, ok=err <= 1e-2, overlap=cfg.overlap
+                    us=us, tflops=2.0 * m * n * k / (us * 1e-6) / 1e12, rel_err=err, ok=err <= 1e-2, overlap=cfg.overlap, rescale=cfg.rescale
                 )
                 if base.get("us"):
                     row["vs_per_channel"] = base["us"] / us
@@ -651,7 +714,7 @@ def phase_ptxas(results, out_dir):
 
 
 def main():
-    global XLA_FP8, BUDGET_S, SWEEP, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M, CASE_TIMEOUT_S, DUMP
+    global XLA_FP8, BUDGET_S, SWEEP, SWEEP_RESCALE, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M, CASE_TIMEOUT_S, DUMP
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="check,accuracy,layer,time,sweep")
     p.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on the CPU (interpret mode)")
@@ -660,6 +723,8 @@ def main():
     p.add_argument(
         "--sweep-limit", type=int, default=None, help="candidate configs per sweep shape (default 10 / 6 / 6)"
     )
+    p.add_argument("--sweep-shapes", default=None, help="M:N:K,... of the sweep phase (default: %s)" % SWEEP)
+    p.add_argument("--sweep-rescale", action="store_true", help="sweep only the default + rescale candidates")
     p.add_argument("--m", default=None, help="comma-separated M values of the time phase (default: %s)" % M_GRID)
     p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="watchdog per overlap / sweep case")
     args = p.parse_args()
@@ -674,6 +739,9 @@ def main():
         SWEEP = [(640, 256, 384, 3)]
     if args.m:
         M_GRID = [int(v) for v in args.m.split(",")]
+    SWEEP_RESCALE = args.sweep_rescale
+    if args.sweep_shapes:
+        SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]
     if args.sweep_limit is not None:
         SWEEP = [(m, n, k, args.sweep_limit) for m, n, k, _ in SWEEP]
     out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
@@ -692,6 +760,7 @@ def main():
     for name, fn in (
         ("check", lambda: phase_check(results)),
         ("overlap", lambda: phase_check(results, overlap_only=True)),
+        ("rescale", lambda: phase_check(results, rescale_only=True)),
         ("ptxas", lambda: phase_ptxas(results, out_dir)),
         ("accuracy", lambda: phase_accuracy(results)),
         ("layer", lambda: phase_layer(results)),

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from qlin import select
 from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
+from qlin.errors import ConfigError
 from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
 from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
 from qlin.kernels.mosaic_gpu_block import MosaicGPUBlockFP8Kernel
@@ -83,6 +84,19 @@ OV_ONE_WG = bmm.BlockTuningConfig(
     tile_n=128, max_concurrent_steps=3, num_compute_wgs=1, wg_dimension="n", epi_tile_n=64, overlap=True
 )
 OVERLAP_CONFIGS = (OV_K128, OV_K256, OV_WG_N, OV_ONE_WG)
+
+
+# Rescaled accumulation (one accumulator in the current K block's units): 128-row warpgroup tiles
+# along N and along M, 64-row tiles, two K blocks per step.
+RS_M128_WG_N = bmm.BlockTuningConfig(
+    tile_m=128, tile_n=32, max_concurrent_steps=2, num_compute_wgs=2, wg_dimension="n", grid_tile_width=1,
+    epi_tile_n=16, epi_slots=1, rescale=True,
+)  # fmt: skip
+RS_M128_WG_M = dataclasses.replace(RS_M128_WG_N, wg_dimension="m", grid_tile_width=2)
+RS_TWO_WG_M = dataclasses.replace(TWO_WG_M, rescale=True)
+RS_K256 = dataclasses.replace(K256, rescale=True)
+RS_ONE_WG = dataclasses.replace(ONE_WG, rescale=True)
+RESCALE_CONFIGS = (RS_M128_WG_N, RS_M128_WG_M, RS_TWO_WG_M, RS_K256, RS_ONE_WG)
 
 
 def _cdiv(a, b):
@@ -340,6 +354,160 @@ def test_gpu_check_script_overlap_layouts_are_valid():
         assert 1 in steps and {s % 2 for s in steps if s > 1} == {0, 1}
 
 
+# -- rescaled accumulation (config.rescale, FP8ScaledMMConfig.fast_accum) -------------------------
+
+RESCALE_CASES = [
+    # partial M / N tiles (128-row tiles at M = 100 / 130 / 257), K % 128 != 0, one K block, bias, dtypes
+    (130, 176, 640, True, jnp.bfloat16, RS_M128_WG_N),
+    (100, 48, 416, False, jnp.float32, RS_M128_WG_N),
+    (257, 80, 384, True, jnp.float16, RS_M128_WG_M),
+    (7, 272, 128, False, jnp.float32, RS_M128_WG_M),
+    (130, 176, 640, True, jnp.bfloat16, RS_TWO_WG_M),
+    (65, 48, 640, False, jnp.float32, RS_K256),
+    (5, 176, 96, True, jnp.bfloat16, RS_K256),
+    (1, 32, 256, True, jnp.float32, RS_ONE_WG),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    RESCALE_CASES,
+    ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-{c[5].short()}",
+)
+def test_rescale_interpret_matches_float64_reference(case):
+    m, n, k, bias, od, cfg = case
+    ops = _operands(np.random.default_rng(m * 31 + n + k), m, n, k, bias)
+    out = _run(ops, od, cfg)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(od)
+
+
+@pytest.mark.parametrize("cfg", [RS_M128_WG_N, RS_K256], ids=lambda c: c.short())
+def test_rescale_gives_each_k_block_its_own_scales(cfg):
+    # Exact small integers and power-of-two scales (2**-3 .. 2**3, varying per row and K block): the
+    # rescaled accumulator (ratios of powers of two) is exact, so the output equals the reference.
+    rng = np.random.default_rng(6)
+    m, n, k = 100, 64, 640
+    a = rng.integers(-4, 5, (m, k)).astype(np.float32)
+    b = rng.integers(-4, 5, (n, k)).astype(np.float32)
+    a_s = np.exp2(rng.integers(-3, 4, (m, 5))).astype(np.float32)
+    b_s = np.exp2(rng.integers(-3, 4, (1, 5))).astype(np.float32)
+    ops = (np.asarray(jnp.asarray(a, F8)), np.asarray(jnp.asarray(b, F8)), a_s, b_s, None)
+    np.testing.assert_array_equal(_run(ops, jnp.float32, cfg), _reference(*ops).astype(np.float32))
+
+
+def test_rescale_keeps_rows_whose_scales_are_zero_finite():
+    # Rows past M (TMA zero-fills them: zero operands AND zero scales) must not poison their tile:
+    # a zero scale keeps the previous unit instead of dividing by zero.  Here real rows carry a zero
+    # scale on one K block (zero data there too): their other blocks still add up, no NaN / inf.
+    rng = np.random.default_rng(8)
+    m, n, k = 70, 48, 384
+    a, b, a_s, b_s, _ = _operands(rng, m, n, k)
+    a = a.copy()
+    a[:10, 128:256] = 0
+    a_s[:10, 1] = 0
+    out = _run((a, b, a_s, b_s, None), jnp.float32, RS_M128_WG_N)
+    assert np.all(np.isfinite(out))
+    assert rel_err(out, _reference(a, b, a_s, b_s)) < kernel_rtol(jnp.float32)
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    m=st.integers(1, 300),
+    n16=st.integers(1, 20),
+    kb=st.integers(1, 3),
+    k_tail=st.sampled_from([0, 32, 96]),
+    cfg=st.sampled_from(RESCALE_CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_rescale_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
+    n, k = 16 * n16, 128 * kb - k_tail
+    ops = _operands(np.random.default_rng(seed), m, n, k, bias=bool(seed % 2))
+    assert rel_err(_run(ops, jnp.bfloat16, cfg), _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(tile_m=128), r"tile_m=128 must be 64 \(128 only with rescale=True"),
+        (dict(tile_m=128, tile_n=256, rescale=True), r"tile_n=256 must be <= 128 with rescale=True"),
+        (dict(rescale=True, overlap=True), r"rescale and config.overlap are two promotion schemes"),
+        (dict(rescale="yes"), r"config.rescale='yes' must be True or False"),
+    ],
+)
+def test_rescale_config_validation(change, match):
+    cfg = dataclasses.replace(bmm.BlockTuningConfig(), **change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        bmm.block_scaled_mm(*_args(), config=cfg, interpret=True)
+
+
+def test_rescale_registers_allow_128_x_128_warpgroup_tiles():
+    wide = bmm._rescale_wide_tile("n")
+    assert (wide.tile_m, wide.tile_n, wide.cta_tile_m, wide.cta_tile_n) == (128, 128, 128, 256)
+    assert bmm._acc_registers(wide) == 128 <= bmm.MAX_ACC_REGISTERS
+    # the same tile with promotion would need the total plus an accumulator: 256 registers
+    assert bmm._acc_registers(dataclasses.replace(wide, rescale=False)) == 256 > bmm.MAX_ACC_REGISTERS
+    assert wide.short().endswith("r") and not bmm.BlockTuningConfig().short().endswith("r")
+
+
+def test_fast_accum_picks_rescaled_tiles_only_above_m_512():
+    for m, n, k in ((4096, 4096, 4096), (1024, 8192, 8192), (513, 1040, 2080), (2048, 28672, 4096)):
+        cfg = bmm.default_config(m, n, k, fast_accum=True)
+        assert cfg.rescale and cfg.tile_m == 128
+        assert cfg.wg_dimension == ("m" if m >= 2048 else "n")
+        assert not bmm.default_config(m, n, k).rescale
+        assert not any(c.rescale for c in bmm.candidate_configs(m, n, k))  # numerics change: opt-in only
+        assert any(c.rescale for c in bmm.candidate_configs(m, n, k, fast_accum=True))
+    for m in (1, 16, 256, 512):  # measured slower there: the promoted tiles stay
+        assert bmm.default_config(m, 4096, 4096, fast_accum=True) == bmm.default_config(m, 4096, 4096)
+    with pytest.raises(ValueError, match="fast_accum=1 must be True or False"):
+        bmm.block_scaled_mm(*_args(), fast_accum=1, interpret=True)
+
+
+def test_fast_accum_default_runs_in_interpret_mode():
+    ops = _operands(np.random.default_rng(9), 600, 48, 256, bias=True)
+    a, b, a_s, b_s, bias = ops
+    out = bmm.block_scaled_mm(
+        jnp.asarray(a, F8), jnp.asarray(b, F8), jnp.asarray(a_s), jnp.asarray(b_s), bias=jnp.asarray(bias),
+        fast_accum=True, interpret=True,
+    )  # fmt: skip
+    assert rel_err(np.asarray(out.astype(jnp.float32)), _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
+def test_fast_accum_config_field():
+    fast = dataclasses.replace(BLOCK_CFG, fast_accum=True)
+    assert fast.describe().endswith(" fast_accum") and not BLOCK_CFG.describe().endswith("fast_accum")
+    assert MosaicGPUBlockFP8Kernel.can_implement(fast) == (True, None)
+    with pytest.raises(ConfigError, match=r"fast_accum: only meaningful with block-wise weight scales"):
+        FP8ScaledMMConfig(fast_accum=True)
+    with pytest.raises(ConfigError, match=r"fast_accum: expected a bool, got 'yes'"):
+        dataclasses.replace(BLOCK_CFG, fast_accum="yes")
+
+
+def test_fast_accum_apply_weights_matches_oracle():
+    # M = 2 x 300 > 512 rows: the rescaled default tiles; N / K padded (200 -> 208, 300 -> 320).
+    rng = np.random.default_rng(11)
+    cfg = dataclasses.replace(BLOCK_CFG, fast_accum=True)
+    n, k = 200, 300
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 300, k)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    params = quantize_weight(w, cfg)
+    ker = MosaicGPUBlockFP8Kernel(cfg, interpret=True)
+    y = np.asarray(ker.apply_weights(ker.process_weights_after_loading(params), x, bias).astype(jnp.float32))
+    assert y.shape == (2, 300, n)
+    assert rel_err(y, reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))) < kernel_rtol(jnp.bfloat16)
+
+
+def test_gpu_check_script_rescale_layouts_are_valid():
+    mod = load_script("benchmarks/gpu_block_check.py")
+    assert set(mod.RESCALE_LAYOUTS) <= set(mod.LAYOUTS) and len(mod.RESCALE_LAYOUTS) >= 3
+    for name, cfg in mod.RESCALE_LAYOUTS.items():
+        assert cfg.rescale
+        for _m, _n, _k, od, _bias, _layout in mod.rescale_cases(name):
+            bmm._validate_config(bmm._fit_smem(cfg, jnp.dtype(od)), jnp.dtype(od))
+    assert mod.RESCALE_ACCURACY_CONFIG.rescale
+
+
 # -- the MMLinearKernel ---------------------------------------------------------------------------
 
 
@@ -531,10 +699,18 @@ def test_default_configs_cross_lower_for_cuda(case):
 
 def test_every_candidate_config_cross_lowers():
     for m in (16, 256, 4096):
-        for cfg in bmm.candidate_configs(m, 4096, 4096):
+        for cfg in bmm.candidate_configs(m, 4096, 4096, fast_accum=True):  # promoted and rescaled
             _lower(m, 4096, 4096, jnp.bfloat16, cfg, bias=False)
-    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N):  # the interpret-mode tiles are real too
+    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N, *RESCALE_CONFIGS):  # interpret tiles too
         _lower(130, 272, 416, jnp.bfloat16, cfg)
+
+
+@pytest.mark.parametrize("m, n, k", [(4096, 4096, 4096), (1024, 28672, 4096), (2048, 8192, 8192)])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_fast_accum_defaults_cross_lower_for_cuda(m, n, k, out_dtype):
+    cfg = bmm.default_config(m, n, k, out_dtype, fast_accum=True)
+    assert cfg.rescale
+    assert "mosaic_gpu" in _lower(m, n, k, out_dtype, cfg).as_text()[:20000]
 
 
 def test_cross_lowering_catches_shared_memory_overflow(monkeypatch):

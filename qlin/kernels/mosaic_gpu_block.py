@@ -13,7 +13,10 @@ Wraps :func:`qlin.kernels.mosaic_gpu_block_scaled_mm.block_scaled_mm` in the
   (128 is a multiple of both paddings); the logical N / K stay in
   ``out_features`` / ``in_features``.
 * ``apply_weights``: the fused Mosaic GPU per-group quantize kernel, zero
-  columns for a padded K, the block-scaled matmul, N sliced back.
+  columns for a padded K, the block-scaled matmul, N sliced back.  With
+  ``FP8ScaledMMConfig(fast_accum=True)`` the matmul may accumulate the K blocks
+  in the tensor core (rescaled accumulation, M > 512; see
+  :class:`~qlin.kernels.mosaic_gpu_block_scaled_mm.BlockTuningConfig`).
 
 Interpret mode (CPU): ``MosaicGPUBlockFP8Kernel(config, interpret=True)`` or
 ``QLIN_MOSAIC_INTERPRET=1``.
@@ -111,6 +114,7 @@ class MosaicGPUBlockFP8Kernel(ScaledMMKernel):
             bias=bias,
             out_dtype=cfg.out_dtype,
             config=self.tuning,
+            fast_accum=cfg.fast_accum,
             interpret=self.interpret,
         )
         return y[:, :n] if n_pad != n else y

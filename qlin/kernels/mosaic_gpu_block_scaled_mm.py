@@ -33,6 +33,15 @@
   pipeline releases a stage one step late, ``delay_release=1``, and the last
   step of a tile drains every ``wgmma`` before the next tile's prologue may
   refill the stages).  See "overlapped promotion" in ``_kernel``.
+* ``BlockTuningConfig(rescale=True)`` (what ``fast_accum=True`` picks at M > 512): ONE
+  accumulator carried through K in the units of the current block's scales,
+  ``acc = acc * s_prev / s_cur`` (one ratio per row) and then the block's ``wgmma`` into
+  it; ``out = acc * s_last``.  Half the registers of promotion, so 128 x 128 warpgroup
+  tiles fit: H100 0.85-0.89 of the per-channel kernel at M >= 1024.  The blocks are then
+  summed in the tensor core's fp8 accumulator (fewer bits than f32; DeepSeek-V3 reports
+  about 14), i.e. the per-channel kernel's accuracy (H100, f32 out: 1.3e-3 at K = 4096,
+  2.9e-3 at K = 14336) instead of promotion's 1.3e-4: opt-in.  See "rescaled
+  accumulation" in ``_kernel``.
 * Everything else is the per-channel kernel's design
   (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
   memory, warp-specialized multi-stage pipeline, persistent grid walking the
@@ -99,7 +108,9 @@ MAX_ACC_REGISTERS = 192
 def _acc_registers(c) -> int:
     """f32 registers per thread: the total (tile_m x tile_n) plus one accumulator per K
     block of a step (two with ``overlap``: the ping-pong pair), each covering one
-    128-wide weight-scale block of the tile."""
+    128-wide weight-scale block of the tile; with ``rescale``, the accumulator alone."""
+    if c.rescale:
+        return c.tile_m * c.tile_n // 128  # the rescaled accumulator is the only register tile
     n_accs = 2 if c.overlap else c.tile_k // BLOCK
     return (c.tile_m * c.tile_n + n_accs * c.tile_m * min(c.tile_n, BLOCK)) // 128
 
@@ -127,6 +138,12 @@ class BlockTuningConfig(TileConfigBase):
       accumulators = 192 registers at 64 x 128).  With tile_k=128 the accumulator of
       a step is picked by the step's parity (``lax.cond``); with tile_k=256 the two K
       blocks of a step alternate statically.
+    rescale: rescaled accumulation: ONE wgmma accumulator carried through K, kept in the units of
+      the current K block's scales (``acc * s_prev / s_cur`` before each block's wgmma, ``acc *
+      s_last`` after the last), instead of a fresh accumulator per block promoted into a separate
+      total.  Half the registers, so 128 x 128 warpgroup tiles (tile_m=128, two 64-row wgmma
+      halves) and the per-channel kernel's 128 x 256 CTA tile fit; needs tile_n <= 128 (one
+      weight-scale block per warpgroup tile).  See "rescaled accumulation" in ``_kernel``.
     """
 
     tile_m: int = 64
@@ -141,9 +158,10 @@ class BlockTuningConfig(TileConfigBase):
     epi_tile_n: int | None = 64
     epi_slots: int = 2
     overlap: bool = False
+    rescale: bool = False
 
     def short(self) -> str:
-        return self._short_stem() + ("o" if self.overlap else "")
+        return self._short_stem() + ("o" if self.overlap else "") + ("r" if self.rescale else "")
 
 
 def required_alignment(out_dtype=jnp.bfloat16) -> tuple[int, int]:
@@ -175,8 +193,19 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
     c = config
     if not isinstance(c, BlockTuningConfig):
         raise TypeError(f"config must be a BlockTuningConfig, got {type(c).__name__}")
-    if c.tile_m != 64:
-        raise ValueError(f"config.tile_m={c.tile_m} must be 64 (f32 register tiles per warpgroup)")
+    if not isinstance(c.rescale, bool):
+        raise TypeError(f"config.rescale={c.rescale!r} must be True or False")
+    if c.rescale and c.overlap:
+        raise ValueError("config.rescale and config.overlap are two promotion schemes: pick one")
+    if c.tile_m not in ((64, 128) if c.rescale else (64,)):
+        raise ValueError(
+            f"config.tile_m={c.tile_m} must be 64"
+            + (" or 128" if c.rescale else " (128 only with rescale=True: one accumulator per warpgroup)")
+        )
+    if c.rescale and c.tile_n > BLOCK:
+        raise ValueError(
+            f"config.tile_n={c.tile_n} must be <= {BLOCK} with rescale=True (one weight-scale block per warpgroup tile)"
+        )
     if c.tile_n not in (16, 32, 64, 128, 256):
         raise ValueError(
             f"config.tile_n={c.tile_n} must be 16, 32, 64 or 128 (inside one 128-wide weight-scale block) "
@@ -269,14 +298,33 @@ def _overlap(cfg: BlockTuningConfig, **changes) -> BlockTuningConfig:
     return dataclasses.replace(cfg, overlap=True, **changes)
 
 
+def _rescale(cfg: BlockTuningConfig, **changes) -> BlockTuningConfig:
+    return dataclasses.replace(cfg, rescale=True, **changes)
+
+
+def _rescale_wide_tile(wg_dimension: str = "n", steps: int = 4, grid_minor: str = "m", width: int = 8):
+    """Rescaled accumulation in 128 x 128 warpgroup tiles (one weight-scale block each): two along N
+    is the per-channel kernel's large-M 128 x 256 CTA tile."""
+    return BlockTuningConfig(
+        tile_m=128, tile_n=BLOCK, max_concurrent_steps=steps, num_compute_wgs=2, wg_dimension=wg_dimension,
+        grid_minor_dim=grid_minor, grid_tile_width=width, epi_tile_m=64, epi_tile_n=64, epi_slots=1, rescale=True,
+    )  # fmt: skip
+
+
 def _waves_key(m, n, cta_m, cta_n, sms):
     tiles = _cdiv(m, cta_m) * _cdiv(n, cta_n)
     waves = _cdiv(tiles, sms)
     return waves, -tiles / (waves * sms)
 
 
-def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTuningConfig:
+def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: bool = False) -> BlockTuningConfig:
     """Heuristic tile configuration.
+
+    * ``fast_accum`` and M > 512: rescaled accumulation (``rescale=True``) in 128 x 128
+      warpgroup tiles, two along M (256 x 128 CTA tiles) from M = 2048, along N (128 x 256) below:
+      on an H100 0.87 / 0.89 of the per-channel kernel at M = 4096 (4096^2, 28672 x 4096) and 0.89 at
+      1024 x 8192^2.  At M <= 512 the rescaled tiles measured slower than the promoted ones (M = 256:
+      0.73 vs 0.78 of per-channel, M = 16: 0.77 vs 0.82), so ``fast_accum`` keeps the tiles below.
 
     * M <= 64 (decode, weight-bandwidth bound): 64 rows by the narrowest N
       tile (16..128 with one warpgroup, 256 with two side by side) whose tile
@@ -291,6 +339,8 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTunin
       (fewer registers: no second block through a temporary accumulator).
     """
     sms = num_sms()
+    if fast_accum and m > 512:
+        return _fit_smem(_rescale_wide_tile("m" if m >= 2048 else "n"), out_dtype)
     if m <= 64:
         best = None
         for nwg, tn in ((1, 16), (1, 32), (1, 64), (1, 128), (2, 128)):
@@ -310,11 +360,19 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> BlockTunin
     return _fit_smem(_two_wg_tile("m", BLOCK, steps=5), out_dtype)
 
 
-def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int | None = None):
-    """The tile sweep's search space: the heuristic default first."""
-    cands = [default_config(m, n, k, out_dtype)]
+def candidate_configs(
+    m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int | None = None, fast_accum: bool = False
+):
+    """The tile sweep's search space: the heuristic default first.  Rescaled-accumulation tiles
+    (tensor-core accumulation across K blocks) only with ``fast_accum``: they change the numerics."""
+    cands = [default_config(m, n, k, out_dtype, fast_accum)]
     if m <= 64:
         # Most informative first (the GPU check sweeps a prefix of this list).
+        cands += [
+            _rescale(_small_m_tile(32)),
+            _rescale(_small_m_tile(64)),
+            _rescale(_small_m_tile(128, num_compute_wgs=2)),
+        ]
         cands += [
             _small_m_tile(32, tile_k=BLOCK),
             _small_m_tile(16),
@@ -327,6 +385,8 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
             _small_m_tile(16, tile_k=BLOCK),
         ]
     elif m <= 512:
+        cands += [_rescale(_two_wg_tile("m", tn, steps=6 if tn < BLOCK else 5)) for tn in (128, 64, 32)]
+        cands += [_rescale_wide_tile("n"), _rescale_wide_tile("m", steps=3)]
         cands.append(_two_wg_tile("m", 256, steps=4))
         for tn in (128, 64, 32):
             cands.append(_two_wg_tile("m", tn, steps=6))
@@ -339,6 +399,12 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
         # per-channel kernel (ptxas still serializes the wgmmas and spills), the plain 2 x 64 x 128
         # default at 0.75-0.77 (benchmarks/results/h100_block_sweep.json).
         cands += [
+            _rescale_wide_tile("n"),
+            _rescale(_two_wg_tile("m", BLOCK, steps=5)),
+            _rescale_wide_tile("m", steps=4),
+            _rescale_wide_tile("n", steps=3),
+            _rescale_wide_tile("n", grid_minor="n"),
+            _rescale_wide_tile("n", width=16),
             _large_m_tile(),
             _large_m_tile(steps=3, width=8),
             _large_m_tile(grid_minor="n"),
@@ -371,7 +437,7 @@ def candidate_configs(m: int, n: int, k: int, out_dtype=jnp.bfloat16, limit: int
     out, seen = [], set()
     for c in cands:
         c = _fit_smem(c, out_dtype)
-        if c in seen:
+        if c in seen or (c.rescale and not fast_accum):
             continue
         seen.add(c)
         try:
@@ -511,7 +577,9 @@ def _kernel(
                     plgpu.layout_cast(jnp.zeros((tile_m, n_part), jnp.float32), plgpu.Layout.WGMMA)
                     for _ in range(n_sub)
                 )
-                if overlap:
+                if c.rescale:
+                    totals = _rescale_scope(eval_pipeline, totals0[0], wg)
+                elif overlap:
                     totals = _overlap_scope(eval_pipeline, totals0[0])
                 else:
                     totals = eval_pipeline(totals0)
@@ -699,7 +767,64 @@ def _kernel(
 
                 return total, s_new, bases
 
-            pipeline(overlap_body if overlap else mma_body, compute_context)(
+            # -- rescaled accumulation (config.rescale) --------------------------------------------
+            #
+            # One accumulator carried through K in the units of the current K block's scale:
+            # with s_kb = a_scale[rows, kb] * b_scale[nb, kb] (one value per row),
+            #     acc_kb = acc_{kb-1} * (s_{kb-1} / s_kb) + A_kb B_kb^T,   out = acc_last * s_last,
+            # which telescopes to sum_kb s_kb A_kb B_kb^T.  Each step multiplies the finished
+            # accumulator by one ratio per row (on the CUDA cores) and issues the block's wgmma into
+            # it (pl.run_state with an initialized accumulator; its result is awaited when the step
+            # returns).  No second register tile: warpgroup tiles up to 128 x 128.  A row whose scale
+            # is not positive keeps the previous scale as its unit (the rows past M that TMA
+            # zero-fills, whose operands are zero too): no division by zero.  The next step's weight
+            # scales (a global load) are issued one step early and carried, so their latency is
+            # never on the path to the wgmma.
+            def _rescale_scope(eval_pipeline, acc0, wg):
+                nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
+                s0 = plgpu.layout_cast(jnp.ones((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                b0 = tuple(bs_gmem[nb, min(j, k_blocks - 1)] for j in range(sub))
+                acc, s_last, _ = eval_pipeline((acc0, s0, b0))
+                return (acc * lax.broadcast_in_dim(s_last, (tile_m, n_part), [0]),)
+
+            def rescale_body(idx, a_smem, b_smem, as_smem, carry):
+                (kk,) = idx
+                acc, s_prev, b_now = carry
+                wg = lax.axis_index("wg")
+                a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
+                nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
+                # Past the last K block (the last step's prefetch, or a K that is not a multiple of
+                # tile_k): clamp; those blocks' operands are zero.
+                b_next = tuple(bs_gmem[nb, jnp.minimum((kk + 1) * sub + j, k_blocks - 1)] for j in range(sub))
+                for j in range(sub):
+                    a_s = plgpu.load(as_smem.at[j, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                    s_cur = a_s * b_now[j]
+                    s_cur = jnp.where(s_cur > 0, s_cur, s_prev)
+                    acc = acc * lax.broadcast_in_dim(s_prev / s_cur, (tile_m, n_part), [0])
+
+                    def mma(acc_ref, j=j):
+                        if sub == 1:
+                            plgpu.wgmma(acc_ref, a_t, b_t.T)
+                        else:
+                            ks = pl.ds(j * BLOCK, BLOCK)
+                            plgpu.wgmma(acc_ref, a_t.at[:, ks], b_t.at[:, ks].T)
+
+                    if interpret:
+                        # Interpret mode (jax 0.11.2) cannot run an initialized accumulator
+                        # (pl.run_state + plgpu.ACC.init): the block's product goes through a fresh
+                        # one and is added (the same f32 sum; the GPU adds inside the wgmma).
+                        def fresh(acc_ref, mma=mma):
+                            mma(acc_ref)
+                            return acc_ref[...]
+
+                        acc = acc + pl.run_scoped(fresh, plgpu.ACC((tile_m, n_part), jnp.float32))
+                    else:
+                        acc = pl.run_state(mma)(plgpu.ACC.init(acc))
+                    s_prev = s_cur
+                return acc, s_prev, b_next
+
+            body = rescale_body if c.rescale else overlap_body if overlap else mma_body
+            pipeline(body, compute_context)(
                 a_gmem.at[cta_m_slice, :],
                 b_gmem.at[cta_n_slice, :],
                 ast_gmem.at[:, cta_m_slice],
@@ -745,6 +870,7 @@ def block_scaled_mm(
     bias=None,
     out_dtype=jnp.bfloat16,
     config: BlockTuningConfig | None = None,
+    fast_accum: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """Block-scaled fp8 matmul: 1 x 128 activation groups, 128 x 128 weight blocks.
@@ -757,14 +883,19 @@ def block_scaled_mm(
       bias: optional (N,) float32 / bfloat16 / float16.
       out_dtype: bfloat16, float16 or float32.
       config: tile configuration; None = :func:`default_config`.
+      fast_accum: let the default tiles accumulate the K blocks in the tensor core (rescaled
+        accumulation: faster at M > 512, the per-channel kernel's accumulation error instead of
+        per-block float32 promotion).  Ignored when ``config`` is given (its ``rescale`` decides).
       interpret: run in Mosaic GPU interpret mode (CPU).
     """
     out_dtype = jnp.dtype(out_dtype)
     _validate(a, b, a_scale, b_scale, bias, out_dtype)
     m, k = a.shape
     n = b.shape[0]
+    if not isinstance(fast_accum, bool):
+        raise ValueError(f"fast_accum={fast_accum!r} must be True or False")
     if config is None:
-        config = default_config(m, n, k, out_dtype)
+        config = default_config(m, n, k, out_dtype, fast_accum)
     _validate_config(config, out_dtype, bias is not None)
     # M > 8 not a multiple of 8: pad the activation side, slice the output (see tma_rows).
     m_pad = tma_rows(m) - m
