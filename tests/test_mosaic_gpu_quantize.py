@@ -298,3 +298,26 @@ def test_gpu_quantize_check_script_sweep_runs_on_the_cpu(tmp_path, monkeypatch):
     assert {r["stages"] for r in rows} >= {2, 3, 4} and out["checks"] == []
     with pytest.raises(SystemExit):
         script.parse_args(["--sweep-schemes", "fp4"])
+
+
+def test_default_store_takes_tma_for_asymmetric_per_token_int8_at_long_k():
+    # Measured on the H100 (h100_quantize_int8_tma.json): the TMA store wins for asymmetric per-token
+    # int8 at K = 14336, direct at K = 4096; everything else keeps the version default.
+    long_k = mq.TMA_STORE_MIN_K_INT8_ASYM
+    assert mq.default_store(long_k, "per_token", symmetric=False) == "tma"
+    assert mq.default_store(long_k - 16, "per_token", symmetric=False) == mq.DEFAULT_STORE
+    assert mq.default_store(14336, "per_token", symmetric=True) == mq.DEFAULT_STORE
+    assert mq.default_store(14336, "per_group", symmetric=False) == mq.DEFAULT_STORE
+    p = mq.plan(1000, 14336, jnp.bfloat16, granularity="per_token", symmetric=False)
+    assert p.store == "tma"
+    assert mq.plan(1000, 14336, jnp.bfloat16, granularity="per_token", symmetric=False, store="direct").store == "direct"
+    # and the default quantize_rows at long K (TMA store in interpret mode) is bit-exact too
+    x = (jax.random.normal(jax.random.key(3), (5, long_k), jnp.float32) * 3).astype(jnp.bfloat16)
+    got = mq.quantize_rows(x, kind="int8", symmetric=False, interpret=True, max_ctas=2)
+    want = quantize_int8(x, symmetric=False)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # the plan it now takes at the measured shape lowers for the GPU
+    xs = jax.ShapeDtypeStruct((1000, 14336), jnp.bfloat16)
+    fn = jax.jit(lambda x: mq.quantize_rows(x, kind="int8", symmetric=False))
+    assert "mosaic_gpu" in fn.trace(xs).lower(lowering_platforms=("cuda",)).as_text()[:20000]

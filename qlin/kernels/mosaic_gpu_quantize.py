@@ -37,11 +37,12 @@ Design (memory-bound pass; the target is HBM copy bandwidth):
   warp and 32 lanes x W/32 contiguous elements along it, so shared-memory
   accesses are 16-byte vectors and the row reduction is a warp shuffle (plus
   one cross-warp step for per-token).
-* ``store="direct"`` (default): ``x_q`` and per-group scales / zero points go
+* ``store="direct"`` (default on jax 0.11): ``x_q`` and per-group scales / zero points go
   from registers straight to global memory (each warp writes 32 contiguous
   vectors: coalesced), which leaves all shared memory to the input ring.
   ``store="tma"``: they are staged in double-buffered shared-memory tiles and
-  written by TMA (kept for comparison; the GPU check times both). Per-token
+  written by TMA (the default from jax 0.12, and for asymmetric per-token int8 at
+  K >= 8192, where it measured faster; :func:`default_store`). Per-token
   scales / zero points are always one scalar store per row.
 * The ``division`` switch and ``is_supported`` (sm90+) are described at their
   definitions; :func:`fused_quantize_activation` is the drop-in for
@@ -111,6 +112,19 @@ def _round_up(a: int, b: int) -> int:
 #: jax 0.12's Mosaic GPU lowering rejects some direct-store shapes (transfers narrower than 4 bytes or
 #: not whole 32-byte sectors), so from 0.12 on the default is the TMA store, which lowers there.
 DEFAULT_STORE = "direct" if jax.__version_info__ < (0, 12) else "tma"
+#: Asymmetric per-token int8 from this K on takes the TMA store even where DEFAULT_STORE is "direct":
+#: H100 (jax 0.11.2, same run, fraction of copy bandwidth): 1000 x 14336 0.87 vs 0.79 direct, 4096 x 14336
+#: 0.93 vs 0.88; at K = 4096 direct stays ahead (1000 x 4096: 0.92 vs 0.87).  Both stores are checked bit
+#: for bit against the jnp path on the GPU (benchmarks/results/h100_quantize_int8_tma.json).
+TMA_STORE_MIN_K_INT8_ASYM = 8192
+
+
+def default_store(k: int, granularity: str, symmetric: bool = True) -> str:
+    """The store a plan gets when none is asked for (see DEFAULT_STORE, TMA_STORE_MIN_K_INT8_ASYM)."""
+    if DEFAULT_STORE == "direct" and granularity == "per_token" and not symmetric and k >= TMA_STORE_MIN_K_INT8_ASYM:
+        return "tma"
+    return DEFAULT_STORE
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizePlan:
@@ -156,7 +170,7 @@ def plan(
     symmetric: bool = True,
     max_ctas: int | None = None,
     stages: int | None = None,
-    store: str = DEFAULT_STORE,
+    store: str | None = None,
 ) -> QuantizePlan:
     """Choose chunk width, padding, pipeline depth and grid for an (m, k) input.
 
@@ -180,6 +194,8 @@ def plan(
     for cand in range(_WARPS, chunks + 1, _WARPS):
         if chunks % cand == 0 and cand * width <= _SUBCHUNK_ELEMS:
             sub = cand
+    if store is None:
+        store = default_store(k, granularity, symmetric)
     if store not in ("direct", "tma"):
         raise InputError(f"store: expected 'direct' or 'tma', got {store!r}")
     probe = QuantizePlan(m, k, k_padded, width, chunks, sub, 2, 1, store)
@@ -526,7 +542,7 @@ def quantize_rows(
     interpret=False,
     max_ctas: int | None = None,
     stages: int | None = None,
-    store: str = DEFAULT_STORE,
+    store: str | None = None,
     division: str = "xla",
     rows_out: int | None = None,
 ):
@@ -543,7 +559,8 @@ def quantize_rows(
         (e.g. ``detect_races=True``).
       max_ctas, stages: tuning / testing overrides of the persistent grid size and pipeline depth.
       store: "direct" (q and per-group scales go from registers straight to global memory) or
-        "tma" (staged in shared memory and written by TMA; uses more shared memory).
+        "tma" (staged in shared memory and written by TMA; uses more shared memory); None picks
+        :func:`default_store` (TMA for asymmetric per-token int8 at long K).
       division: "xla" (default) reproduces the divisions of the jnp path as XLA compiles them
         (``a / const -> a * fl(1/const)``, per token ``x / s -> x * fl(1/s)``; see the module
         docstring); "ieee" divides as written. Only the GPU check uses "ieee", to tell which
@@ -565,6 +582,8 @@ def quantize_rows(
         rows_out = None if int(rows_out) == x.shape[0] else int(rows_out)
     has_ub = scale_ub is not None
     ub = jnp.asarray(scale_ub, jnp.float32).reshape(()) if has_ub else jnp.zeros((), jnp.float32)
+    if store is None:
+        store = default_store(x.shape[1], granularity, bool(symmetric))
     plan(x.shape[0], x.shape[1], x.dtype, granularity=granularity,
          group_size=None if group_size is None else int(group_size), symmetric=bool(symmetric),
          max_ctas=max_ctas, stages=stages, store=store)  # shape errors before tracing
