@@ -3,7 +3,7 @@
 A full grid does not fit one device call (XLA's compile-time autotuning of its own GEMMs dominates),
 so the grid is measured in several runs. Later files win for a case measured twice (a re-run after a
 heuristic change replaces the old rows); skipped rows never replace measured ones; the dynamic
-linear's ``+quant`` rows are left out (GEMM rows only). Writes
+linear's ``+quant`` rows are left out (GEMM rows only; ``--dynamic`` merges only those). Writes
 ``<out>/<tag>.{json,md,png}`` and prints the issue-5 targets:
 
     python3 benchmarks/merge_gemm.py benchmarks/results/h100_gemm_grid.json \\
@@ -29,7 +29,7 @@ KEY = ("impl", "dtype", "M", "N", "K")
 DERIVED = ("ratio_vs_xla", "frac_of_peak", "weight_floor_us", "x_floor")
 
 
-def merge(paths: list[Path]) -> tuple[list[dict], dict]:
+def merge(paths: list[Path], dynamic: bool = False) -> tuple[list[dict], dict]:
     rows: dict[tuple, dict] = {}
     devices, copy_gbs, sources = set(), [], []
     for p in paths:
@@ -39,8 +39,8 @@ def merge(paths: list[Path]) -> tuple[list[dict], dict]:
             copy_gbs.append(meta["copy_gbs"])
         n_new = 0
         for r in data["rows"]:
-            if str(r.get("impl", "")).endswith("+quant"):
-                continue  # the dynamic linear (quantize + matmul) has its own tables: GEMM rows only here
+            if str(r.get("impl", "")).endswith("+quant") != dynamic:
+                continue  # GEMM rows, or with --dynamic the dynamic linear's (quantize + matmul) only
             r = {k: v for k, v in r.items() if k not in DERIVED}
             if r.get("device"):
                 devices.add(r["device"])
@@ -91,10 +91,14 @@ def main(argv=None) -> int:
     p.add_argument("inputs", nargs="+", type=Path, help="qlin bench JSON files, oldest first")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default="gemm_merged")
+    p.add_argument(
+        "--dynamic", action="store_true",
+        help="merge the dynamic linear's rows (qlin:mosaic_gpu+quant vs xla+quant) instead of the GEMM rows",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    rows, meta = merge(args.inputs)
+    rows, meta = merge(args.inputs, dynamic=args.dynamic)
     table = bench.markdown_table(rows, copy_gbs=meta["copy_gbs"])  # annotates the merged rows
-    meta["targets"] = targets(rows)
+    meta["targets"] = targets(rows, impl="qlin:mosaic_gpu+quant" if args.dynamic else "qlin:mosaic_gpu")
     path = bench.write_results(args.out, args.tag, rows, meta)
     (args.out / f"{args.tag}.md").write_text(table + "\n")
     bench.plot(rows, args.out / f"{args.tag}.png")
