@@ -374,6 +374,26 @@ def test_merge_gemm_later_runs_win_skips_never_replace_and_targets(tmp_path):
         merge_gemm.main([str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path)])
 
 
+def test_merge_gemm_dynamic_merges_only_the_quantize_plus_matmul_rows(tmp_path):
+    merge_gemm = load_script("benchmarks/merge_gemm.py")
+    dev = "gpu:H100"
+    rows = [
+        bench.make_row("qlin:mosaic_gpu+quant", "fp8", 256, 4096, 4096, 14.0, 1e-3, dev),
+        bench.make_row("xla+quant", "fp8", 256, 4096, 4096, 21.0, 1e-3, dev),
+        bench.make_row("qlin:mosaic_gpu+quant", "int8", 1, 4096, 4096, 11.6, 1e-3, dev),
+        bench.make_row("xla+quant", "int8", 1, 4096, 4096, 11.5, 1e-3, dev),
+        bench.make_row("qlin:mosaic_gpu", "fp8", 256, 4096, 4096, 12.0, 1e-3, dev),  # GEMM row: left out
+        bench.make_row("xla", "fp8", 256, 4096, 4096, 16.0, 1e-3, dev),
+    ]
+    (tmp_path / "d.json").write_text(json.dumps({"meta": {"copy_gbs": 3000.0}, "rows": rows}))
+    assert merge_gemm.main([str(tmp_path / "d.json"), "--dynamic", "--out", str(tmp_path), "--tag", "dyn"]) == 0
+    out = json.loads((tmp_path / "dyn.json").read_text())
+    assert {r["impl"] for r in out["rows"]} == {"qlin:mosaic_gpu+quant", "xla+quant"}
+    t = out["meta"]["targets"]
+    assert t["fp8"]["cases"] == 1 and t["fp8"]["geomean_vs_xla"] == pytest.approx(1.5)
+    assert t["int8"]["at_least_xla"] == "0/1" and t["int8"]["losses"] == ["1x4096x4096 0.99x"]
+
+
 def test_cupti_timer_retakes_a_window_with_an_uneven_kernel_count(monkeypatch):
     from jax.experimental.mosaic.gpu import profiler
 
