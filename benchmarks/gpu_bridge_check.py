@@ -113,7 +113,7 @@ class _NoSync:
 
 
 STREAM_PARTS = ("t2j", "control", "j2t", "layer")
-SECTIONS = ("zero_copy", *STREAM_PARTS, "breakdown", "overhead", "probe")
+SECTIONS = ("zero_copy", "direct", *STREAM_PARTS, "breakdown", "overhead", "probe")
 # "probe" (jaxlib import with torch's stream as definition stream) is opt-in: on the H100 it ended the
 # process with "free(): double free detected" (jaxlib 0.11.2, torch 2.11) after every other section passed.
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "probe")
@@ -239,6 +239,63 @@ def _layer_on_busy_stream(s, spin_cycles: int, trials: int) -> dict:
     return {"correct": all(correct), "trials": correct, "host_ms_layer_call": [round(v, 3) for v in host]}
 
 
+DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), split-K, mid and large M
+    (qlin.FP8ScaledMMConfig(), 1, 4096, 4096),
+    (qlin.FP8ScaledMMConfig(), 16, 4096, 14336),
+    (qlin.FP8ScaledMMConfig(), 100, 13653, 4000),
+    (qlin.FP8ScaledMMConfig(weight_granularity="per_tensor", out_dtype=jnp.float16), 256, 1024, 4096),
+    (qlin.FP8ScaledMMConfig(out_dtype=jnp.float32), 4096, 4096, 4096),
+    (qlin.Int8ScaledMMConfig(), 5, 14336, 4096),
+    (qlin.Int8ScaledMMConfig(), 1000, 1000, 4096),
+    (qlin.Int8ScaledMMConfig(symmetric=False), 7, 4096, 4000),
+    (qlin.Int8ScaledMMConfig(symmetric=False), 333, 4096, 14336),
+]
+
+
+def direct_check(device: str) -> dict:
+    """The direct route (qlin_torch_bridge/direct.py: the Mosaic GPU kernels launched from torch) vs the
+    JAX route of the same layer: bit-identical outputs (fresh random inputs and bias, NaN-poisoned
+    allocator), on the default stream and on a side stream (events fence the launches)."""
+    if device != "cuda":
+        return {"skipped": "no CUDA device"}
+    rows = []
+    side = torch.cuda.Stream()
+    for i, (cfg, m, n, k) in enumerate(DIRECT_CASES):
+        row = {"config": cfg.describe(), "M": m, "N": n, "K": k}
+        try:
+            torch.manual_seed(100 + i)
+            lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+            q = QuantLinear.from_linear(lin, cfg)
+            state = q._qlin_state
+            row["direct"] = state.direct is not None
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
+            with torch.no_grad():
+                poison = torch.full((max(m, 8) * n * 4 + 4096,), float("nan"), device="cuda")
+                del poison  # the allocator hands this NaN-filled block out next
+                y_direct = state.direct(x, q.bias) if state.direct is not None else None
+                y_jax = to_torch(state.call(state.leaves, to_jax(x), to_jax(q.bias)))
+                torch.cuda.synchronize()
+                row["direct_ran"] = y_direct is not None
+                if y_direct is not None:
+                    row["bit_exact"] = bool(torch.equal(y_direct, y_jax))
+                    row["max_abs_diff"] = float((y_direct.float() - y_jax.float()).abs().max())
+                    row["nan"] = int(torch.isnan(y_direct.float()).sum())
+                    with torch.cuda.stream(side):  # a side stream: the event fences
+                        torch.cuda._sleep(50_000_000)
+                        x2 = x * 1  # written on the side stream after the spin
+                        y_side = q(x2)
+                        same = torch.equal(y_side, y_jax)
+                    side.synchronize()
+                    row["side_stream_bit_exact"] = bool(same)
+            row["ok"] = bool(row.get("bit_exact") and row.get("side_stream_bit_exact") and not row.get("nan"))
+        except Exception as e:  # noqa: BLE001 - one failure must not lose the other rows
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}", trace=traceback.format_exc()[-1500:])
+        rows.append(row)
+        print(f"direct {row['config']} M={m} N={n} K={k}: {'OK' if row['ok'] else 'FAIL'} "
+              f"{ {k_: v for k_, v in row.items() if k_ not in ('config', 'trace')} }", flush=True)
+    return {"rows": rows, "ok": all(r["ok"] for r in rows)}
+
+
 def _interleaved(fns: dict, syncs: dict, reps: int, trials: int = TRIALS) -> dict:
     """Median (wall, host) per name over ``trials`` rounds, the candidates interleaved in each round."""
     for name, fn in fns.items():  # warm: compile, allocator, caches
@@ -317,8 +374,19 @@ def hot_path_steps(q, x, reps: int, sync) -> dict:
     ``fast_paths``: whether import/export took the cached-route fast paths (else the public DLPack APIs).
     """
     st = q._qlin_state
-    route, bj, checks = st.route, st.bias_jax, st.checks
     pc = time.perf_counter
+    if st.direct is not None:  # the direct route (Mosaic GPU kernels launched from torch): no JAX steps
+        sync()
+        t0 = pc()
+        for _ in range(reps):
+            keep = st.direct(x, q.bias)
+        total = (pc() - t0) / reps * 1e6
+        sync()
+        del keep
+        nan = float("nan")
+        return {"route": "direct", "direct_call": round(total, 2), "total": round(total, 2),
+                "check": nan, "import": nan, "jit": nan, "export": nan, "export_waits": nan}
+    route, bj, checks = st.route, st.bias_jax, st.checks
     tot = [0.0, 0.0, 0.0, 0.0]
     fast = route is not None
     keep = None
@@ -440,11 +508,27 @@ def _row(device: str, cfg, m: int, n: int, k: int, reps: int, kernel: str | None
     def pure():
         last["yj"] = call(leaves, xj, bj)
 
-    syncs = {"bridge": sync_t, "jax": lambda: last["yj"].block_until_ready()}
-    row = {"config": cfg.describe(), "kernel": q.kernel.name, "M": m, "N": n, "K": k}
+    direct_route = state.direct
+
+    def bridge_jax_route():  # the same layer with the direct route switched off: DLPack + jitted call
+        state.direct = None
+        try:
+            last["y2"] = q(x)
+        finally:
+            state.direct = direct_route
+
+    syncs = {"bridge": sync_t, "jax": lambda: last["yj"].block_until_ready(), "bridge_jax_route": sync_t}
+    row = {"config": cfg.describe(), "kernel": q.kernel.name, "M": m, "N": n, "K": k,
+           "route": "direct" if direct_route is not None else "jax"}
     with torch.no_grad():
-        t = _interleaved({"bridge": bridge, "jax": pure}, syncs, reps)
+        fns = {"bridge": bridge, "jax": pure}
+        if direct_route is not None:
+            fns["bridge_jax_route"] = bridge_jax_route
+        t = _interleaved(fns, syncs, reps)
         (t_bridge, h_bridge), (t_jax, h_jax) = t["bridge"], t["jax"]
+        if "bridge_jax_route" in t:
+            row["bridge_jax_route_us"] = round(t["bridge_jax_route"][0], 2)
+            row["jax_route_overhead"] = round(t["bridge_jax_route"][0] / t_jax - 1, 4)
         row.update({
             "bridge_us": round(t_bridge, 2), "jax_us": round(t_jax, 2), "overhead": round(t_bridge / t_jax - 1, 4),
             "bridge_host_us": round(h_bridge, 2), "jax_host_us": round(h_jax, 2),
@@ -581,11 +665,15 @@ def print_rows(rows) -> None:
             print(f"{head}  {r.get('skipped') or r.get('error')}")
             continue
         st = r.get("host_steps_us") or dict.fromkeys(("check", "import", "jit", "export", "export_waits"), float("nan"))
+        if st.get("route") == "direct":
+            st = {**st, "jit": st["direct_call"]}  # shown in the jit column: the whole direct call
         print(f"{head} | {r['bridge_us']:8.1f} {r['jax_us']:8.1f} {r['overhead']:+7.1%} | "
               f"{r.get('bridge_event_us', 0):8.1f} {r.get('jax_event_us', 0):8.1f} {r.get('event_overhead', 0):+7.1%} | "
               f"{r['bridge_host_us']:7.1f} {r['jax_host_us']:6.1f} | {st['check']:5.1f} {st['import']:6.1f} "
               f"{st['jit']:6.1f} {st['export']:6.1f} {st['export_waits']:6.1f} | "
-              f"{r.get('gpu_us_bridge_gated', 0):7.1f} {r.get('gpu_us_jax_gated', 0):7.1f} | {r['kernel']}")
+              f"{r.get('gpu_us_bridge_gated', 0):7.1f} {r.get('gpu_us_jax_gated', 0):7.1f} | {r['kernel']}"
+              + (f" | direct; JAX route {r['bridge_jax_route_us']:.1f} ({r['jax_route_overhead']:+.1%})"
+                 if "bridge_jax_route_us" in r else ""))
 
 
 def main() -> int:
@@ -624,6 +712,9 @@ def main() -> int:
     }
     if "zero_copy" in only:
         result["zero_copy"] = zero_copy(device)
+    if "direct" in only:
+        result["direct_check"] = direct_check(device)
+        _write(result, device)
     result["bridge_routes"] = {str(k): None if v is None else {"jax_device": str(v.jax_device), "jax_stream": v.jax_stream}
                                for k, v in bridge_dlpack._ROUTES.items()}
     _write(result, device)
@@ -669,7 +760,7 @@ def main() -> int:
             if "error" in r:
                 print(f"  {r['dtype']}: {r['error']}")
     print("us per call; host steps = bridge host us per call: check / import / jit / export (of which waiting "
-          "for the launch)")
+          "for the launch); with the direct route the jit column is the whole direct call")
     print_rows(result["overhead"])
     result["summary"] = summarize(result)
     print(f"wrote {_write(result, device)}  ({result['summary']['elapsed_s']} s)")

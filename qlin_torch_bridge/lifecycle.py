@@ -70,6 +70,7 @@ class _State:
     device: Any = None  # the torch device of the layer's weight
     route: Any = None  # the DLPack route (cached JAX device, streams) of that device, None: public path
     export_ok: bool = False  # the output dtype crosses on the fast export
+    direct: Any = None  # the direct route (qlin_torch_bridge.direct.DirectLinear) where it applies
 
     def refresh(self, layer: Any = None) -> None:
         leaves, treedef = jax.tree_util.tree_flatten(self.params)
@@ -80,6 +81,12 @@ class _State:
         self.device = w.device if isinstance(w, torch.Tensor) else None
         self.route = dlpack.hot_route(w) if isinstance(w, torch.Tensor) else None
         self.export_ok = dlpack.fast_export_dtype(self.kernel.config.out_dtype)
+        self.direct = None
+        if self.platform == "cuda":
+            from qlin_torch_bridge.direct import direct_for
+
+            self.direct = direct_for(self.kernel, self.params, self.platform,
+                                     to_torch=lambda a: to_torch(a, name="processed parameter"))
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -297,7 +304,9 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
 
     Steady state (nothing about the layer changed since the last call): check the layer's
     parameters are the ones read (identity, address, ``_version``), hand ``x`` to JAX, one jitted
-    call on the cached JAX views of the parameters (and of ``bias``), hand the result back.
+    call on the cached JAX views of the parameters (and of ``bias``), hand the result back.  On a
+    CUDA device, layers of the ``mosaic_gpu`` kernel with dynamic per-token activations launch the
+    same compiled Mosaic GPU kernels from torch instead (:mod:`qlin_torch_bridge.direct`).
     """
     state = getattr(layer, _STATE_ATTR, None)
     if state is None or not _unchanged_fast(layer, state.checks):
@@ -309,6 +318,10 @@ def apply_weights(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | 
         weight = getattr(layer, state.params.attribute_name("weight"))
         check_same_device({"weight": weight, "x (input)": x} | ({"bias": bias} if bias is not None else {}),
                           type(layer).__name__)
+    if state.direct is not None:  # the Mosaic GPU kernels launched from torch: no JAX dispatch
+        y = state.direct(x, bias)
+        if y is not None:
+            return y
     route = state.route
     xj = dlpack.import_hot(x, route) if route is not None else None
     if xj is None:

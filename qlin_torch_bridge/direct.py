@@ -1,0 +1,429 @@
+"""Direct launch: qlin's Mosaic GPU kernels called from torch with no JAX dispatch per call.
+
+Through the JAX route a bridged call pays, on the host, jaxlib's DLPack import of ``x`` (~40 us on the
+H100 machine), the jitted call's dispatch (~50-65 us) and the export of the result (~6-12 us): more
+than the kernels themselves at decode and mid-size shapes (``h100_bridge_check.json``).  For the
+layers the fused path serves -- the ``mosaic_gpu`` kernel with dynamic per-token activations (fp8
+e4m3, int8 symmetric or asymmetric), per-tensor or per-channel weights -- the bridge launches the
+SAME two compiled Mosaic GPU kernels itself: the fused activation quantize and the scaled GEMM, each
+compiled once per shape by the machinery behind ``jax.experimental.pallas.mosaic_gpu.as_torch_kernel``
+(a call is then a ctypes launch on torch's current stream with torch-allocated outputs;
+:class:`_RawKernel`).  The glue between them (the 8-row tile padding, K padding, split-K sum,
+slicing) is torch code mirroring
+:meth:`qlin.kernels.mosaic_gpu.MosaicGPUScaledMMKernel._matmul`, so the result is the JAX route's
+(bit for bit; with split-K >= 3 torch may add the float32 partial sums in another order).
+
+Streams: everything -- the two launches and the torch glue -- is queued on torch's current stream,
+so it is ordered with the caller's work like any torch op.  A shape whose kernels fail to build (a jax
+version whose interop differs) falls back to the JAX route with a warning, once per shape.
+
+This relies on jax internals (``jax._src.pallas.mosaic_gpu.torch`` and the CUDA plugin's
+``MosaicGpuCompile``: what ``plgpu.as_torch_kernel`` uses); where they are missing the route is off.
+
+Anything else (CPU tensors, other configs or kernels, ``input_scale_ub``, the int8 GEMV route at
+M = 1, inputs the JAX route would reject or copy) returns None and the caller takes the JAX route.
+``QLIN_TORCH_DIRECT=0`` turns the direct route off (it is on by default for the jax versions it was
+checked with on a GPU, :data:`VERIFIED_JAX`; ``=1`` forces it on elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import torch
+import torch.nn.functional as F
+
+from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
+from qlin.kernels import mosaic_gpu_quantize as mq
+from qlin.kernels import mosaic_gpu_scaled_mm as mm
+from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel, uses_xla_gemv
+from qlin.params import Int8Params, Params
+
+__all__ = ["DirectLinear", "direct_for", "enabled"]
+
+#: Reuse the quantize kernel's outputs across calls up to this many 8-bit activation bytes: the
+#: buffers are shared by every layer with the same input shape on a stream (see :func:`_scratch`).
+_SCRATCH_CACHE_BYTES = 16 << 20
+_SCRATCH_MAX_ENTRIES = 16
+_SCRATCH: dict[tuple, tuple] = {}
+_X_DTYPES = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16, torch.float32: jnp.float32}
+_BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _interop():
+    """jax's Mosaic GPU <-> torch module (the machinery behind ``plgpu.as_torch_kernel``), or None."""
+    try:
+        from jax._src.pallas.mosaic_gpu import torch as interop
+    except ImportError:
+        return None
+    ok = all(hasattr(interop, a) for a in ("_compile_fn", "_mlir_to_torch_dtype"))
+    return interop if ok else None
+
+
+#: jax versions whose internals the direct route was checked against on a GPU (bit for bit, both streams).
+VERIFIED_JAX = ((0, 11),)
+
+
+def enabled() -> bool:
+    """Whether the direct route may be used: ``QLIN_TORCH_DIRECT=0`` / ``1`` force it off / on (on needs
+    jax's torch interop); unset, it is on for the jax versions in :data:`VERIFIED_JAX`."""
+    flag = os.environ.get("QLIN_TORCH_DIRECT", "").strip().lower()
+    if flag in ("0", "false", "no", "off") or _interop() is None:
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    return tuple(jax.__version_info__[:2]) in VERIFIED_JAX
+
+
+@contextlib.contextmanager
+def _with_fp8_outputs(interop):
+    """jax 0.11's interop maps f32 / f16 / bf16 / integer kernel outputs to torch dtypes, not fp8 (the
+    fused quantize writes fp8): add the two fp8 types while a kernel is being compiled."""
+    orig = interop._mlir_to_torch_dtype
+
+    def with_fp8(torch_mod, mlir_dtype):
+        name = str(mlir_dtype)
+        if name == "f8E4M3FN":
+            return torch_mod.float8_e4m3fn
+        if name == "f8E5M2":
+            return torch_mod.float8_e5m2
+        return orig(torch_mod, mlir_dtype)
+
+    interop._mlir_to_torch_dtype = with_fp8
+    try:
+        yield
+    finally:
+        interop._mlir_to_torch_dtype = orig
+
+
+class _RawKernel:
+    """One compiled Mosaic GPU kernel launched straight from torch on torch's current stream.
+
+    Compiled once: ``fn`` is traced and lowered by JAX, the interop finds the Mosaic GPU call and how
+    to lay out its buffers (inputs, outputs, any scratch), and the CUDA plugin's ``MosaicGpuCompile``
+    builds it -- what ``plgpu.as_torch_kernel`` does, minus its per-call re-derivation of the argument
+    shapes and checks (~30 us per call on the H100 machine), and launched on the CURRENT stream rather
+    than the default one, so no event fences are needed.  A call: torch allocates the outputs, the
+    buffer pointers go to the kernel's launch function.
+    """
+
+    def __init__(self, fn: Callable, in_structs: tuple) -> None:
+        import ctypes
+
+        from jax._src.lib.mlir import passmanager
+        from jax.experimental import mosaic as _mosaic  # noqa: F401 - registers the dialect
+        from jax.experimental.mosaic import gpu as mgpu
+
+        interop = _interop()
+        module = jax.jit(fn).trace(*in_structs).lower().compiler_ir()
+        with module.context:
+            mgpu.dialect.register_inliner_extensions(module.context)  # undo jit's outlining
+            passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(module.operation)
+            with _with_fp8_outputs(interop):
+                call, self._prepare_args, self._prepare_outputs, self._get_outputs = (
+                    interop._find_mgpu_call_in_module(module))
+            asm = call.attributes["mhlo.backend_config"]["module"].value_bytes
+        lib = _plugin_library()
+        compile_fn, unload_fn = lib.MosaicGpuCompile, lib.MosaicGpuUnload
+        compile_fn.argtypes, compile_fn.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.POINTER(ctypes.c_void_p)
+        unload_fn.argtypes, unload_fn.restype = [ctypes.POINTER(ctypes.c_void_p)], None
+        torch.cuda.init()
+        compiled = compile_fn(ctypes.c_char_p(asm), ctypes.c_int(len(asm)))
+        if not compiled:
+            raise RuntimeError("MosaicGpuCompile failed")
+        self._function = compiled[0]
+        self._launch = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.POINTER(ctypes.c_void_p))(compiled[1])
+        weakref.finalize(self, unload_fn, compiled)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        n_in = len(jax.tree.leaves(in_structs))
+        probe = tuple(object() for _ in range(n_in))
+        try:  # inputs handed to the kernel as they are (no scratch buffers or constants to add)?
+            self._plain_args = tuple(self._prepare_args(*probe, device=self.device)) == probe
+        except Exception:  # noqa: BLE001 - a thunk that needs real tensors: always prepare
+            self._plain_args = False
+        outs = jax.tree.leaves(jax.eval_shape(fn, *in_structs))
+        # (shape, torch dtype) of each output; None where outputs alias inputs (let the interop place them)
+        aliases = call.output_operand_aliases
+        self.out_specs = None if (aliases is not None and len(aliases)) else tuple(
+            (tuple(o.shape), getattr(torch, jnp.dtype(o.dtype).name)) for o in outs)
+        self._n_ptrs = n_in + len(outs)
+        self._ptr_array = ctypes.c_void_p * self._n_ptrs
+
+    def new_outputs(self) -> tuple | None:
+        """Freshly allocated output tensors (None when the interop must place them)."""
+        if self.out_specs is None:
+            return None
+        return tuple(torch.empty(shape, dtype=dt, device=self.device) for shape, dt in self.out_specs)
+
+    def __call__(self, *args: torch.Tensor, stream: int | None = None, out: tuple | None = None):
+        """Launch on ``stream`` (a CUDA stream handle; default torch's current stream), writing into
+        ``out`` (tensors of :attr:`out_specs`; default new ones).  Returns the output(s)."""
+        dev = self.device
+        if not self._plain_args:
+            args = self._prepare_args(*args, device=dev)
+        if out is None:
+            out = self.new_outputs()
+        if out is None:
+            result = self._get_outputs(*self._prepare_outputs(*args, device=dev))
+            outs = result
+        else:
+            result = outs = out
+        ptrs = [t.data_ptr() for t in args]
+        ptrs += [t.data_ptr() for t in outs]
+        if stream is None:
+            stream = torch.cuda.current_stream(dev).cuda_stream
+        self._launch(self._function, stream, self._ptr_array(*ptrs))
+        return result[0] if len(result) == 1 else result
+
+
+def _plugin_library():
+    """The CUDA PJRT plugin's shared library (it exports ``MosaicGpuCompile`` / ``MosaicGpuUnload``)."""
+    import ctypes
+
+    for name in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
+        try:
+            plugin = importlib.import_module(name)
+        except ImportError:
+            continue
+        return ctypes.CDLL(plugin._get_library_path())
+    return ctypes.CDLL(None)
+
+
+def gpu_launcher(fn: Callable, in_structs: tuple) -> Callable:
+    """Compile ``fn`` (one Mosaic GPU kernel) for these argument shapes; returns ``f(*tensors)``."""
+    return _RawKernel(fn, tuple(in_structs))
+
+
+def _round_up(v: int, multiple: int) -> int:
+    return -(-v // multiple) * multiple
+
+
+class _Entry:
+    """The two compiled launches (and their static glue) for one (M, x dtype, bias dtype)."""
+
+    __slots__ = ("m", "rows", "kq", "chunks", "width", "quant", "gemm", "split_k")
+
+    def __init__(self, m, rows, kq, chunks, width, quant, gemm, split_k):
+        self.m, self.rows, self.kq, self.chunks, self.width = m, rows, kq, chunks, width
+        self.quant, self.gemm, self.split_k = quant, gemm, split_k
+
+
+class DirectLinear:
+    """One processed layer's direct route: torch views of the processed params, launches per M.
+
+    Args:
+      kernel: the layer's :class:`MosaicGPUScaledMMKernel`.
+      params: its processed params (JAX arrays; the torch views share their memory).
+      to_torch: JAX array -> torch tensor without a copy (the bridge's DLPack export).
+      launcher: ``launcher(fn, in_structs)`` turns a JAX function of one Mosaic GPU kernel into a
+        torch-callable for arguments of those shapes (default :func:`gpu_launcher`; tests pass an
+        interpret-mode stand-in).
+      interpret: build the kernels for Mosaic GPU interpret mode (tests on the CPU).
+    """
+
+    def __init__(self, kernel: MosaicGPUScaledMMKernel, params: Params, *, to_torch: Callable[[Any], torch.Tensor],
+                 launcher: Callable | None = None, interpret: bool = False) -> None:
+        cfg = kernel.config
+        self.config = cfg
+        self.n, self.k = params.n, params.k
+        self.n_pad, self.k_pad = (int(d) for d in params.weight.shape)
+        self.wdtype = jnp.dtype(params.weight.dtype)
+        self.out_dtype = jnp.dtype(cfg.out_dtype)
+        self.symmetric = not (isinstance(cfg, Int8ScaledMMConfig) and not cfg.symmetric)
+        self.qargs = mq._config_args(cfg)
+        self.interpret = interpret
+        self.launcher = launcher or gpu_launcher
+        ws = jnp.asarray(params.weight_scale, jnp.float32)
+        self.per_channel_w = ws.size != 1
+        self.weight = to_torch(params.weight)
+        self.b_scale = to_torch(ws.reshape(-1))  # (N_pad,) or (1,): what scaled_mm hands its kernel
+        self.azp_adj = None
+        if not self.symmetric:
+            assert isinstance(params, Int8Params) and params.azp_adj is not None
+            self.azp_adj = to_torch(jnp.asarray(params.azp_adj, jnp.int32).reshape(-1))
+        self._entries: dict[tuple, _Entry | None] = {}
+        self.build_errors: dict[tuple, str] = {}
+        self._bias_src: tuple | None = None
+        self._bias_pad: torch.Tensor | None = None
+
+    # -- compile once per shape ----------------------------------------------------------------
+    def _entry(self, m: int, x_dtype: torch.dtype, bias_dtype: torch.dtype | None) -> _Entry | None:
+        key = (m, x_dtype, bias_dtype)
+        if key in self._entries:
+            return self._entries[key]
+        entry = None
+        jdt = jnp.dtype(_X_DTYPES[x_dtype])
+        ok, _ = mq.can_fuse((m, self.k), jdt, self.config)
+        if ok and not uses_xla_gemv(self.wdtype, m, self.k_pad):
+            try:
+                entry = self._build(m, jdt, bias_dtype)
+            except Exception as e:  # noqa: BLE001 - the JAX route still works; say why once
+                self.build_errors[key] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"qlin_torch_bridge: direct launch unavailable for M={m}, x {x_dtype} "
+                              f"({self.build_errors[key][:300]}); using the JAX route", RuntimeWarning, stacklevel=3)
+        self._entries[key] = entry
+        return entry
+
+    def _build(self, m: int, jdt, bias_dtype) -> _Entry:
+        rows = _round_up(m, mm.TMA_ROW_TILE)  # the fused kernel allocates whole 8-row tiles (as _matmul)
+        a = self.qargs
+        p = mq.plan(m, self.k, jdt, granularity="per_token", symmetric=self.symmetric)
+        qfn = mq._build(p, jdt, kind=a["kind"], per_group=False, has_ub=False, symmetric=self.symmetric,
+                        fp8_format=a.get("fp8_format", "e4m3fn"), interpret=self.interpret,
+                        rows_out=None if rows == m else rows)
+        has_bias, has_azp = bias_dtype is not None, not self.symmetric
+        epi = mm._Epilogue(a_scale_vec=rows != 1, b_scale_vec=self.per_channel_w, has_bias=has_bias,
+                           has_azp=has_azp, azp_vec=has_azp and rows != 1)
+        from qlin.kernels import autotune  # the tile choice scaled_mm makes for the same call
+
+        config = autotune.get_config(rows, self.n_pad, self.k_pad, self.wdtype, self.out_dtype,
+                                     has_bias=has_bias, has_azp=has_azp)
+        n_row = int(epi.a_scale_vec) + int(epi.azp_vec)
+        n_col = int(epi.b_scale_vec) + int(epi.has_bias) + int(epi.has_azp)
+        mm._validate_config(config, self.wdtype, self.out_dtype, n_row, n_col)
+        out_dtype, interpret = self.out_dtype, self.interpret
+
+        def gemm(*args):
+            return mm._call(args, config=config, epi=epi, out_dtype=out_dtype, interpret=interpret)
+
+        sds = jax.ShapeDtypeStruct
+        f32, i32 = jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)
+        q_in = (sds((m, p.chunks, p.width), jdt),)
+        g_in = [sds((rows, self.k_pad), self.wdtype), sds((self.n_pad, self.k_pad), self.wdtype),
+                sds((rows,), f32), sds(tuple(self.b_scale.shape), f32)]
+        if has_bias:
+            g_in.append(sds((self.n_pad,), jnp.dtype(_X_DTYPES[bias_dtype])))
+        if has_azp:
+            g_in += [sds((rows,), i32), sds((self.n_pad,), i32)]
+        quant, gemm_launch = self.launcher(qfn, q_in), self.launcher(gemm, tuple(g_in))
+        return _Entry(m, rows, p.k_padded, p.chunks, p.width, quant, gemm_launch, config.split_k)
+
+    # -- per call ------------------------------------------------------------------------------
+    def _bias(self, bias: torch.Tensor) -> torch.Tensor:
+        if self.n_pad == self.n:
+            return bias
+        src, ver = self._bias_src, _version(bias)
+        if src is not None and src[0] is bias and src[1] == bias.data_ptr() and ver is not None and src[2] == ver:
+            return self._bias_pad
+        padded = F.pad(bias, (0, self.n_pad - self.n))
+        self._bias_src, self._bias_pad = (bias, bias.data_ptr(), ver), padded
+        return padded
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ W^T (+ bias)`` through the direct launches, or None (take the JAX route)."""
+        if x.dtype not in _X_DTYPES or x.ndim < 1 or x.shape[-1] != self.k or x.requires_grad:
+            return None
+        if not x.is_contiguous() or x.data_ptr() % 16:
+            return None  # the JAX route copies (allow_input_copy) or names the layout problem
+        if bias is not None and (bias.dtype not in _BIAS_DTYPES or tuple(bias.shape) != (self.n,)
+                                 or not bias.is_contiguous() or bias.requires_grad):
+            return None
+        lead = x.shape[:-1]
+        m = x.numel() // self.k if self.k else 0
+        if m < 1:
+            return None
+        e = self._entry(m, x.dtype, None if bias is None else bias.dtype)
+        if e is None:
+            return None
+        if not self.interpret:
+            return self._on_device(e, x, bias, lead)
+        return self._run(e, x, bias, lead)
+
+    def _on_device(self, e: _Entry, x, bias, lead):
+        dev = x.device
+        if dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):  # the kernels launch in the current device's context
+                return self._run(e, x, bias, lead)
+        return self._run(e, x, bias, lead)
+
+    def _run(self, e: _Entry, x: torch.Tensor, bias, lead) -> torch.Tensor:
+        k, k_pad = self.k, self.k_pad
+        x2 = x.reshape(e.m, k)
+        if e.kq != k:
+            x2 = F.pad(x2, (0, e.kq - k))
+        x3 = x2.view(e.m, e.chunks, e.width)
+        if self.interpret:
+            outs = e.quant(x3)
+            gemm = e.gemm
+        else:
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            scratch = _scratch(e.quant, stream) if e.rows * e.kq <= _SCRATCH_CACHE_BYTES else None
+            outs = e.quant(x3, stream=stream, out=scratch)
+            gemm = functools.partial(e.gemm, stream=stream)
+        q = outs[0].view(e.rows, e.kq)
+        if e.kq != k or k_pad != k:
+            # the quantized padding columns are not zero for asymmetric int8 (q = zero point): cut, re-pad
+            q = F.pad(q[:, :k], (0, k_pad - k))
+        args = [q, self.weight, outs[1].reshape(-1), self.b_scale]
+        if bias is not None:
+            args.append(self._bias(bias))
+        if self.azp_adj is not None:
+            args += [outs[2].reshape(-1), self.azp_adj]
+        y = gemm(*args)
+        if e.split_k > 1:
+            y = y.sum(0).to(_torch_dtype(self.out_dtype))
+        y = y[: e.m, : self.n] if (e.rows != e.m or self.n_pad != self.n) else y
+        if self.n_pad != self.n:
+            y = y.contiguous()
+        return y.reshape(*lead, self.n)
+
+
+def _scratch(quant: _RawKernel, stream: int) -> tuple | None:
+    """Output buffers for the quantize kernel, shared by every call on ``stream`` with these shapes.
+
+    The quantized activations live only between the quantize and the GEMM launch of one call, both
+    queued on ``stream``; the next call that reuses the buffers (any layer with the same input shape)
+    queues after them on the same stream, so reuse is ordered without an allocation per call.  At most
+    ``_SCRATCH_MAX_ENTRIES`` shapes are kept (least recently used dropped; the allocator keeps a dropped
+    buffer alive until the work queued on it is done).
+    """
+    specs = quant.out_specs
+    if specs is None:
+        return None
+    key = (quant.device.index, stream, specs)
+    bufs = _SCRATCH.pop(key, None)
+    if bufs is None:
+        bufs = quant.new_outputs()
+        while len(_SCRATCH) >= _SCRATCH_MAX_ENTRIES:
+            _SCRATCH.pop(next(iter(_SCRATCH)))
+    _SCRATCH[key] = bufs  # most recently used last
+    return bufs
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version: never reuse a padded copy of one
+        return None
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return getattr(torch, jnp.dtype(dtype).name)
+
+
+def direct_for(kernel: Any, params: Params, platform: str, *, to_torch: Callable[[Any], torch.Tensor],
+               launcher: Callable | None = None, interpret: bool | None = None) -> DirectLinear | None:
+    """The layer's direct route, or None where it does not apply (see the module docstring)."""
+    if type(kernel) is not MosaicGPUScaledMMKernel or kernel.tuning is not None:
+        return None
+    interpret = kernel.interpret if interpret is None else interpret
+    if interpret != (launcher is not None):
+        return None  # interpret-mode kernels only with a test launcher; real ones only on the GPU
+    if launcher is None and (platform != "cuda" or not enabled()):
+        return None
+    cfg = kernel.config
+    if not isinstance(cfg, (FP8ScaledMMConfig, Int8ScaledMMConfig)) or cfg.activation != "dynamic_per_token":
+        return None
+    if getattr(params, "input_scale_ub", None) is not None:
+        return None
+    return DirectLinear(kernel, params, to_torch=to_torch, launcher=launcher, interpret=interpret)
