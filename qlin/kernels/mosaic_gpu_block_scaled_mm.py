@@ -776,8 +776,8 @@ def _kernel(
             # accumulator by one ratio per row (on the CUDA cores) and issues the block's wgmma into
             # it (pl.run_state with an initialized accumulator; its result is awaited when the step
             # returns).  No second register tile: warpgroup tiles up to 128 x 128.  A row whose scale
-            # is not positive keeps the previous scale as its unit (the rows past M that TMA
-            # zero-fills, whose operands are zero too): no division by zero.  The next step's weight
+            # is zero keeps the previous scale as its unit (the rows past M that TMA zero-fills, whose
+            # operands are zero too): no division by zero.  The next step's weight
             # scales (a global load) are issued one step early and carried, so their latency is
             # never on the path to the wgmma.
             def _rescale_scope(eval_pipeline, acc0, wg):
@@ -799,7 +799,7 @@ def _kernel(
                 for j in range(sub):
                     a_s = plgpu.load(as_smem.at[j, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
                     s_cur = a_s * b_now[j]
-                    s_cur = jnp.where(s_cur > 0, s_cur, s_prev)
+                    s_cur = jnp.where(s_cur == 0, s_prev, s_cur)  # (a NaN scale still propagates)
                     acc = acc * lax.broadcast_in_dim(s_prev / s_cur, (tile_m, n_part), [0])
 
                     def mma(acc_ref, j=j):
