@@ -199,6 +199,19 @@ def _plugin_library():
     return ctypes.CDLL(None)
 
 
+_KERNELS: dict[tuple, _RawKernel] = {}
+
+
+def _shared_kernel(key: tuple, fn: Callable, in_structs: tuple) -> _RawKernel:
+    """The compiled kernel for ``key`` (everything that determines it: the plan or tile config, the
+    epilogue, dtypes, shapes, the device), compiled on first use: a model's layers of equal shapes
+    compile each kernel once, as the JAX route's compilation cache does."""
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = gpu_launcher(fn, in_structs)
+    return kernel
+
+
 def gpu_launcher(fn: Callable, in_structs: tuple) -> Callable:
     """Compile ``fn`` (one Mosaic GPU kernel) for these argument shapes; returns ``f(*tensors)``."""
     return _RawKernel(fn, tuple(in_structs))
@@ -305,7 +318,14 @@ class DirectLinear:
             g_in.append(sds((self.n_pad,), jnp.dtype(_X_DTYPES[bias_dtype])))
         if has_azp:
             g_in += [sds((rows,), i32), sds((self.n_pad,), i32)]
-        quant, gemm_launch = self.launcher(qfn, q_in), self.launcher(gemm, tuple(g_in))
+        g_in = tuple(g_in)
+        if self.launcher is gpu_launcher:  # layers of the same shapes share one compiled kernel each
+            dev = torch.cuda.current_device()
+            quant = _shared_kernel(("quant", dev, p, jdt, a["kind"], self.symmetric, a.get("fp8_format"), rows),
+                                   qfn, q_in)
+            gemm_launch = _shared_kernel(("gemm", dev, config, epi, out_dtype, g_in), gemm, g_in)
+        else:
+            quant, gemm_launch = self.launcher(qfn, q_in), self.launcher(gemm, g_in)
         return _Entry(m, rows, p.k_padded, p.chunks, p.width, quant, gemm_launch, config.split_k)
 
     # -- per call ------------------------------------------------------------------------------

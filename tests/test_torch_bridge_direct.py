@@ -184,3 +184,31 @@ def test_scratch_buffers_are_shared_per_stream_and_shape_and_bounded(monkeypatch
     assert len(direct._SCRATCH) == 2 and direct._scratch(a, stream=7) is not first
     c.out_specs = None
     assert direct._scratch(c, stream=7) is None  # outputs the interop must place: never cached
+
+
+def test_layers_of_equal_shapes_share_their_compiled_kernels(monkeypatch):
+    compiled = []
+
+    def counting_launcher(fn, in_structs):
+        compiled.append(in_structs)
+        return interpret_launcher(fn, in_structs)
+
+    monkeypatch.setattr(direct, "gpu_launcher", counting_launcher)
+    monkeypatch.setattr(direct, "_KERNELS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = FP8ScaledMMConfig()
+    layers = []
+    for n, seed in ((64, 0), (64, 1), (48, 2)):  # two layers of one shape, one of another N
+        w = jnp.asarray(np.random.default_rng(seed).standard_normal((n, 256)), jnp.float32)
+        kernel = MosaicGPUScaledMMKernel(cfg, interpret=True)
+        params = kernel.process_weights_after_loading(quantize_weight(w, cfg))
+        d = direct.DirectLinear(kernel, params, to_torch=lambda a: to_torch(a, name="p"), interpret=True)
+        assert d.launcher is counting_launcher
+        layers.append((kernel, params, d))
+    x = _x((5, 256), torch.bfloat16)
+    for kernel, params, d in layers:
+        y = d(x, None)
+        want = kernel.apply_weights(params, to_jax(x, name="x"))
+        np.testing.assert_array_equal(y.float().numpy(), np.asarray(want.astype(jnp.float32)))
+    # quantize: one kernel for all three (same M, K); GEMM: one per N
+    assert len(compiled) == 3 and len(direct._KERNELS) == 3
