@@ -5,6 +5,11 @@
 
 1. Zero copy: torch CUDA tensors of every bridged dtype -> JAX -> torch; data pointers compared
    (and which fp8 path is used: native DLPack or the re-tagged uint8 capsule).
+1b. Direct route (``--only direct``): layers whose Mosaic GPU kernels the bridge launches from torch
+   (qlin_torch_bridge/direct.py) against the JAX route of the same layer, bit for bit, on the default
+   stream and on a busy side stream (fp8 / int8 / asymmetric int8, padded N / K, split-K, M = 1..4096).
+   The overhead rows below also time the JAX route of such layers in the same trials
+   (``bridge_jax_route_us``).
 2. Stream ordering, on a non-default torch stream:
    torch -> JAX: torch spins the GPU (``torch.cuda._sleep``) then fills x; JAX reads x right away,
    no host sync. Correct iff JAX sees the fill. A control read that opts out of the stream
