@@ -32,6 +32,7 @@ import contextlib
 import functools
 import importlib
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -84,6 +85,9 @@ def enabled() -> bool:
     return tuple(jax.__version_info__[:2]) in VERIFIED_JAX
 
 
+_PATCH_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _with_fp8_outputs(interop):
     """jax 0.11's interop maps f32 / f16 / bf16 / integer kernel outputs to torch dtypes, not fp8 (the
@@ -98,11 +102,12 @@ def _with_fp8_outputs(interop):
             return torch_mod.float8_e5m2
         return orig(torch_mod, mlir_dtype)
 
-    interop._mlir_to_torch_dtype = with_fp8
-    try:
-        yield
-    finally:
-        interop._mlir_to_torch_dtype = orig
+    with _PATCH_LOCK:  # one compile at a time patches the interop's module attribute
+        interop._mlir_to_torch_dtype = with_fp8
+        try:
+            yield
+        finally:
+            interop._mlir_to_torch_dtype = orig
 
 
 class _RawKernel:

@@ -115,6 +115,7 @@ def test_linen_round_trip(tmp_path):
 
 def test_config_json_round_trip_and_non_checkpoint(tmp_path):
     for cfg in [qlin.FP8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_group"),
+                qlin.FP8ScaledMMConfig(weight_granularity=(128, 128), activation="dynamic_per_group", fast_accum=True),
                 qlin.Int8ScaledMMConfig(symmetric=False, out_dtype=jnp.float16)]:
         assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     from safetensors.numpy import save_file
