@@ -20,8 +20,16 @@ version whose interop differs) falls back to the JAX route with a warning, once 
 This relies on jax internals (``jax._src.pallas.mosaic_gpu.torch`` and the CUDA plugin's
 ``MosaicGpuCompile``: what ``plgpu.as_torch_kernel`` uses); where they are missing the route is off.
 
-Anything else (CPU tensors, other configs or kernels, ``input_scale_ub``, the int8 GEMV route at
-M = 1, inputs the JAX route would reject or copy) returns None and the caller takes the JAX route.
+int8 at M = 1: the JAX route hands that product to XLA's int8 GEMV (as fast as the Mosaic GPU kernel
+on the device, and XLA's own program); from torch the JAX dispatch it would need costs more than either
+kernel, so the direct route runs the Mosaic GPU kernel there too (the same int32 sums and f32 epilogue).
+
+Anything else (CPU tensors, other configs or kernels, ``input_scale_ub``, inputs the JAX route would
+reject or copy) returns None and the caller takes the JAX route.
+
+A call in the steady state (:class:`_Plan`) writes three addresses into pointer arrays filled in when
+the shape was first seen, allocates the output and makes the two ctypes launches: no argument
+re-derivation, no Stream object (torch's raw current-stream handle), no reshapes.
 ``QLIN_TORCH_DIRECT=0`` turns the direct route off (it is on by default for the jax versions it was
 checked with on a GPU, :data:`VERIFIED_JAX`; ``=1`` forces it on elsewhere).
 """
@@ -46,7 +54,7 @@ import torch.nn.functional as F
 from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
 from qlin.kernels import mosaic_gpu_quantize as mq
 from qlin.kernels import mosaic_gpu_scaled_mm as mm
-from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel, uses_xla_gemv
+from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
 from qlin.params import Int8Params, Params
 
 __all__ = ["DirectLinear", "direct_for", "enabled"]
@@ -55,7 +63,12 @@ __all__ = ["DirectLinear", "direct_for", "enabled"]
 #: buffers are shared by every layer with the same input shape on a stream (see :func:`_scratch`).
 _SCRATCH_CACHE_BYTES = 16 << 20
 _SCRATCH_MAX_ENTRIES = 16
-_SCRATCH: dict[tuple, tuple] = {}
+_SCRATCH: dict[tuple, _Scratch] = {}
+#: plans kept per entry (one per stream and thread that called it) before the table is cleared
+_MAX_PLANS = 64
+#: torch's current stream as a raw handle without building a Stream object (what inductor uses)
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_get_ident = threading.get_ident
 _X_DTYPES = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16, torch.float32: jnp.float32}
 _BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -163,6 +176,11 @@ class _RawKernel:
             (tuple(o.shape), getattr(torch, jnp.dtype(o.dtype).name)) for o in outs)
         self._n_ptrs = n_in + len(outs)
         self._ptr_array = ctypes.c_void_p * self._n_ptrs
+        # (launch, function, n_ptrs) for a caller that keeps its own pointer array (inputs then outputs)
+        # and calls launch(function, stream, array); None when the interop must prepare the arguments
+        # or place the outputs (then only __call__ launches it)
+        self.raw = (self._launch, self._function, self._n_ptrs) if (
+            self._plain_args and self.out_specs is not None) else None
 
     def new_outputs(self) -> tuple | None:
         """Freshly allocated output tensors (None when the interop must place them)."""
@@ -186,7 +204,7 @@ class _RawKernel:
         ptrs = [t.data_ptr() for t in args]
         ptrs += [t.data_ptr() for t in outs]
         if stream is None:
-            stream = torch.cuda.current_stream(dev).cuda_stream
+            stream = _current_stream(dev.index)
         self._launch(self._function, stream, self._ptr_array(*ptrs))
         return result[0] if len(result) == 1 else result
 
@@ -229,11 +247,31 @@ def _round_up(v: int, multiple: int) -> int:
 class _Entry:
     """The two compiled launches (and their static glue) for one (M, x dtype, bias dtype)."""
 
-    __slots__ = ("m", "rows", "kq", "chunks", "width", "quant", "gemm", "split_k")
+    __slots__ = ("m", "rows", "kq", "chunks", "width", "quant", "gemm", "split_k", "has_bias", "plans")
 
-    def __init__(self, m, rows, kq, chunks, width, quant, gemm, split_k):
+    def __init__(self, m, rows, kq, chunks, width, quant, gemm, split_k, has_bias):
         self.m, self.rows, self.kq, self.chunks, self.width = m, rows, kq, chunks, width
-        self.quant, self.gemm, self.split_k = quant, gemm, split_k
+        self.quant, self.gemm, self.split_k, self.has_bias = quant, gemm, split_k, has_bias
+        self.plans: dict[tuple, _Plan | None] = {}
+
+
+class _Plan:
+    """The steady state of one entry on one (stream, thread): both launches' pointer arrays filled in
+    once (weights, scales, the shared quantize buffers), so a call writes only the addresses of ``x``,
+    the output and the bias.  Per thread because ctypes releases the GIL during a launch, so another
+    thread must not rewrite the array it reads.  ``scratch`` is a weak reference: the shared buffers
+    stay owned by :data:`_SCRATCH` (bounded), and a plan whose buffers were dropped is rebuilt."""
+
+    __slots__ = ("scratch", "skey", "qarr", "garr", "out_i", "bias_i", "out_shape", "out_dtype")
+
+
+class _Scratch:
+    """The quantize kernel's output buffers shared by the calls of one (device, stream, shapes)."""
+
+    __slots__ = ("bufs", "__weakref__")
+
+    def __init__(self, bufs: tuple) -> None:
+        self.bufs = bufs
 
 
 class DirectLinear:
@@ -282,7 +320,7 @@ class DirectLinear:
         entry = None
         jdt = jnp.dtype(_X_DTYPES[x_dtype])
         ok, _ = mq.can_fuse((m, self.k), jdt, self.config)
-        if ok and not uses_xla_gemv(self.wdtype, m, self.k_pad):
+        if ok:
             try:
                 entry = self._build(m, jdt, bias_dtype)
             except Exception as e:  # noqa: BLE001 - the JAX route still works; say why once
@@ -331,7 +369,7 @@ class DirectLinear:
             gemm_launch = _shared_kernel(("gemm", dev, config, epi, out_dtype, g_in), gemm, g_in)
         else:
             quant, gemm_launch = self.launcher(qfn, q_in), self.launcher(gemm, g_in)
-        return _Entry(m, rows, p.k_padded, p.chunks, p.width, quant, gemm_launch, config.split_k)
+        return _Entry(m, rows, p.k_padded, p.chunks, p.width, quant, gemm_launch, config.split_k, has_bias)
 
     # -- per call ------------------------------------------------------------------------------
     def _bias(self, bias: torch.Tensor) -> torch.Tensor:
@@ -360,16 +398,86 @@ class DirectLinear:
         e = self._entry(m, x.dtype, None if bias is None else bias.dtype)
         if e is None:
             return None
-        if not self.interpret:
-            return self._on_device(e, x, bias, lead)
-        return self._run(e, x, bias, lead)
+        if self.interpret and getattr(e.quant, "raw", None) is None:
+            return self._run(e, x, bias, lead)  # an interpret-mode test launcher: the general path
+        return self._on_device(e, x, bias, lead)
 
     def _on_device(self, e: _Entry, x, bias, lead):
         dev = x.device
         if dev.index is not None and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):  # the kernels launch in the current device's context
+                return self._launch(e, x, bias, lead)
+        return self._launch(e, x, bias, lead)
+
+    def _launch(self, e: _Entry, x: torch.Tensor, bias, lead) -> torch.Tensor:
+        """The steady state: two launches through the entry's :class:`_Plan` for this stream and thread
+        (the output allocation and, for padded N or 8-row tiles, a slice are the only torch work)."""
+        dev = x.device
+        stream = _current_stream(dev.index)
+        pkey = (stream, _get_ident())
+        plan = e.plans.get(pkey)
+        holder = plan.scratch() if plan is not None else None
+        if holder is None:
+            if plan is None and pkey in e.plans:  # this entry has no steady state (see _new_plan)
                 return self._run(e, x, bias, lead)
-        return self._run(e, x, bias, lead)
+            plan = self._new_plan(e, stream, pkey)
+            if plan is None:
+                return self._run(e, x, bias, lead)
+            holder = plan.scratch()
+        shared = _SCRATCH.pop(plan.skey, None)
+        if shared is not None:
+            _SCRATCH[plan.skey] = shared  # most recently used last
+        qarr, garr = plan.qarr, plan.garr
+        qarr[0] = x.data_ptr()
+        launch, function, _ = e.quant.raw
+        launch(function, stream, qarr)
+        y = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev)
+        garr[plan.out_i] = y.data_ptr()
+        if plan.bias_i is not None:
+            garr[plan.bias_i] = self._bias(bias).data_ptr()
+        launch, function, _ = e.gemm.raw
+        launch(function, stream, garr)
+        if e.rows != e.m or self.n_pad != self.n:
+            y = y[: e.m, : self.n]
+            if self.n_pad != self.n:
+                y = y.contiguous()
+        return y.view(*lead, self.n)
+
+    def _new_plan(self, e: _Entry, stream: int, pkey: tuple) -> _Plan | None:
+        """Build (and remember) the plan for ``pkey``; None where the entry needs the general path: K
+        padding (the quantized columns are cut and re-padded), split-K (a torch sum), quantize outputs
+        too large to share, or kernels whose arguments the interop must prepare."""
+        import ctypes
+
+        qraw, graw = getattr(e.quant, "raw", None), getattr(e.gemm, "raw", None)
+        if (qraw is None or graw is None or e.kq != self.k or self.k_pad != self.k or e.split_k != 1
+                or e.rows * e.kq > _SCRATCH_CACHE_BYTES):
+            e.plans[pkey] = None
+            return None
+        holder = _scratch(e.quant, stream)
+        bufs = holder.bufs
+        ptrs = [bufs[0].data_ptr(), self.weight.data_ptr(), bufs[1].data_ptr(), self.b_scale.data_ptr()]
+        bias_i = None
+        if e.has_bias:
+            bias_i = len(ptrs)
+            ptrs.append(None)
+        if self.azp_adj is not None:
+            ptrs += [bufs[2].data_ptr(), self.azp_adj.data_ptr()]
+        out_i = len(ptrs)
+        ptrs.append(None)
+        if graw[2] != len(ptrs) or qraw[2] != 1 + len(bufs) or len(e.gemm.out_specs) != 1:
+            e.plans[pkey] = None  # not the argument lists scaled_mm's kernels take: general path
+            return None
+        plan = _Plan()
+        plan.scratch, plan.skey = weakref.ref(holder), _scratch_key(e.quant, stream)
+        plan.qarr = (ctypes.c_void_p * qraw[2])(None, *(t.data_ptr() for t in bufs))
+        plan.garr = (ctypes.c_void_p * graw[2])(*ptrs)
+        plan.out_i, plan.bias_i = out_i, bias_i
+        plan.out_shape, plan.out_dtype = e.gemm.out_specs[0]
+        if len(e.plans) >= _MAX_PLANS:  # threads come and go: keep the table small
+            e.plans.clear()
+        e.plans[pkey] = plan
+        return plan
 
     def _run(self, e: _Entry, x: torch.Tensor, bias, lead) -> torch.Tensor:
         k, k_pad = self.k, self.k_pad
@@ -377,13 +485,13 @@ class DirectLinear:
         if e.kq != k:
             x2 = F.pad(x2, (0, e.kq - k))
         x3 = x2.view(e.m, e.chunks, e.width)
-        if self.interpret:
+        if self.interpret and getattr(e.quant, "raw", None) is None:  # a plain interpret-mode test launcher
             outs = e.quant(x3)
             gemm = e.gemm
         else:
-            stream = torch.cuda.current_stream(x.device).cuda_stream
-            scratch = _scratch(e.quant, stream) if e.rows * e.kq <= _SCRATCH_CACHE_BYTES else None
-            outs = e.quant(x3, stream=stream, out=scratch)
+            stream = _current_stream(x.device.index)
+            holder = _scratch(e.quant, stream) if e.rows * e.kq <= _SCRATCH_CACHE_BYTES else None
+            outs = e.quant(x3, stream=stream, out=None if holder is None else holder.bufs)
             gemm = functools.partial(e.gemm, stream=stream)
         q = outs[0].view(e.rows, e.kq)
         if e.kq != k or k_pad != k:
@@ -403,26 +511,37 @@ class DirectLinear:
         return y.reshape(*lead, self.n)
 
 
-def _scratch(quant: _RawKernel, stream: int) -> tuple | None:
+def _scratch_key(quant: _RawKernel, stream: int) -> tuple:
+    return (quant.device.index, stream, quant.out_specs)
+
+
+def _scratch(quant: _RawKernel, stream: int) -> _Scratch | None:
     """Output buffers for the quantize kernel, shared by every call on ``stream`` with these shapes.
 
     The quantized activations live only between the quantize and the GEMM launch of one call, both
     queued on ``stream``; the next call that reuses the buffers (any layer with the same input shape)
     queues after them on the same stream, so reuse is ordered without an allocation per call.  At most
-    ``_SCRATCH_MAX_ENTRIES`` shapes are kept (least recently used dropped; the allocator keeps a dropped
-    buffer alive until the work queued on it is done).
+    ``_SCRATCH_MAX_ENTRIES`` shapes are kept (least recently used dropped; torch's allocator hands a
+    dropped buffer only to later work on the same stream, which is queued after the work that used it).
     """
     specs = quant.out_specs
     if specs is None:
         return None
-    key = (quant.device.index, stream, specs)
-    bufs = _SCRATCH.pop(key, None)
-    if bufs is None:
-        bufs = quant.new_outputs()
+    key = _scratch_key(quant, stream)
+    holder = _SCRATCH.pop(key, None)
+    if holder is None:
+        holder = _Scratch(quant.new_outputs())
         while len(_SCRATCH) >= _SCRATCH_MAX_ENTRIES:
             _SCRATCH.pop(next(iter(_SCRATCH)))
-    _SCRATCH[key] = bufs  # most recently used last
-    return bufs
+    _SCRATCH[key] = holder  # most recently used last
+    return holder
+
+
+def _current_stream(device_index: int | None) -> int:
+    """torch's current CUDA stream on the device, as the raw handle the launches take."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(torch.cuda.current_device() if device_index is None else device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -57,6 +57,7 @@ CASES = [
     (FP8ScaledMMConfig(), 200, 304, (2, 7, 304), torch.float32, torch.bfloat16),  # N, K padded; lead dims
     (FP8ScaledMMConfig(weight_granularity="per_tensor"), 48, 128, (13, 128), torch.float16, torch.float32),
     (Int8ScaledMMConfig(), 64, 256, (9, 256), torch.bfloat16, torch.float32),
+    (Int8ScaledMMConfig(), 64, 256, (1, 256), torch.bfloat16, torch.bfloat16),  # the JAX route: XLA's GEMV
     (Int8ScaledMMConfig(symmetric=False), 72, 208, (3, 208), torch.bfloat16, torch.bfloat16),  # zp columns
     (Int8ScaledMMConfig(symmetric=False, out_dtype=jnp.float32), 40, 256, (17, 256), torch.float32, None),
 ]
@@ -85,8 +86,6 @@ def test_direct_route_declines_what_the_jax_route_must_handle():
     assert d(x.to(torch.int32), None) is None  # dtype
     assert d(x.requires_grad_(True), None) is None
     assert d(_x((4, 256), torch.bfloat16), _x((63,), torch.float32)) is None  # bias shape
-    assert d(_x((1, 256), torch.bfloat16), None) is None  # int8 at M = 1: XLA's GEMV route
-    assert d._entries[(1, torch.bfloat16, None)] is None
     _, _, d300 = _layer(FP8ScaledMMConfig(), 64, 300)
     assert d300(_x((4, 300), torch.bfloat16), None) is None  # K % 16 != 0: the jnp quantize, not the kernel
 
@@ -212,3 +211,111 @@ def test_layers_of_equal_shapes_share_their_compiled_kernels(monkeypatch):
         np.testing.assert_array_equal(y.float().numpy(), np.asarray(want.astype(jnp.float32)))
     # quantize: one kernel for all three (same M, K); GEMM: one per N
     assert len(compiled) == 3 and len(direct._KERNELS) == 3
+
+
+def _at(ptr: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU tensor of ``shape`` / ``dtype`` at address ``ptr`` (what a kernel sees through a pointer)."""
+    import ctypes
+
+    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    buf = (ctypes.c_char * n).from_address(ptr)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+
+class RawInterpretKernel:
+    """``_RawKernel`` for interpret mode: ``raw``'s launch reads its arguments through the pointer array
+    (as the real launch does), so the steady-state plans -- pointers filled in once, per stream and
+    thread -- are checked, not just the torch glue."""
+
+    def __init__(self, fn, in_structs):
+        self.jf = jax.jit(fn)
+        tdt = lambda d: getattr(torch, jnp.dtype(d).name)  # noqa: E731
+        self.in_specs = tuple((tuple(s.shape), tdt(s.dtype)) for s in in_structs)
+        outs = jax.tree.leaves(jax.eval_shape(fn, *in_structs))
+        self.out_specs = tuple((tuple(o.shape), tdt(o.dtype)) for o in outs)
+        self.device = torch.device("cpu")
+        self.launches = []  # the stream of each raw launch
+        self.raw = (self._launch, "fn", len(self.in_specs) + len(self.out_specs))
+
+    def new_outputs(self):
+        return tuple(torch.empty(shape, dtype=dt) for shape, dt in self.out_specs)
+
+    def _launch(self, function, stream, arr):
+        assert function == "fn"
+        self.launches.append(stream)
+        specs = self.in_specs + self.out_specs
+        ts = [_at(arr[i], shape, dt) for i, (shape, dt) in enumerate(specs)]
+        n_in = len(self.in_specs)
+        res = jax.tree.leaves(self.jf(*[to_jax(t, name="arg") for t in ts[:n_in]]))
+        for dst, r in zip(ts[n_in:], res):
+            dst.copy_(to_torch(r, name="out"))
+
+    def __call__(self, *args, stream=None, out=None):  # the general path (K padding, split-K)
+        outs = self.new_outputs() if out is None else out
+        arr = [t.data_ptr() for t in args] + [t.data_ptr() for t in outs]
+        self._launch("fn", stream, arr)
+        return outs[0] if len(outs) == 1 else outs
+
+
+@pytest.fixture
+def raw_route(monkeypatch):
+    """Direct layers built with RawInterpretKernel launches on a stand-in 'stream' the test sets."""
+    monkeypatch.setattr(direct, "_SCRATCH", {})
+    stream = {"now": 11}
+    monkeypatch.setattr(direct, "_current_stream", lambda index: stream["now"])
+
+    def make(cfg, n, k, seed=0):
+        w = jnp.asarray(np.random.default_rng(seed).standard_normal((n, k)), jnp.float32)
+        kernel = MosaicGPUScaledMMKernel(cfg, interpret=True)
+        params = kernel.process_weights_after_loading(quantize_weight(w, cfg))
+        d = direct.direct_for(kernel, params, "cpu", to_torch=lambda a: to_torch(a, name="p"),
+                              launcher=RawInterpretKernel)
+        return kernel, params, d
+
+    return make, stream
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].describe()}-N{c[1]}K{c[2]}-x{c[3]}")
+def test_steady_state_launches_match_the_jax_route_bit_for_bit(case, raw_route):
+    make, _ = raw_route
+    cfg, n, k, xshape, xdt, bdt = case
+    kernel, params, d = make(cfg, n, k)
+    bias = None if bdt is None else _x((n,), bdt, seed=2)
+    for seed in (1, 5):  # the second call reuses the plan with new x / output / bias addresses
+        x = _x(xshape, xdt, seed=seed)
+        y = d(x, bias)
+        assert y is not None and tuple(y.shape) == (*xshape[:-1], n) and y.is_contiguous()
+        want = kernel.apply_weights(params, to_jax(x, name="x"), None if bias is None else to_jax(bias, name="b"))
+        np.testing.assert_array_equal(y.float().numpy(), np.asarray(want.astype(jnp.float32)))
+    (e,) = d._entries.values()
+    (plan,) = e.plans.values()
+    # K padded (304 -> 320, 208 -> 256): the quantized columns are cut and re-padded: the general path
+    assert (plan is None) == (e.kq != k or d.k_pad != k)
+    assert e.quant.launches == [11, 11] and e.gemm.launches == [11, 11]
+
+
+def test_plans_are_per_stream_and_thread_and_follow_the_shared_buffers(raw_route, monkeypatch):
+    import threading
+
+    make, stream = raw_route
+    kernel, params, d = make(FP8ScaledMMConfig(), 64, 256)
+    x = _x((16, 256), torch.bfloat16)
+    want = np.asarray(kernel.apply_weights(params, to_jax(x, name="x")).astype(jnp.float32))
+    check = lambda y: np.testing.assert_array_equal(y.float().numpy(), want)  # noqa: E731
+    check(d(x, None))
+    (e,) = d._entries.values()
+    first = next(iter(e.plans.values()))
+    stream["now"] = 12
+    check(d(x, None))  # another stream: its own plan and its own quantize buffers
+    assert len(e.plans) == 2 and len(direct._SCRATCH) == 2
+    other = {}
+    t = threading.Thread(target=lambda: other.setdefault("y", d(x, None)))
+    t.start()
+    t.join()
+    check(other["y"])
+    assert len(e.plans) == 3 and len(direct._SCRATCH) == 2  # another thread: own arrays, shared buffers
+    stream["now"] = 11
+    direct._SCRATCH.clear()  # the shared buffers dropped (evicted): the plan is rebuilt, not reused
+    check(d(x, None))
+    again = e.plans[(11, threading.get_ident())]
+    assert again is not first and again.scratch() is direct._SCRATCH[again.skey]
