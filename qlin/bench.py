@@ -1455,6 +1455,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-xla", action="store_true", help="skip the XLA-native 8-bit GEMM rows")
     p.add_argument("--dynamic", action="store_true", help="add the dynamic linear rows (quantize + matmul)")
     p.add_argument("--dynamic-only", action="store_true", help="only the dynamic linear rows (qlin+quant vs xla+quant)")
+    p.add_argument(
+        "--bridge",
+        action="store_true",
+        help="also time the torch bridge (QuantLinear called on torch tensors) against the same layer called "
+        "from JAX, per case: wall-clock per call, host included (needs qlin[torch]); a separate table",
+    )
+    p.add_argument("--bridge-reps", type=int, default=50, help="back-to-back calls per bridge timing trial")
     p.add_argument("--iterations", type=int, default=20, help="timed runs per case (>= 20 for reported numbers)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 4), help="compile threads")
     p.add_argument("--lookahead", type=int, default=3, help="cases compiled ahead of the one being timed")
@@ -1577,10 +1584,65 @@ def run(args, *, timer=cupti_timer, interpret=False, log=print) -> tuple[list[di
         f"{sum(p.get('wait_compile_s', 0) for p in bench.phases):.0f}s, ran on the device "
         f"{sum(p.get('run_s', 0) for p in bench.phases):.0f}s"
     )
+    if getattr(args, "bridge", False):
+        bridge = bridge_section(cases, args, interpret=interpret, log=log)
+        m["bridge"] = bridge
+        path = write_results(args.out, args.tag, bench.rows, m)
+        md += "\n\n" + bridge_markdown(bridge)
     (path.parent / f"{args.tag}.md").write_text(md + "\n")
     plot(bench.rows, path.parent / f"{args.tag}.png")
     log(md)
     return bench.rows, m
+
+
+def bridge_section(cases, args, *, interpret: bool = False, log=print) -> dict:
+    """The torch-bridge rows (:func:`qlin_torch_bridge.bench.bridge_rows`) for the grid's cases: the bridge
+    (``qlin:torch_bridge``) beside the same layer's jitted call from JAX (``qlin:jax_same_kernel``),
+    wall-clock per call with the host included (as a model calls a layer), not CUPTI kernel time: kept
+    apart from the GEMM rows.  ``{"rows": [...], "skipped": reason}``."""
+    try:
+        import torch
+
+        from qlin_torch_bridge.bench import bridge_rows
+    except ImportError as e:
+        log(f"bridge rows skipped: {e} (pip install 'qlin[torch]')")
+        return {"rows": [], "skipped": f"torch bridge unavailable: {e}"}
+    device = "cuda" if torch.cuda.is_available() and not interpret else "cpu"
+    shapes = [(m, n, k) for n, k, m in cases]
+    rows = bridge_rows(shapes, tuple(args.dtypes.split(",")), reps=args.bridge_reps, device=device)
+    for r in rows:
+        if r["impl"] == "qlin:torch_bridge" and r.get("us"):
+            log(f"bridge {r['dtype']} M={r['M']} N={r['N']} K={r['K']}: {r['us']:.1f} us "
+                f"({r['overhead_vs_jax']:+.1%} vs the same layer from JAX)")
+    return {"rows": rows, "skipped": None, "device": device}
+
+
+def bridge_markdown(bridge: dict) -> str:
+    """The bridge table: per case and dtype, bridge vs JAX us per call and the bridge's overhead."""
+    if bridge.get("skipped"):
+        return f"torch bridge: skipped ({bridge['skipped']})"
+    by = {(r["impl"], r["dtype"], r["M"], r["N"], r["K"]): r for r in bridge["rows"]}
+    lines = [
+        "torch bridge: `QuantLinear` on torch tensors vs the same layer's jitted call from JAX "
+        "(wall-clock us per call, host included; target overhead <= +5 %)",
+        "",
+        "| dtype | M | N | K | bridge us | JAX us | overhead | route |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    worst = None
+    for (impl, dt, m, n, k), r in by.items():
+        if impl != "qlin:torch_bridge":
+            continue
+        j = by.get(("qlin:jax_same_kernel", dt, m, n, k), {})
+        if not r.get("us") or not j.get("us"):
+            lines.append(f"| {dt} | {m} | {n} | {k} | ERR | ERR | - | {r.get('error', '')[:60]} |")
+            continue
+        ovh = r["overhead_vs_jax"]
+        worst = ovh if worst is None else max(worst, ovh)
+        lines.append(f"| {dt} | {m} | {n} | {k} | {r['us']:.1f} | {j['us']:.1f} | {ovh:+.1%} | {r.get('route', '-')} |")
+    if worst is not None:
+        lines += ["", f"worst bridge overhead {worst:+.1%} ({'met' if worst <= 0.05 else 'NOT met'}: <= +5 %)"]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,10 @@ rel_err, device``):
 ``us``: wall-clock per call of ``reps`` back-to-back calls then one sync, median of ``trials``
 interleaved trials (host overhead counts, as in a model). ``rel_err``: relative L2 error of the bridge's
 output against the JAX call's (the same kernel: 0 expected). The bridge row also carries
-``overhead_vs_jax`` (``us / jax_us - 1``; target <= 0.05), ``host_us`` (host time per call to enqueue)
-and ``kernel``. A case that fails gives a row with ``error`` instead of ``us``.
+``overhead_vs_jax`` (``us / jax_us - 1``; target <= 0.05), ``host_us`` (host time per call to enqueue),
+``kernel`` and ``route`` (``direct`` where the layer launches its Mosaic GPU kernels from torch, see
+:mod:`qlin_torch_bridge.direct`; else ``jax``). ``qlin bench --bridge`` adds these rows to the GEMM
+benchmark for its cases. A case that fails gives a row with ``error`` instead of ``us``.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def _case(dtype: str, m: int, n: int, k: int, device: str, reps: int, trials: in
     us_j, host_j = statistics.median(w for w, _ in samples["j"]), statistics.median(h for _, h in samples["j"])
     dev = torch.cuda.get_device_name() if device == "cuda" else jax.devices("cpu")[0].device_kind
     common = {"dtype": dtype, "M": m, "N": n, "K": k, "rel_err": err, "device": dev, "kernel": q.kernel.name,
-              "timer": "wall"}
+              "timer": "wall", "route": "direct" if st.direct is not None else "jax"}
     flop = 2 * m * n * k
     return [
         {"impl": "qlin:torch_bridge", **common, "us": round(us_b, 2), "tflops": round(flop / us_b / 1e6, 2),

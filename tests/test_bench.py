@@ -466,3 +466,23 @@ def test_ab_gemm_sides_are_valid_and_differ_only_in_what_they_compare():
     pad = ab.sides("decode_pad", 5, 4096, 4096, f8)
     assert pad["pad8"][0] == pad["unpadded"][0]
     assert (pad["pad8"][1](5), pad["unpadded"][1](5), pad["unpadded"][1](13)) == (8, 5, 16)
+
+
+def test_bridge_rows_join_the_benchmark_as_their_own_table(tmp_path):
+    pytest.importorskip("torch")
+    args = bench.parse_args(
+        ["--shapes", "32:256", "--m", "8", "--dtypes", "fp8", "--no-torch", "--no-bf16", "--no-xla", "--bridge",
+         "--bridge-reps", "2", "--iterations", "2", "--max-copies", "1", "--copy-mib", "1", "--workers", "1",
+         "--out", str(tmp_path), "--tag", "br"]
+    )  # fmt: skip
+    rows, meta = bench.run(args, timer=fake_timer([]), interpret=True, log=lambda s: None)
+    assert all(not r["impl"].endswith(("torch_bridge", "jax_same_kernel")) for r in rows)  # not GEMM rows
+    br = meta["bridge"]
+    assert br["skipped"] is None and br["device"] == "cpu"
+    assert [(r["impl"], r["M"], r["N"], r["K"]) for r in br["rows"]] == [
+        ("qlin:torch_bridge", 8, 32, 256), ("qlin:jax_same_kernel", 8, 32, 256)]
+    assert all(r["us"] > 0 and r["rel_err"] == 0.0 and r["route"] == "jax" for r in br["rows"])
+    saved = json.loads((tmp_path / "br.json").read_text())
+    assert saved["meta"]["bridge"]["rows"] == br["rows"]
+    md = (tmp_path / "br.md").read_text()
+    assert "torch bridge" in md and "| fp8 | 8 | 32 | 256 |" in md and "worst bridge overhead" in md
