@@ -186,6 +186,13 @@ RESCALE_LAYOUTS = {
     ),  # fmt: skip
 }
 LAYOUTS.update(RESCALE_LAYOUTS)
+# Three consumer warpgroups (64 x 128 each, promoted; 160 registers per thread): 192 x 128 and
+# 64 x 384 CTA tiles.
+THREE_WG_LAYOUTS = {
+    "w3m_tn128": bmm._three_wg_tile("m"),
+    "w3n_tn128": bmm._three_wg_tile("n", steps=3),
+}
+LAYOUTS.update(THREE_WG_LAYOUTS)
 # accuracy phase: rescaled accumulation adds each K block inside the wgmma (no f32 promotion)
 RESCALE_ACCURACY_CONFIG = bmm._fit_smem(bmm._rescale_wide_tile("n"), jnp.dtype(jnp.float32))
 
@@ -285,11 +292,12 @@ def rescale_cases(name):
     return overlap_cases(name)[:3] + [(100, 272, 128, "float16", True, name), (5, 4096, 4096, "bfloat16", True, name)]
 
 
-def phase_check(results, overlap_only=False, rescale_only=False):
+def phase_check(results, overlap_only=False, rescale_only=False, layouts=None):
+    """``rescale_only``: the layout cases of ``layouts`` (default RESCALE_LAYOUTS) alone."""
     cases = []
     seed = int(time.time()) % 100000
     if rescale_only:
-        for name in RESCALE_LAYOUTS:
+        for name in RESCALE_LAYOUTS if layouts is None else layouts:
             cases += rescale_cases(name)
     elif not overlap_only:
         for m in CHECK_M:
@@ -671,7 +679,7 @@ def phase_ptxas(results, out_dir):
     import re
 
     m, n, k = (4096, 4096, 4096) if not INTERPRET else (128, 256, 256)
-    cfgs = {"default": bmm.default_config(m, n, k), **OVERLAP_LAYOUTS}
+    cfgs = {"default": bmm.default_config(m, n, k), **THREE_WG_LAYOUTS, **OVERLAP_LAYOUTS}
     kb, nb = cdiv(k, 128), cdiv(n, 128)
     args = (
         jnp.zeros((m, k), F8),
@@ -757,6 +765,7 @@ def main():
         ("check", lambda: phase_check(results)),
         ("overlap", lambda: phase_check(results, overlap_only=True)),
         ("rescale", lambda: phase_check(results, rescale_only=True)),
+        ("wg3", lambda: phase_check(results, rescale_only=True, layouts=THREE_WG_LAYOUTS)),
         ("ptxas", lambda: phase_ptxas(results, out_dir)),
         ("accuracy", lambda: phase_accuracy(results)),
         ("layer", lambda: phase_layer(results)),

@@ -98,6 +98,15 @@ RS_K256 = dataclasses.replace(K256, rescale=True)
 RS_ONE_WG = dataclasses.replace(ONE_WG, rescale=True)
 RESCALE_CONFIGS = (RS_M128_WG_N, RS_M128_WG_M, RS_TWO_WG_M, RS_K256, RS_ONE_WG)
 
+# Three consumer warpgroups (the M >= 1024 default is 3 x 64 x 128 along M): GPU only -- jax
+# 0.11.2's interpreter can deadlock with four warpgroups per CTA (seen here under CPU load), so CI
+# cross-lowers them and benchmarks/gpu_block_check.py --phases wg3 runs them on an H100.
+W3_M = bmm.BlockTuningConfig(
+    tile_m=64, tile_n=32, max_concurrent_steps=3, num_compute_wgs=3, wg_dimension="m", grid_tile_width=2,
+    epi_tile_n=16, epi_slots=1,
+)  # fmt: skip
+W3_N = dataclasses.replace(W3_M, wg_dimension="n", grid_minor_dim="n", grid_tile_width=1)
+
 
 def _cdiv(a, b):
     return -(-a // b)
@@ -321,8 +330,44 @@ def test_overlap_variants_close_the_large_m_candidates_and_are_never_the_default
             flags = [c.overlap for c in cands]
             assert not any(flags[:-5]) and all(flags[-5:])
             default = cands[0]
-            assert (default.tile_n, default.num_compute_wgs, default.wg_dimension) == (128, 2, "m")
+            wgs = 3 if m >= 4096 else 2
+            assert (default.tile_n, default.num_compute_wgs, default.wg_dimension) == (128, wgs, "m")
             assert {(c.tile_k, c.wg_dimension) for c in cands if c.overlap} == {(128, "m"), (256, "m"), (128, "n")}
+
+
+def test_three_warpgroups_default_from_m_4096_and_their_register_cap():
+    for n, k in LLAMA:
+        assert bmm.default_config(512, n, k).num_compute_wgs == 2
+        assert bmm.default_config(1000, n, k).num_compute_wgs == 2
+        assert bmm.default_config(2048, n, k).num_compute_wgs == 2
+        for m in (4096, 8192):
+            c = bmm.default_config(m, n, k)
+            assert (c.num_compute_wgs, c.tile_m, c.tile_n, c.cta_tile_m) == (3, 64, 128, 192)
+    # 3 warpgroups get 160 registers per thread: a 64 x 256 tile's total + accumulator (192) does not fit
+    with pytest.raises(ValueError, match="over 128 with 3 consumer warpgroups"):
+        bmm._validate_config(dataclasses.replace(bmm._three_wg_tile(), tile_n=256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="num_compute_wgs=4 must be 1 or 2 or 3"):
+        bmm._validate_config(dataclasses.replace(bmm._three_wg_tile(), num_compute_wgs=4), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [W3_M, W3_N, bmm._three_wg_tile("m"), bmm._three_wg_tile("n", steps=3)],
+                         ids=lambda c: c.short())
+def test_three_warpgroup_tiles_cross_lower_for_cuda(cfg):
+    m, n, k = (400, 272, 640) if cfg.tile_n < 128 else (4096, 4096, 4096)
+    args = (S((m, k), jnp.float8_e4m3fn), S((n, k), jnp.float8_e4m3fn), S((m, k // 128), jnp.float32),
+            S((-(-n // 128), k // 128), jnp.float32))
+    f = jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, config=bmm._fit_smem(cfg, jnp.bfloat16)))
+    f.trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_interpret_mode_runs_the_three_warpgroup_default_as_two_and_rejects_explicit_ones():
+    rng = np.random.default_rng(5)
+    ops = _operands(rng, 4096, 64, 128, bias=True)
+    assert bmm.default_config(4096, 64, 128).num_compute_wgs == 3
+    out = _run(ops, jnp.bfloat16, None)  # the heuristic, as two warpgroups in interpret mode
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+    with pytest.raises(ValueError, match="three consumer warpgroups do not run in interpret mode"):
+        _run(ops, jnp.bfloat16, W3_M)
 
 
 OVERLAP_LOWER_SHAPES = [(4096, 4096, 4096), (1024, 4096, 4096), (4096, 28672, 4096), (1024, 28672, 4096)]
@@ -615,7 +660,7 @@ def test_bad_bias_and_out_dtype():
         ({"tile_k": 384}, r"tile_k=384 must be 128 or 256"),
         ({"tile_k": 256, "tile_n": 256, "epi_tile_n": 64}, r"needs 256 f32 registers per thread"),
         ({"tile_n": 256, "epi_tile_n": 256}, r"epi_tile_n=256 must divide min\(tile_n, 128\)"),
-        ({"num_compute_wgs": 3}, r"num_compute_wgs=3"),
+        ({"num_compute_wgs": 4}, r"num_compute_wgs=4 must be 1 or 2 or 3"),
         ({"max_concurrent_steps": 1}, r"max_concurrent_steps must be >= 2"),
         ({"tile_n": 128, "epi_tile_n": 48}, r"epi_tile_n=48"),
         ({"tile_n": 128, "num_compute_wgs": 2, "max_concurrent_steps": 7}, r"needs \d+ bytes of shared memory"),

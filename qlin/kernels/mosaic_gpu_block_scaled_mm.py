@@ -103,6 +103,15 @@ _BIAS_DTYPES = SUPPORTED_OUT_DTYPES
 #: f32 registers per thread a warpgroup may spend on the promoted total plus the
 #: wgmma accumulator(s) (two consumer warpgroups get 232 registers per thread).
 MAX_ACC_REGISTERS = 192
+#: the same with three consumer warpgroups: the pipeline gives each 160 registers per thread (the
+#: producer keeps 24), room for a 64 x 128 tile's total and accumulator (128) and little else.
+MAX_ACC_REGISTERS_3WG = 128
+#: registers per thread the producer (TMA) warpgroup keeps, by consumer warpgroup count
+_MEMORY_REGISTERS = {1: 56, 2: 40, 3: 24}
+
+
+def _max_acc_registers(num_compute_wgs: int) -> int:
+    return MAX_ACC_REGISTERS_3WG if num_compute_wgs == 3 else MAX_ACC_REGISTERS
 
 
 def _acc_registers(c) -> int:
@@ -128,7 +137,8 @@ class BlockTuningConfig(TileConfigBase):
       The promoted total plus the accumulators must fit MAX_ACC_REGISTERS
       (64x256 with tile_k=128, or 64x128 with tile_k=256, at most).
     max_concurrent_steps: pipeline depth (shared-memory stages).
-    num_compute_wgs: consumer warpgroups (1 or 2), stacked along ``wg_dimension``.
+    num_compute_wgs: consumer warpgroups (1, 2 or 3), stacked along ``wg_dimension``; with 3 each gets
+      160 registers per thread, so the total and accumulator must fit 128 (64 x 128, tile_k=128).
     grid_minor_dim / grid_tile_width: planar-snake traversal of the output tiles.
     epi_tile_m / epi_tile_n: shared-memory tile of the epilogue store (None = whole tile).
     overlap: overlapped promotion (opt-in; slower on an H100, see the module docstring): two wgmma
@@ -217,14 +227,15 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         )
     if not isinstance(c.overlap, bool):
         raise TypeError(f"config.overlap={c.overlap!r} must be True or False")
-    regs = _acc_registers(c)
-    if regs > MAX_ACC_REGISTERS:
+    regs, cap = _acc_registers(c), _max_acc_registers(c.num_compute_wgs)
+    if regs > cap:
         raise ValueError(
             f"config {c.short()} (tile {c.tile_m}x{c.tile_n}, tile_k={c.tile_k}"
             f"{', overlap=True: two ping-pong accumulators' if c.overlap else ''}) needs {regs} f32 registers per "
-            f"thread for the promoted total and the wgmma accumulator(s): over {MAX_ACC_REGISTERS}"
+            f"thread for the promoted total and the wgmma accumulator(s): over {cap} "
+            f"with {c.num_compute_wgs} consumer warpgroups"
         )
-    c.check_layout(epi_n_divides=min(c.tile_n, BLOCK))
+    c.check_layout(epi_n_divides=min(c.tile_n, BLOCK), max_wgs=3)
     check_smem(c, smem_bytes(c, out_dtype, has_bias))
 
 
@@ -294,6 +305,16 @@ def _large_m_tile(tile_n: int = 2 * BLOCK, steps: int = 4, grid_minor: str = "m"
     return _two_wg_tile("m", tile_n, steps=steps, grid_minor=grid_minor, width=width)
 
 
+def _three_wg_tile(wg_dimension: str = "m", steps: int = 4, grid_minor: str = "m", width: int = 8):
+    """Three 64 x 128 warpgroups (192 x 128 CTA tiles along M, 64 x 384 along N): while one
+    warpgroup waits for its block's wgmma and promotes it, two others have wgmmas queued on the
+    tensor cores (with two, the promotion of one is covered by only one other's wgmma)."""
+    return BlockTuningConfig(
+        tile_m=64, tile_n=BLOCK, max_concurrent_steps=steps, num_compute_wgs=3, wg_dimension=wg_dimension,
+        grid_minor_dim=grid_minor, grid_tile_width=width, epi_tile_m=64, epi_tile_n=64, epi_slots=1,
+    )  # fmt: skip
+
+
 def _overlap(cfg: BlockTuningConfig, **changes) -> BlockTuningConfig:
     return dataclasses.replace(cfg, overlap=True, **changes)
 
@@ -333,10 +354,15 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
     * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the N
       tile (32..256) that the per-channel kernel's traffic model
       (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest.
-    * M > 512: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M, one weight-scale
+    * 512 < M < 4096: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M, one weight-scale
       block each), 5 stages, two epilogue slots, grouped M-minor planar snake of width 8:
       on an H100 0.75-0.77 of the per-channel kernel at M=4096, vs 0.61 for 128 x 256 tiles
       (fewer registers: no second block through a temporary accumulator).
+    * M >= 4096: three such warpgroups along M (192 x 128 CTA tiles, 4 stages, one epilogue
+      slot): one warpgroup's wait-and-promote is covered by two others' queued wgmmas.  H100 at
+      M = 4096: 0.75-0.80 of the per-channel kernel on 4 Llama shapes, 2-6.5 % faster than two
+      warpgroups (h100_block_3wg_time.json vs h100_block_time_fast.json); at M = 1024 7-27 % slower
+      (192-row tiles leave 12.5 % of the last tile empty and split the tiles into fewer, uneven waves).
     """
     sms = num_sms()
     if fast_accum and m > 512:
@@ -357,6 +383,8 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
                 best = (cost, tn)
         tn = best[1]
         return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
+    if m >= 4096:
+        return _fit_smem(_three_wg_tile("m"), out_dtype)
     return _fit_smem(_two_wg_tile("m", BLOCK, steps=5), out_dtype)
 
 
@@ -399,6 +427,9 @@ def candidate_configs(
         # per-channel kernel (ptxas still serializes the wgmmas and spills), the plain 2 x 64 x 128
         # default at 0.75-0.77 (benchmarks/results/h100_block_sweep.json).
         cands += [
+            _three_wg_tile("m"),
+            _two_wg_tile("m", BLOCK, steps=5),
+            _three_wg_tile("n", steps=3),
             _rescale_wide_tile("n"),
             _rescale(_two_wg_tile("m", BLOCK, steps=5)),
             _rescale_wide_tile("m", steps=4),
@@ -500,7 +531,7 @@ def _kernel(
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
-            memory_registers=40 if nwg == 2 else 56,
+            memory_registers=_MEMORY_REGISTERS[nwg],
             in_specs=[
                 plgpu.BlockSpec(
                     (cta_m, tile_k),
@@ -886,7 +917,9 @@ def block_scaled_mm(
       fast_accum: let the default tiles accumulate the K blocks in the tensor core (rescaled
         accumulation: faster at M > 512, the per-channel kernel's accumulation error instead of
         per-block float32 promotion).  Ignored when ``config`` is given (its ``rescale`` decides).
-      interpret: run in Mosaic GPU interpret mode (CPU).
+      interpret: run in Mosaic GPU interpret mode (CPU).  There the default's three-warpgroup
+        tiles (M >= 1024) run as two warpgroups: jax 0.11.2's interpreter can deadlock with four
+        warpgroups per CTA (the same kernel code, checked on the GPU and cross-lowered in CI).
     """
     out_dtype = jnp.dtype(out_dtype)
     _validate(a, b, a_scale, b_scale, bias, out_dtype)
@@ -896,6 +929,13 @@ def block_scaled_mm(
         raise ValueError(f"fast_accum={fast_accum!r} must be True or False")
     if config is None:
         config = default_config(m, n, k, out_dtype, fast_accum)
+        if interpret and config.num_compute_wgs == 3:
+            config = _fit_smem(dataclasses.replace(config, num_compute_wgs=2, max_concurrent_steps=5), out_dtype)
+    elif interpret and config.num_compute_wgs == 3:
+        raise ValueError(
+            f"config {config.short()}: three consumer warpgroups do not run in interpret mode (jax 0.11.2's "
+            "Mosaic GPU interpreter can deadlock with four warpgroups per CTA); use num_compute_wgs <= 2 there"
+        )
     _validate_config(config, out_dtype, bias is not None)
     # M > 8 not a multiple of 8: pad the activation side, slice the output (see tma_rows).
     m_pad = tma_rows(m) - m

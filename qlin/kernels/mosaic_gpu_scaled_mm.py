@@ -111,12 +111,13 @@ class TileConfigBase:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def check_layout(self, epi_n_divides: int) -> None:
-        """Warpgroups, grid order, pipeline depth and epilogue tiles; ``epi_tile_n`` must
-        divide ``epi_n_divides`` (the warpgroup tile's width, or a part of it)."""
+    def check_layout(self, epi_n_divides: int, max_wgs: int = 2) -> None:
+        """Warpgroups (1 .. ``max_wgs``), grid order, pipeline depth and epilogue tiles; ``epi_tile_n``
+        must divide ``epi_n_divides`` (the warpgroup tile's width, or a part of it)."""
         c = self
-        if c.num_compute_wgs not in (1, 2):
-            raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be 1 or 2")
+        if c.num_compute_wgs not in range(1, max_wgs + 1):
+            raise ValueError(f"config.num_compute_wgs={c.num_compute_wgs} must be " + " or ".join(
+                str(v) for v in range(1, max_wgs + 1)))
         if c.wg_dimension not in ("m", "n") or c.grid_minor_dim not in ("m", "n"):
             raise ValueError("config.wg_dimension and config.grid_minor_dim must be 'm' or 'n'")
         if c.grid_tile_width < 1:
