@@ -359,10 +359,13 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       on an H100 0.75-0.77 of the per-channel kernel at M=4096, vs 0.61 for 128 x 256 tiles
       (fewer registers: no second block through a temporary accumulator).
     * M >= 4096: three such warpgroups along M (192 x 128 CTA tiles, 4 stages, one epilogue
-      slot): one warpgroup's wait-and-promote is covered by two others' queued wgmmas.  H100 at
-      M = 4096: 0.75-0.80 of the per-channel kernel on 4 Llama shapes, 2-6.5 % faster than two
-      warpgroups (h100_block_3wg_time.json vs h100_block_time_fast.json); at M = 1024 7-27 % slower
-      (192-row tiles leave 12.5 % of the last tile empty and split the tiles into fewer, uneven waves).
+      slot, planar snake of width 4: 1-2.5 % faster than 8 at 4096 x 28672 x 4096 and 4096 x
+      8192^2, 1 % slower at 4096^3, h100_block_3wg_sweep2.json): one warpgroup's wait-and-promote
+      is covered by two others' queued wgmmas.  H100 at
+      M = 4096: 0.78 / 0.80 / 0.84 / 0.83 of the per-channel kernel at 4096^3, 4096 x 4096 x 14336,
+      4096 x 8192^2, 4096 x 28672 x 4096 (h100_block_3wg_time_final.json), 4-10 % faster than two
+      warpgroups (0.74-0.77, h100_block_time_fast.json); at M = 1024 (width 8) 7-27 % slower than
+      two (192-row tiles leave 12.5 % of the last tile empty and fewer, uneven waves).
     """
     sms = num_sms()
     if fast_accum and m > 512:
@@ -384,7 +387,7 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
         tn = best[1]
         return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
     if m >= 4096:
-        return _fit_smem(_three_wg_tile("m"), out_dtype)
+        return _fit_smem(_three_wg_tile("m", width=4), out_dtype)
     return _fit_smem(_two_wg_tile("m", BLOCK, steps=5), out_dtype)
 
 
@@ -427,8 +430,12 @@ def candidate_configs(
         # per-channel kernel (ptxas still serializes the wgmmas and spills), the plain 2 x 64 x 128
         # default at 0.75-0.77 (benchmarks/results/h100_block_sweep.json).
         cands += [
-            _three_wg_tile("m"),
+            _three_wg_tile("m", width=4),
             _two_wg_tile("m", BLOCK, steps=5),
+            _three_wg_tile("m"),
+            _three_wg_tile("m", grid_minor="n"),
+            _three_wg_tile("m", width=16),
+            _three_wg_tile("m", steps=3),
             _three_wg_tile("n", steps=3),
             _rescale_wide_tile("n"),
             _rescale(_two_wg_tile("m", BLOCK, steps=5)),
