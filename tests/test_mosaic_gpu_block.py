@@ -330,17 +330,17 @@ def test_overlap_variants_close_the_large_m_candidates_and_are_never_the_default
             flags = [c.overlap for c in cands]
             assert not any(flags[:-5]) and all(flags[-5:])
             default = cands[0]
-            wgs = 3 if m >= 4096 else 2
+            wgs = 3 if m >= 2048 else 2
             assert (default.tile_n, default.num_compute_wgs, default.wg_dimension) == (128, wgs, "m")
             assert {(c.tile_k, c.wg_dimension) for c in cands if c.overlap} == {(128, "m"), (256, "m"), (128, "n")}
 
 
-def test_three_warpgroups_default_from_m_4096_and_their_register_cap():
+def test_three_warpgroups_default_from_m_2048_and_their_register_cap():
     for n, k in LLAMA:
         assert bmm.default_config(512, n, k).num_compute_wgs == 2
         assert bmm.default_config(1000, n, k).num_compute_wgs == 2
-        assert bmm.default_config(2048, n, k).num_compute_wgs == 2
-        for m in (4096, 8192):
+        assert bmm.default_config(2047, n, k).num_compute_wgs == 2
+        for m in (2048, 4096, 8192):
             c = bmm.default_config(m, n, k)
             assert (c.num_compute_wgs, c.tile_m, c.tile_n, c.cta_tile_m) == (3, 64, 128, 192)
     # 3 warpgroups get 160 registers per thread: a 64 x 256 tile's total + accumulator (192) does not fit

@@ -354,18 +354,20 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
     * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the N
       tile (32..256) that the per-channel kernel's traffic model
       (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest.
-    * 512 < M < 4096: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M, one weight-scale
+    * 512 < M < 2048: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M, one weight-scale
       block each), 5 stages, two epilogue slots, grouped M-minor planar snake of width 8:
       on an H100 0.75-0.77 of the per-channel kernel at M=4096, vs 0.61 for 128 x 256 tiles
       (fewer registers: no second block through a temporary accumulator).
-    * M >= 4096: three such warpgroups along M (192 x 128 CTA tiles, 4 stages, one epilogue
+    * M >= 2048: three such warpgroups along M (192 x 128 CTA tiles, 4 stages, one epilogue
       slot, planar snake of width 4: 1-2.5 % faster than 8 at 4096 x 28672 x 4096 and 4096 x
       8192^2, 1 % slower at 4096^3, h100_block_3wg_sweep2.json): one warpgroup's wait-and-promote
       is covered by two others' queued wgmmas.  H100 at
       M = 4096: 0.78 / 0.80 / 0.84 / 0.83 of the per-channel kernel at 4096^3, 4096 x 4096 x 14336,
       4096 x 8192^2, 4096 x 28672 x 4096 (h100_block_3wg_time_final.json), 4-10 % faster than two
       warpgroups (0.74-0.77, h100_block_time_fast.json); at M = 1024 (width 8) 7-27 % slower than
-      two (192-row tiles leave 12.5 % of the last tile empty and fewer, uneven waves).
+      two (192-row tiles leave 12.5 % of the last tile empty and fewer, uneven waves); at M = 2048
+      +4 / +5 / +10 % at 4096 x 14336, 8192^2, 28672 x 4096 and -2.5 % at 4096^2
+      (h100_block_3wg_m2048.json).
     """
     sms = num_sms()
     if fast_accum and m > 512:
@@ -386,7 +388,7 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
                 best = (cost, tn)
         tn = best[1]
         return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
-    if m >= 4096:
+    if m >= 2048:
         return _fit_smem(_three_wg_tile("m", width=4), out_dtype)
     return _fit_smem(_two_wg_tile("m", BLOCK, steps=5), out_dtype)
 
