@@ -42,6 +42,11 @@
   about 14), i.e. the per-channel kernel's accuracy (H100, f32 out: 1.3e-3 at K = 4096,
   2.9e-3 at K = 14336) instead of promotion's 1.3e-4: opt-in.  See "rescaled
   accumulation" in ``_kernel``.
+* Three consumer warpgroups (the default from M = 2048): 3 x 64 x 128 promoted tiles, 160
+  registers per thread each (the total and the accumulator take 128): while one warpgroup waits
+  for its block's wgmma and promotes it, two others' wgmmas are queued on the tensor cores.
+  GPU only: jax 0.11.2's Mosaic GPU interpreter can deadlock with four warpgroups per CTA, so
+  interpret mode runs the default as two and rejects explicit three-warpgroup configs.
 * Everything else is the per-channel kernel's design
   (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
   memory, warp-specialized multi-stage pipeline, persistent grid walking the
@@ -359,15 +364,13 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       on an H100 0.75-0.77 of the per-channel kernel at M=4096, vs 0.61 for 128 x 256 tiles
       (fewer registers: no second block through a temporary accumulator).
     * M >= 2048: three such warpgroups along M (192 x 128 CTA tiles, 4 stages, one epilogue
-      slot, planar snake of width 4: 1-2.5 % faster than 8 at 4096 x 28672 x 4096 and 4096 x
-      8192^2, 1 % slower at 4096^3, h100_block_3wg_sweep2.json): one warpgroup's wait-and-promote
-      is covered by two others' queued wgmmas.  H100 at
-      M = 4096: 0.78 / 0.80 / 0.84 / 0.83 of the per-channel kernel at 4096^3, 4096 x 4096 x 14336,
-      4096 x 8192^2, 4096 x 28672 x 4096 (h100_block_3wg_time_final.json), 4-10 % faster than two
-      warpgroups (0.74-0.77, h100_block_time_fast.json); at M = 1024 (width 8) 7-27 % slower than
-      two (192-row tiles leave 12.5 % of the last tile empty and fewer, uneven waves); at M = 2048
-      +4 / +5 / +10 % at 4096 x 14336, 8192^2, 28672 x 4096 and -2.5 % at 4096^2
-      (h100_block_3wg_m2048.json).
+      slot, planar snake of width 4): one warpgroup's wait-and-promote is covered by two others'
+      queued wgmmas.  H100 (benchmarks/results/h100_block_3wg_*): at M = 4096 0.78 / 0.80 / 0.84 /
+      0.83 of the per-channel kernel at 4096^3, 4096 x 4096 x 14336, 4096 x 8192^2, 4096 x 28672 x
+      4096, 4-10 % faster than two warpgroups; at M = 2048 +4 / +5 / +10 % at the last three and
+      -2.5 % at 4096^3; at M = 1024 12-27 % slower (192-row tiles leave 12.5 % of the last tile
+      empty and give fewer, uneven waves), so two there.  Width 4 vs 8: 1-2.5 % faster at 28672 x
+      4096 and 8192^2, 1 % slower at 4096^3.
     """
     sms = num_sms()
     if fast_accum and m > 512:
@@ -430,7 +433,7 @@ def candidate_configs(
         # Most informative first (the GPU check sweeps a prefix of this list).  The overlapped
         # promotion variants (config.overlap) come last: on an H100 they ran at 0.17-0.34 of the
         # per-channel kernel (ptxas still serializes the wgmmas and spills), the plain 2 x 64 x 128
-        # default at 0.75-0.77 (benchmarks/results/h100_block_sweep.json).
+        # tile at 0.75-0.77 (benchmarks/results/h100_block_sweep.json), 3 x 64 x 128 at 0.78-0.84.
         cands += [
             _three_wg_tile("m", width=4),
             _two_wg_tile("m", BLOCK, steps=5),
@@ -927,7 +930,7 @@ def block_scaled_mm(
         accumulation: faster at M > 512, the per-channel kernel's accumulation error instead of
         per-block float32 promotion).  Ignored when ``config`` is given (its ``rescale`` decides).
       interpret: run in Mosaic GPU interpret mode (CPU).  There the default's three-warpgroup
-        tiles (M >= 1024) run as two warpgroups: jax 0.11.2's interpreter can deadlock with four
+        tiles (M >= 2048) run as two warpgroups: jax 0.11.2's interpreter can deadlock with four
         warpgroups per CTA (the same kernel code, checked on the GPU and cross-lowered in CI).
     """
     out_dtype = jnp.dtype(out_dtype)
