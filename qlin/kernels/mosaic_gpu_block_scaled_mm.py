@@ -436,6 +436,7 @@ def candidate_configs(
         # tile at 0.75-0.77 (benchmarks/results/h100_block_sweep.json), 3 x 64 x 128 at 0.78-0.84.
         cands += [
             _three_wg_tile("m", width=4),
+            dataclasses.replace(_three_wg_tile("m", width=4), epi_slots=2),  # H100: within 1-2 % of one slot
             _two_wg_tile("m", BLOCK, steps=5),
             _three_wg_tile("m"),
             _three_wg_tile("m", grid_minor="n"),
