@@ -29,7 +29,9 @@ reject or copy) returns None and the caller takes the JAX route.
 
 A call in the steady state (:class:`_Plan`) writes three addresses into pointer arrays filled in when
 the shape was first seen, allocates the output and makes the two ctypes launches: no argument
-re-derivation, no Stream object (torch's raw current-stream handle), no reshapes.
+re-derivation, no Stream object (torch's raw current-stream handle), no reshapes.  Shapes that
+need K padding or split-K take the general path (:meth:`DirectLinear._run`).
+
 ``QLIN_TORCH_DIRECT=0`` turns the direct route off (it is on by default for the jax versions it was
 checked with on a GPU, :data:`VERIFIED_JAX`; ``=1`` forces it on elsewhere).
 """
