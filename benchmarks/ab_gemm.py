@@ -12,6 +12,8 @@
   before :func:`qlin.kernels.mosaic_gpu_scaled_mm.tma_rows`) and unpadded.
 ``--ab wide_n``: the 128 x 320 CTA tile (two 128 x 160 warpgroups) against what the heuristic picks
   without it (128 x 256, or 2 x 64 x 192 at mid M).
+``--ab splitk_large``: at mid M, the large-M 128 x 256 tile with K cut into ``split_k`` ranges (f32
+  partial sums, 64 x 32 epilogue tiles so the 4 stages fit) against the heuristic's config.
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
 ``--iterations`` warm runs over rotated weight copies.  Writes $OUT/ab_gemm.json.
@@ -41,6 +43,10 @@ INFLIGHT_CASES = (
     "16:4096:4096,16:28672:4096,1:8192:8192,64:57344:8192"
 )
 DECODE_CASES = "1:4096:4096,1:8192:8192,1:28672:4096,1:4096:14336,5:4096:4096,1:8192:28672,8:4096:4096"
+SPLITK_LARGE_CASES = (
+    "128:4096:14336,256:4096:14336,256:8192:28672,512:4096:14336,128:8192:28672,128:8192:8192,256:8192:8192,"
+    "128:10240:8192,128:4096:4096,256:6144:4096,256:4096:4096,128:6144:4096,512:4096:4096"
+)
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
@@ -69,6 +75,18 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             mm._takes_wide_n_tile = takes
         return {"previous": (previous, _TMA_ROWS), "wide_n": (mm._wide_n_tile(), _TMA_ROWS)}
     base = mm.default_config(m, n, k, jdt, jnp.bfloat16)
+    if ab == "splitk_large":
+        out = {"default": (base, _TMA_ROWS)}
+        tiles = -(-m // 128) * -(-n // 256)
+        k_tiles = -(-k // 128)
+        sks = [
+            sk for sk in (2, 3, 4, 6, 8)
+            if k_tiles % sk == 0 and k_tiles // sk >= 4 and mm.num_sms() // 4 <= tiles * sk <= mm.num_sms()
+        ][-2:]  # fmt: skip
+        for sk in sks:
+            large = dataclasses.replace(mm._large_m_tile(), split_k=sk, epi_tile_n=32)
+            out[f"large_sk{sk}"] = (mm._fit_smem(large, jdt, jnp.bfloat16), _TMA_ROWS)
+        return out
     if ab == "decode_pad":
         return {"pad8": (base, _pad8), "unpadded": (base, _TMA_ROWS)}
     off = dataclasses.replace(base, wgmma_inflight=False)
@@ -82,7 +100,7 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("inflight", "decode_pad", "wide_n"), required=True)
+    p.add_argument("--ab", choices=("inflight", "decode_pad", "wide_n", "splitk_large"), required=True)
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
     p.add_argument("--dtypes", default="fp8,int8")
     p.add_argument("--check-s", type=float, default=0.0, help="--ab inflight: gpu_check budget first (0 = none)")
@@ -109,7 +127,10 @@ def main(argv=None) -> None:
         finally:
             mm.default_config = default
         dump()
-    cases = args.cases or {"inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES}[args.ab]
+    cases = args.cases or {
+        "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
+        "splitk_large": SPLITK_LARGE_CASES,
+    }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
         for dt in args.dtypes.split(","):

@@ -463,6 +463,11 @@ def test_ab_gemm_sides_are_valid_and_differ_only_in_what_they_compare():
     wide = ab.sides("wide_n", 512, 10240, 8192, f8)
     assert wide["wide_n"][0] == mm._wide_n_tile() and wide["previous"][0].cta_tile_n == 192
     assert mm.default_config(512, 10240, 8192, f8) == mm._wide_n_tile()  # the patch did not leak
+    sk = ab.sides("splitk_large", 256, 8192, 28672, f8)
+    assert sk["default"][0] == mm.default_config(256, 8192, 28672, f8)
+    large = sk["large_sk2"][0]
+    assert (large.cta_tile_m, large.cta_tile_n, large.split_k, large.max_concurrent_steps) == (128, 256, 2, 4)
+    mm._validate_config(large, f8, jnp.bfloat16)
     pad = ab.sides("decode_pad", 5, 4096, 4096, f8)
     assert pad["pad8"][0] == pad["unpadded"][0]
     assert (pad["pad8"][1](5), pad["unpadded"][1](5), pad["unpadded"][1](13)) == (8, 5, 16)
@@ -486,3 +491,26 @@ def test_bridge_rows_join_the_benchmark_as_their_own_table(tmp_path):
     assert saved["meta"]["bridge"]["rows"] == br["rows"]
     md = (tmp_path / "br.md").read_text()
     assert "torch bridge" in md and "| fp8 | 8 | 32 | 256 |" in md and "worst bridge overhead" in md
+
+
+def test_decode_floor_script_layouts_and_stream_kernels_lower_for_cuda():
+    # benchmarks/decode_floor.py (GPU only): the box-contiguous layout holds the same boxes, every stream
+    # variant of a grid weight is a valid tiling, and the no-math stream kernels cross-lower for CUDA.
+    df = load_script("benchmarks/decode_floor.py")
+    w = np.arange(256 * 512, dtype=np.int32).reshape(256, 512) % 251
+    blk = np.asarray(df.to_blocked(jnp.asarray(w), 64, 128))
+    kt = 512 // 128
+    for nt, k in ((0, 0), (1, 2), (3, 3)):
+        row0 = (nt * kt + k) * 64
+        np.testing.assert_array_equal(blk[row0 : row0 + 64], w[nt * 64 : nt * 64 + 64, k * 128 : k * 128 + 128])
+    for n, k in df.SHAPES:
+        for rows, tk, stages, split in df.stream_variants(n, k):
+            assert n % rows == 0 and (k // tk) % split == 0 and stages * rows * tk <= 200 * 1024
+    f8 = jnp.float8_e4m3fn
+    spec = jax.ShapeDtypeStruct
+    for blocked, a_rows in ((False, None), (True, None), (False, 16)):
+        fn = df.stream_kernel(1024, 2048, 64, 128, 4, 2, blocked, a_rows)
+        wshape = (1024 * 2048 // 128, 128) if blocked else (1024, 2048)
+        args = [spec(wshape, f8)] + ([spec((a_rows, 2048), f8)] if a_rows else [])
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    assert callable(load_script("benchmarks/ab_decode_pad64.py").main)  # the rejected-variant A/B still imports

@@ -57,6 +57,10 @@ TWO_WG_N = mm.TuningConfig(
 )
 
 SPLIT_K3 = dataclasses.replace(ONE_WG, split_k=3, epi_slots=1)
+LARGE_SPLIT_K3 = mm.TuningConfig(
+    tile_m=128, tile_n=32, tile_k=64, max_concurrent_steps=2, num_compute_wgs=2, wg_dimension="n",
+    grid_tile_width=2, epi_tile_m=64, epi_tile_n=32, epi_slots=1, split_k=3,
+)  # fmt: skip
 INFLIGHT = dict(wgmma_inflight=True, max_concurrent_steps=3)
 
 
@@ -140,6 +144,9 @@ CASES = [
     ("fp8", 100, 48, 160, "token", "channel", True, None, jnp.bfloat16, SPLIT_K3),
     ("int8", 9, 48, 160, "token", "channel", True, "token", jnp.float32, SPLIT_K3),
     ("int8", 70, 32, 128, "tensor", "tensor", True, "tensor", jnp.bfloat16, dataclasses.replace(TWO_WG_M, split_k=2)),
+    # The large-M tile's shape (128-row warpgroup tiles side by side along N) with split-K, a tuner candidate
+    # at mid M: partial M, N and K tiles, f32 partials through 64 x 32 epilogue tiles.
+    ("fp8", 130, 80, 160, "token", "channel", True, None, jnp.bfloat16, LARGE_SPLIT_K3),
     # One wgmma group in flight (delay_release=1): 2 and 3 K steps, partial last K tile, split-K.
     ("fp8", 130, 80, 160, "token", "channel", True, None, jnp.bfloat16, dataclasses.replace(TWO_WG_N, **INFLIGHT)),
     ("int8", 100, 48, 128, "token", "channel", True, "token", jnp.float32, dataclasses.replace(ONE_WG, **INFLIGHT)),

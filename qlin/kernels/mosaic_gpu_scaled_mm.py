@@ -572,6 +572,19 @@ def candidate_configs(
         for tn in (64, 128, 256):
             for sk in _split_k_options(n, k, tn, 128, sms=num_sms(), m=m, cta_m=128):
                 cands.append(dataclasses.replace(_mid_m_tile(tn), split_k=sk, epi_slots=1))
+        # The large-M 128 x 256 tile with K ranges where its tiles fill under a wave (64 x 32 f32
+        # epilogue tiles keep its 4 stages).  A/B against the heuristic (benchmarks/results/
+        # h{100,200}_ab_splitk_large.json): H200 3-5 % faster at 256 x 8192 x 28672 (split 2) and 128 x
+        # 4096 x 14336 (split 4), slower at the 11 other mid-M cases; H100 within 1 % at 256 x 8192 x
+        # 28672 and 1.9 % faster for int8 there, 5-36 % slower elsewhere: the tuner's to pick, not the
+        # heuristic's.
+        tiles, k_tiles = _cdiv(m, 128) * _cdiv(n, 256), _cdiv(k, 128)
+        large_sks = [
+            sk for sk in (2, 3, 4, 6, 8)
+            if k_tiles % sk == 0 and k_tiles // sk >= 4 and num_sms() // 4 <= tiles * sk <= num_sms()
+        ]  # fmt: skip
+        for sk in large_sks[-2:]:
+            cands.append(dataclasses.replace(_large_m_tile(), split_k=sk, epi_tile_n=32))
     else:
         # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
         cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile()]
