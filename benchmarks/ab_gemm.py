@@ -12,6 +12,8 @@
   before :func:`qlin.kernels.mosaic_gpu_scaled_mm.tma_rows`) and unpadded.
 ``--ab wide_n``: the 128 x 320 CTA tile (two 128 x 160 warpgroups) against what the heuristic picks
   without it (128 x 256, or 2 x 64 x 192 at mid M).
+``--ab cluster``: the heuristic's config as clusters of two CTAs sharing (multicasting) the weight tile
+  (``cluster="m"``) or the activation tile (``"n"``) against the plain config.
 ``--ab splitk_large``: at mid M, the large-M 128 x 256 tile with K cut into ``split_k`` ranges (f32
   partial sums, 64 x 32 epilogue tiles so the 4 stages fit) against the heuristic's config.
 
@@ -43,6 +45,11 @@ INFLIGHT_CASES = (
     "16:4096:4096,16:28672:4096,1:8192:8192,64:57344:8192"
 )
 DECODE_CASES = "1:4096:4096,1:8192:8192,1:28672:4096,1:4096:14336,5:4096:4096,1:8192:28672,8:4096:4096"
+CLUSTER_CASES = (
+    "4096:4096:4096,8192:8192:8192,4096:28672:4096,4096:4096:14336,2048:8192:28672,1024:8192:8192,"
+    "256:8192:28672,512:4096:14336,256:4096:14336,512:8192:8192,256:28672:4096,128:8192:8192,"
+    "16:8192:8192,16:28672:4096,512:10240:8192"
+)
 SPLITK_LARGE_CASES = (
     "128:4096:14336,256:4096:14336,256:8192:28672,512:4096:14336,128:8192:28672,128:8192:8192,256:8192:8192,"
     "128:10240:8192,128:4096:4096,256:6144:4096,256:4096:4096,128:6144:4096,512:4096:4096"
@@ -75,6 +82,12 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             mm._takes_wide_n_tile = takes
         return {"previous": (previous, _TMA_ROWS), "wide_n": (mm._wide_n_tile(), _TMA_ROWS)}
     base = mm.default_config(m, n, k, jdt, jnp.bfloat16)
+    if ab == "cluster":
+        out = {"default": (base, _TMA_ROWS)}
+        if base.split_k == 1:
+            for cl in ("m", "n") if -(-m // base.cta_tile_m) >= 2 else ("n",):  # one row of tiles: "n" only
+                out[f"cluster_{cl}"] = (dataclasses.replace(base, cluster=cl), _TMA_ROWS)
+        return out
     if ab == "splitk_large":
         out = {"default": (base, _TMA_ROWS)}
         tiles = -(-m // 128) * -(-n // 256)
@@ -100,7 +113,7 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("inflight", "decode_pad", "wide_n", "splitk_large"), required=True)
+    p.add_argument("--ab", choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster"), required=True)
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
     p.add_argument("--dtypes", default="fp8,int8")
     p.add_argument("--check-s", type=float, default=0.0, help="--ab inflight: gpu_check budget first (0 = none)")
@@ -129,7 +142,7 @@ def main(argv=None) -> None:
         dump()
     cases = args.cases or {
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
-        "splitk_large": SPLITK_LARGE_CASES,
+        "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))

@@ -105,6 +105,20 @@ CHECK_CONFIGS = {
         tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1, split_k=3,
     ),
+    # Clusters of two CTAs sharing (multicasting) the weight tile / the activation tile; partial tiles
+    # leave the second CTA of the last cluster past the edge at some shapes.
+    "large_cluster_m": mm.TuningConfig(
+        tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="n",
+        grid_minor_dim="m", grid_tile_width=8, epi_slots=1, cluster="m",
+    ),
+    "mid_cluster_n": mm.TuningConfig(
+        tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", cluster="n",
+    ),
+    "small_cluster_m_inflight": mm.TuningConfig(
+        tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=4, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=32,
+        epi_slots=1, wgmma_inflight=True, cluster="m",
+    ),
     # Two warpgroups, column vectors narrower than TMA's 128-byte shared-memory grid (a 16-bit bias
     # at tile_n=32, every f32 vector at tile_n=16): the rows are padded (an nn.Linear's bf16 bias at
     # M=256 faulted with CUDA_ERROR_MISALIGNED_ADDRESS before).

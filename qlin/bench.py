@@ -149,6 +149,9 @@ def _qlin_one(config, interpret: bool = False):
     from qlin.kernels import mosaic_gpu_scaled_mm as mm
     from qlin.kernels.mosaic_gpu import uses_xla_gemv
 
+    if interpret and config is not None and config.cluster:
+        config = dataclasses.replace(config, cluster=None)  # clusters do not run in interpret mode
+
     def f(a, b, a_s, b_s):
         if uses_xla_gemv(a.dtype, *a.shape):  # what the mosaic_gpu kernel's apply_weights runs
             return _xla_one("int8")(a, b, a_s, b_s)

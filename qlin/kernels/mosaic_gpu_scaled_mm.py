@@ -12,6 +12,10 @@
   warp-specialized multi-stage pipeline (one producer warpgroup issuing TMA,
   one or two consumer warpgroups issuing ``wgmma``), over a persistent grid
   (one CTA per SM, walking the output tiles in a planar-snake order).
+  ``TuningConfig(cluster="m")`` runs the grid as clusters of two CTAs whose
+  tiles share the weight tile: each loads half of it and TMA-multicasts it to
+  both (half the L2 traffic of the shared operand); the heuristic takes it at
+  mid M with long K (GPU only: interpret mode runs the same tiles unclustered).
 * The per-row / per-column epilogue vectors (scales, bias, zero points) are
   fetched by TMA into shared memory while the main loop runs; the whole
   epilogue is applied in registers and the result is written once through
@@ -182,6 +186,12 @@ class TuningConfig(TileConfigBase):
       ``delay_release=1``), so a warpgroup issues step k+1 while step k still
       runs on the tensor cores; the last step of a tile drains (``wait(0)``).
       One of the stages is then always held by the running wgmma.
+    cluster: None, "m" or "n": run the persistent grid as clusters of two CTAs
+      whose output tiles are neighbours along M (they share the weight tile:
+      each TMA-loads half of it and multicasts it to both shared memories) or
+      along N (they share the activation tile).  Halves the L2 -> shared
+      memory traffic of the shared operand; the two CTAs step through K
+      together (a stage is refilled once both consumed it).  Not with split_k.
     """
 
     tile_m: int = 128
@@ -197,12 +207,14 @@ class TuningConfig(TileConfigBase):
     epi_slots: int = 2
     split_k: int = 1
     wgmma_inflight: bool = False
+    cluster: str | None = None
 
     def short(self) -> str:
         return (
             self._short_stem()
             + (f"sk{self.split_k}" if self.split_k > 1 else "")
             + ("i" if self.wgmma_inflight else "")
+            + (f"c{self.cluster}" if self.cluster else "")
         )
 
 
@@ -267,6 +279,10 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(
             "config.wgmma_inflight needs max_concurrent_steps >= 3 (one stage is held by the running wgmma)"
         )
+    if c.cluster not in (None, "m", "n"):
+        raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm' or 'n'")
+    if c.cluster and c.split_k > 1:
+        raise ValueError("config.cluster and config.split_k > 1 cannot be combined")
     check_smem(c, smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs))
 
 
@@ -467,7 +483,23 @@ def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
     if k >= 8192 and tiles <= sms // 2 and _cdiv(k, cfg.tile_k) % 2 == 0:
         # Half the SMs idle otherwise: two K ranges (H100, M=128 4096x14336: 28.9 vs 31.4 us).
         cfg = dataclasses.replace(cfg, split_k=2, epi_slots=1)
+    elif _takes_cluster_m(m, k, cfg):
+        cfg = dataclasses.replace(cfg, cluster="m")
     return _fit_smem(cfg, dtype, out_dtype)
+
+
+def _takes_cluster_m(m: int, k: int, cfg: TuningConfig) -> bool:
+    """Whether a mid-M config runs as clusters of two CTAs along M sharing (multicasting) the weight tile.
+
+    Where every weight tile is read by several row tiles over a long K, each row tile's CTA pulls the
+    same weight bytes from L2 again; a cluster loads them once for two.  H100 A/B, same run
+    (benchmarks/results/h100_ab_cluster.json): 2 x 64 x 128 tiles at 256 x 8192 x 28672 fp8 104.1 -> 100.9
+    us (XLA 101.2), int8 100.8 -> 96.2; 512 x 4096 x 14336 fp8 45.4 -> 44.4, int8 46.5 -> 42.1; with
+    64-wide tiles at 256 x 4096 x 14336 mixed (fp8 -1.2 %, int8 +2 %), at K <= 8192 and with the large-M
+    tile 1-1.5 % slower to 1 % faster.  An even number of row tiles, so no cluster half-idles.
+    """
+    rows = _cdiv(m, cfg.cta_tile_m)
+    return cfg.split_k == 1 and cfg.tile_n >= 128 and k >= 14336 and rows >= 2 and rows % 2 == 0
 
 
 def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> TuningConfig:
@@ -486,6 +518,9 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
       wgmma group in flight from M = 2048.
     * From M = 129: 2 x (128 x 160) tiles (128 x 320) where they need >= 5 % less
       waves x tile work than the tiles above (a nearly empty last wave).
+    * Mid M with an even number (>= 2) of CTA rows, K >= 14336 and 128-wide or wider
+      tiles: clusters of two CTAs along M multicast the weight tile (see
+      :func:`_takes_cluster_m`).
     """
     sms = num_sms()
     if m <= 64:
@@ -609,6 +644,13 @@ def candidate_configs(
                         epi_slots=slots,
                     )
                 )
+    # The same tiles as clusters of two CTAs along M (the weight tile multicast), where there are two
+    # rows of CTA tiles or more.
+    cands += [
+        dataclasses.replace(c, cluster="m")
+        for c in list(cands)
+        if c.split_k == 1 and not c.cluster and _cdiv(m, c.cta_tile_m) >= 2 and c in cands[:6]
+    ]
     out, seen = [], set()
     for c in cands:
         c = _fit_smem(c, dtype, out_dtype)
@@ -690,17 +732,18 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     delay = 1 if inflight else 0
 
     def pipeline(body, compute_context):
-        def spec(rows):
+        def spec(rows, shared):
+            # A cluster's two CTAs each TMA half of the operand tile they share and multicast it.
             return plgpu.BlockSpec(
                 (rows, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM,
-                delay_release=delay,
+                delay_release=delay, collective_axes=("cluster",) if shared else (),
             )  # fmt: skip
 
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
             memory_registers=40 if nwg == 2 else 56,
-            in_specs=[spec(cta_m), spec(cta_n)],
+            in_specs=[spec(cta_m, c.cluster == "n"), spec(cta_n, c.cluster == "m")],
             wg_axis="wg",
             num_compute_wgs=nwg,
             # More stages than K steps would leave slots that are never filled.
@@ -722,7 +765,13 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem):
-        @plgpu.nd_loop((m_iters * n_iters * split_k,), collective_axes="sm")
+        # Clusters walk tiles of two CTA tiles; CTA ``cta`` of a cluster takes the first or second half.
+        # An odd tile count leaves the second CTA of the last cluster past the edge: its loads are
+        # zero-filled and its stores clipped, and it still takes part in the shared (multicast) loads.
+        grid_m = _cdiv(m_iters, 2) if c.cluster == "m" else m_iters
+        grid_n = _cdiv(n_iters, 2) if c.cluster == "n" else n_iters
+
+        @plgpu.nd_loop((grid_m * grid_n * split_k,), collective_axes="cluster_grid" if c.cluster else "sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
             # Split-K: the K range is the slowest index, so CTAs running at the
@@ -730,8 +779,12 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
             split = lin // (m_iters * n_iters) if split_k > 1 else 0
             lin = lin % (m_iters * n_iters) if split_k > 1 else lin
             m_idx, n_idx = plgpu.planar_snake(
-                lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
+                lin, (grid_m, grid_n), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
+            if c.cluster == "m":
+                m_idx = m_idx * 2 + lax.axis_index("cluster")
+            elif c.cluster == "n":
+                n_idx = n_idx * 2 + lax.axis_index("cluster")
             cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
             k_slice = pl.ds(split * (k_iters * tile_k), k_iters * tile_k) if split_k > 1 else slice(None)
@@ -930,7 +983,10 @@ def scaled_mm(
       azp_adj: int32 (1, N) column sums of b over K (with azp).
       out_dtype: bfloat16, float16 or float32.
       config: tile configuration; None = tuned (cache) or heuristic.
-      interpret: run in Mosaic GPU interpret mode (CPU).
+      interpret: run in Mosaic GPU interpret mode (CPU).  There a tuned or heuristic config's
+        cluster is dropped (the same tiles, each CTA loading its own operands: the same
+        result) and an explicit cluster config is rejected: jax 0.11.2's interpreter stalls in
+        barrier waits with clusters under CPU load.  CI cross-lowers cluster configs for CUDA.
     """
     out_dtype = jnp.dtype(out_dtype)
     _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype)
@@ -940,6 +996,13 @@ def scaled_mm(
         from qlin.kernels import autotune  # local import: avoids a cycle
 
         config = autotune.get_config(m, n, k, a.dtype, out_dtype, has_bias=bias is not None, has_azp=azp is not None)
+        if interpret and config.cluster:
+            config = dataclasses.replace(config, cluster=None)
+    elif interpret and config.cluster:
+        raise ValueError(
+            f"config {config.short()}: clusters (config.cluster={config.cluster!r}) do not run in interpret mode "
+            "(jax 0.11.2's Mosaic GPU interpreter stalls in barrier waits with them); use cluster=None there"
+        )
     # M == 1 per-token and N == 1 per-channel scales are indistinguishable from
     # per-tensor ones: both (1, 1) and the same math.
     epi = _Epilogue(
@@ -981,11 +1044,12 @@ def scaled_mm(
 
 
 def _call(args, *, config, epi, out_dtype, interpret):
+    if interpret and config.cluster:  # see scaled_mm: the same tiles without the cluster
+        config = dataclasses.replace(config, cluster=None)
     a, b = args[0], args[1]
     m, k = a.shape
     n = b.shape[0]
     tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n) * config.split_k
-    grid = max(1, min(num_sms(), tiles))
     # Split-K: float32 partial sums, one (M, N) slab per K range.
     out_type = (
         jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
@@ -995,11 +1059,21 @@ def _call(args, *, config, epi, out_dtype, interpret):
     kwargs = {}
     if interpret:
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
+    if config.cluster:
+        # A persistent grid of clusters of two CTAs (one cluster per two SMs).
+        along_m = config.cluster == "m"
+        clusters = _cdiv(_cdiv(m, config.cta_tile_m), 2 if along_m else 1) * _cdiv(
+            _cdiv(n, config.cta_tile_n), 1 if along_m else 2
+        )
+        kwargs.update(cluster=(2,), cluster_names=("cluster",))
+        grid, grid_names = max(1, min(num_sms() // 2, clusters)), ("cluster_grid",)
+    else:
+        grid, grid_names = max(1, min(num_sms(), tiles)), ("sm",)
     f = plgpu.kernel(
         functools.partial(_kernel, config=config, epi=epi, m=m, n=n, k=k),
         out_type=out_type,
         grid=(grid,),
-        grid_names=("sm",),
+        grid_names=grid_names,
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
         **kwargs,
