@@ -493,7 +493,7 @@ def _takes_cluster_m(m: int, k: int, cfg: TuningConfig) -> bool:
 
     Where every weight tile is read by several row tiles over a long K, each row tile's CTA pulls the
     same weight bytes from L2 again; a cluster loads them once for two.  H100 A/B, same run
-    (benchmarks/results/h100_ab_cluster.json): 2 x 64 x 128 tiles at 256 x 8192 x 28672 fp8 104.1 -> 100.9
+    (benchmarks/results/h100_ab_cluster.json): 2 x 64 x 128 tiles at 256 x 8192 x 28672 fp8 104.1 -> 100.7
     us (XLA 101.2), int8 100.8 -> 96.2; 512 x 4096 x 14336 fp8 45.4 -> 44.4, int8 46.5 -> 42.1; with
     64-wide tiles at 256 x 4096 x 14336 mixed (fp8 -1.2 %, int8 +2 %), at K <= 8192 and with the large-M
     tile 1-1.5 % slower to 1 % faster.  An even number of row tiles, so no cluster half-idles.
@@ -648,8 +648,8 @@ def candidate_configs(
     # rows of CTA tiles or more.
     cands += [
         dataclasses.replace(c, cluster="m")
-        for c in list(cands)
-        if c.split_k == 1 and not c.cluster and _cdiv(m, c.cta_tile_m) >= 2 and c in cands[:6]
+        for c in cands[:6]
+        if c.split_k == 1 and not c.cluster and _cdiv(m, c.cta_tile_m) >= 2
     ]
     out, seen = [], set()
     for c in cands:
@@ -765,7 +765,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem):
-        # Clusters walk tiles of two CTA tiles; CTA ``cta`` of a cluster takes the first or second half.
+        # Clusters walk pairs of CTA tiles (along M or N); the cluster's CTA 0 / 1 takes the first / second.
         # An odd tile count leaves the second CTA of the last cluster past the edge: its loads are
         # zero-filled and its stores clipped, and it still takes part in the shared (multicast) loads.
         grid_m = _cdiv(m_iters, 2) if c.cluster == "m" else m_iters
