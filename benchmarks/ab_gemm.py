@@ -90,15 +90,8 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         return out
     if ab == "splitk_large":
         out = {"default": (base, _TMA_ROWS)}
-        tiles = -(-m // 128) * -(-n // 256)
-        k_tiles = -(-k // 128)
-        sks = [
-            sk for sk in (2, 3, 4, 6, 8)
-            if k_tiles % sk == 0 and k_tiles // sk >= 4 and mm.num_sms() // 4 <= tiles * sk <= mm.num_sms()
-        ][-2:]  # fmt: skip
-        for sk in sks:
-            large = dataclasses.replace(mm._large_m_tile(), split_k=sk, epi_tile_n=32)
-            out[f"large_sk{sk}"] = (mm._fit_smem(large, jdt, jnp.bfloat16), _TMA_ROWS)
+        for large in mm._large_split_k_tiles(m, n, k):  # the autotuner's candidates of that kind
+            out[f"large_sk{large.split_k}"] = (mm._fit_smem(large, jdt, jnp.bfloat16), _TMA_ROWS)
         return out
     if ab == "decode_pad":
         return {"pad8": (base, _pad8), "unpadded": (base, _TMA_ROWS)}

@@ -119,7 +119,8 @@ def xla_read(w):
 
 def stream_variants(n, k):
     """(rows, tk, stages, split): the decode kernel's box shapes, the two smallest splits that give
-    between 0.5 and 2 units per SM (any split up to 8 for weights whose N alone gives more)."""
+    between 0.5 and 2 work units per SM (256-row boxes unsplit where even they give more), and
+    8 stages or as many as ~192 KB of shared memory hold."""
     out = []
     sms = num_sms()
     for rows, tk in ((64, 128), (32, 256), (64, 256), (16, 256), (256, 128)):

@@ -617,15 +617,15 @@ def test_interpret_mode_drops_a_default_cluster_and_rejects_an_explicit_one(monk
     cfg = dataclasses.replace(ONE_WG, cluster="m")
     with pytest.raises(ValueError, match="clusters .* do not run in interpret mode"):
         _run(ops, "fp8", jnp.bfloat16, cfg)
-    seen = []
+    launched = []
     monkeypatch.setattr(autotune, "get_config", lambda *a, **kw: cfg)
-    real_call = mm._call
+    real_kernel = mm.plgpu.kernel
 
-    def spy(*a, config, **kw):
-        seen.append(config)
-        return real_call(*a, config=config, **kw)
+    def spy(*a, **kw):
+        launched.append(kw)
+        return real_kernel(*a, **kw)
 
-    monkeypatch.setattr(mm, "_call", spy)
+    monkeypatch.setattr(mm.plgpu, "kernel", spy)
     out = _run(ops, "fp8", jnp.bfloat16, None)
-    assert seen == [dataclasses.replace(cfg, cluster=None)]
+    assert len(launched) == 1 and "cluster" not in launched[0] and launched[0]["grid_names"] == ("sm",)
     assert _rel(out, _reference(*ops)) < TOL[jnp.bfloat16]

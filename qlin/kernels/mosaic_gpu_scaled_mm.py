@@ -549,6 +549,17 @@ def _split_k_options(n, k, tile_n, tile_k, *, sms, m, cta_m=64) -> list[int]:
     ]
 
 
+def _large_split_k_tiles(m: int, n: int, k: int) -> list[TuningConfig]:
+    """The large-M 128 x 256 tile with K cut into split_k ranges (the two largest splits whose work units fill
+    between a quarter of the SMs and one wave, >= 4 K tiles each); 64 x 32 f32 epilogue tiles keep 4 stages."""
+    tiles, k_tiles = _cdiv(m, 128) * _cdiv(n, 256), _cdiv(k, 128)
+    sks = [
+        sk for sk in (2, 3, 4, 6, 8)
+        if k_tiles % sk == 0 and k_tiles // sk >= 4 and num_sms() // 4 <= tiles * sk <= num_sms()
+    ]  # fmt: skip
+    return [dataclasses.replace(_large_m_tile(), split_k=sk, epi_tile_n=32) for sk in sks[-2:]]
+
+
 def candidate_configs(
     m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16, limit: int | None = None
 ) -> list[TuningConfig]:
@@ -613,13 +624,7 @@ def candidate_configs(
         # 4096 x 14336 (split 4), slower at the 11 other mid-M cases; H100 within 1 % at 256 x 8192 x
         # 28672 and 1.9 % faster for int8 there, 5-36 % slower elsewhere: the tuner's to pick, not the
         # heuristic's.
-        tiles, k_tiles = _cdiv(m, 128) * _cdiv(n, 256), _cdiv(k, 128)
-        large_sks = [
-            sk for sk in (2, 3, 4, 6, 8)
-            if k_tiles % sk == 0 and k_tiles // sk >= 4 and num_sms() // 4 <= tiles * sk <= num_sms()
-        ]  # fmt: skip
-        for sk in large_sks[-2:]:
-            cands.append(dataclasses.replace(_large_m_tile(), split_k=sk, epi_tile_n=32))
+        cands += _large_split_k_tiles(m, n, k)
     else:
         # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
         cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile()]
@@ -768,8 +773,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         # Clusters walk pairs of CTA tiles (along M or N); the cluster's CTA 0 / 1 takes the first / second.
         # An odd tile count leaves the second CTA of the last cluster past the edge: its loads are
         # zero-filled and its stores clipped, and it still takes part in the shared (multicast) loads.
-        grid_m = _cdiv(m_iters, 2) if c.cluster == "m" else m_iters
-        grid_n = _cdiv(n_iters, 2) if c.cluster == "n" else n_iters
+        grid_m, grid_n = _cluster_tiles(m_iters, n_iters, c.cluster)
 
         @plgpu.nd_loop((grid_m * grid_n * split_k,), collective_axes="cluster_grid" if c.cluster else "sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
@@ -996,9 +1000,7 @@ def scaled_mm(
         from qlin.kernels import autotune  # local import: avoids a cycle
 
         config = autotune.get_config(m, n, k, a.dtype, out_dtype, has_bias=bias is not None, has_azp=azp is not None)
-        if interpret and config.cluster:
-            config = dataclasses.replace(config, cluster=None)
-    elif interpret and config.cluster:
+    elif interpret and config.cluster:  # (a tuned / heuristic one is run unclustered by _call)
         raise ValueError(
             f"config {config.short()}: clusters (config.cluster={config.cluster!r}) do not run in interpret mode "
             "(jax 0.11.2's Mosaic GPU interpreter stalls in barrier waits with them); use cluster=None there"
@@ -1043,6 +1045,11 @@ def scaled_mm(
     return out[:m] if m_pad else out
 
 
+def _cluster_tiles(m_iters: int, n_iters: int, cluster: str | None) -> tuple[int, int]:
+    """The (M, N) extent of the grid a persistent loop walks: CTA tiles, or pairs of them along ``cluster``."""
+    return (_cdiv(m_iters, 2) if cluster == "m" else m_iters, _cdiv(n_iters, 2) if cluster == "n" else n_iters)
+
+
 def _call(args, *, config, epi, out_dtype, interpret):
     if interpret and config.cluster:  # see scaled_mm: the same tiles without the cluster
         config = dataclasses.replace(config, cluster=None)
@@ -1061,12 +1068,9 @@ def _call(args, *, config, epi, out_dtype, interpret):
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
     if config.cluster:
         # A persistent grid of clusters of two CTAs (one cluster per two SMs).
-        along_m = config.cluster == "m"
-        clusters = _cdiv(_cdiv(m, config.cta_tile_m), 2 if along_m else 1) * _cdiv(
-            _cdiv(n, config.cta_tile_n), 1 if along_m else 2
-        )
+        gm, gn = _cluster_tiles(_cdiv(m, config.cta_tile_m), _cdiv(n, config.cta_tile_n), config.cluster)
         kwargs.update(cluster=(2,), cluster_names=("cluster",))
-        grid, grid_names = max(1, min(num_sms() // 2, clusters)), ("cluster_grid",)
+        grid, grid_names = max(1, min(num_sms() // 2, gm * gn)), ("cluster_grid",)
     else:
         grid, grid_names = max(1, min(num_sms(), tiles)), ("sm",)
     f = plgpu.kernel(
