@@ -16,6 +16,16 @@
   (``cluster="m"``) or the activation tile (``"n"``) against the plain config.
 ``--ab splitk_large``: at mid M, the large-M 128 x 256 tile with K cut into ``split_k`` ranges (f32
   partial sums, 64 x 32 epilogue tiles so the 4 stages fit) against the heuristic's config.
+``--ab epilogue``: what the epilogue's TMA store costs per output tile (the heuristic's config with the
+  store left out, or with the registers stored straight to global memory: ``mm._EPILOGUE_ABLATION``,
+  full tiles only; the output is garbage without the store) and layouts that shorten it: two epilogue
+  slots of 64 x 32 or 64 x 16 in the shared memory of one 64 x 64 slot.  (The same session's first run:
+  the whole warpgroup tile stored at once needs 3 stages and ran 5-6 % slower; tile_k 64 with 7-8
+  stages 11-13 % slower.)
+``--ab swap_decode``: decode with the operands swapped (the weight as the 64..256-row wgmma A side,
+  the activation padded to 16 rows as a 16-wide B side: out^T = W X^T) against the heuristic's decode
+  config; times the kernel alone (its (N, 16) output is not transposed back) to size what a swap-AB
+  decode kernel could gain.
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
 ``--iterations`` warm runs over rotated weight copies.  Writes $OUT/ab_gemm.json.
@@ -34,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from qlin import bench  # noqa: E402
@@ -53,6 +64,13 @@ CLUSTER_CASES = (
 SPLITK_LARGE_CASES = (
     "128:4096:14336,256:4096:14336,256:8192:28672,512:4096:14336,128:8192:28672,128:8192:8192,256:8192:8192,"
     "128:10240:8192,128:4096:4096,256:6144:4096,256:4096:4096,128:6144:4096,512:4096:4096"
+)
+EPILOGUE_CASES = (
+    "4096:4096:4096,8192:4096:4096,4096:28672:4096,2048:6144:4096,4096:4096:14336,4096:8192:8192,"
+    "1024:4096:4096,512:28672:4096,256:8192:8192"
+)
+SWAP_DECODE_CASES = (
+    "16:4096:4096,16:6144:4096,16:28672:4096,16:4096:14336,16:10240:8192,16:8192:8192,16:57344:8192,16:8192:28672"
 )
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
@@ -82,6 +100,15 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             mm._takes_wide_n_tile = takes
         return {"previous": (previous, _TMA_ROWS), "wide_n": (mm._wide_n_tile(), _TMA_ROWS)}
     base = mm.default_config(m, n, k, jdt, jnp.bfloat16)
+    if ab == "epilogue":
+        fit = lambda **kw: mm._fit_smem(dataclasses.replace(base, **kw), jdt, jnp.bfloat16)  # noqa: E731
+        return {
+            "default": (base, _TMA_ROWS),
+            "abl_no_store": (base, _TMA_ROWS, "no_store"),
+            "abl_direct": (base, _TMA_ROWS, "direct"),
+            "e64x32x2": (fit(epi_tile_n=32, epi_slots=2), _TMA_ROWS),
+            "e64x16x2": (fit(epi_tile_n=16, epi_slots=2), _TMA_ROWS),
+        }
     if ab == "cluster":
         out = {"default": (base, _TMA_ROWS)}
         if base.split_k == 1:
@@ -106,7 +133,10 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster"), required=True)
+    p.add_argument(
+        "--ab", choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_decode"),
+        required=True,
+    )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
     p.add_argument("--dtypes", default="fp8,int8")
     p.add_argument("--check-s", type=float, default=0.0, help="--ab inflight: gpu_check budget first (0 = none)")
@@ -135,8 +165,12 @@ def main(argv=None) -> None:
         dump()
     cases = args.cases or {
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
-        "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES,
+        "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
+        "swap_decode": SWAP_DECODE_CASES,
     }[args.ab]  # fmt: skip
+    if args.ab == "swap_decode":
+        swap_decode(cases, args, res, dump, t0)
+        return
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
         for dt in args.dtypes.split(","):
@@ -148,24 +182,88 @@ def main(argv=None) -> None:
             sets = [(a, b, a_s, b_s) for b in bs]
             row: dict = dict(M=m, N=n, K=k, dtype=dt, xla_us=bench.measure_us(bench.xla_fn(dt), sets, args.iterations))
             for rep in range(2):
-                for name, (cfg, rows) in sides(args.ab, m, n, k, jdt).items():
+                for name, (cfg, rows, *ablation) in sides(args.ab, m, n, k, jdt).items():
                     if rep and name == "on_plus1":
                         continue
                     row[f"{name}_cfg"] = cfg.short()
                     try:
                         mm._validate_config(cfg, jdt, jnp.bfloat16)
                         mm.tma_rows = rows
-                        # A plain function: traced afresh under each timing program (tma_rows is read then).
-                        us = bench.measure_us(
-                            lambda a, b, x, y, cfg=cfg: mm.scaled_mm(a, b, x, y, out_dtype=jnp.bfloat16, config=cfg),
-                            sets,
-                            args.iterations,
+                        mm._EPILOGUE_ABLATION = ablation[0] if ablation else None
+                        # A fresh jitted function: traced (once for all weight copies) under each timing
+                        # program, which is when tma_rows and the ablation are read.
+                        f = jax.jit(
+                            lambda a, b, x, y, cfg=cfg: mm.scaled_mm(a, b, x, y, out_dtype=jnp.bfloat16, config=cfg)
                         )
+                        us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
+                        if rep == 0 and args.ab == "epilogue" and ablation[:1] in ([], ["direct"]):
+                            row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
                     except Exception as e:  # noqa: BLE001
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]
                     finally:
                         mm.tma_rows = _TMA_ROWS
+                        mm._EPILOGUE_ABLATION = None
+            res["time"].append(row)
+            dump()
+            print(json.dumps(row), flush=True)
+    print(f"total {time.time() - t0:.0f} s", flush=True)
+
+
+def swap_configs(n: int, k: int, rows: int) -> dict[str, mm.TuningConfig]:
+    """Swap-AB decode layouts: the weight's N as the wgmma M side (64..256 rows a CTA), ``rows`` tokens as N."""
+    sms, k_tiles = mm.num_sms(), -(-k // 256)
+    out = {}
+    for name, tm, wgs, tk, st in (
+        ("w64_k256", 64, 1, 256, 8), ("w128_k256", 128, 1, 256, 6), ("w2x64_k256", 64, 2, 256, 6),
+        ("w64_k128", 64, 1, 128, 12), ("w256_k128", 256, 1, 128, 6),
+    ):  # fmt: skip
+        cfg = mm.TuningConfig(
+            tile_m=tm, tile_n=rows, tile_k=tk, max_concurrent_steps=st, num_compute_wgs=wgs, wg_dimension="m",
+            grid_minor_dim="m", epi_tile_m=64, epi_tile_n=rows, epi_slots=1,
+        )  # fmt: skip
+        tiles = -(-n // cfg.cta_tile_m)
+        if tiles <= sms // 2 and (k // tk) % 2 == 0 and k_tiles >= 8:
+            cfg = dataclasses.replace(cfg, split_k=2)
+        out[name] = mm._fit_smem(cfg, jnp.int8, jnp.bfloat16)
+    return out
+
+
+def swap_decode(cases: str, args, res: dict, dump, t0: float) -> None:
+    """``--ab swap_decode``: see the module docstring."""
+
+    for cs in cases.split(","):
+        m, n, k = (int(v) for v in cs.split(":"))
+        rows = max(16, -(-m // 16) * 16)
+        for dt in args.dtypes.split(","):
+            if time.time() - t0 > args.budget_s:
+                print(f"budget: skipped {m}x{n}x{k} {dt}", flush=True)
+                continue
+            jdt = jnp.int8 if dt == "int8" else jnp.float8_e4m3fn
+            a, bs, a_s, b_s = bench.device_operands(m, n, k, dt, bench.n_copies(n, k), 1)
+            sets = [(a, b, a_s, b_s) for b in bs]
+            a16 = jnp.pad(a, ((0, rows - m), (0, 0)))
+            as16 = jnp.pad(a_s, ((0, rows - m), (0, 0)), constant_values=1.0).reshape(1, rows)
+            swapped = [(b, a16, b_s.reshape(n, 1), as16) for b in bs]
+            row: dict = dict(M=m, N=n, K=k, dtype=dt, xla_us=bench.measure_us(bench.xla_fn(dt), sets, args.iterations))
+            ref = jax.jit(mm.scaled_mm, static_argnames=("out_dtype",))(a, bs[0], a_s, b_s, out_dtype=jnp.bfloat16)
+            for rep in range(2):
+                row["default_cfg"] = mm.default_config(m, n, k, jdt).short()
+                row.setdefault("default_us", []).append(bench.measure_us(bench.qlin_fn(None), sets, args.iterations))
+                for name, cfg in swap_configs(n, k, rows).items():
+                    row[f"{name}_cfg"] = cfg.short()
+                    f = jax.jit(
+                        lambda w, x, ws, xs, cfg=cfg: mm.scaled_mm(w, x, ws, xs, out_dtype=jnp.bfloat16, config=cfg)
+                    )
+                    try:
+                        mm._validate_config(cfg, jdt, jnp.bfloat16)
+                        row.setdefault(f"{name}_us", []).append(bench.measure_us(f, swapped, args.iterations))
+                        if rep == 0:
+                            got = f(*swapped[0]).T[:m].astype(jnp.float32)
+                            want = ref.astype(jnp.float32)
+                            row[f"{name}_rel_vs_default"] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{name}_error"] = str(e).splitlines()[0][:200]
             res["time"].append(row)
             dump()
             print(json.dumps(row), flush=True)

@@ -244,7 +244,7 @@ def _layer_on_busy_stream(s, spin_cycles: int, trials: int) -> dict:
     return {"correct": all(correct), "trials": correct, "host_ms_layer_call": [round(v, 3) for v in host]}
 
 
-DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), split-K, mid and large M
+DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), split-K, clusters, mid and large M
     (qlin.FP8ScaledMMConfig(), 1, 4096, 4096),
     (qlin.FP8ScaledMMConfig(), 16, 4096, 14336),
     (qlin.FP8ScaledMMConfig(), 100, 13653, 4000),
@@ -255,6 +255,9 @@ DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), spl
     (qlin.Int8ScaledMMConfig(), 1000, 1000, 4096),
     (qlin.Int8ScaledMMConfig(symmetric=False), 7, 4096, 4000),
     (qlin.Int8ScaledMMConfig(symmetric=False), 333, 4096, 14336),
+    # clusters of two CTAs multicasting the weight tile (mid M, long K), the last row tile partial
+    (qlin.FP8ScaledMMConfig(), 500, 4096, 14336),
+    (qlin.Int8ScaledMMConfig(symmetric=False), 512, 4096, 14336),
 ]
 
 

@@ -335,6 +335,19 @@ def test_decode_runs_unpadded_and_larger_m_pads(m):
     assert ("stablehlo.pad" in text) == (m % 8 != 0 and m > 8)
 
 
+@pytest.mark.parametrize("ablation", ["no_store", "direct"])
+def test_epilogue_ablations_lower_for_cuda(monkeypatch, ablation):
+    # benchmarks/ab_gemm.py --ab epilogue times the kernel with these (benchmark only, never the default)
+    monkeypatch.setattr(mm, "_EPILOGUE_ABLATION", ablation)
+    args = [S((256, 256), F8), S((512, 256), F8), S((256, 1), jnp.float32), S((1, 512), jnp.float32)]
+    cfg = mm.default_config(256, 512, 256, F8)
+    text = (
+        jax.jit(lambda a, b, x, y: mm.scaled_mm(a, b, x, y, config=cfg))
+        .trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    )  # fmt: skip
+    assert "mosaic_gpu" in text
+
+
 def test_required_alignment():
     assert mm.required_alignment(F8, jnp.bfloat16) == (16, 32)
     assert mm.required_alignment(jnp.int8, jnp.float16) == (16, 32)

@@ -77,6 +77,11 @@ SMEM_LIMIT_BYTES = 227 * 1024
 # split-K config 1.9 KB over this estimate was rejected by the Mosaic GPU compiler.
 _SMEM_HEADROOM = 2560
 H100_NUM_SMS = 132
+#: Benchmark-only ablation of the epilogue (benchmarks/ab_gemm.py --ab epilogue), read at trace time:
+#: None (the real kernel), "no_store" (no TMA store: the output is never written) or "direct" (the
+#: registers stored straight to global memory, no bounds check: full tiles only).  Never set outside
+#: that measurement: "no_store" returns garbage, "direct" writes past the edges of partial tiles.
+_EPILOGUE_ABLATION: str | None = None
 #: TMA (cp.async.bulk.tensor) writes shared memory only at 128-byte aligned addresses; interpret
 #: mode and the CUDA lowering do not check it, the hardware faults (CUDA_ERROR_MISALIGNED_ADDRESS).
 TMA_SMEM_ALIGN = 128
@@ -856,6 +861,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                             bias_v = bias_v * first.astype(jnp.float32)
                         y = y + bcast_col(bias_v)
                     y = y.astype(out_dtype)
+                    if _EPILOGUE_ABLATION == "direct":  # full tiles only: no bounds check
+                        out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice][...] = y
+                        return
 
                     # Write through SMEM + TMA, double-buffered epilogue tiles.
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -867,6 +875,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                             plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
                             out_smem[wg, slot] = y[e_m, e_n]
                             plgpu.commit_smem()
+                            if _EPILOGUE_ABLATION == "no_store":
+                                continue
                             plgpu.copy_smem_to_gmem(
                                 out_smem.at[wg, slot],
                                 out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n],
