@@ -386,6 +386,7 @@ def run_sweep(results, deadline, cases, dtypes=("fp8",)):
                     break
                 try:
                     us = bench.measure_us(bench.qlin_fn(cfg), sets, 20)
+                    err = bench.device_rel_err(bench.qlin_fn(cfg)(*sets[0]), *sets[0])
                 except Exception as e:  # noqa: BLE001
                     results.append(
                         dict(
@@ -414,6 +415,7 @@ def run_sweep(results, deadline, cases, dtypes=("fp8",)):
                         config=cfg.to_dict(),
                         us=us,
                         tflops=tf,
+                        rel_err=err,
                     )
                 )
                 if best is None or us < best[0]:
