@@ -26,6 +26,8 @@
   the activation padded to 16 rows as a 16-wide B side: out^T = W X^T) against the heuristic's decode
   config; times the kernel alone (its (N, 16) output is not transposed back) to size what a swap-AB
   decode kernel could gain.
+``--ab swap_ab``: the swap-AB decode config (``TuningConfig(swap_ab=True)``: the same swap, the result
+  stored transposed into the (M, N) output) against the heuristic's decode config, M = 16 and 1.
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
 ``--iterations`` warm runs over rotated weight copies.  Writes $OUT/ab_gemm.json.
@@ -72,6 +74,7 @@ EPILOGUE_CASES = (
 SWAP_DECODE_CASES = (
     "16:4096:4096,16:6144:4096,16:28672:4096,16:4096:14336,16:10240:8192,16:8192:8192,16:57344:8192,16:8192:28672"
 )
+SWAP_AB_CASES = ",".join(f"{m}:{nk}" for m in (16, 1) for nk in SWAP_DECODE_CASES.replace("16:", "").split(","))
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
@@ -109,6 +112,11 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             "e64x32x2": (fit(epi_tile_n=32, epi_slots=2), _TMA_ROWS),
             "e64x16x2": (fit(epi_tile_n=16, epi_slots=2), _TMA_ROWS),
         }
+    if ab == "swap_ab":
+        return {
+            "default": (base, _TMA_ROWS),
+            "swap_ab": (mm._swap_decode_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
+        }
     if ab == "cluster":
         out = {"default": (base, _TMA_ROWS)}
         if base.split_k == 1:
@@ -134,13 +142,15 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--ab", choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_decode"),
+        "--ab",
+        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_decode", "swap_ab"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
     p.add_argument("--dtypes", default="fp8,int8")
     p.add_argument("--check-s", type=float, default=0.0, help="--ab inflight: gpu_check budget first (0 = none)")
     p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--reps", type=int, default=2, help="alternated repeats of the sides (1 or 2)")
     p.add_argument("--budget-s", type=float, default=520.0)
     args = p.parse_args(argv)
     t0 = time.time()
@@ -166,7 +176,7 @@ def main(argv=None) -> None:
     cases = args.cases or {
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
-        "swap_decode": SWAP_DECODE_CASES,
+        "swap_decode": SWAP_DECODE_CASES, "swap_ab": SWAP_AB_CASES,
     }[args.ab]  # fmt: skip
     if args.ab == "swap_decode":
         swap_decode(cases, args, res, dump, t0)
@@ -182,6 +192,8 @@ def main(argv=None) -> None:
             sets = [(a, b, a_s, b_s) for b in bs]
             row: dict = dict(M=m, N=n, K=k, dtype=dt, xla_us=bench.measure_us(bench.xla_fn(dt), sets, args.iterations))
             for rep in range(2):
+                if rep and args.reps < 2:
+                    break
                 for name, (cfg, rows, *ablation) in sides(args.ab, m, n, k, jdt).items():
                     if rep and name == "on_plus1":
                         continue

@@ -105,6 +105,16 @@ CHECK_CONFIGS = {
         tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1, split_k=3,
     ),
+    # Swapped operands (decode): the weight as the wgmma A side, tokens as an 8 / 16-wide B side, the
+    # result stored transposed; with split-K 3 (partial K range) and a 2-warpgroup weight slab.
+    "swap_n16": mm.TuningConfig(
+        tile_m=64, tile_n=16, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=16, epi_slots=1, swap_ab=True,
+    ),
+    "swap_n8_sk3_wg2": mm.TuningConfig(
+        tile_m=64, tile_n=8, tile_k=64, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=8, epi_slots=1, split_k=3, swap_ab=True,
+    ),
     # Clusters of two CTAs sharing (multicasting) the weight tile / the activation tile; partial tiles
     # leave the second CTA of the last cluster past the edge at some shapes.
     "large_cluster_m": mm.TuningConfig(
@@ -219,6 +229,11 @@ def run_checks(results, deadline, only_configs=None):
                     c = (cname, m, n, k, dtype, "token", "channel", True, azp, "bfloat16")
                     if c not in cases:
                         cases.append(c)
+    # swap_ab configs without split-K store (tokens x 64) tiles: N rounded up to a multiple of 64 for them.
+    cases = [
+        (c[0], c[1], c[2] if mm.swap_ab_fits(CHECK_CONFIGS[c[0]], c[2], c[9]) else -(-c[2] // 64) * 64, *c[3:])
+        if c[0] else c for c in cases
+    ]  # fmt: skip
     fails = 0
     for ci, (cname, m, n, k, dtype, a_mode, b_mode, bias, azp_mode, od) in enumerate(cases):
         if elapsed() > deadline:

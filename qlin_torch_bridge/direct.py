@@ -249,11 +249,12 @@ def _round_up(v: int, multiple: int) -> int:
 class _Entry:
     """The two compiled launches (and their static glue) for one (M, x dtype, bias dtype)."""
 
-    __slots__ = ("m", "rows", "kq", "chunks", "width", "quant", "gemm", "split_k", "has_bias", "plans")
+    __slots__ = ("m", "rows", "kq", "chunks", "width", "quant", "gemm", "split_k", "has_bias", "swap", "plans")
 
-    def __init__(self, m, rows, kq, chunks, width, quant, gemm, split_k, has_bias):
+    def __init__(self, m, rows, kq, chunks, width, quant, gemm, split_k, has_bias, swap=False):
         self.m, self.rows, self.kq, self.chunks, self.width = m, rows, kq, chunks, width
         self.quant, self.gemm, self.split_k, self.has_bias = quant, gemm, split_k, has_bias
+        self.swap = swap  # swap_ab: the weight is the kernel's first operand (see mosaic_gpu_scaled_mm)
         self.plans: dict[tuple, _Plan | None] = {}
 
 
@@ -359,6 +360,8 @@ class DirectLinear:
         q_in = (sds((m, p.chunks, p.width), jdt),)
         g_in = [sds((rows, self.k_pad), self.wdtype), sds((self.n_pad, self.k_pad), self.wdtype),
                 sds((rows,), f32), sds(tuple(self.b_scale.shape), f32)]
+        if config.swap_ab:  # the weight first: the kernel's wgmma A side
+            g_in[0], g_in[1] = g_in[1], g_in[0]
         if has_bias:
             g_in.append(sds((self.n_pad,), jnp.dtype(_X_DTYPES[bias_dtype])))
         if has_azp:
@@ -371,7 +374,8 @@ class DirectLinear:
             gemm_launch = _shared_kernel(("gemm", dev, config, epi, out_dtype, g_in), gemm, g_in)
         else:
             quant, gemm_launch = self.launcher(qfn, q_in), self.launcher(gemm, g_in)
-        return _Entry(m, rows, p.k_padded, p.chunks, p.width, quant, gemm_launch, config.split_k, has_bias)
+        return _Entry(m, rows, p.k_padded, p.chunks, p.width, quant, gemm_launch, config.split_k, has_bias,
+                      config.swap_ab)
 
     # -- per call ------------------------------------------------------------------------------
     def _bias(self, bias: torch.Tensor) -> torch.Tensor:
@@ -458,7 +462,10 @@ class DirectLinear:
             return None
         holder = _scratch(e.quant, stream)
         bufs = holder.bufs
-        ptrs = [bufs[0].data_ptr(), self.weight.data_ptr(), bufs[1].data_ptr(), self.b_scale.data_ptr()]
+        ptrs = [bufs[0].data_ptr(), self.weight.data_ptr()]
+        if e.swap:
+            ptrs.reverse()  # the weight first: the kernel's wgmma A side
+        ptrs += [bufs[1].data_ptr(), self.b_scale.data_ptr()]
         bias_i = None
         if e.has_bias:
             bias_i = len(ptrs)
@@ -499,14 +506,19 @@ class DirectLinear:
         if e.kq != k or k_pad != k:
             # the quantized padding columns are not zero for asymmetric int8 (q = zero point): cut, re-pad
             q = F.pad(q[:, :k], (0, k_pad - k))
-        args = [q, self.weight, outs[1].reshape(-1), self.b_scale]
+        args = [self.weight, q] if e.swap else [q, self.weight]
+        args += [outs[1].reshape(-1), self.b_scale]
         if bias is not None:
             args.append(self._bias(bias))
         if self.azp_adj is not None:
             args += [outs[2].reshape(-1), self.azp_adj]
         y = gemm(*args)
-        if e.split_k > 1:
-            y = y.sum(0).to(_torch_dtype(self.out_dtype))
+        if e.split_k > 1:  # what scaled_mm's XLA reduction does: sum (and transpose swap_ab's partials)
+            y, dt = y.sum(0), _torch_dtype(self.out_dtype)
+            if e.swap:  # (N, token columns) -> (rows, N), cast in the same copy
+                y = torch.empty((e.rows, y.shape[0]), dtype=dt, device=y.device).copy_(y[:, : e.rows].t())
+            else:
+                y = y.to(dt)
         y = y[: e.m, : self.n] if (e.rows != e.m or self.n_pad != self.n) else y
         if self.n_pad != self.n:
             y = y.contiguous()

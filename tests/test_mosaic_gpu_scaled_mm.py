@@ -642,3 +642,63 @@ def test_interpret_mode_drops_a_default_cluster_and_rejects_an_explicit_one(monk
     out = _run(ops, "fp8", jnp.bfloat16, None)
     assert len(launched) == 1 and "cluster" not in launched[0] and launched[0]["grid_names"] == ("sm",)
     assert _rel(out, _reference(*ops)) < TOL[jnp.bfloat16]
+
+
+# -- swap_ab: the weight as the wgmma A side, tokens as B (decode) ----------------------------------
+
+SWAP16 = mm.TuningConfig(
+    tile_m=64, tile_n=16, tile_k=64, max_concurrent_steps=3, num_compute_wgs=1, wg_dimension="m",
+    grid_minor_dim="m", epi_tile_m=64, epi_tile_n=16, epi_slots=1, swap_ab=True,
+)  # fmt: skip
+SWAP8_WG2 = dataclasses.replace(SWAP16, tile_n=8, epi_tile_n=8, num_compute_wgs=2)
+
+
+@pytest.mark.parametrize(
+    "dtype,m,n,k,a_mode,b_mode,bias,azp,out_dtype,config",
+    [
+        ("fp8", 5, 192, 128, "token", "channel", True, None, jnp.bfloat16, SWAP16),
+        ("fp8", 1, 128, 96, "tensor", "channel", False, None, jnp.float16, SWAP16),
+        ("fp8", 40, 256, 64, "token", "tensor", True, None, jnp.bfloat16, SWAP16),  # 3 token tiles
+        ("int8", 13, 128, 128, "token", "channel", True, "token", jnp.bfloat16, SWAP8_WG2),  # padded to 16
+        ("int8", 7, 192, 128, "tensor", "tensor", False, "tensor", jnp.float16, SWAP8_WG2),
+        # split-K: float32 partials (weight rows, tokens padded to the tile), summed + transposed by XLA
+        ("fp8", 1, 80, 192, "token", "channel", True, None, jnp.float32, dataclasses.replace(SWAP8_WG2, split_k=3)),
+        ("int8", 9, 144, 256, "token", "channel", True, "token", jnp.bfloat16, dataclasses.replace(SWAP16, split_k=2)),
+    ],
+)
+def test_swap_ab_matches_reference(dtype, m, n, k, a_mode, b_mode, bias, azp, out_dtype, config):
+    rng = np.random.default_rng(m * 7 + n + k)
+    ops = _operands(rng, m, n, k, dtype, a_mode, b_mode, bias, azp)
+    assert _rel(_run(ops, dtype, out_dtype, config), _reference(*ops)) < TOL[out_dtype]
+
+
+def test_swap_ab_limits_and_choice():
+    args = [jnp.zeros((4, 128), F8), jnp.zeros((96, 128), F8), jnp.ones((4, 1)), jnp.ones((1, 96))]
+    with pytest.raises(ValueError, match="N=96 must be a multiple of 64"):
+        mm.scaled_mm(*args, config=SWAP16, interpret=True)
+    args[1], args[3] = jnp.zeros((128, 128), F8), jnp.ones((1, 128))
+    with pytest.raises(ValueError, match="16-bit out_dtype"):
+        mm.scaled_mm(*args, out_dtype=jnp.float32, config=SWAP16, interpret=True)
+    with pytest.raises(ValueError, match="swap_ab needs cluster=None"):
+        mm._validate_config(dataclasses.replace(SWAP16, num_compute_wgs=2, wg_dimension="n"), F8, jnp.bfloat16)
+    with pytest.raises(TypeError, match="swap_ab=1 must be True or False"):
+        mm._validate_config(dataclasses.replace(SWAP16, swap_ab=1), F8, jnp.bfloat16)
+    assert SWAP16.short().endswith("t") and mm.TuningConfig.from_dict(SWAP16.to_dict()) == SWAP16
+    # the decode candidates include it (8 tokens up to M = 8, 16 above; split-K 2 for few weight slabs)
+    c1 = [c for c in mm.candidate_configs(1, 4096, 14336, F8) if c.swap_ab]
+    c16 = [c for c in mm.candidate_configs(16, 8192, 8192, F8) if c.swap_ab]
+    assert [(c.tile_n, c.split_k) for c in c1] == [(8, 2)] and [(c.tile_n, c.split_k) for c in c16] == [(16, 1)]
+    assert not any(c.swap_ab for c in mm.candidate_configs(64, 8192, 8192, F8))
+    assert not any(c.swap_ab for c in mm.candidate_configs(16, 8200, 8192, F8, jnp.bfloat16))  # N % 64
+
+
+@pytest.mark.parametrize("m,split_k", [(1, 1), (16, 1), (5, 2), (16, 2)])
+def test_swap_ab_lowers_for_cuda(m, split_k):
+    cfg = dataclasses.replace(SWAP16, tile_k=256, max_concurrent_steps=8, tile_n=8 if m <= 8 else 16,
+                              epi_tile_n=8 if m <= 8 else 16, split_k=split_k)  # fmt: skip
+    args = [S((m, 4096), F8), S((4096, 4096), F8), S((m, 1), jnp.float32), S((1, 4096), jnp.float32)]
+    text = (
+        jax.jit(lambda a, b, x, y: mm.scaled_mm(a, b, x, y, config=cfg))
+        .trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    )  # fmt: skip
+    assert "mosaic_gpu" in text

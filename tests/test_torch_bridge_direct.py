@@ -8,6 +8,8 @@ asymmetric zero-point columns, leading dims, bias -- is checked bit for bit agai
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
+from qlin.kernels import mosaic_gpu_scaled_mm as mm
 from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
 from qlin.quantize import quantize_weight
 from qlin_torch_bridge import direct
@@ -319,3 +322,36 @@ def test_plans_are_per_stream_and_thread_and_follow_the_shared_buffers(raw_route
     check(d(x, None))
     again = e.plans[(11, threading.get_ident())]
     assert again is not first and again.scratch() is direct._SCRATCH[again.skey]
+
+
+SWAP_AB = mm.TuningConfig(
+    tile_m=64, tile_n=8, tile_k=64, max_concurrent_steps=3, num_compute_wgs=1, wg_dimension="m",
+    grid_minor_dim="m", epi_tile_m=64, epi_tile_n=8, epi_slots=1, swap_ab=True,
+)  # fmt: skip
+SWAP_CASES = [
+    # (config, N, K, x shape, split_k): the kernels take the weight first (swap_ab); split-K's partials are
+    # summed and transposed by torch as scaled_mm's XLA reduction does
+    (FP8ScaledMMConfig(), 128, 256, (5, 256), 1),
+    (FP8ScaledMMConfig(out_dtype=jnp.float32), 128, 256, (3, 256), 2),
+    (Int8ScaledMMConfig(symmetric=False), 192, 256, (2, 9, 256), 2),
+]
+
+
+@pytest.mark.parametrize("case", SWAP_CASES, ids=lambda c: f"{c[0].describe()}-x{c[3]}-sk{c[4]}")
+@pytest.mark.parametrize("steady", [False, True], ids=["general", "steady"])
+def test_swap_ab_configs_match_the_jax_route_bit_for_bit(case, steady, monkeypatch, raw_route):
+    cfg, n, k, xshape, split_k = case
+    swap = dataclasses.replace(SWAP_AB, split_k=split_k)
+    monkeypatch.setattr(mm, "default_config", lambda *a, **kw: swap)  # what the JAX route gets too
+    kernel, params, d = raw_route[0](cfg, n, k) if steady else _layer(cfg, n, k)
+    bias = _x((n,), torch.bfloat16, seed=2)
+    for seed in (1, 5):
+        x = _x(xshape, torch.bfloat16, seed=seed)
+        y = d(x, bias)
+        assert y is not None and tuple(y.shape) == (*xshape[:-1], n) and y.is_contiguous()
+        want = kernel.apply_weights(params, to_jax(x, name="x"), to_jax(bias, name="b"))
+        np.testing.assert_array_equal(y.float().numpy(), np.asarray(want.astype(jnp.float32)))
+    (e,) = d._entries.values()
+    assert e.swap and e.split_k == split_k
+    if steady:
+        assert (next(iter(e.plans.values())) is None) == (split_k > 1)  # split-K: the general path

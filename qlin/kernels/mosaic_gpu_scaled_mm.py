@@ -30,7 +30,10 @@ Small M (decode) uses the same kernel with a 64-row tile, one consumer
 warpgroup, a narrow N tile chosen so that the number of output tiles is close
 to the number of SMs, and a deep pipeline: at M <= 64 the problem is bound by
 streaming the weight, and that layout puts every SM to work streaming a
-disjoint slab of ``b`` (see :func:`default_config`).
+disjoint slab of ``b`` (see :func:`default_config`).  For fp8 at M <= 16 the
+heuristic mostly swaps the operands (``TuningConfig(swap_ab=True)``): the weight
+is the 64-row wgmma A side and the tokens an 8- or 16-wide B side, and the
+epilogue stores the transposed tile (split-K: XLA's reduction transposes).
 """
 
 from __future__ import annotations
@@ -197,6 +200,12 @@ class TuningConfig(TileConfigBase):
       along N (they share the activation tile).  Halves the L2 -> shared
       memory traffic of the shared operand; the two CTAs step through K
       together (a stage is refilled once both consumed it).  Not with split_k.
+    swap_ab: decode layout: the weight is the wgmma A side and the activation
+      the B side, so tile_m counts weight rows (output columns) and tile_n
+      tokens (8 or 16 cover M <= 16: an in-bounds activation box instead of a
+      mostly zero-filled 64-row one).  The accumulator is the output tile
+      transposed; the epilogue stores it transposed through an unswizzled
+      shared-memory tile.  Warpgroups along M only; not with clusters.
     """
 
     tile_m: int = 128
@@ -213,6 +222,7 @@ class TuningConfig(TileConfigBase):
     split_k: int = 1
     wgmma_inflight: bool = False
     cluster: str | None = None
+    swap_ab: bool = False
 
     def short(self) -> str:
         return (
@@ -220,6 +230,7 @@ class TuningConfig(TileConfigBase):
             + (f"sk{self.split_k}" if self.split_k > 1 else "")
             + ("i" if self.wgmma_inflight else "")
             + (f"c{self.cluster}" if self.cluster else "")
+            + ("t" if self.swap_ab else "")
         )
 
 
@@ -288,6 +299,10 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm' or 'n'")
     if c.cluster and c.split_k > 1:
         raise ValueError("config.cluster and config.split_k > 1 cannot be combined")
+    if not isinstance(c.swap_ab, bool):
+        raise TypeError(f"config.swap_ab={c.swap_ab!r} must be True or False")
+    if c.swap_ab and (c.cluster or (c.num_compute_wgs > 1 and c.wg_dimension != "m")):
+        raise ValueError("config.swap_ab needs cluster=None and, with 2 warpgroups, wg_dimension='m'")
     check_smem(c, smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs))
 
 
@@ -378,6 +393,49 @@ def _small_m_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tunin
         epi_tile_n=math.gcd(tn, 64),
     )
     return _fit_smem(cfg, dtype, out_dtype)
+
+
+def _swap_decode_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> TuningConfig:
+    """Decode with swapped operands (``swap_ab``): 64-row weight slabs as the wgmma A side, 256 deep,
+    the M <= 16 tokens as an 8- or 16-wide B side; split-K 2 where the slabs fill under half the SMs."""
+    tokens = 8 if m <= 8 else 16
+    cfg = TuningConfig(
+        tile_m=64, tile_n=tokens, tile_k=256, max_concurrent_steps=8, num_compute_wgs=1, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=tokens, epi_slots=1, swap_ab=True,
+    )  # fmt: skip
+    if _cdiv(n, 64) <= sms // 2 and _cdiv(k, 256) % 2 == 0 and _cdiv(k, 256) >= 8:
+        cfg = dataclasses.replace(cfg, split_k=2)
+    return _fit_smem(cfg, dtype, out_dtype)
+
+
+def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> TuningConfig | None:
+    """The swap-AB decode config where it measured faster than the unswapped decode tiles, else None.
+
+    H100, fp8, same run (benchmarks/results/h100_ab_swap_ab.json): M = 1 (8 token columns) 4096^2 10.07 ->
+    8.87 us, 6144 x 4096 12.43 -> 11.46, 4096 x 14336 27.18 -> 23.83, 8192^2 25.14 -> 24.34, 8192 x 28672
+    82.11 -> 78.74, 57344 x 8192 / 28672 x 4096 -1.5 / -0.7 %, but 10240 x 8192 +4 % (160 weight slabs: 1.2
+    waves); M = 16 4096 x 14336 25.85 -> 24.20, 8192^2 26.68 -> 24.74, 8192 x 28672 83.02 -> 79.50, 57344 x
+    8192 level, and +1-3 % at K = 4096 (4096^2, 6144 x 4096) and 10240 x 8192.  So: fp8 (int8 was not timed),
+    the weight slabs (x split-K) filling >= 70 % of their last wave of SMs, and at 9..16 tokens >= 80 % and
+    K >= 8192.
+    """
+    if m > 16 or jnp.dtype(dtype) != jnp.dtype(jnp.float8_e4m3fn):
+        return None
+    cfg = _swap_decode_config(m, n, k, dtype, out_dtype, sms)
+    if not swap_ab_fits(cfg, n, out_dtype):
+        return None
+    units = _cdiv(n, cfg.cta_tile_m) * cfg.split_k
+    fill = units / (_cdiv(units, sms) * sms)
+    takes = fill >= 0.7 if m <= 8 else (fill >= 0.8 and k >= 8192)
+    return cfg if takes else None
+
+
+def swap_ab_fits(config: TuningConfig, n: int, out_dtype) -> bool:
+    """Whether a ``swap_ab`` config can write this output: its transposed tile store (no split-K) needs a
+    16-bit ``out_dtype`` and N a multiple of the epilogue tile's weight rows."""
+    if not config.swap_ab or config.split_k > 1:
+        return True
+    return jnp.dtype(out_dtype).itemsize == 2 and n % (config.epi_tile_m or config.tile_m) == 0
 
 
 def _fit_smem(cfg: TuningConfig, dtype, out_dtype) -> TuningConfig:
@@ -512,7 +570,10 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
 
     * M <= 64: one consumer warpgroup, a 64-row tile, a narrow N tile so that
       every SM streams its own slab of the weight (decode); long K with few N
-      tiles: 64-wide tiles and split-K 2.
+      tiles: 64-wide tiles and split-K 2.  fp8 at M <= 16 where the weight's
+      64-row slabs fill the SMs' last wave well: the operands swapped
+      (``swap_ab``: 8 / 16 token columns instead of a 64-row activation tile;
+      see :func:`_takes_swap_ab`).
     * 64 < M <= 512: 2 x 64 rows (two consumer warpgroups along M) by an N tile
       picked with a small traffic model (memory bound: the A tile is re-read
       from L2 by every N tile, the weight streamed once); split-K 2 when K is
@@ -529,7 +590,7 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     """
     sms = num_sms()
     if m <= 64:
-        return _small_m_config(m, n, k, dtype, out_dtype, sms)
+        return _takes_swap_ab(m, n, k, dtype, out_dtype, sms) or _small_m_config(m, n, k, dtype, out_dtype, sms)
     if m <= 512:
         return _mid_m_config(m, n, k, dtype, out_dtype, sms)
     if _takes_wide_n_tile(m, n, sms, mid_192=False):
@@ -585,6 +646,9 @@ def candidate_configs(
                         epi_tile_n=math.gcd(tn, 64),
                     )
                 )
+        swapped = _swap_decode_config(m, n, k, dtype, out_dtype, num_sms())
+        if m <= 16 and swap_ab_fits(swapped, n, out_dtype):
+            cands.append(swapped)
         # Split-K: wider N tiles (less A traffic per weight byte in shared memory), K cut
         # into ranges so that there are about as many work units as SMs.
         for tn in (64, 128, 256):
@@ -708,6 +772,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     m_iters, n_iters = _cdiv(m, cta_m), _cdiv(n, cta_n)
     split_k = c.split_k
     k_iters = _cdiv(k, tile_k) // split_k  # K tiles of one work unit
+    # swap_ab stores each result tile transposed, except with split-K: its float32 partial sums stay
+    # (weight rows, tokens) and the XLA reduction that sums them transposes them too.
+    swap = c.swap_ab and split_k == 1
     nwg = c.num_compute_wgs
     epi_m = c.epi_tile_m or tile_m
     epi_n = c.epi_tile_n or tile_n
@@ -717,21 +784,27 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     in_swizzle = _pick_swizzle(tile_k, k, dtype)
     assert in_swizzle is not None, (tile_k, k)
     in_transforms = _swizzle_transforms(in_swizzle, dtype)
-    out_transforms = _swizzle_transforms(_pick_swizzle(epi_n, n, out_dtype), out_dtype)
+    # (The split-K partials of swap_ab have their token columns padded to a whole tile: out_gmem's width.)
+    out_cols = out_gmem.shape[-1]
+    out_transforms = None if swap else _swizzle_transforms(_pick_swizzle(epi_n, out_cols, out_dtype), out_dtype)
 
     # Row (length tile_m) and column (length tile_n) epilogue vectors that are
-    # TMA'd into SMEM per output tile: (name, gmem ref, along, dtype).
+    # TMA'd into SMEM per output tile: (name, gmem ref, along, dtype).  Per-token
+    # vectors run along the activation's axis: the rows ("m"), or the columns when
+    # swap_ab makes the weight the wgmma A side; per-channel ones along the other.
+    tok, ch = ("n", "m") if c.swap_ab else ("m", "n")
     vecs = []
     if epi.a_scale_vec:
-        vecs.append(("a_scale", as_gmem, "m", jnp.float32))
+        vecs.append(("a_scale", as_gmem, tok, jnp.float32))
     if epi.b_scale_vec:
-        vecs.append(("b_scale", bs_gmem, "n", jnp.float32))
+        vecs.append(("b_scale", bs_gmem, ch, jnp.float32))
     if epi.has_bias:
-        vecs.append(("bias", bias_gmem, "n", bias_gmem.dtype))
+        vecs.append(("bias", bias_gmem, ch, bias_gmem.dtype))
     if epi.has_azp:
         if epi.azp_vec:
-            vecs.append(("azp", azp_gmem, "m", jnp.int32))
-        vecs.append(("azp_adj", adj_gmem, "n", jnp.int32))
+            vecs.append(("azp", azp_gmem, tok, jnp.int32))
+        vecs.append(("azp_adj", adj_gmem, ch, jnp.int32))
+    along = {name: al for name, _, al, _ in vecs}
 
     # In-flight wgmma: a step's stage is released by the next step's body (delay_release=1), after
     # its wait(1) has retired this step's group.  The pipeline never releases the last step's stage
@@ -762,14 +835,21 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         )
 
     ignore = lambda *_, **__: None
-    vec_len = {name: tile_m if along == "m" else tile_n for name, _, along, _ in vecs}
+    vec_len = {name: tile_m if al == "m" else tile_n for name, _, al, _ in vecs}
     # One row per warpgroup, each starting on TMA's 128-byte grid.
     vec_smem = {name: plgpu.SMEM((nwg, tma_row_len(vec_len[name], vdt)), vdt) for name, _, _, vdt in vecs}
 
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-        out_smem=plgpu.SMEM((nwg, n_slots, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        # swap_ab: the (tile_m weight rows, tile_n tokens) result is stored transposed into an
+        # unswizzled (tokens, weight rows) tile, which the TMA store writes into the (M, N) output
+        # (Mosaic GPU lowers that transposed store for 16-bit outputs only).
+        out_smem=(
+            plgpu.SMEM((nwg, n_slots, epi_n, epi_m), out_dtype)
+            if swap
+            else plgpu.SMEM((nwg, n_slots, epi_m, epi_n), out_dtype, transforms=out_transforms)
+        ),
         vec_bars=plgpu.Barrier(num_barriers=max(1, nwg * len(vecs))),
         vec_smem=vec_smem,
         collective_axes="wg",
@@ -813,8 +893,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                     wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
 
                 # Fetch this tile's epilogue vectors while the main loop runs.
-                for j, (name, ref, along, _) in enumerate(vecs):
-                    sl = pl.ds(row0, tile_m) if along == "m" else pl.ds(col0, tile_n)
+                for j, (name, ref, al, _) in enumerate(vecs):
+                    sl = pl.ds(row0, tile_m) if al == "m" else pl.ds(col0, tile_n)
                     dst = vec_smem[name].at[wg, pl.ds(0, vec_len[name])]
                     plgpu.copy_gmem_to_smem(ref.at[sl], dst, vec_bars.at[wg * len(vecs) + j])
 
@@ -825,41 +905,39 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                     for j in range(len(vecs)):
                         plgpu.barrier_wait(vec_bars.at[wg * len(vecs) + j])
 
-                    def row_vec(name):
-                        return plgpu.load(vec_smem[name].at[wg, pl.ds(0, tile_m)], layout=plgpu.Layout.WGMMA.reduce(1))
+                    def vec(name):  # in the layout of one row / column of the wgmma accumulator
+                        if along[name] == "m":
+                            ref, layout = vec_smem[name].at[wg, pl.ds(0, tile_m)], plgpu.Layout.WGMMA.reduce(1)
+                        else:
+                            ref, layout = vec_smem[name].at[wg, pl.ds(0, tile_n)], plgpu.Layout.WGMMA.reduce(0)
+                        return plgpu.load(ref, layout=layout)
 
-                    def col_vec(name):
-                        return plgpu.load(vec_smem[name].at[wg, pl.ds(0, tile_n)], layout=plgpu.Layout.WGMMA.reduce(0))
-
-                    def bcast_row(v):
-                        return lax.broadcast_in_dim(v, (tile_m, tile_n), [0])
-
-                    def bcast_col(v):
-                        return lax.broadcast_in_dim(v, (tile_m, tile_n), [1])
+                    def bcast(v, name):  # a vector of `name`'s axis over the whole tile
+                        return lax.broadcast_in_dim(v, (tile_m, tile_n), [0 if along[name] == "m" else 1])
 
                     if epi.has_azp:
-                        adj = col_vec("azp_adj")
+                        adj = vec("azp_adj")
                         if first is not None:
                             adj = adj * first.astype(jnp.int32)
                         if epi.azp_vec:
-                            acc = acc - bcast_row(row_vec("azp")) * bcast_col(adj)
+                            acc = acc - bcast(vec("azp"), "azp") * bcast(adj, "azp_adj")
                         else:
-                            acc = acc - bcast_col(adj * azp_gmem[0])
+                            acc = acc - bcast(adj * azp_gmem[0], "azp_adj")
                     y = acc.astype(jnp.float32) if is_int else acc
                     # Scales: fold a per-tensor factor into the other vector.
                     if epi.a_scale_vec and epi.b_scale_vec:
-                        y = y * bcast_row(row_vec("a_scale")) * bcast_col(col_vec("b_scale"))
+                        y = y * bcast(vec("a_scale"), "a_scale") * bcast(vec("b_scale"), "b_scale")
                     elif epi.a_scale_vec:
-                        y = y * bcast_row(row_vec("a_scale") * bs_gmem[0])
+                        y = y * bcast(vec("a_scale") * bs_gmem[0], "a_scale")
                     elif epi.b_scale_vec:
-                        y = y * bcast_col(col_vec("b_scale") * as_gmem[0])
+                        y = y * bcast(vec("b_scale") * as_gmem[0], "b_scale")
                     else:
                         y = y * (as_gmem[0] * bs_gmem[0])
                     if epi.has_bias:
-                        bias_v = col_vec("bias").astype(jnp.float32)
+                        bias_v = vec("bias").astype(jnp.float32)
                         if first is not None:
                             bias_v = bias_v * first.astype(jnp.float32)
-                        y = y + bcast_col(bias_v)
+                        y = y + bcast(bias_v, "bias")
                     y = y.astype(out_dtype)
                     if _EPILOGUE_ABLATION == "direct":  # full tiles only: no bounds check
                         out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice][...] = y
@@ -873,14 +951,16 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                             e_n = slice(ej * epi_n, (ej + 1) * epi_n)
                             slot = (ei * (tile_n // epi_n) + ej) % n_slots
                             plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-                            out_smem[wg, slot] = y[e_m, e_n]
+                            if swap:
+                                out_smem.at[wg, slot].T[...] = y[e_m, e_n]
+                                dst = out_tile.at[cta_n_slice, cta_m_slice].at[wg_n_slice, wg_m_slice].at[e_n, e_m]
+                            else:
+                                out_smem[wg, slot] = y[e_m, e_n]
+                                dst = out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n]
                             plgpu.commit_smem()
                             if _EPILOGUE_ABLATION == "no_store":
                                 continue
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n],
-                            )
+                            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], dst)
 
             def mma_body(idx, a_smem, b_smem, acc_ref):
                 wg = lax.axis_index("wg")
@@ -1027,6 +1107,18 @@ def scaled_mm(
     n_row = int(epi.a_scale_vec) + int(epi.azp_vec)
     n_col = int(epi.b_scale_vec) + int(epi.has_bias) + int(epi.has_azp)
     _validate_config(config, a.dtype, out_dtype, n_row, n_col)
+    if not swap_ab_fits(config, n, out_dtype):
+        if out_dtype.itemsize != 2:
+            raise ValueError(
+                f"config {config.short()}: swap_ab without split_k stores its tiles transposed, which needs a "
+                f"16-bit out_dtype (got {out_dtype.name})"
+            )
+        epi_m = config.epi_tile_m or config.tile_m
+        if n % epi_m:
+            raise ValueError(
+                f"config {config.short()}: swap_ab without split_k stores (tokens x {epi_m}) tiles: N={n} must be "
+                f"a multiple of {epi_m}"
+            )
     if _cdiv(k, config.tile_k) % config.split_k:
         raise ValueError(
             f"config.split_k={config.split_k} must divide the {_cdiv(k, config.tile_k)} K tiles "
@@ -1044,14 +1136,16 @@ def scaled_mm(
             a_scale = jnp.pad(a_scale, (0, m_pad))
         if epi.azp_vec:
             azp = jnp.pad(azp, ((0, m_pad), (0, 0)))
-    args = [a, b, a_scale, b_scale.reshape(-1)]
+    # swap_ab: the weight is the kernel's A side (its rows are the output's columns).
+    args = [b, a, a_scale, b_scale.reshape(-1)] if config.swap_ab else [a, b, a_scale, b_scale.reshape(-1)]
     if bias is not None:
         args.append(bias)
     if azp is not None:
         args += [azp.reshape(-1), azp_adj.reshape(-1)]
     out = _call(tuple(args), config=config, epi=epi, out_dtype=out_dtype, interpret=interpret)
     if config.split_k > 1:
-        out = out.sum(axis=0).astype(out_dtype)  # one XLA fusion over the partial sums
+        out = out.sum(axis=0)  # one XLA fusion over the partial sums (and the transpose of swap_ab's)
+        out = (out[:, : a.shape[0]].T if config.swap_ab else out).astype(out_dtype)
     return out[:m] if m_pad else out
 
 
@@ -1063,16 +1157,17 @@ def _cluster_tiles(m_iters: int, n_iters: int, cluster: str | None) -> tuple[int
 def _call(args, *, config, epi, out_dtype, interpret):
     if interpret and config.cluster:  # see scaled_mm: the same tiles without the cluster
         config = dataclasses.replace(config, cluster=None)
-    a, b = args[0], args[1]
+    a, b = args[0], args[1]  # the wgmma A and B sides (the weight first with swap_ab)
     m, k = a.shape
     n = b.shape[0]
     tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n) * config.split_k
-    # Split-K: float32 partial sums, one (M, N) slab per K range.
-    out_type = (
-        jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
-        if config.split_k > 1
-        else jax.ShapeDtypeStruct((m, n), out_dtype)
-    )
+    # Split-K: float32 partial sums, one (M, N) slab per K range; with swap_ab (N, tokens) slabs, the
+    # token columns padded to the tile (16-byte TMA rows; the padding sums zero-filled tokens).
+    if config.split_k > 1:
+        cols = _cdiv(n, config.tile_n) * config.tile_n if config.swap_ab else n
+        out_type = jax.ShapeDtypeStruct((config.split_k, m, cols), jnp.float32)
+    else:
+        out_type = jax.ShapeDtypeStruct((n, m) if config.swap_ab else (m, n), out_dtype)
     kwargs = {}
     if interpret:
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
