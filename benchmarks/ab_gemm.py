@@ -25,7 +25,8 @@
 ``--ab swap_decode``: decode with the operands swapped (the weight as the 64..256-row wgmma A side,
   the activation padded to 16 rows as a 16-wide B side: out^T = W X^T) against the heuristic's decode
   config; times the kernel alone (its (N, 16) output is not transposed back) to size what a swap-AB
-  decode kernel could gain.
+  decode kernel could gain.  (The committed run also had a 2 x 64-row side, since removed: ``swap_ab``
+  takes one warpgroup.)
 ``--ab swap_ab``: the swap-AB decode config (``TuningConfig(swap_ab=True)``: the same swap, the result
   stored transposed into the (M, N) output) against the heuristic's decode config, M = 16 and 1.
 
@@ -227,7 +228,7 @@ def swap_configs(n: int, k: int, rows: int) -> dict[str, mm.TuningConfig]:
     sms, k_tiles = mm.num_sms(), -(-k // 256)
     out = {}
     for name, tm, wgs, tk, st in (
-        ("w64_k256", 64, 1, 256, 8), ("w128_k256", 128, 1, 256, 6), ("w2x64_k256", 64, 2, 256, 6),
+        ("w64_k256", 64, 1, 256, 8), ("w128_k256", 128, 1, 256, 6),
         ("w64_k128", 64, 1, 128, 12), ("w256_k128", 256, 1, 128, 6),
     ):  # fmt: skip
         cfg = mm.TuningConfig(

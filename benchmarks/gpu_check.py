@@ -106,13 +106,14 @@ CHECK_CONFIGS = {
         grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1, split_k=3,
     ),
     # Swapped operands (decode): the weight as the wgmma A side, tokens as an 8 / 16-wide B side, the
-    # result stored transposed; with split-K 3 (partial K range) and a 2-warpgroup weight slab.
+    # result stored transposed; with split-K 3 (partial K range): 8 token columns of float32 partials.
+    # (h100_swap_ab_check.json ran this one with two warpgroups, before swap_ab was limited to one.)
     "swap_n16": mm.TuningConfig(
         tile_m=64, tile_n=16, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="m",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=16, epi_slots=1, swap_ab=True,
     ),
-    "swap_n8_sk3_wg2": mm.TuningConfig(
-        tile_m=64, tile_n=8, tile_k=64, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
+    "swap_n8_sk3": mm.TuningConfig(
+        tile_m=64, tile_n=8, tile_k=64, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="m",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=8, epi_slots=1, split_k=3, swap_ab=True,
     ),
     # Clusters of two CTAs sharing (multicasting) the weight tile / the activation tile; partial tiles

@@ -650,7 +650,7 @@ SWAP16 = mm.TuningConfig(
     tile_m=64, tile_n=16, tile_k=64, max_concurrent_steps=3, num_compute_wgs=1, wg_dimension="m",
     grid_minor_dim="m", epi_tile_m=64, epi_tile_n=16, epi_slots=1, swap_ab=True,
 )  # fmt: skip
-SWAP8_WG2 = dataclasses.replace(SWAP16, tile_n=8, epi_tile_n=8, num_compute_wgs=2)
+SWAP8 = dataclasses.replace(SWAP16, tile_n=8, epi_tile_n=8)
 
 
 @pytest.mark.parametrize(
@@ -659,10 +659,10 @@ SWAP8_WG2 = dataclasses.replace(SWAP16, tile_n=8, epi_tile_n=8, num_compute_wgs=
         ("fp8", 5, 192, 128, "token", "channel", True, None, jnp.bfloat16, SWAP16),
         ("fp8", 1, 128, 96, "tensor", "channel", False, None, jnp.float16, SWAP16),
         ("fp8", 40, 256, 64, "token", "tensor", True, None, jnp.bfloat16, SWAP16),  # 3 token tiles
-        ("int8", 13, 128, 128, "token", "channel", True, "token", jnp.bfloat16, SWAP8_WG2),  # padded to 16
-        ("int8", 7, 192, 128, "tensor", "tensor", False, "tensor", jnp.float16, SWAP8_WG2),
+        ("int8", 13, 128, 128, "token", "channel", True, "token", jnp.bfloat16, SWAP8),  # padded to 16
+        ("int8", 7, 192, 128, "tensor", "tensor", False, "tensor", jnp.float16, SWAP8),
         # split-K: float32 partials (weight rows, tokens padded to the tile), summed + transposed by XLA
-        ("fp8", 1, 80, 192, "token", "channel", True, None, jnp.float32, dataclasses.replace(SWAP8_WG2, split_k=3)),
+        ("fp8", 1, 80, 192, "token", "channel", True, None, jnp.float32, dataclasses.replace(SWAP8, split_k=3)),
         ("int8", 9, 144, 256, "token", "channel", True, "token", jnp.bfloat16, dataclasses.replace(SWAP16, split_k=2)),
     ],
 )
@@ -679,17 +679,36 @@ def test_swap_ab_limits_and_choice():
     args[1], args[3] = jnp.zeros((128, 128), F8), jnp.ones((1, 128))
     with pytest.raises(ValueError, match="16-bit out_dtype"):
         mm.scaled_mm(*args, out_dtype=jnp.float32, config=SWAP16, interpret=True)
-    with pytest.raises(ValueError, match="swap_ab needs cluster=None"):
-        mm._validate_config(dataclasses.replace(SWAP16, num_compute_wgs=2, wg_dimension="n"), F8, jnp.bfloat16)
+    for bad in (dict(num_compute_wgs=2), dict(cluster="m")):
+        with pytest.raises(ValueError, match="swap_ab needs num_compute_wgs=1 and cluster=None"):
+            mm._validate_config(dataclasses.replace(SWAP16, **bad), F8, jnp.bfloat16)
     with pytest.raises(TypeError, match="swap_ab=1 must be True or False"):
         mm._validate_config(dataclasses.replace(SWAP16, swap_ab=1), F8, jnp.bfloat16)
     assert SWAP16.short().endswith("t") and mm.TuningConfig.from_dict(SWAP16.to_dict()) == SWAP16
-    # the decode candidates include it (8 tokens up to M = 8, 16 above; split-K 2 for few weight slabs)
+    # the decode candidates include it (16 token columns; 8 up to M = 8 with split-K 2 for few weight slabs)
     c1 = [c for c in mm.candidate_configs(1, 4096, 14336, F8) if c.swap_ab]
+    c1_wide = [c for c in mm.candidate_configs(1, 8192, 8192, F8) if c.swap_ab]
     c16 = [c for c in mm.candidate_configs(16, 8192, 8192, F8) if c.swap_ab]
     assert [(c.tile_n, c.split_k) for c in c1] == [(8, 2)] and [(c.tile_n, c.split_k) for c in c16] == [(16, 1)]
+    assert [(c.tile_n, c.split_k) for c in c1_wide] == [(16, 1)]
     assert not any(c.swap_ab for c in mm.candidate_configs(64, 8192, 8192, F8))
     assert not any(c.swap_ab for c in mm.candidate_configs(16, 8200, 8192, F8, jnp.bfloat16))  # N % 64
+
+
+def test_swap_ab_heuristic_takes_it_for_fp8_decode_where_the_slabs_fill_the_sms(monkeypatch):
+    # H100 A/B (benchmarks/results/h100_ab_swap_ab.json): see mm._takes_swap_ab
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    grid = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192), (8192, 8192), (57344, 8192),
+            (8192, 28672))  # fmt: skip
+    taken = {m: [(n, k) for n, k in grid if mm.default_config(m, n, k, F8).swap_ab] for m in (1, 8, 16, 17)}
+    assert taken[1] == taken[8] == [nk for nk in grid if nk != (10240, 8192)]
+    assert taken[16] == [(4096, 14336), (8192, 8192), (57344, 8192), (8192, 28672)] and taken[17] == []
+    assert not any(mm.default_config(1, n, k, jnp.int8).swap_ab for n, k in grid)  # int8 was not timed
+    assert not mm.default_config(1, 8192, 8192, F8, jnp.float32).swap_ab  # a transposed f32 store does not lower
+    assert mm.default_config(1, 4096, 4096, F8, jnp.float32).split_k == 2  # ... but split-K partials do
+    # 8 token columns only with split-K (the 8-column transposed store was not checked on the GPU)
+    assert all(c.tile_n == (8 if c.split_k > 1 else 16) for c in (mm.default_config(1, n, k, F8) for n, k in grid)
+               if c.swap_ab)  # fmt: skip
 
 
 @pytest.mark.parametrize("m,split_k", [(1, 1), (16, 1), (5, 2), (16, 2)])

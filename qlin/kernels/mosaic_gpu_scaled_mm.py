@@ -205,7 +205,7 @@ class TuningConfig(TileConfigBase):
       tokens (8 or 16 cover M <= 16: an in-bounds activation box instead of a
       mostly zero-filled 64-row one).  The accumulator is the output tile
       transposed; the epilogue stores it transposed through an unswizzled
-      shared-memory tile.  Warpgroups along M only; not with clusters.
+      shared-memory tile.  One consumer warpgroup; not with clusters.
     """
 
     tile_m: int = 128
@@ -301,8 +301,10 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError("config.cluster and config.split_k > 1 cannot be combined")
     if not isinstance(c.swap_ab, bool):
         raise TypeError(f"config.swap_ab={c.swap_ab!r} must be True or False")
-    if c.swap_ab and (c.cluster or (c.num_compute_wgs > 1 and c.wg_dimension != "m")):
-        raise ValueError("config.swap_ab needs cluster=None and, with 2 warpgroups, wg_dimension='m'")
+    if c.swap_ab and (c.cluster or c.num_compute_wgs != 1):
+        # (Decode layouts: one warpgroup is what was timed; jax 0.11.2's interpreter also stalls now and
+        # then in barrier waits with two warpgroups on swapped operands.)
+        raise ValueError("config.swap_ab needs num_compute_wgs=1 and cluster=None")
     check_smem(c, smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs))
 
 
@@ -397,14 +399,20 @@ def _small_m_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tunin
 
 def _swap_decode_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> TuningConfig:
     """Decode with swapped operands (``swap_ab``): 64-row weight slabs as the wgmma A side, 256 deep,
-    the M <= 16 tokens as an 8- or 16-wide B side; split-K 2 where the slabs fill under half the SMs."""
-    tokens = 8 if m <= 8 else 16
+    the M <= 16 tokens as a 16-wide B side; split-K 2 where the slabs fill under half the SMs (then 8
+    token columns at M <= 8).
+
+    Only split-K configs take 8 columns: the transposed store of an 8-column tile (no split-K) was timed
+    on the H100 (benchmarks/results/h100_ab_swap_ab.json, M = 1) but not checked there; the 16-column
+    store and the 8-column split-K partials were (h100_swap_ab_check.json, 43/43).
+    """
+    split = _cdiv(n, 64) <= sms // 2 and _cdiv(k, 256) % 2 == 0 and _cdiv(k, 256) >= 8
+    tokens = 8 if m <= 8 and split else 16
     cfg = TuningConfig(
         tile_m=64, tile_n=tokens, tile_k=256, max_concurrent_steps=8, num_compute_wgs=1, wg_dimension="m",
-        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=tokens, epi_slots=1, swap_ab=True,
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=tokens, epi_slots=1, split_k=2 if split else 1,
+        swap_ab=True,
     )  # fmt: skip
-    if _cdiv(n, 64) <= sms // 2 and _cdiv(k, 256) % 2 == 0 and _cdiv(k, 256) >= 8:
-        cfg = dataclasses.replace(cfg, split_k=2)
     return _fit_smem(cfg, dtype, out_dtype)
 
 
