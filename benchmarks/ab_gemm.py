@@ -22,13 +22,11 @@
   slots of 64 x 32 or 64 x 16 in the shared memory of one 64 x 64 slot.  (The same session's first run:
   the whole warpgroup tile stored at once needs 3 stages and ran 5-6 % slower; tile_k 64 with 7-8
   stages 11-13 % slower.)
-``--ab swap_decode``: decode with the operands swapped (the weight as the 64..256-row wgmma A side,
-  the activation padded to 16 rows as a 16-wide B side: out^T = W X^T) against the heuristic's decode
-  config; times the kernel alone (its (N, 16) output is not transposed back) to size what a swap-AB
-  decode kernel could gain.  (The committed run also had a 2 x 64-row side, since removed: ``swap_ab``
-  takes one warpgroup.)
-``--ab swap_ab``: the swap-AB decode config (``TuningConfig(swap_ab=True)``: the same swap, the result
-  stored transposed into the (M, N) output) against the heuristic's decode config, M = 16 and 1.
+``--ab swap_ab``: the swap-AB decode config (``TuningConfig(swap_ab=True)``: the weight as the wgmma A
+  side, the tokens as B, the result stored transposed into the (M, N) output) against the heuristic's
+  unswapped decode config, M = 16 and 1.  (Before the kernel stored the transposed tile, a
+  ``--ab swap_decode`` mode at commit 5629cf8 sized the same swap with the output left (N, 16):
+  results/h100_ab_swap_decode.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
 ``--iterations`` warm runs over rotated weight copies.  Writes $OUT/ab_gemm.json.
@@ -72,10 +70,9 @@ EPILOGUE_CASES = (
     "4096:4096:4096,8192:4096:4096,4096:28672:4096,2048:6144:4096,4096:4096:14336,4096:8192:8192,"
     "1024:4096:4096,512:28672:4096,256:8192:8192"
 )
-SWAP_DECODE_CASES = (
-    "16:4096:4096,16:6144:4096,16:28672:4096,16:4096:14336,16:10240:8192,16:8192:8192,16:57344:8192,16:8192:28672"
-)
-SWAP_AB_CASES = ",".join(f"{m}:{nk}" for m in (16, 1) for nk in SWAP_DECODE_CASES.replace("16:", "").split(","))
+DECODE_SHAPES = ("4096:4096", "6144:4096", "28672:4096", "4096:14336", "10240:8192", "8192:8192", "57344:8192",
+                 "8192:28672")  # fmt: skip
+SWAP_AB_CASES = ",".join(f"{m}:{nk}" for m in (16, 1) for nk in DECODE_SHAPES)
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
@@ -113,9 +110,9 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             "e64x32x2": (fit(epi_tile_n=32, epi_slots=2), _TMA_ROWS),
             "e64x16x2": (fit(epi_tile_n=16, epi_slots=2), _TMA_ROWS),
         }
-    if ab == "swap_ab":
+    if ab == "swap_ab":  # the heuristic's decode tiles without the swap (it now takes the swap at most shapes)
         return {
-            "default": (base, _TMA_ROWS),
+            "default": (mm._small_m_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
             "swap_ab": (mm._swap_decode_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
         }
     if ab == "cluster":
@@ -144,7 +141,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--ab",
-        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_decode", "swap_ab"),
+        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -177,11 +174,8 @@ def main(argv=None) -> None:
     cases = args.cases or {
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
-        "swap_decode": SWAP_DECODE_CASES, "swap_ab": SWAP_AB_CASES,
+        "swap_ab": SWAP_AB_CASES,
     }[args.ab]  # fmt: skip
-    if args.ab == "swap_decode":
-        swap_decode(cases, args, res, dump, t0)
-        return
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
         for dt in args.dtypes.split(","):
@@ -217,66 +211,6 @@ def main(argv=None) -> None:
                     finally:
                         mm.tma_rows = _TMA_ROWS
                         mm._EPILOGUE_ABLATION = None
-            res["time"].append(row)
-            dump()
-            print(json.dumps(row), flush=True)
-    print(f"total {time.time() - t0:.0f} s", flush=True)
-
-
-def swap_configs(n: int, k: int, rows: int) -> dict[str, mm.TuningConfig]:
-    """Swap-AB decode layouts: the weight's N as the wgmma M side (64..256 rows a CTA), ``rows`` tokens as N."""
-    sms, k_tiles = mm.num_sms(), -(-k // 256)
-    out = {}
-    for name, tm, wgs, tk, st in (
-        ("w64_k256", 64, 1, 256, 8), ("w128_k256", 128, 1, 256, 6),
-        ("w64_k128", 64, 1, 128, 12), ("w256_k128", 256, 1, 128, 6),
-    ):  # fmt: skip
-        cfg = mm.TuningConfig(
-            tile_m=tm, tile_n=rows, tile_k=tk, max_concurrent_steps=st, num_compute_wgs=wgs, wg_dimension="m",
-            grid_minor_dim="m", epi_tile_m=64, epi_tile_n=rows, epi_slots=1,
-        )  # fmt: skip
-        tiles = -(-n // cfg.cta_tile_m)
-        if tiles <= sms // 2 and (k // tk) % 2 == 0 and k_tiles >= 8:
-            cfg = dataclasses.replace(cfg, split_k=2)
-        out[name] = mm._fit_smem(cfg, jnp.int8, jnp.bfloat16)
-    return out
-
-
-def swap_decode(cases: str, args, res: dict, dump, t0: float) -> None:
-    """``--ab swap_decode``: see the module docstring."""
-
-    for cs in cases.split(","):
-        m, n, k = (int(v) for v in cs.split(":"))
-        rows = max(16, -(-m // 16) * 16)
-        for dt in args.dtypes.split(","):
-            if time.time() - t0 > args.budget_s:
-                print(f"budget: skipped {m}x{n}x{k} {dt}", flush=True)
-                continue
-            jdt = jnp.int8 if dt == "int8" else jnp.float8_e4m3fn
-            a, bs, a_s, b_s = bench.device_operands(m, n, k, dt, bench.n_copies(n, k), 1)
-            sets = [(a, b, a_s, b_s) for b in bs]
-            a16 = jnp.pad(a, ((0, rows - m), (0, 0)))
-            as16 = jnp.pad(a_s, ((0, rows - m), (0, 0)), constant_values=1.0).reshape(1, rows)
-            swapped = [(b, a16, b_s.reshape(n, 1), as16) for b in bs]
-            row: dict = dict(M=m, N=n, K=k, dtype=dt, xla_us=bench.measure_us(bench.xla_fn(dt), sets, args.iterations))
-            ref = jax.jit(mm.scaled_mm, static_argnames=("out_dtype",))(a, bs[0], a_s, b_s, out_dtype=jnp.bfloat16)
-            for rep in range(2):
-                row["default_cfg"] = mm.default_config(m, n, k, jdt).short()
-                row.setdefault("default_us", []).append(bench.measure_us(bench.qlin_fn(None), sets, args.iterations))
-                for name, cfg in swap_configs(n, k, rows).items():
-                    row[f"{name}_cfg"] = cfg.short()
-                    f = jax.jit(
-                        lambda w, x, ws, xs, cfg=cfg: mm.scaled_mm(w, x, ws, xs, out_dtype=jnp.bfloat16, config=cfg)
-                    )
-                    try:
-                        mm._validate_config(cfg, jdt, jnp.bfloat16)
-                        row.setdefault(f"{name}_us", []).append(bench.measure_us(f, swapped, args.iterations))
-                        if rep == 0:
-                            got = f(*swapped[0]).T[:m].astype(jnp.float32)
-                            want = ref.astype(jnp.float32)
-                            row[f"{name}_rel_vs_default"] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-                    except Exception as e:  # noqa: BLE001
-                        row[f"{name}_error"] = str(e).splitlines()[0][:200]
             res["time"].append(row)
             dump()
             print(json.dumps(row), flush=True)

@@ -473,7 +473,7 @@ def test_ab_gemm_sides_are_valid_and_differ_only_in_what_they_compare():
     assert (pad["pad8"][1](5), pad["unpadded"][1](5), pad["unpadded"][1](13)) == (8, 5, 16)
 
 
-def test_ab_gemm_epilogue_and_swap_decode_sides():
+def test_ab_gemm_epilogue_and_swap_ab_sides():
     # --ab epilogue: the ablations run the heuristic's own config; the layouts change only the epilogue
     # tile / slots and fit the same shared memory; the knob is off unless the A/B loop sets it.
     from qlin.kernels import mosaic_gpu_scaled_mm as mm
@@ -492,15 +492,12 @@ def test_ab_gemm_epilogue_and_swap_decode_sides():
             assert (cfg.epi_tile_n, cfg.epi_slots) == (epi_n, 2), name
             assert dataclasses.replace(cfg, epi_tile_n=base.epi_tile_n, epi_slots=base.epi_slots) == base, name
             mm._validate_config(cfg, f8, jnp.bfloat16)
-    # --ab swap_decode: the weight as the wgmma A side (64..256 rows), 16 tokens as a 16-wide B side;
-    # split-K 2 where the weight tiles would fill under half the SMs.
-    swaps = ab.swap_configs(4096, 14336, 16)
-    assert swaps["w64_k256"].split_k == 2 and swaps["w64_k256"].tile_n == 16
-    assert ab.swap_configs(28672, 4096, 16)["w64_k256"].split_k == 1
-    for n, k in ((4096, 4096), (28672, 4096), (8192, 28672)):
-        for cfg in ab.swap_configs(n, k, 16).values():
-            mm._validate_config(cfg, f8, jnp.bfloat16)
-            assert cfg.cta_tile_n == 16 and cfg.cta_tile_m in (64, 128, 256) and cfg.num_compute_wgs == 1
+    # --ab swap_ab: the heuristic's unswapped decode config against the library's swap-AB one
+    sides = ab.sides("swap_ab", 1, 8192, 28672, f8)
+    assert mm.default_config(1, 8192, 28672, f8).swap_ab  # the heuristic takes it: "default" must not
+    assert sides["swap_ab"][0].swap_ab and not sides["default"][0].swap_ab
+    assert sides["swap_ab"][0] == mm._swap_decode_config(1, 8192, 28672, f8, jnp.bfloat16, mm.num_sms())
+    assert len(ab.SWAP_AB_CASES.split(",")) == 16
 
 
 def test_bridge_rows_join_the_benchmark_as_their_own_table(tmp_path):

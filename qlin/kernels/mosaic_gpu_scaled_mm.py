@@ -654,8 +654,8 @@ def candidate_configs(
                         epi_tile_n=math.gcd(tn, 64),
                     )
                 )
-        swapped = _swap_decode_config(m, n, k, dtype, out_dtype, num_sms())
-        if m <= 16 and swap_ab_fits(swapped, n, out_dtype):
+        swapped = _swap_decode_config(m, n, k, dtype, out_dtype, num_sms()) if m <= 16 else None
+        if swapped and swap_ab_fits(swapped, n, out_dtype):
             cands.append(swapped)
         # Split-K: wider N tiles (less A traffic per weight byte in shared memory), K cut
         # into ranges so that there are about as many work units as SMs.
