@@ -244,7 +244,7 @@ def _layer_on_busy_stream(s, spin_cycles: int, trials: int) -> dict:
     return {"correct": all(correct), "trials": correct, "host_ms_layer_call": [round(v, 3) for v in host]}
 
 
-DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), split-K, clusters, mid and large M
+DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), split-K, clusters, swap-AB, mid and large M
     (qlin.FP8ScaledMMConfig(), 1, 4096, 4096),
     (qlin.FP8ScaledMMConfig(), 16, 4096, 14336),
     (qlin.FP8ScaledMMConfig(), 100, 13653, 4000),
@@ -258,6 +258,9 @@ DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), spl
     # clusters of two CTAs multicasting the weight tile (mid M, long K), the last row tile partial
     (qlin.FP8ScaledMMConfig(), 500, 4096, 14336),
     (qlin.Int8ScaledMMConfig(symmetric=False), 512, 4096, 14336),
+    # swap-AB decode without split-K (the transposed store; with split-K: the first two fp8 rows above)
+    (qlin.FP8ScaledMMConfig(), 3, 8192, 8192),
+    (qlin.FP8ScaledMMConfig(weight_granularity="per_tensor", out_dtype=jnp.float16), 12, 8192, 28672),
 ]
 
 

@@ -580,6 +580,17 @@ def test_autotune_cache_roundtrip_and_lookup(tmp_path, monkeypatch):
     assert autotune.m_bucket(1) == 16 and autotune.m_bucket(129) == 256
 
 
+def test_autotune_memo_keeps_each_m_heuristic(tmp_path, monkeypatch):
+    # M = 1 and M = 16 share a tuning bucket but not a heuristic config (8 vs 16 swapped token columns
+    # here); without a cache entry each M gets its own default, whichever M is asked first.
+    monkeypatch.setenv("QLIN_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    shape = (4096, 4096, F8, jnp.bfloat16)
+    assert mm.default_config(1, *shape) != mm.default_config(16, *shape)
+    for m in (1, 16, 1, 2048, 1500):
+        assert autotune.get_config(m, *shape) == mm.default_config(m, *shape), m
+
+
 def test_autotune_ignores_corrupt_cache(tmp_path, monkeypatch):
     path = tmp_path / "tuning.json"
     path.write_text("{not json")
@@ -695,7 +706,7 @@ def test_swap_ab_limits_and_choice():
     assert not any(c.swap_ab for c in mm.candidate_configs(16, 8200, 8192, F8, jnp.bfloat16))  # N % 64
 
 
-def test_swap_ab_heuristic_takes_it_for_fp8_decode_where_the_slabs_fill_the_sms(monkeypatch):
+def test_swap_ab_heuristic_takes_it_for_decode_where_the_slabs_fill_the_sms(monkeypatch):
     # H100 A/B (benchmarks/results/h100_ab_swap_ab.json): see mm._takes_swap_ab
     monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
     grid = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192), (8192, 8192), (57344, 8192),
@@ -703,7 +714,8 @@ def test_swap_ab_heuristic_takes_it_for_fp8_decode_where_the_slabs_fill_the_sms(
     taken = {m: [(n, k) for n, k in grid if mm.default_config(m, n, k, F8).swap_ab] for m in (1, 8, 16, 17)}
     assert taken[1] == taken[8] == [nk for nk in grid if nk != (10240, 8192)]
     assert taken[16] == [(4096, 14336), (8192, 8192), (57344, 8192), (8192, 28672)] and taken[17] == []
-    assert not any(mm.default_config(1, n, k, jnp.int8).swap_ab for n, k in grid)  # int8 was not timed
+    # int8 the same (h100_ab_swap_int8.json); its M = 1 runs XLA's GEMV up to K = 16384 (apply_weights' route)
+    assert all(mm.default_config(m, n, k, jnp.int8) == mm.default_config(m, n, k, F8) for m in (1, 16) for n, k in grid)
     assert not mm.default_config(1, 8192, 8192, F8, jnp.float32).swap_ab  # a transposed f32 store does not lower
     assert mm.default_config(1, 4096, 4096, F8, jnp.float32).split_k == 2  # ... but split-K partials do
     # 8 token columns only with split-K (the 8-column transposed store was not checked on the GPU)

@@ -334,6 +334,7 @@ SWAP_CASES = [
     (FP8ScaledMMConfig(), 128, 256, (5, 256), 1),
     (FP8ScaledMMConfig(out_dtype=jnp.float32), 128, 256, (3, 256), 2),
     (Int8ScaledMMConfig(symmetric=False), 192, 256, (2, 9, 256), 2),
+    (Int8ScaledMMConfig(), 128, 256, (4, 256), 1),
 ]
 
 

@@ -30,7 +30,7 @@ Small M (decode) uses the same kernel with a 64-row tile, one consumer
 warpgroup, a narrow N tile chosen so that the number of output tiles is close
 to the number of SMs, and a deep pipeline: at M <= 64 the problem is bound by
 streaming the weight, and that layout puts every SM to work streaming a
-disjoint slab of ``b`` (see :func:`default_config`).  For fp8 at M <= 16 the
+disjoint slab of ``b`` (see :func:`default_config`).  At M <= 16 the
 heuristic mostly swaps the operands (``TuningConfig(swap_ab=True)``): the weight
 is the 64-row wgmma A side and the tokens an 8- or 16-wide B side, and the
 epilogue stores the transposed tile (split-K: XLA's reduction transposes).
@@ -423,11 +423,14 @@ def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tuning
     8.87 us, 6144 x 4096 12.43 -> 11.46, 4096 x 14336 27.18 -> 23.83, 8192^2 25.14 -> 24.34, 8192 x 28672
     82.11 -> 78.74, 57344 x 8192 / 28672 x 4096 -1.5 / -0.7 %, but 10240 x 8192 +4 % (160 weight slabs: 1.2
     waves); M = 16 4096 x 14336 25.85 -> 24.20, 8192^2 26.68 -> 24.74, 8192 x 28672 83.02 -> 79.50, 57344 x
-    8192 level, and +1-3 % at K = 4096 (4096^2, 6144 x 4096) and 10240 x 8192.  So: fp8 (int8 was not timed),
-    the weight slabs (x split-K) filling >= 70 % of their last wave of SMs, and at 9..16 tokens >= 80 % and
+    8192 level, and +1-3 % at K = 4096 (4096^2, 6144 x 4096) and 10240 x 8192.  int8 (h100_ab_swap_int8.json,
+    16 token columns at M = 1 but where split): the same pattern, M = 1 -2 to -12 % at all seven shapes the rule
+    takes and +11 % at 10240 x 8192, M = 16 4096 x 14336 25.88 -> 23.93, 8192^2 26.46 -> 24.70, 8192 x 28672
+    82.88 -> 79.65 (int8 M = 1 runs XLA's GEMV up to K = 16384, see mosaic_gpu.uses_xla_gemv).  So: the
+    weight slabs (x split-K) filling >= 70 % of their last wave of SMs, and at 9..16 tokens >= 80 % and
     K >= 8192.
     """
-    if m > 16 or jnp.dtype(dtype) != jnp.dtype(jnp.float8_e4m3fn):
+    if m > 16:
         return None
     cfg = _swap_decode_config(m, n, k, dtype, out_dtype, sms)
     if not swap_ab_fits(cfg, n, out_dtype):
@@ -578,7 +581,7 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
 
     * M <= 64: one consumer warpgroup, a 64-row tile, a narrow N tile so that
       every SM streams its own slab of the weight (decode); long K with few N
-      tiles: 64-wide tiles and split-K 2.  fp8 at M <= 16 where the weight's
+      tiles: 64-wide tiles and split-K 2.  At M <= 16 where the weight's
       64-row slabs fill the SMs' last wave well: the operands swapped
       (``swap_ab``: 8 / 16 token columns instead of a 64-row activation tile;
       see :func:`_takes_swap_ab`).
