@@ -27,8 +27,7 @@
   unswapped decode config, M = 16 and 1.  (Before the kernel stored the transposed tile, a
   ``--ab swap_decode`` mode at commit 5629cf8 sized the same swap with the output left (N, 16):
   results/h100_ab_swap_decode.json.)
-``--ab wg3``: three consumer warpgroups of 64 x 256 (a 192 x 256 CTA tile: 22 % fewer bytes loaded
-  into shared memory per flop than 128 x 256) and 64 x 192 against the heuristic's large-M config.
+(``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
 ``--iterations`` warm runs over rotated weight copies.  Writes $OUT/ab_gemm.json.
@@ -75,10 +74,6 @@ EPILOGUE_CASES = (
 DECODE_SHAPES = ("4096:4096", "6144:4096", "28672:4096", "4096:14336", "10240:8192", "8192:8192", "57344:8192",
                  "8192:28672")  # fmt: skip
 SWAP_AB_CASES = ",".join(f"{m}:{nk}" for m in (16, 1) for nk in DECODE_SHAPES)
-WG3_CASES = (
-    "4096:4096:4096,8192:4096:4096,4096:28672:4096,2048:6144:4096,1024:4096:4096,4096:4096:14336,4096:8192:8192,"
-    "8192:8192:8192,2048:8192:28672,8192:57344:8192,1024:28672:4096"
-)
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
@@ -116,17 +111,6 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             "e64x32x2": (fit(epi_tile_n=32, epi_slots=2), _TMA_ROWS),
             "e64x16x2": (fit(epi_tile_n=16, epi_slots=2), _TMA_ROWS),
         }
-    if ab == "wg3":
-        w3 = dict(tile_m=64, num_compute_wgs=3, wg_dimension="m", grid_minor_dim="m", grid_tile_width=8, epi_slots=1)
-        tc = mm.TuningConfig
-        return {
-            "default": (base, _TMA_ROWS),
-            "w3_s3": (tc(tile_n=256, tile_k=128, max_concurrent_steps=3, **w3), _TMA_ROWS),
-            "w3_k64": (tc(tile_n=256, tile_k=64, max_concurrent_steps=6, **w3), _TMA_ROWS),
-            "w3_s3i": (tc(tile_n=256, tile_k=128, max_concurrent_steps=3, wgmma_inflight=True, **w3), _TMA_ROWS),
-            "w3_k64i": (tc(tile_n=256, tile_k=64, max_concurrent_steps=6, wgmma_inflight=True, **w3), _TMA_ROWS),
-            "w3_192": (tc(tile_n=192, tile_k=128, max_concurrent_steps=4, **w3), _TMA_ROWS),
-        }
     if ab == "swap_ab":  # the heuristic's decode tiles without the swap (it now takes the swap at most shapes)
         return {
             "default": (mm._small_m_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
@@ -158,7 +142,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--ab",
-        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "wg3"),
+        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -190,7 +174,7 @@ def main(argv=None) -> None:
         dump()
     cases = args.cases or {
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
-        "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES, "wg3": WG3_CASES,
+        "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
@@ -221,7 +205,7 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        if rep == 0 and (args.ab == "wg3" or args.ab == "epilogue" and ablation[:1] in ([], ["direct"])):
+                        if rep == 0 and args.ab == "epilogue" and ablation[:1] in ([], ["direct"]):
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
                     except Exception as e:  # noqa: BLE001
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]

@@ -116,15 +116,6 @@ CHECK_CONFIGS = {
         tile_m=64, tile_n=8, tile_k=64, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="m",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=8, epi_slots=1, split_k=3, swap_ab=True,
     ),
-    # Three consumer warpgroups along M (a 192 x 256 CTA tile), one wgmma group in flight.
-    "wg3_64x256_inflight": mm.TuningConfig(
-        tile_m=64, tile_n=256, tile_k=128, max_concurrent_steps=3, num_compute_wgs=3, wg_dimension="m",
-        grid_minor_dim="m", grid_tile_width=8, epi_slots=1, wgmma_inflight=True,
-    ),
-    "wg3_64x192": mm.TuningConfig(
-        tile_m=64, tile_n=192, tile_k=64, max_concurrent_steps=5, num_compute_wgs=3, wg_dimension="m",
-        grid_minor_dim="m", grid_tile_width=8, epi_slots=1,
-    ),
     # Clusters of two CTAs sharing (multicasting) the weight tile / the activation tile; partial tiles
     # leave the second CTA of the last cluster past the edge at some shapes.
     "large_cluster_m": mm.TuningConfig(

@@ -286,7 +286,7 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(f"config.tile_k={c.tile_k} must be a multiple of 32")
     if c.tile_k > 128 and c.tile_k % 128:
         raise ValueError(f"config.tile_k={c.tile_k} > 128 must be a multiple of 128")
-    c.check_layout(epi_n_divides=c.tile_n, max_wgs=3)
+    c.check_layout(epi_n_divides=c.tile_n)
     if not isinstance(c.split_k, int) or c.split_k < 1:
         raise ValueError(f"config.split_k={c.split_k} must be an int >= 1")
     if not isinstance(c.wgmma_inflight, bool):
@@ -836,7 +836,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
-            memory_registers={1: 56, 2: 40, 3: 24}[nwg],
+            memory_registers=40 if nwg == 2 else 56,
             in_specs=[spec(cta_m, c.cluster == "n"), spec(cta_n, c.cluster == "m")],
             wg_axis="wg",
             num_compute_wgs=nwg,
