@@ -423,8 +423,8 @@ def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tuning
     8.87 us, 6144 x 4096 12.43 -> 11.46, 4096 x 14336 27.18 -> 23.83, 8192^2 25.14 -> 24.34, 8192 x 28672
     82.11 -> 78.74, 57344 x 8192 / 28672 x 4096 -1.5 / -0.7 %, but 10240 x 8192 +4 % (160 weight slabs: 1.2
     waves); M = 16 4096 x 14336 25.85 -> 24.20, 8192^2 26.68 -> 24.74, 8192 x 28672 83.02 -> 79.50, 57344 x
-    8192 level, and +1-3 % at K = 4096 (4096^2, 6144 x 4096) and 10240 x 8192.  int8 (h100_ab_swap_int8.json,
-    16 token columns at M = 1 but where split): the same pattern, M = 1 -2 to -12 % at all seven shapes the rule
+    8192 level, and +1-3 % at K = 4096 (4096^2, 6144 x 4096) and 10240 x 8192.  int8 (h100_ab_swap_int8.json;
+    M = 1 with 16 token columns, 8 with split-K): the same pattern, M = 1 -2 to -12 % at all seven shapes the rule
     takes and +11 % at 10240 x 8192, M = 16 4096 x 14336 25.88 -> 23.93, 8192^2 26.46 -> 24.70, 8192 x 28672
     82.88 -> 79.65 (int8 M = 1 runs XLA's GEMV up to K = 16384, see mosaic_gpu.uses_xla_gemv).  So: the
     weight slabs (x split-K) filling >= 70 % of their last wave of SMs, and at 9..16 tokens >= 80 % and
