@@ -27,6 +27,8 @@
   unswapped decode config, M = 16 and 1.  (Before the kernel stored the transposed tile, a
   ``--ab swap_decode`` mode at commit 5629cf8 sized the same swap with the output left (N, 16):
   results/h100_ab_swap_decode.json.)
+``--ab decode_tn``: decode tile widths the heuristic's list skips (80, 112 rows of the weight a CTA) against
+  its choice, where they fill the SMs' one wave better (10240 x 8192: 128 tiles of 80 vs 107 of 96).
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -74,6 +76,7 @@ EPILOGUE_CASES = (
 DECODE_SHAPES = ("4096:4096", "6144:4096", "28672:4096", "4096:14336", "10240:8192", "8192:8192", "57344:8192",
                  "8192:28672")  # fmt: skip
 SWAP_AB_CASES = ",".join(f"{m}:{nk}" for m in (16, 1) for nk in DECODE_SHAPES)
+DECODE_TN_CASES = "16:10240:8192,1:10240:8192,8:10240:8192"
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
@@ -111,6 +114,13 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             "e64x32x2": (fit(epi_tile_n=32, epi_slots=2), _TMA_ROWS),
             "e64x16x2": (fit(epi_tile_n=16, epi_slots=2), _TMA_ROWS),
         }
+    if ab == "decode_tn":
+        fit = lambda **kw: mm._fit_smem(dataclasses.replace(base, **kw), jdt, jnp.bfloat16)  # noqa: E731
+        return {
+            "default": (base, _TMA_ROWS),
+            "tn80": (fit(tile_n=80, epi_tile_n=16, max_concurrent_steps=8), _TMA_ROWS),
+            "tn112": (fit(tile_n=112, epi_tile_n=16, max_concurrent_steps=8), _TMA_ROWS),
+        }
     if ab == "swap_ab":  # the heuristic's decode tiles without the swap (it now takes the swap at most shapes)
         return {
             "default": (mm._small_m_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
@@ -142,7 +152,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--ab",
-        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab"),
+        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -174,7 +184,7 @@ def main(argv=None) -> None:
         dump()
     cases = args.cases or {
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
-        "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
+        "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES, "decode_tn": DECODE_TN_CASES,
         "swap_ab": SWAP_AB_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
@@ -205,7 +215,7 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        if rep == 0 and args.ab == "epilogue" and ablation[:1] in ([], ["direct"]):
+                        if rep == 0 and args.ab in ("epilogue", "decode_tn") and ablation[:1] in ([], ["direct"]):
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
                     except Exception as e:  # noqa: BLE001
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]

@@ -119,6 +119,9 @@ def _rel(out, ref):
 # Interpret mode accumulates fp8 in exact float32 (no wgmma), so the output rounding alone.
 TOL = {od: kernel_rtol(od) for od in (jnp.bfloat16, jnp.float16, jnp.float32)}
 
+DECODE_N80 = mm.TuningConfig(
+    tile_m=64, tile_n=80, tile_k=128, max_concurrent_steps=3, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16
+)
 CASES = [
     # (dtype, M, N, K, a_mode, b_mode, bias, azp, out_dtype, config)
     ("fp8", 100, 48, 96, "token", "channel", True, None, jnp.bfloat16, ONE_WG),
@@ -151,6 +154,8 @@ CASES = [
     ("fp8", 130, 80, 160, "token", "channel", True, None, jnp.bfloat16, dataclasses.replace(TWO_WG_N, **INFLIGHT)),
     ("int8", 100, 48, 128, "token", "channel", True, "token", jnp.float32, dataclasses.replace(ONE_WG, **INFLIGHT)),
     ("fp8", 9, 48, 160, "tensor", "channel", False, None, jnp.float16, dataclasses.replace(SPLIT_K3, **INFLIGHT)),
+    # The 80-wide decode tile (N = 10240 in one wave of 128 tiles), a partial last N tile.
+    ("int8", 5, 208, 256, "token", "channel", True, "token", jnp.bfloat16, DECODE_N80),
 ]
 
 
@@ -443,6 +448,7 @@ def _lower(m, n, k, dtype, out_dtype, config, bias=True, azp=None):
 LOWER_CASES = [
     # every heuristic regime x dtype x epilogue, shapes exercising each swizzle
     (1, 4096, 4096, F8, jnp.bfloat16, None),
+    (16, 10240, 8192, jnp.int8, jnp.bfloat16, "token"),  # the 80-wide decode tile
     (16, 6144, 4096, jnp.int8, jnp.float32, "token"),
     (64, 28672, 4096, F8, jnp.float16, None),
     (128, 4096, 4096, jnp.int8, jnp.bfloat16, "tensor"),
@@ -704,6 +710,16 @@ def test_swap_ab_limits_and_choice():
     assert [(c.tile_n, c.split_k) for c in c1_wide] == [(16, 1)]
     assert not any(c.swap_ab for c in mm.candidate_configs(64, 8192, 8192, F8))
     assert not any(c.swap_ab for c in mm.candidate_configs(16, 8200, 8192, F8, jnp.bfloat16))  # N % 64
+
+
+def test_decode_takes_80_wide_tiles_where_they_fill_one_wave(monkeypatch):
+    # H100 A/B (benchmarks/results/h100_ab_decode_tn.json): N = 10240 in 128 tiles of 80 beat 107 of 96
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    for m in (1, 8, 16):
+        for dt in (F8, jnp.int8):
+            cfg = mm.default_config(m, 10240, 8192, dt)
+            assert (cfg.tile_n, cfg.epi_tile_n, cfg.swap_ab) == (80, 16, False), (m, cfg)
+    assert mm.default_config(64, 10240, 8192, F8).tile_n == 96  # not timed above M = 16
 
 
 def test_swap_ab_heuristic_takes_it_for_decode_where_the_slabs_fill_the_sms(monkeypatch):

@@ -362,8 +362,11 @@ def _swizzle_transforms(swizzle: int | None, dtype):
 def _small_m_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> TuningConfig:
     # Weight-bandwidth bound: choose the narrowest tile_n (multiple of 16) whose
     # tile count does not exceed the SM count, so each SM streams one slab of b.
+    # 80: N = 10240 in one full wave (128 tiles, not 107 of 96): H100 A/B, same run
+    # (benchmarks/results/h100_ab_decode_tn.json), fp8 M = 1 / 8 / 16 -2.3 / -2.0 / -1.7 %,
+    # int8 M = 8 / 16 -2.2 / -1.8 %; 112 (92 tiles) was 3-8 % slower.  M = 17..64 was not timed with it.
     best = None
-    for tn in (16, 32, 48, 64, 96, 128, 160, 192, 256):
+    for tn in (16, 32, 48, 64) + ((80,) if m <= 16 else ()) + (96, 128, 160, 192, 256):
         tiles = _cdiv(n, tn)
         waves = _cdiv(tiles, sms)
         eff = tiles / (waves * sms)  # SM utilisation of the last wave
