@@ -498,6 +498,12 @@ def test_ab_gemm_epilogue_and_swap_ab_sides():
     assert sides["swap_ab"][0].swap_ab and not sides["default"][0].swap_ab
     assert sides["swap_ab"][0] == mm._swap_decode_config(1, 8192, 28672, f8, jnp.bfloat16, mm.num_sms())
     assert len(ab.SWAP_AB_CASES.split(",")) == 16
+    # --ab decode_tn: 96 / 80 / 112-wide decode tiles, nothing else changed; the heuristic now takes 80 there
+    tn = {name: cfg for name, (cfg, _) in ab.sides("decode_tn", 16, 10240, 8192, f8).items()}
+    assert {name: c.tile_n for name, c in tn.items()} == {"tn96": 96, "tn80": 80, "tn112": 112}
+    assert tn["tn80"] == mm.default_config(16, 10240, 8192, f8)
+    for cfg in tn.values():
+        mm._validate_config(cfg, f8, jnp.bfloat16)
 
 
 def test_bridge_rows_join_the_benchmark_as_their_own_table(tmp_path):
