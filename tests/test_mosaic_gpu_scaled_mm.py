@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from qlin.kernels import autotune
 from qlin.kernels import mosaic_gpu_scaled_mm as mm
@@ -686,6 +688,44 @@ SWAP8 = dataclasses.replace(SWAP16, tile_n=8, epi_tile_n=8)
 def test_swap_ab_matches_reference(dtype, m, n, k, a_mode, b_mode, bias, azp, out_dtype, config):
     rng = np.random.default_rng(m * 7 + n + k)
     ops = _operands(rng, m, n, k, dtype, a_mode, b_mode, bias, azp)
+    assert _rel(_run(ops, dtype, out_dtype, config), _reference(*ops)) < TOL[out_dtype]
+
+
+PROPERTY_CONFIGS = [
+    ONE_WG, TWO_WG_N, SPLIT_K3, DECODE_N80, dataclasses.replace(ONE_WG, **INFLIGHT), SWAP16,
+    dataclasses.replace(SWAP8, split_k=2),
+]  # fmt: skip
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    dtype=st.sampled_from(["fp8", "int8"]),
+    m=st.integers(1, 140),
+    n16=st.integers(1, 12),
+    kb=st.integers(1, 8),
+    a_mode=st.sampled_from(["token", "tensor"]),
+    b_mode=st.sampled_from(["channel", "tensor"]),
+    bias=st.booleans(),
+    azp=st.sampled_from([None, "token", "tensor"]),
+    out_dtype=st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]),
+    config=st.sampled_from(PROPERTY_CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes_granularities_and_configs(
+    dtype, m, n16, kb, a_mode, b_mode, bias, azp, out_dtype, config, seed
+):
+    # Any M from 1 (partial row tiles, decode), N in steps of 16 and K in steps of 32 (the kernel's
+    # alignment; qlin pads weights to it once), every scale granularity, bias, int8 zero points, each output
+    # dtype, across the tile layouts: one / two warpgroups, split-K, in-flight wgmma, the 80-wide decode
+    # tile and swap-AB (N in weight slabs of 64 without split-K, 16-bit outputs: what it supports).
+    n, k = 16 * n16, 32 * kb
+    assume(-(-k // config.tile_k) % config.split_k == 0)
+    if config.swap_ab and config.split_k == 1:
+        n = -(-n // 64) * 64
+        out_dtype = jnp.bfloat16 if out_dtype == jnp.float32 else out_dtype
+    if dtype == "fp8" or config.num_compute_wgs == 2:  # (see CASES: two warpgroups + zero points in interpret mode)
+        azp = None
+    ops = _operands(np.random.default_rng(seed), m, n, k, dtype, a_mode, b_mode, bias, azp)
     assert _rel(_run(ops, dtype, out_dtype, config), _reference(*ops)) < TOL[out_dtype]
 
 
