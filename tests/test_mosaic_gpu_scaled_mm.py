@@ -494,6 +494,15 @@ def test_cross_lowering_tuning_candidates():
             _lower(m, n, k, F8, jnp.bfloat16, cfg, bias=False)
 
 
+def test_cross_lowering_256_by_256_tuning_candidate():
+    # Two 128 x 256 warpgroups along M (a tuner candidate at large M; GPU-checked as big_m128x256_wgM).
+    for dt in (F8, jnp.int8):
+        (cfg,) = [c for c in mm.candidate_configs(4096, 8192, 8192, dt) if (c.cta_tile_m, c.cta_tile_n) == (256, 256)
+                  and c.grid_minor_dim == "m" and c.grid_tile_width == 8 and not c.cluster]  # fmt: skip
+        assert (cfg.tile_m, cfg.tile_n, cfg.wg_dimension) == (128, 256, "m")
+        _lower(1000, 1040, 2080, dt, jnp.bfloat16, cfg, bias=True)
+
+
 def test_cross_lowering_mid_m_in_between_tiles():
     # The 160 / 192-wide mid-M candidates (wave quantization at wide N; 192 also as 2 x 128 x 96
     # warpgroups along N) compile for sm90, fp8 and int8 (its int32 accumulators).

@@ -717,6 +717,9 @@ def candidate_configs(
             (128, 128, "m", 4, 1),
             (128, 256, "n", 3, 1),
             (128, 128, "n", 3, 2),
+            # 256 x 256 CTA tiles (two 128 x 256 warpgroups along M): a third fewer bytes loaded per flop
+            # than 128 x 256; GPU-checked (benchmarks/gpu_check.py big_m128x256_wgM), not yet timed.
+            (128, 256, "m", 3, 1),
         ):
             for gmd, gw in (("m", 8), ("n", 8), ("m", 1), ("m", 16)):
                 cands.append(
