@@ -444,12 +444,25 @@ def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tuning
     return cfg if takes else None
 
 
-def swap_ab_fits(config: TuningConfig, n: int, out_dtype) -> bool:
-    """Whether a ``swap_ab`` config can write this output: its transposed tile store (no split-K) needs a
-    16-bit ``out_dtype`` and N a multiple of the epilogue tile's weight rows."""
+def _swap_ab_misfit(config: TuningConfig, n: int, out_dtype) -> str | None:
+    """Why a ``swap_ab`` config cannot write this output (None if it can): its transposed tile store (no
+    split-K) needs a 16-bit ``out_dtype`` and N a multiple of the epilogue tile's weight rows."""
     if not config.swap_ab or config.split_k > 1:
-        return True
-    return jnp.dtype(out_dtype).itemsize == 2 and n % (config.epi_tile_m or config.tile_m) == 0
+        return None
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype.itemsize != 2:
+        return (f"config {config.short()}: swap_ab without split_k stores its tiles transposed, which needs a "
+                f"16-bit out_dtype (got {out_dtype.name})")
+    epi_m = config.epi_tile_m or config.tile_m
+    if n % epi_m:
+        return (f"config {config.short()}: swap_ab without split_k stores (tokens x {epi_m}) tiles: N={n} must be "
+                f"a multiple of {epi_m}")
+    return None
+
+
+def swap_ab_fits(config: TuningConfig, n: int, out_dtype) -> bool:
+    """Whether a ``swap_ab`` config can write this output (see :func:`_swap_ab_misfit`)."""
+    return _swap_ab_misfit(config, n, out_dtype) is None
 
 
 def _fit_smem(cfg: TuningConfig, dtype, out_dtype) -> TuningConfig:
@@ -1124,18 +1137,9 @@ def scaled_mm(
     n_row = int(epi.a_scale_vec) + int(epi.azp_vec)
     n_col = int(epi.b_scale_vec) + int(epi.has_bias) + int(epi.has_azp)
     _validate_config(config, a.dtype, out_dtype, n_row, n_col)
-    if not swap_ab_fits(config, n, out_dtype):
-        if out_dtype.itemsize != 2:
-            raise ValueError(
-                f"config {config.short()}: swap_ab without split_k stores its tiles transposed, which needs a "
-                f"16-bit out_dtype (got {out_dtype.name})"
-            )
-        epi_m = config.epi_tile_m or config.tile_m
-        if n % epi_m:
-            raise ValueError(
-                f"config {config.short()}: swap_ab without split_k stores (tokens x {epi_m}) tiles: N={n} must be "
-                f"a multiple of {epi_m}"
-            )
+    misfit = _swap_ab_misfit(config, n, out_dtype)
+    if misfit:
+        raise ValueError(misfit)
     if _cdiv(k, config.tile_k) % config.split_k:
         raise ValueError(
             f"config.split_k={config.split_k} must divide the {_cdiv(k, config.tile_k)} K tiles "
