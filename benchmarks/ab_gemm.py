@@ -29,6 +29,11 @@
   results/h100_ab_swap_decode.json.)
 ``--ab decode_tn``: decode tile widths 96 / 80 / 112 (weight rows a CTA) at N = 10240: 107, 128 and 92 tiles for
   132 SMs.  (results/h100_ab_decode_tn.json ran it when the heuristic took 96: its "default" side is "tn96".)
+``--ab big_tile``: CTA tiles the heuristic does not take, against its default: 256 x 256 (two 128 x 256
+  warpgroups along M: a third fewer bytes loaded per flop than 128 x 256, but 256 f32 accumulator registers a
+  thread) at M >= 4096; below, 128 x 256, 128 x 320 and 128 x 192 (2 x 128 x 96 along N) tiles beside the
+  heuristic's pick among them (1024 x 6144 x 4096: 192 tiles of 128 x 256 = 1.45 waves of 132 SMs; 256 of
+  128 x 192 = 1.94).  (The first run, results/h100_ab_big_tile.json, also timed 2 x 64 x 192 along M there.)
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -77,6 +82,10 @@ DECODE_SHAPES = ("4096:4096", "6144:4096", "28672:4096", "4096:14336", "10240:81
                  "8192:28672")  # fmt: skip
 SWAP_AB_CASES = ",".join(f"{m}:{nk}" for m in (16, 1) for nk in DECODE_SHAPES)
 DECODE_TN_CASES = "16:10240:8192,1:10240:8192,8:10240:8192"
+BIG_TILE_CASES = (
+    "4096:4096:4096,8192:8192:8192,4096:28672:4096,4096:4096:14336,8192:57344:8192,"
+    "1024:6144:4096,640:4096:4096,1536:4096:4096,768:8192:8192,3072:6144:4096,768:28672:4096"
+)
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
@@ -121,6 +130,20 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             "tn80": (fit(tile_n=80, epi_tile_n=16, max_concurrent_steps=8), _TMA_ROWS),
             "tn112": (fit(tile_n=112, epi_tile_n=16, max_concurrent_steps=8), _TMA_ROWS),
         }
+    if ab == "big_tile":
+        fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
+        big = dict(tile_m=128, tile_n=256, num_compute_wgs=2, wg_dimension="m", grid_minor_dim="m",
+                   grid_tile_width=8, epi_slots=1)  # fmt: skip
+        out = {}
+        if m >= 4096:
+            out["default"] = (base, _TMA_ROWS)
+            out["t256_k128s3"] = (fit(mm.TuningConfig(tile_k=128, max_concurrent_steps=3, **big)), _TMA_ROWS)
+            out["t256_k64s6"] = (fit(mm.TuningConfig(tile_k=64, max_concurrent_steps=6, **big)), _TMA_ROWS)
+        else:  # the heuristic picks one of these (the row's "heuristic_cfg")
+            out["t256"] = (fit(mm._large_m_tile(inflight=m >= 2048)), _TMA_ROWS)
+            out["t320"] = (fit(mm._wide_n_tile()), _TMA_ROWS)
+            out["t192_wgN"] = (fit(mm._n192_tile()), _TMA_ROWS)
+        return out
     if ab == "swap_ab":  # the heuristic's decode tiles without the swap (it now takes the swap at most shapes)
         return {
             "default": (mm._small_m_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
@@ -152,7 +175,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--ab",
-        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn"),
+        choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
+                 "big_tile"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -186,6 +210,7 @@ def main(argv=None) -> None:
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
+        "big_tile": BIG_TILE_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -197,6 +222,7 @@ def main(argv=None) -> None:
             a, bs, a_s, b_s = bench.device_operands(m, n, k, dt, bench.n_copies(n, k), 1)
             sets = [(a, b, a_s, b_s) for b in bs]
             row: dict = dict(M=m, N=n, K=k, dtype=dt, xla_us=bench.measure_us(bench.xla_fn(dt), sets, args.iterations))
+            row["heuristic_cfg"] = mm.default_config(m, n, k, jdt, jnp.bfloat16).short()
             for rep in range(2):
                 if rep and args.reps < 2:
                     break
@@ -215,7 +241,8 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        if rep == 0 and args.ab in ("epilogue", "decode_tn") and ablation[:1] in ([], ["direct"]):
+                        checked = args.ab in ("epilogue", "decode_tn", "big_tile")
+                        if rep == 0 and checked and ablation[:1] in ([], ["direct"]):
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
                     except Exception as e:  # noqa: BLE001
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]

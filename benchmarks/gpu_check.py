@@ -82,6 +82,11 @@ CHECK_CONFIGS = {
     "smallM_n48": mm.TuningConfig(
         tile_m=64, tile_n=48, tile_k=128, max_concurrent_steps=6, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16
     ),
+    # The 80-wide decode tile (the heuristic's at M <= 16 where N / 80 tiles fill one wave best, e.g. 8448 < N
+    # <= 10560); N = 272 and 1008 end in a partial tile.
+    "smallM_n80": mm.TuningConfig(
+        tile_m=64, tile_n=80, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=16
+    ),
     "mid_m64x128_wgM": mm.TuningConfig(
         tile_m=64,
         tile_n=128,
@@ -211,6 +216,17 @@ def run_checks(results, deadline, only_configs=None):
     for cname in [c for c in ("mid_m64x32_wgM", "mid_m64x16_wgN", None) if c in names]:
         for bias_dt in ("bfloat16", "float16"):
             cases.append((cname, 256, 1024, 1024, "fp8", "token", "channel", bias_dt, "none", "bfloat16"))
+    # The heuristic's own decode tile at a model width it gives 80-wide tiles (9728 = 121.6 tiles: the last
+    # one partial).
+    if None in names:
+        for m in (1, 16):
+            for dtype, azp in (("fp8", "none"), ("int8", "token")):
+                cases.append((None, m, 9728, 1024, dtype, "token", "channel", True, azp, "bfloat16"))
+        # M > 512 where the heuristic takes 128 x 192 tiles (two 128 x 96 warpgroups along N): partial M, N and K
+        # tiles (K = 1056: 8.25 tiles of 128, the 32-byte swizzle).
+        for m, n in ((700, 4000), (1000, 6000), (1500, 4000)):
+            for dtype, azp in (("fp8", "none"), ("int8", "token")):
+                cases.append((None, m, n, 1056, dtype, "token", "channel", True, azp, "bfloat16"))
     n_tier1 = len(cases)
     matrix = []
     for dtype, azp in (("fp8", "none"), ("int8", "none"), ("int8", "token"), ("int8", "tensor")):

@@ -529,6 +529,15 @@ def _wide_n_tile() -> TuningConfig:
     )  # fmt: skip
 
 
+def _n192_tile() -> TuningConfig:
+    """128 x 192 CTA tile (two 128 x 96 consumer warpgroups along N, 5 stages): where 128 x 256 tiles leave a
+    half-empty last wave at M > 512 (see :func:`_takes_n192_tile`); also a mid-M autotuner candidate."""
+    return TuningConfig(
+        tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="n",
+        grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1,
+    )  # fmt: skip
+
+
 def _wave_cost(m: int, n: int, cta_n: int, sms: int, per_tile: float) -> float:
     """Waves of 128-row CTA tiles of width ``cta_n`` times the time of one tile (in units of N columns)."""
     return _cdiv(_cdiv(m, 128) * _cdiv(n, cta_n), sms) * per_tile
@@ -547,6 +556,20 @@ def _takes_wide_n_tile(m: int, n: int, sms: int, mid_192: bool) -> bool:
     if mid_192:
         other = min(other, _wave_cost(m, n, 192, sms, 240))
     return _wave_cost(m, n, 320, sms, 320) <= 0.95 * other
+
+
+def _takes_n192_tile(m: int, n: int, sms: int) -> bool:
+    """Whether 128 x 192 tiles beat 128 x 256 at M > 512 by >= 3 % in waves x tile work.
+
+    A 192-wide tile does less work per SM-second than a 256-wide one: it is costed as 206 columns, fitted to
+    A/B runs (benchmarks/results/h100_ab_big_tile.json, same run each; 132 SMs): H100 1024 x 6144 x 4096 (1.94
+    waves of 128 x 192 against 1.45 of 128 x 256, model 0.80) fp8 45.9 -> 38.2 us, int8 44.9 -> 35.5 (XLA 49.0 /
+    55.0); 2048 x 6144 x 4096 (model 1.07) 73.2 -> 75.5, int8 67.8 -> 70.7: kept at 128 x 256.  H200
+    (h200_ab_big_tile_rule.json): fp8 / int8 -15 / -19 % at 640 x 4096^2, -15 / -21 % at 1536 x 4096^2, -16 / -21
+    % at 768 x 8192^2 (model 0.80 each), -7 / -9 % at 768 x 28672 x 4096 (0.94), -3 / -6 % at 3072 x 6144 x 4096
+    (0.97).  In the Llama grid only 1024 x 6144 x 4096 takes it.
+    """
+    return _wave_cost(m, n, 192, sms, 206) <= 0.97 * _wave_cost(m, n, 256, sms, 256)
 
 
 def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
@@ -611,6 +634,8 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
       wgmma group in flight from M = 2048.
     * From M = 129: 2 x (128 x 160) tiles (128 x 320) where they need >= 5 % less
       waves x tile work than the tiles above (a nearly empty last wave).
+    * M > 512 otherwise: 2 x (128 x 96) tiles (128 x 192) where they need >= 3 % less
+      waves x tile work than 128 x 256 (a half-empty last wave; see :func:`_takes_n192_tile`).
     * Mid M with an even number (>= 2) of CTA rows, K >= 14336 and 128-wide or wider
       tiles: clusters of two CTAs along M multicast the weight tile (see
       :func:`_takes_cluster_m`).
@@ -622,6 +647,8 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
         return _mid_m_config(m, n, k, dtype, out_dtype, sms)
     if _takes_wide_n_tile(m, n, sms, mid_192=False):
         return _fit_smem(_wide_n_tile(), dtype, out_dtype)
+    if _takes_n192_tile(m, n, sms):
+        return _fit_smem(_n192_tile(), dtype, out_dtype)
     # One wgmma group in flight per warpgroup: 1.4-2.4 % faster from M = 2048 on the H100 (fp8 and
     # int8; 4096^3 fp8 99.9 -> 98.5 us, 8192^3 776 -> 758), neutral at M = 1024 and 1.7 % slower at
     # M = 512 x 28672 x 4096 (its last stage is held by the running wgmma: 3 stages of prefetch).
@@ -705,12 +732,7 @@ def candidate_configs(
         # The same 128 x 192 CTA tile as two 128 x 96 warpgroups along N (A shared between them). H100
         # sweeps: never the best, within 1-9 % of 2 x 64 x 192 (512 x 6144 x 4096: 21.3 vs 21.1 us;
         # 512 x 10240 x 8192: 88.3 vs 83.7); kept for the tuner at shapes not swept.
-        cands.append(
-            TuningConfig(
-                tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2,
-                wg_dimension="n", grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32, epi_slots=1,
-            )
-        )  # fmt: skip
+        cands.append(dataclasses.replace(_n192_tile(), grid_tile_width=1))
         for tn in (64, 128, 256):
             for sk in _split_k_options(n, k, tn, 128, sms=num_sms(), m=m, cta_m=128):
                 cands.append(dataclasses.replace(_mid_m_tile(tn), split_k=sk, epi_slots=1))
@@ -723,16 +745,15 @@ def candidate_configs(
         cands += _large_split_k_tiles(m, n, k)
     else:
         # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
-        cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile()]
+        cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile(), _n192_tile()]
         for tm, tn, wgd, st, slots in (
             (128, 128, "n", 4, 1),
             (64, 256, "m", 3, 2),
             (128, 128, "m", 4, 1),
-            (128, 256, "n", 3, 1),
             (128, 128, "n", 3, 2),
-            # 256 x 256 CTA tiles (two 128 x 256 warpgroups along M): a third fewer bytes loaded per flop
-            # than 128 x 256; GPU-checked (benchmarks/gpu_check.py big_m128x256_wgM), not yet timed.
-            (128, 256, "m", 3, 1),
+            # (No 128 x 256 warpgroup tiles, two along M (256 x 256) or N (128 x 512): fewer bytes loaded per
+            # flop, but 256 f32 accumulator registers a thread spill: 256 x 256 ran 5.3-6x slower on the H100,
+            # benchmarks/results/h100_ab_big_tile.json.)
         ):
             for gmd, gw in (("m", 8), ("n", 8), ("m", 1), ("m", 16)):
                 cands.append(
