@@ -34,6 +34,9 @@
   thread) at M >= 4096; below, 128 x 256, 128 x 320 and 128 x 192 (2 x 128 x 96 along N) tiles beside the
   heuristic's pick among them (1024 x 6144 x 4096: 192 tiles of 128 x 256 = 1.45 waves of 132 SMs; 256 of
   128 x 192 = 1.94).  (The first run, results/h100_ab_big_tile.json, also timed 2 x 64 x 192 along M there.)
+``--ab mid_tn``: at mid M, the 2 x 64-row tile at the N widths (multiples of 16, 32-256) the mid-M traffic model
+  ranks first and second (wave fill: e.g. 10240 / 80 x 1 row = 128 tiles for 132 SMs where 128-wide tiles give 80)
+  against the heuristic's config.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -85,6 +89,9 @@ DECODE_TN_CASES = "16:10240:8192,1:10240:8192,8:10240:8192"
 BIG_TILE_CASES = (
     "4096:4096:4096,8192:8192:8192,4096:28672:4096,4096:4096:14336,8192:57344:8192,"
     "1024:6144:4096,640:4096:4096,1536:4096:4096,768:8192:8192,3072:6144:4096,768:28672:4096"
+)
+MID_TN_CASES = (
+    "128:10240:8192,256:10240:8192,256:6144:4096,128:6144:4096,128:28672:4096,256:28672:4096,128:57344:8192"
 )
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
@@ -144,6 +151,13 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             out["t320"] = (fit(mm._wide_n_tile()), _TMA_ROWS)
             out["t192_wgN"] = (fit(mm._n192_tile()), _TMA_ROWS)
         return out
+    if ab == "mid_tn":
+        ranked = sorted((mm._mid_m_cost(m, n, k, 128, tn, mm.num_sms()), tn) for tn in range(32, 257, 16))
+        out = {"default": (base, _TMA_ROWS)}
+        for _, tn in ranked[:2]:
+            tile = dataclasses.replace(mm._mid_m_tile(tn), epi_tile_n=math.gcd(tn, 64))
+            out[f"tn{tn}"] = (mm._fit_smem(tile, jdt, jnp.bfloat16), _TMA_ROWS)
+        return out
     if ab == "swap_ab":  # the heuristic's decode tiles without the swap (it now takes the swap at most shapes)
         return {
             "default": (mm._small_m_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
@@ -176,7 +190,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile"),
+                 "big_tile", "mid_tn"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -210,7 +224,7 @@ def main(argv=None) -> None:
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
-        "big_tile": BIG_TILE_CASES,
+        "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -241,7 +255,7 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        checked = args.ab in ("epilogue", "decode_tn", "big_tile")
+                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn")
                         if rep == 0 and checked and ablation[:1] in ([], ["direct"]):
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
                     except Exception as e:  # noqa: BLE001

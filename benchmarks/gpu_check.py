@@ -152,6 +152,23 @@ CHECK_CONFIGS = {
         tile_m=64, tile_n=192, tile_k=128, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="m",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64,
     ),
+    # Mid-M widths between the powers of two (wave fill at wide N: 10240 / 80 or 160, 6144 / 96, 28672 / 224 tiles).
+    "mid_m64x80_wgM": mm.TuningConfig(
+        tile_m=64, tile_n=80, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=16,
+    ),
+    "mid_m64x96_wgM": mm.TuningConfig(
+        tile_m=64, tile_n=96, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32,
+    ),
+    "mid_m64x160_wgM": mm.TuningConfig(
+        tile_m=64, tile_n=160, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32,
+    ),
+    "mid_m64x224_wgM": mm.TuningConfig(
+        tile_m=64, tile_n=224, tile_k=128, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32,
+    ),
     "mid_m128x96_wgN": mm.TuningConfig(
         tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32, epi_slots=1,
