@@ -217,6 +217,15 @@ def test_each_k_block_gets_its_own_scales():
     np.testing.assert_array_equal(out, _reference(*ops).astype(np.float32))
 
 
+def test_two_k_blocks_a_step_tile_in_interpret_mode():
+    # the mid / M < 2048 default's layout (two 64 x 128 warpgroups, 256-deep steps) at partial M, N and K tiles
+    # (K = 416: the second step's second block is past K)
+    rng = np.random.default_rng(11)
+    ops = _operands(rng, 130, 272, 416, bias=True)
+    out = _run(ops, jnp.bfloat16, bmm._two_block_step_tile())
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
 def test_default_config_runs_in_interpret_mode():
     rng = np.random.default_rng(3)
     ops = _operands(rng, 5, 32, 256, bias=True)
@@ -333,6 +342,26 @@ def test_overlap_variants_close_the_large_m_candidates_and_are_never_the_default
             wgs = 3 if m >= 2048 else 2
             assert (default.tile_n, default.num_compute_wgs, default.wg_dimension) == (128, wgs, "m")
             assert {(c.tile_k, c.wg_dimension) for c in cands if c.overlap} == {(128, "m"), (256, "m"), (128, "n")}
+
+
+def test_two_k_blocks_a_step_from_mid_m_to_2047(monkeypatch):
+    # H100 (results/h100_block_k256_sweep*.json): 128 x 128 tiles with two K blocks a step ran 0.80-0.83 of the
+    # per-channel kernel at M = 1024 (0.73-0.77 with one), 0.79-0.87 at M = 512 (the 64 x 256 tile the traffic
+    # model picked there: 0.34-0.58); three warpgroups stay from M = 2048.
+    monkeypatch.setattr(bmm, "num_sms", lambda: 132)
+    two = bmm._two_block_step_tile()
+    assert (two.tile_m, two.tile_n, two.tile_k, two.num_compute_wgs, two.wg_dimension) == (64, 128, 256, 2, "m")
+    assert bmm._acc_registers(two) == bmm.MAX_ACC_REGISTERS
+    for n, k in LLAMA:
+        for m in (513, 1000, 1024, 2047):
+            assert bmm.default_config(m, n, k) == two
+        assert bmm.default_config(512, n, k) == two
+        assert bmm.default_config(2048, n, k).num_compute_wgs == 3
+    assert bmm.default_config(256, 8192, 8192) == two
+    assert bmm.default_config(256, 4096, 14336).tile_n == 64  # the model's 64-wide tiles stay (0.78 vs 0.66)
+    for m in (16, 128, 256, 512, 1024):  # never the 64 x 256 warpgroup tile by default
+        for n, k in LLAMA:
+            assert bmm.default_config(m, n, k).tile_n <= 128
 
 
 def test_three_warpgroups_default_from_m_2048_and_their_register_cap():
@@ -711,6 +740,8 @@ LOWER_CASES = [
     (100, 13664, 4096, jnp.bfloat16),
     (7, 176, 96, jnp.bfloat16),
     (16, 8192, 8192, jnp.float16),
+    (512, 8192, 8192, jnp.bfloat16),  # two K blocks a step (also at M = 1000 above)
+    (1024, 28672, 4096, jnp.float32),
 ]
 
 

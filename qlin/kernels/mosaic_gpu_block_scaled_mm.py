@@ -305,6 +305,15 @@ def _two_wg_tile(
     )
 
 
+def _two_block_step_tile() -> BlockTuningConfig:
+    """Two 64 x 128 warpgroups along M (128 x 128 CTA tiles), TWO K blocks a pipeline step (3 stages of 256):
+    each warpgroup issues both blocks' wgmmas into two fresh accumulators, waits once and promotes both, so
+    a step's wait-and-promote is covered by twice as much of the other warpgroup's tensor-core work and there
+    are half as many pipeline steps (192 accumulator registers a thread: the two-warpgroup cap).  The
+    default at mid M where the traffic model wants >= 128-wide tiles, and from M = 513 to 2047."""
+    return dataclasses.replace(_two_wg_tile("m", BLOCK, steps=3, epi_slots=1), tile_k=2 * BLOCK)
+
+
 def _large_m_tile(tile_n: int = 2 * BLOCK, steps: int = 4, grid_minor: str = "m", width: int = 8):
     """Two 64-row warpgroups along M, each 64 x 256 (two weight-scale blocks): a large-M candidate."""
     return _two_wg_tile("m", tile_n, steps=steps, grid_minor=grid_minor, width=width)
@@ -357,12 +366,18 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       count fits the SMs best, so every SM streams its own slab of the weight;
       a pipeline deep enough for ~64 KB of weight in flight per SM.
     * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the N
-      tile (32..256) that the per-channel kernel's traffic model
-      (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest.
-    * 512 < M < 2048: 128 x 128 CTA tiles (two 64 x 128 warpgroups along M, one weight-scale
-      block each), 5 stages, two epilogue slots, grouped M-minor planar snake of width 8:
-      on an H100 0.75-0.77 of the per-channel kernel at M=4096, vs 0.61 for 128 x 256 tiles
-      (fewer registers: no second block through a temporary accumulator).
+      tile (32, 64 or 128) that the per-channel kernel's traffic model
+      (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest; where it wants
+      128 or 256, 128 x 128 tiles with two K blocks a step (:func:`_two_block_step_tile`).  H100
+      (benchmarks/results/h100_block_k256_sweep3.json), ratio to the per-channel kernel, M = 512:
+      two blocks a step 0.81 / 0.79 / 0.87 / 0.86 at 8192^2, 4096^2, 28672 x 4096, 4096 x 14336, one
+      block 0.74 / 0.80 / 0.80 / 0.80, the 64 x 256 warpgroup tile the model picked at three of them
+      0.34-0.58; M = 256 x 8192^2 0.90 vs 0.89.
+    * 512 < M < 2048: the same two-blocks-a-step 128 x 128 tiles: H100 at M = 1024
+      (h100_block_k256_sweep{,2}.json) 0.80-0.83 of the per-channel kernel at 4096^2, 6144 x
+      4096, 8192^2, 28672 x 4096, 4096 x 14336 against 0.73-0.77 for one block a step (5
+      stages).  At M = 2048 they tie three warpgroups at 4096^2 / 4096 x 14336 / 8192^2 and lose
+      at 28672 x 4096 (0.78 vs 0.84).
     * M >= 2048: three such warpgroups along M (192 x 128 CTA tiles, 4 stages, one epilogue
       slot, planar snake of width 4): one warpgroup's wait-and-promote is covered by two others'
       queued wgmmas.  H100 (benchmarks/results/h100_block_3wg_*): at M = 4096 0.78 / 0.80 / 0.84 /
@@ -390,10 +405,12 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
             if best is None or cost < best[0] * 0.97:  # wider tiles on near-ties
                 best = (cost, tn)
         tn = best[1]
-        return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
+        if tn >= BLOCK:
+            return _fit_smem(_two_block_step_tile(), out_dtype)
+        return _fit_smem(_two_wg_tile("m", tn, steps=6), out_dtype)
     if m >= 2048:
         return _fit_smem(_three_wg_tile("m", width=4), out_dtype)
-    return _fit_smem(_two_wg_tile("m", BLOCK, steps=5), out_dtype)
+    return _fit_smem(_two_block_step_tile(), out_dtype)
 
 
 def candidate_configs(
@@ -423,6 +440,8 @@ def candidate_configs(
     elif m <= 512:
         cands += [_rescale(_two_wg_tile("m", tn, steps=6 if tn < BLOCK else 5)) for tn in (128, 64, 32)]
         cands += [_rescale_wide_tile("n"), _rescale_wide_tile("m", steps=3)]
+        cands.append(_two_block_step_tile())
+        cands.append(_two_wg_tile("m", BLOCK, steps=6))
         cands.append(_two_wg_tile("m", 256, steps=4))
         for tn in (128, 64, 32):
             cands.append(_two_wg_tile("m", tn, steps=6))
@@ -430,12 +449,17 @@ def candidate_configs(
         cands.append(_two_wg_tile("n", 64, steps=6))
         cands.append(_two_wg_tile("n", 128, steps=5))
     else:
-        # Most informative first (the GPU check sweeps a prefix of this list).  The overlapped
-        # promotion variants (config.overlap) come last: on an H100 they ran at 0.17-0.34 of the
+        # Most informative first (the GPU check sweeps a prefix of this list: at M >= 2048 the default is the
+        # three-warpgroup tile and the two-blocks-a-step tile comes next, below it the other way round).  The
+        # overlapped promotion variants (config.overlap) come last: on an H100 they ran at 0.17-0.34 of the
         # per-channel kernel (ptxas still serializes the wgmmas and spills), the plain 2 x 64 x 128
-        # tile at 0.75-0.77 (benchmarks/results/h100_block_sweep.json), 3 x 64 x 128 at 0.78-0.84.
+        # tile at 0.75-0.77 (benchmarks/results/h100_block_sweep.json), 3 x 64 x 128 at 0.78-0.84, two K
+        # blocks a step 0.76-0.80 at M = 4096 (h100_block_k256_sweep.json).
         cands += [
+            # Two K blocks a step (two accumulators issued together, one wait, both promoted): half the
+            # wait-and-promote points per K, 192 accumulator registers a thread.
             _three_wg_tile("m", width=4),
+            _two_block_step_tile(),
             dataclasses.replace(_three_wg_tile("m", width=4), epi_slots=2),  # H100: within 1-2 % of one slot
             _two_wg_tile("m", BLOCK, steps=5),
             _three_wg_tile("m"),
