@@ -23,9 +23,11 @@
   halves go through one temporary accumulator one after the other (64 + 128
   registers per thread), so two warpgroups along M can give the per-channel
   kernel's 128 x 256 CTA tile; at large M the heuristic takes 128 x 128
-  (one block per warpgroup), measured faster on an H100.  Narrow decode tiles take two
-  K blocks per step (``tile_k=256``: two accumulators issued together), which
-  halves the serialized per-step latency per weight byte.
+  (one block per warpgroup), measured faster on an H100.  Narrow decode tiles and the
+  128 x 128 tiles from mid M to M = 2047 take two K blocks per step (``tile_k=256``: two
+  accumulators issued together, one wait), which halves the serialized per-step latency per
+  weight byte (decode) and doubles the other warpgroup's tensor-core work that covers one
+  warpgroup's wait-and-promote (M = 1024: 0.80-0.83 of the per-channel kernel vs 0.73-0.77).
 * ``BlockTuningConfig(overlap=True)`` (opt-in; measured 0.17-0.34 of the per-channel
   kernel on an H100, where ptxas still serializes the wgmmas and spills: kept as a
   correct, tested tuning option, last among the candidates): two accumulators used alternately, so block k's ``wgmma``

@@ -741,6 +741,8 @@ def candidate_configs(
     elif m <= 512:
         for tn in (64, 128, 32, 256):
             cands.append(_mid_m_tile(tn))
+        # the traffic model's best width between the powers of two (the heuristic takes it only at >= 10 %)
+        cands.append(_mid_m_tile(min((_mid_m_cost(m, n, k, 128, tn, num_sms()), tn) for tn in range(32, 257, 16))[1]))
         cands.append(_large_m_tile())
         cands.append(_wide_n_tile())
         # Tile counts between the powers of two: at M = 512 a 2x64 x 256 tile left 10240 and 28672
