@@ -747,8 +747,8 @@ def candidate_configs(
         cands.append(_wide_n_tile())
         # Tile counts between the powers of two: at M = 512 a 2x64 x 256 tile left 10240 and 28672
         # wide N at 2 and 3.4 waves on the H100 (0.77x / 0.78x XLA); 160 / 192 give ~2 full waves.
-        for tn, en in ((160, 32), (192, 64)):
-            cands.append(dataclasses.replace(_mid_m_tile(tn), epi_tile_n=en))
+        for tn in (160, 192):
+            cands.append(_mid_m_tile(tn))
         # The same 128 x 192 CTA tile as two 128 x 96 warpgroups along N (A shared between them). H100
         # sweeps: never the best, within 1-9 % of 2 x 64 x 192 (512 x 6144 x 4096: 21.3 vs 21.1 us;
         # 512 x 10240 x 8192: 88.3 vs 83.7); kept for the tuner at shapes not swept.
