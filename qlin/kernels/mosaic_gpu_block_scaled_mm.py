@@ -312,7 +312,7 @@ def _two_block_step_tile() -> BlockTuningConfig:
     each warpgroup issues both blocks' wgmmas into two fresh accumulators, waits once and promotes both, so
     a step's wait-and-promote is covered by twice as much of the other warpgroup's tensor-core work and there
     are half as many pipeline steps (192 accumulator registers a thread: the two-warpgroup cap).  The
-    default at mid M where the traffic model wants >= 128-wide tiles, and from M = 513 to 2047."""
+    default from M = 129 where the traffic model wants >= 128-wide tiles, and from M = 513 to 2047."""
     return dataclasses.replace(_two_wg_tile("m", BLOCK, steps=3, epi_slots=1), tile_k=2 * BLOCK)
 
 
@@ -368,9 +368,9 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       count fits the SMs best, so every SM streams its own slab of the weight;
       a pipeline deep enough for ~64 KB of weight in flight per SM.
     * 64 < M <= 512: two 64-row warpgroups along M (128-row CTA tile) by the N
-      tile (32, 64 or 128) that the per-channel kernel's traffic model
-      (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest; where it wants
-      128 or 256, 128 x 128 tiles with two K blocks a step (:func:`_two_block_step_tile`).  H100
+      tile (32..256) that the per-channel kernel's traffic model
+      (:func:`qlin.kernels.mosaic_gpu_scaled_mm._mid_m_cost`) predicts fastest; from M = 129 where it
+      wants 128 or 256, 128 x 128 tiles with two K blocks a step (:func:`_two_block_step_tile`).  H100
       (benchmarks/results/h100_block_k256_sweep3.json), ratio to the per-channel kernel, M = 512:
       two blocks a step 0.81 / 0.79 / 0.87 / 0.86 at 8192^2, 4096^2, 28672 x 4096, 4096 x 14336, one
       block 0.74 / 0.80 / 0.80 / 0.80, the 64 x 256 warpgroup tile the model picked at three of them
@@ -407,9 +407,9 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
             if best is None or cost < best[0] * 0.97:  # wider tiles on near-ties
                 best = (cost, tn)
         tn = best[1]
-        if tn >= BLOCK:
-            return _fit_smem(_two_block_step_tile(), out_dtype)
-        return _fit_smem(_two_wg_tile("m", tn, steps=6), out_dtype)
+        if tn >= BLOCK and m > 128:  # (one row of tiles, M <= 128: not timed with it; e.g. 128 x 28672 x 4096
+            return _fit_smem(_two_block_step_tile(), out_dtype)  # ran 0.76 of per-channel with 64 x 256 tiles)
+        return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
     if m >= 2048:
         return _fit_smem(_three_wg_tile("m", width=4), out_dtype)
     return _fit_smem(_two_block_step_tile(), out_dtype)
@@ -458,10 +458,8 @@ def candidate_configs(
         # tile at 0.75-0.77 (benchmarks/results/h100_block_sweep.json), 3 x 64 x 128 at 0.78-0.84, two K
         # blocks a step 0.76-0.80 at M = 4096 (h100_block_k256_sweep.json).
         cands += [
-            # Two K blocks a step (two accumulators issued together, one wait, both promoted): half the
-            # wait-and-promote points per K, 192 accumulator registers a thread.
             _three_wg_tile("m", width=4),
-            _two_block_step_tile(),
+            _two_block_step_tile(),  # two K blocks a step: half the wait-and-promote points per K
             dataclasses.replace(_three_wg_tile("m", width=4), epi_slots=2),  # H100: within 1-2 % of one slot
             _two_wg_tile("m", BLOCK, steps=5),
             _three_wg_tile("m"),
