@@ -551,9 +551,8 @@ def test_cross_lowering_mid_m_in_between_tiles():
     # The 160 / 192-wide mid-M candidates (wave quantization at wide N; 192 also as 2 x 128 x 96
     # warpgroups along N) compile for sm90, fp8 and int8 (its int32 accumulators).
     for dt in (F8, jnp.int8):
-        cands = [
-            c for c in mm.candidate_configs(512, 10240, 8192, dt, jnp.bfloat16) if c.cta_tile_n in (160, 192) and not c.cluster
-        ]
+        cands = mm.candidate_configs(512, 10240, 8192, dt, jnp.bfloat16)
+        cands = [c for c in cands if c.cta_tile_n in (160, 192) and not c.cluster]
         assert sorted((c.cta_tile_n, c.wg_dimension) for c in cands) == [(160, "m"), (192, "m"), (192, "n")]
         for cfg in cands:
             _lower(512, 10240, 8192, dt, jnp.bfloat16, cfg, bias=True)
@@ -772,7 +771,8 @@ def test_hypothesis_shapes_granularities_and_configs(
     # Any M from 1 (partial row tiles, decode), N in steps of 16 and K in steps of 32 (the kernel's
     # alignment; qlin pads weights to it once), every scale granularity, bias, int8 zero points, each output
     # dtype, across the tile layouts: one / two warpgroups, split-K, in-flight wgmma, the 80-wide decode
-    # tile, the 128 x 192 large-M tile and swap-AB (N in weight slabs of 64 without split-K, 16-bit outputs: what it supports).
+    # tile, the 128 x 192 large-M tile and swap-AB (N in weight slabs of 64 without split-K, 16-bit outputs:
+    # what it supports).
     n, k = 16 * n16, 32 * kb
     assume(-(-k // config.tile_k) % config.split_k == 0)
     if config.swap_ab and config.split_k == 1:
