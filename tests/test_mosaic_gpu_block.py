@@ -239,7 +239,7 @@ def test_default_config_runs_in_interpret_mode():
     n16=st.integers(1, 20),
     kb=st.integers(1, 3),
     k_tail=st.sampled_from([0, 32, 96]),
-    cfg=st.sampled_from([ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N]),
+    cfg=st.sampled_from([ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N, bmm._two_block_step_tile()]),
     seed=st.integers(0, 2**16),
 )
 def test_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
