@@ -23,6 +23,7 @@ Prints a short table last; writes JSON under $OUT (or benchmarks/results).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -153,22 +154,11 @@ CHECK_CONFIGS = {
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64,
     ),
     # Mid-M widths between the powers of two (wave fill at wide N: 10240 / 80 or 160, 6144 / 96, 28672 / 224 tiles).
-    "mid_m64x80_wgM": mm.TuningConfig(
-        tile_m=64, tile_n=80, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
-        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=16,
-    ),
-    "mid_m64x96_wgM": mm.TuningConfig(
-        tile_m=64, tile_n=96, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
-        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32,
-    ),
-    "mid_m64x160_wgM": mm.TuningConfig(
-        tile_m=64, tile_n=160, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="m",
-        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32,
-    ),
-    "mid_m64x224_wgM": mm.TuningConfig(
-        tile_m=64, tile_n=224, tile_k=128, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="m",
-        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32,
-    ),
+    # (the library's mid tile at each width, with the stages that fit every dtype here)
+    **{
+        f"mid_m64x{tn}_wgM": dataclasses.replace(mm._mid_m_tile(tn), max_concurrent_steps=steps)
+        for tn, steps in ((80, 6), (96, 6), (160, 5), (224, 4))
+    },
     "mid_m128x96_wgN": mm.TuningConfig(
         tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32, epi_slots=1,

@@ -613,8 +613,14 @@ def _in_between_mid_width(m: int, n: int, k: int, sms: int, cost: float, tile_n:
     widths ran level to 2 % faster: left at the power of two.  (This memory-bound regime gains far less than
     the wave count suggests.)
     """
-    fine_cost, fine = min((_mid_m_cost(m, n, k, 128, tn, sms), tn) for tn in range(32, 257, 16))
+    fine_cost, fine = _best_mid_width(m, n, k, sms)
     return fine if fine_cost <= 0.9 * cost else tile_n
+
+
+def _best_mid_width(m: int, n: int, k: int, sms: int) -> tuple[float, int]:
+    """(predicted seconds, width) of the mid-M traffic model's best 128-row tile over every multiple of 16
+    from 32 to 256."""
+    return min((_mid_m_cost(m, n, k, 128, tn, sms), tn) for tn in range(32, 257, 16))
 
 
 def _takes_cluster_m(m: int, k: int, cfg: TuningConfig) -> bool:
@@ -742,7 +748,7 @@ def candidate_configs(
         for tn in (64, 128, 32, 256):
             cands.append(_mid_m_tile(tn))
         # the traffic model's best width between the powers of two (the heuristic takes it only at >= 10 %)
-        cands.append(_mid_m_tile(min((_mid_m_cost(m, n, k, 128, tn, num_sms()), tn) for tn in range(32, 257, 16))[1]))
+        cands.append(_mid_m_tile(_best_mid_width(m, n, k, num_sms())[1]))
         cands.append(_large_m_tile())
         cands.append(_wide_n_tile())
         # Tile counts between the powers of two: at M = 512 a 2x64 x 256 tile left 10240 and 28672
