@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -155,8 +154,7 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         ranked = sorted((mm._mid_m_cost(m, n, k, 128, tn, mm.num_sms()), tn) for tn in range(32, 257, 16))
         out = {"default": (base, _TMA_ROWS)}
         for _, tn in ranked[:2]:
-            tile = dataclasses.replace(mm._mid_m_tile(tn), epi_tile_n=math.gcd(tn, 64))
-            out[f"tn{tn}"] = (mm._fit_smem(tile, jdt, jnp.bfloat16), _TMA_ROWS)
+            out[f"tn{tn}"] = (mm._fit_smem(mm._mid_m_tile(tn), jdt, jnp.bfloat16), _TMA_ROWS)
         return out
     if ab == "swap_ab":  # the heuristic's decode tiles without the swap (it now takes the swap at most shapes)
         return {
