@@ -54,8 +54,11 @@ with the JSON of the rows so far written.)
 A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
 
 Writes ``$OUT/gpu_block_check.json`` (default benchmarks/results) and prints markdown
-tables with the ratio to the per-channel kernel and to the XLA dequant path.  Each case
-catches its own exceptions (recorded in the JSON); a time budget keeps the run < 3 min.
+tables with the ratio to the per-channel kernel and to the XLA dequant path (the time phase's
+table also to ``gpu_block_check.md``).  Each case catches its own exceptions (recorded in the
+JSON); a time budget keeps the run < 3 min.  The whole Llama-3 grid, in calls of ~30 cases:
+
+    python3 benchmarks/gpu_block_check.py --phases time --shapes grid --m 1024,2048,4096,8192 --budget-s 540
 """
 
 from __future__ import annotations
@@ -730,6 +733,11 @@ def main():
     p.add_argument("--sweep-shapes", default=None, help="M:N:K,... of the sweep phase (default: %s)" % SWEEP)
     p.add_argument("--sweep-rescale", action="store_true", help="sweep only the default + rescale candidates")
     p.add_argument("--m", default=None, help="comma-separated M values of the time phase (default: %s)" % M_GRID)
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="N:K,... of the time phase, or 'grid' for the issue's eight Llama-3 shapes (default: %s)" % LLAMA,
+    )
     p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="watchdog per overlap / sweep case")
     args = p.parse_args()
     phases = args.phases.split(",")
@@ -743,6 +751,10 @@ def main():
         SWEEP = [(640, 256, 384, 3)]
     if args.m:
         M_GRID = [int(v) for v in args.m.split(",")]
+    if args.shapes == "grid":
+        LLAMA = list(bench.LLAMA3_SHAPES)
+    elif args.shapes:
+        LLAMA = [tuple(int(v) for v in c.split(":")) for c in args.shapes.split(",")]
     SWEEP_RESCALE = args.sweep_rescale
     if args.sweep_shapes:
         SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]
@@ -789,9 +801,11 @@ def main():
         if not r.get("ok"):
             print("  FAIL", {k: v for k, v in r.items() if k != "trace"})
     if summary:
-        print("\n" + HEADER)
-        for rows in sorted(summary, key=lambda r: tuple(r["qlin:mosaic_gpu_block"][x] for x in ("N", "K", "M"))):
-            print(_summary_line(rows))
+        md = [HEADER] + [
+            _summary_line(rows)
+            for rows in sorted(summary, key=lambda r: tuple(r["qlin:mosaic_gpu_block"][x] for x in ("N", "K", "M")))
+        ]
+        print("\n" + "\n".join(md))
         big = [r for r in summary if r["qlin:mosaic_gpu_block"]["M"] >= 1024]
         ratios = [
             r["qlin:mosaic_gpu"]["us"] / r["qlin:mosaic_gpu_block"]["us"]
@@ -804,10 +818,15 @@ def main():
             if r["xla:dequant_bf16"].get("us") and r["qlin:mosaic_gpu_block"].get("us")
         ]
         if ratios:
-            print(
-                f"\nM >= 1024: block / per-channel throughput min {min(ratios):.2f}, mean {np.mean(ratios):.2f} (target >= 0.85)"
+            md.append(
+                f"\nM >= 1024: block / per-channel throughput min {min(ratios):.2f}, mean {np.mean(ratios):.2f}, "
+                f">= 0.85 at {sum(x >= 0.85 for x in ratios)}/{len(ratios)} (target >= 0.85)"
             )
-        print(f"faster than xla dequant at {sum(beats)}/{len(beats)} shapes")
+        md.append(f"faster than xla dequant at {sum(beats)}/{len(beats)} shapes")
+        print("\n".join(md[-2:] if ratios else md[-1:]))
+        cmd = f"`gpu_block_check.py {' '.join(sys.argv[1:])}`"
+        head = f"{meta['device']}, jax {meta['jax']}: {cmd}\n\n"
+        (out_dir / "gpu_block_check.md").write_text(head + "\n".join(md) + "\n")
     for r in results:
         if r.get("kind") == "accuracy":
             print(f"accuracy f32 out, unit scales, K={r['K']}: {r['impl']} rel_err={r.get('rel_err', r.get('error'))}")

@@ -1452,6 +1452,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="M:N:K,... explicit cases, run in the given order (instead of the --shapes x --m grid; "
         "e.g. the holes of a merged grid)",
     )
+    p.add_argument(
+        "--skip-done",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="leave out the cases that have qlin rows in these result files (missing files are ignored): one "
+        "command continues a grid that a time limit cut, e.g. --skip-done build/grid_*.json",
+    )
     p.add_argument("--dtypes", default="fp8,int8")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-bf16", action="store_true")
@@ -1506,7 +1514,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.case_list = [(n, k, m) for m, n, k in dict.fromkeys(cases)]
         args.shape_list = list(dict.fromkeys((n, k) for n, k, _ in args.case_list))
         args.m_list = sorted({m for _, _, m in args.case_list})
+    if args.skip_done:
+        done = done_cases(args.skip_done)
+        planned = args.case_list or plan_cases(args.shape_list, args.m_list)
+        args.case_list = [c for c in planned if c not in done]
+        if not args.case_list:
+            p.error(f"--skip-done: every planned case is already in {args.skip_done}")
+        args.shape_list = list(dict.fromkeys((n, k) for n, k, _ in args.case_list))
+        args.m_list = sorted({m for _, _, m in args.case_list})
     return args
+
+
+def done_cases(paths) -> set[tuple[int, int, int]]:
+    """(N, K, M) of the cases with a qlin row in the result JSONs ``paths`` (missing files are skipped)."""
+    done = set()
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rows = json.load(f).get("rows", [])
+        done.update((r["N"], r["K"], r["M"]) for r in rows if str(r.get("impl", "")).startswith("qlin:"))
+    return done
 
 
 def run(args, *, timer=cupti_timer, interpret=False, log=print) -> tuple[list[dict], dict]:

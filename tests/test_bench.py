@@ -253,6 +253,25 @@ def test_parse_args_defaults_and_errors():
             bench.parse_args(bad)
 
 
+def test_skip_done_continues_a_cut_grid(tmp_path):
+    rows = [
+        {"impl": "qlin:mosaic_gpu", "dtype": "fp8", "M": 1, "N": 6144, "K": 4096},
+        {"impl": "xla", "dtype": "fp8", "M": 16, "N": 6144, "K": 4096},  # a baseline alone does not count
+        {"impl": "qlin:mosaic_gpu", "dtype": "int8", "M": 8192, "N": 8192, "K": 28672},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    paths = [str(tmp_path / "a.json"), str(tmp_path / "missing.json")]
+    assert bench.done_cases(paths) == {(6144, 4096, 1), (8192, 28672, 8192)}
+    a = bench.parse_args(["--skip-done", *paths])
+    full = bench.plan_cases(bench.LLAMA3_SHAPES, bench.M_GRID)
+    assert a.case_list == [c for c in full if c not in {(6144, 4096, 1), (8192, 28672, 8192)}]
+    assert len(a.case_list) == 78 and set(a.m_list) == set(bench.M_GRID)
+    c = bench.parse_args(["--cases", "1:6144:4096,16:6144:4096", "--skip-done", *paths])
+    assert c.case_list == [(6144, 4096, 16)] and c.m_list == [16] and c.shape_list == [(6144, 4096)]
+    with pytest.raises(SystemExit):  # nothing left to run
+        bench.parse_args(["--cases", "1:6144:4096", "--skip-done", *paths])
+
+
 # -- the pipeline, end to end on the CPU -----------------------------------------------------------
 
 
@@ -392,6 +411,34 @@ def test_merge_gemm_dynamic_merges_only_the_quantize_plus_matmul_rows(tmp_path):
     t = out["meta"]["targets"]
     assert t["fp8"]["cases"] == 1 and t["fp8"]["geomean_vs_xla"] == pytest.approx(1.5)
     assert t["int8"]["at_least_xla"] == "0/1" and t["int8"]["losses"] == ["1x4096x4096 0.99x"]
+
+
+def test_block_grid_table_merges_time_rows_and_states_the_targets(tmp_path):
+    table = load_script("benchmarks/block_grid_table.py")
+
+    def rows(m, n, k, blk, chan, deq, fast=None):
+        out = [{"kind": "time", "impl": i, "M": m, "N": n, "K": k, "us": us}
+               for i, us in ((table.BLOCK, blk), (table.CHANNEL, chan), (table.DEQUANT, deq), (table.FAST, fast))]
+        return [r for r in out if r["us"]]  # fmt: skip
+
+    a = rows(1024, 4096, 4096, 40.0, 30.0, 80.0, 34.0) + rows(16, 4096, 4096, 10.0, 9.0, 30.0)
+    a.append({"kind": "check", "impl": table.BLOCK, "M": 1, "N": 272, "K": 384, "ok": True})  # not a time row
+    b = rows(1024, 4096, 4096, 32.0, 28.0, 70.0, 32.0) + rows(2048, 8192, 28672, 50.0, 45.0, 40.0)  # later file wins
+    (tmp_path / "a.json").write_text(json.dumps({"device": "H100", "rows": a}))
+    (tmp_path / "b.json").write_text(json.dumps({"device": "H100", "rows": b}))
+    out = tmp_path / "grid.md"
+    assert table.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "- cases timed: 3" in text
+    assert "block / per-channel: min 0.88, geomean 0.89, >= 0.85 at 2/2" in text  # 28/32, 45/50: 0.875, 0.9
+    assert "faster than the XLA dequantize path at 2/3 cases (0.80x to 3.00x)" in text
+    assert "| 4096 x 4096 | 0.90 | 0.88 | - |" in text and "| 8192 x 28672 | - | - | 0.90 |" in text
+    (tmp_path / "c.json").write_text(json.dumps({"device": "H200", "rows": b}))
+    with pytest.raises(SystemExit):  # ratios only within one machine's runs
+        table.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    (tmp_path / "e.json").write_text(json.dumps({"device": "H100", "rows": a[-1:]}))
+    with pytest.raises(SystemExit):  # no time rows at all
+        table.main([str(tmp_path / "e.json")])
 
 
 def test_cupti_timer_retakes_a_window_with_an_uneven_kernel_count(monkeypatch):

@@ -1,0 +1,121 @@
+"""Block-scaled FP8 on the whole Llama-3 grid: tables from ``gpu_block_check.py --phases time`` runs.
+
+The time phase of one call covers ~30 cases, so the 80-case grid takes several calls
+(``--shapes grid --m ...``); this merges their ``time`` rows (a later file wins for a case timed
+twice) and writes one markdown file with, per (N, K) row and M column:
+
+* block / per-channel: qlin's per-channel fp8 kernel time / the block kernel's (issue 8's target:
+  >= 0.85 at M >= 1024), the same for ``fast_accum=True``;
+* block vs the XLA dequantize path: its time / the block kernel's (target: > 1 at every shape).
+
+    python3 benchmarks/block_grid_table.py benchmarks/results/h100_block_grid_{a,b,c,d}.json \\
+        --out benchmarks/results/h100_block_grid.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+BLOCK, FAST = "qlin:mosaic_gpu_block", "qlin:mosaic_gpu_block:fast_accum"
+CHANNEL, DEQUANT = "qlin:mosaic_gpu", "xla:dequant_bf16"
+#: The issue's grid order: Llama-3 8B then 70B shapes.
+SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192), (8192, 8192), (57344, 8192),
+          (8192, 28672)]  # fmt: skip
+
+
+def load(paths: list[Path]) -> tuple[dict[tuple, dict], set[str]]:
+    """{(M, N, K): {impl: us}} over the ``time`` rows of ``paths`` (later files win), and the devices."""
+    cases: dict[tuple, dict] = {}
+    devices = set()
+    for p in paths:
+        data = json.loads(p.read_text())
+        devices.add(data.get("device", "?"))
+        for r in data.get("rows", []):
+            if r.get("kind") == "time" and r.get("us"):
+                cases.setdefault((r["M"], r["N"], r["K"]), {})[r["impl"]] = r["us"]
+    return cases, devices
+
+
+def ratio(case: dict, num: str, den: str) -> float | None:
+    return case[num] / case[den] if num in case and den in case else None
+
+
+def table(cases: dict, num: str, den: str, title: str) -> list[str]:
+    ms = sorted({m for m, _, _ in cases})
+    shapes = [s for s in SHAPES if any((m, *s) in cases for m in ms)]
+    shapes += sorted({(n, k) for _, n, k in cases} - set(shapes))
+    out = [f"**{title}**", "", "| N x K | " + " | ".join(f"M={m}" for m in ms) + " |", "|---" * (len(ms) + 1) + "|"]
+    for n, k in shapes:
+        cells = []
+        for m in ms:
+            v = ratio(cases.get((m, n, k), {}), num, den)
+            cells.append("-" if v is None else f"{v:.2f}")
+        out.append(f"| {n} x {k} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def summary(cases: dict) -> list[str]:
+    big = [ratio(c, CHANNEL, BLOCK) for (m, _, _), c in cases.items() if m >= 1024]
+    big = [v for v in big if v is not None]
+    fast = [ratio(c, CHANNEL, FAST) for (m, _, _), c in cases.items() if m >= 1024]
+    fast = [v for v in fast if v is not None]
+    deq = [v for v in (ratio(c, DEQUANT, BLOCK) for c in cases.values()) if v is not None]
+    lines = [f"- cases timed: {len(cases)}"]
+    if big:
+        lines.append(
+            f"- M >= 1024, block / per-channel: min {min(big):.2f}, geomean {_geomean(big):.2f}, >= 0.85 at "
+            f"{sum(v >= 0.85 for v in big)}/{len(big)} (target >= 0.85)"
+        )
+    if fast:
+        lines.append(
+            f"- M >= 1024, fast_accum / per-channel: min {min(fast):.2f}, geomean {_geomean(fast):.2f}, >= 0.85 at "
+            f"{sum(v >= 0.85 for v in fast)}/{len(fast)}"
+        )
+    if deq:
+        lines.append(
+            f"- block faster than the XLA dequantize path at {sum(v > 1 for v in deq)}/{len(deq)} cases "
+            f"({min(deq):.2f}x to {max(deq):.2f}x)"
+        )
+    return lines
+
+
+def _geomean(vs: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in vs) / len(vs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", type=Path, help="gpu_block_check.py JSON files, oldest first")
+    p.add_argument("--out", type=Path, default=None, help="markdown file to write (default: print only)")
+    args = p.parse_args(argv)
+    cases, devices = load(args.inputs)
+    if not cases:
+        p.error("no time rows in the inputs (run gpu_block_check.py with --phases time)")
+    if len(devices) > 1:
+        p.error(f"rows from several devices {sorted(devices)}: ratios only compare within one machine's runs")
+    lines = [
+        f"# Block-scaled FP8 on the Llama-3 grid: {devices.pop()}",
+        "",
+        "From " + ", ".join(f"`{p.name}`" for p in args.inputs) + " (`gpu_block_check.py --phases time`: CUPTI "
+        "medians of 20 warm runs, weight copies rotated; per-channel = qlin's per-channel fp8 kernel on the same "
+        "fp8 data; ratios are time ratios, > 1: the block kernel is faster).",
+        "",
+        *summary(cases),
+        "",
+        *table(cases, CHANNEL, BLOCK, "block (default tiles) speed / per-channel speed (target >= 0.85 at M >= 1024)"),
+        *table(cases, CHANNEL, FAST, "block with fast_accum=True speed / per-channel speed"),
+        *table(cases, DEQUANT, BLOCK, "block speed / XLA dequantize-to-bf16 path speed (target > 1)"),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
