@@ -754,7 +754,11 @@ def main():
     if args.shapes == "grid":
         LLAMA = list(bench.LLAMA3_SHAPES)
     elif args.shapes:
-        LLAMA = [tuple(int(v) for v in c.split(":")) for c in args.shapes.split(",")]
+        try:
+            LLAMA = [tuple(int(v) for v in c.split(":")) for c in args.shapes.split(",")]
+            assert all(len(s) == 2 and min(s) >= 1 for s in LLAMA)
+        except (ValueError, AssertionError):
+            p.error(f"--shapes: expected 'grid' or N:K,N:K,... of positive integers, got {args.shapes!r}")
     SWEEP_RESCALE = args.sweep_rescale
     if args.sweep_shapes:
         SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]

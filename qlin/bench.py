@@ -1515,7 +1515,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.shape_list = list(dict.fromkeys((n, k) for n, k, _ in args.case_list))
         args.m_list = sorted({m for _, _, m in args.case_list})
     if args.skip_done:
-        done = done_cases(args.skip_done)
+        try:
+            done = done_cases(args.skip_done)
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            p.error(f"--skip-done: cannot read the cases of {args.skip_done}: {type(e).__name__}: {e}")
         planned = args.case_list or plan_cases(args.shape_list, args.m_list)
         args.case_list = [c for c in planned if c not in done]
         if not args.case_list:
@@ -1526,14 +1529,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def done_cases(paths) -> set[tuple[int, int, int]]:
-    """(N, K, M) of the cases with a qlin row in the result JSONs ``paths`` (missing files are skipped)."""
+    """(N, K, M) of the cases with a measured qlin row (``us`` set) in the result JSONs ``paths``; missing
+    files are skipped (a glob that matched nothing), a failed case is not done (it runs again)."""
     done = set()
     for path in paths:
         if not os.path.exists(path):
             continue
         with open(path) as f:
             rows = json.load(f).get("rows", [])
-        done.update((r["N"], r["K"], r["M"]) for r in rows if str(r.get("impl", "")).startswith("qlin:"))
+        done.update(
+            (r["N"], r["K"], r["M"]) for r in rows if str(r.get("impl", "")).startswith("qlin:") and r.get("us")
+        )
     return done
 
 

@@ -257,8 +257,10 @@ def test_skip_done_continues_a_cut_grid(tmp_path):
     rows = [
         {"impl": "qlin:mosaic_gpu", "dtype": "fp8", "M": 1, "N": 6144, "K": 4096},
         {"impl": "xla", "dtype": "fp8", "M": 16, "N": 6144, "K": 4096},  # a baseline alone does not count
-        {"impl": "qlin:mosaic_gpu", "dtype": "int8", "M": 8192, "N": 8192, "K": 28672},
+        {"impl": "qlin:mosaic_gpu", "dtype": "int8", "M": 8192, "N": 8192, "K": 28672, "us": 2500.0},
+        {"impl": "qlin:mosaic_gpu", "dtype": "fp8", "M": 16, "N": 4096, "K": 4096, "us": None},  # failed: runs again
     ]
+    rows[0]["us"] = 11.6
     (tmp_path / "a.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     paths = [str(tmp_path / "a.json"), str(tmp_path / "missing.json")]
     assert bench.done_cases(paths) == {(6144, 4096, 1), (8192, 28672, 8192)}
@@ -270,6 +272,9 @@ def test_skip_done_continues_a_cut_grid(tmp_path):
     assert c.case_list == [(6144, 4096, 16)] and c.m_list == [16] and c.shape_list == [(6144, 4096)]
     with pytest.raises(SystemExit):  # nothing left to run
         bench.parse_args(["--cases", "1:6144:4096", "--skip-done", *paths])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit):  # an unreadable file is an error, not an empty one
+        bench.parse_args(["--skip-done", str(tmp_path / "bad.json")])
 
 
 # -- the pipeline, end to end on the CPU -----------------------------------------------------------
