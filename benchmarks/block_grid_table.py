@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qlin.bench import LLAMA3_SHAPES  # noqa: E402
+from qlin.viz import geomean  # noqa: E402
+
 BLOCK, FAST = "qlin:mosaic_gpu_block", "qlin:mosaic_gpu_block:fast_accum"
 CHANNEL, DEQUANT = "qlin:mosaic_gpu", "xla:dequant_bf16"
-#: The issue's grid order: Llama-3 8B then 70B shapes.
-SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192), (8192, 8192), (57344, 8192),
-          (8192, 28672)]  # fmt: skip
 
 
 def load(paths: list[Path]) -> tuple[dict[tuple, dict], set[str]]:
@@ -46,7 +47,7 @@ def ratio(case: dict, num: str, den: str) -> float | None:
 
 def table(cases: dict, num: str, den: str, title: str) -> list[str]:
     ms = sorted({m for m, _, _ in cases})
-    shapes = [s for s in SHAPES if any((m, *s) in cases for m in ms)]
+    shapes = [s for s in LLAMA3_SHAPES if any((m, *s) in cases for m in ms)]  # the grid order first
     shapes += sorted({(n, k) for _, n, k in cases} - set(shapes))
     out = [f"**{title}**", "", "| N x K | " + " | ".join(f"M={m}" for m in ms) + " |", "|---" * (len(ms) + 1) + "|"]
     for n, k in shapes:
@@ -67,12 +68,12 @@ def summary(cases: dict) -> list[str]:
     lines = [f"- cases timed: {len(cases)}"]
     if big:
         lines.append(
-            f"- M >= 1024, block / per-channel: min {min(big):.2f}, geomean {_geomean(big):.2f}, >= 0.85 at "
+            f"- M >= 1024, block / per-channel: min {min(big):.2f}, geomean {geomean(big):.2f}, >= 0.85 at "
             f"{sum(v >= 0.85 for v in big)}/{len(big)} (target >= 0.85)"
         )
     if fast:
         lines.append(
-            f"- M >= 1024, fast_accum / per-channel: min {min(fast):.2f}, geomean {_geomean(fast):.2f}, >= 0.85 at "
+            f"- M >= 1024, fast_accum / per-channel: min {min(fast):.2f}, geomean {geomean(fast):.2f}, >= 0.85 at "
             f"{sum(v >= 0.85 for v in fast)}/{len(fast)}"
         )
     if deq:
@@ -81,10 +82,6 @@ def summary(cases: dict) -> list[str]:
             f"({min(deq):.2f}x to {max(deq):.2f}x)"
         )
     return lines
-
-
-def _geomean(vs: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in vs) / len(vs))
 
 
 def main(argv: list[str] | None = None) -> int:
