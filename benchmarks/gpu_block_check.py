@@ -93,7 +93,6 @@ CHECK_SHAPES = [(272, 384), (1040, 2080), (13664, 4096)]
 XLA_FP8 = False  # --xla-fp8: also time XLA's fp8 GEMM (per-token x per-channel scales)
 SWEEP = [(4096, 4096, 4096, 10), (4096, 28672, 4096, 6), (16, 4096, 14336, 6)]  # (M, N, K, candidates)
 SWEEP_RESCALE = False  # --sweep-rescale: sweep only the default and the rescaled-accumulation candidates
-SWEEP_STAGGER = False  # --sweep-stagger: the defaults and the two-block tile, each plain and with a staggered start
 CASE_TIMEOUT_S = 120.0  # watchdog per overlap case (compile + run): a hung kernel ends the process
 
 
@@ -197,18 +196,6 @@ THREE_WG_LAYOUTS = {
     "w3n_tn128": bmm._three_wg_tile("n", steps=3),
 }
 LAYOUTS.update(THREE_WG_LAYOUTS)
-# Staggered start (warpgroup w waits for w-1's first wgmma group in every output tile): the M >= 512
-# defaults (two K blocks a step, three warpgroups), 64 x 256 warpgroup tiles, warpgroups along N,
-# rescaled accumulation.
-STAGGER_LAYOUTS = {
-    "st_w2m_k256": bmm.stagger(bmm._two_block_step_tile()),
-    "st_w3m_tn128": bmm.stagger(bmm._three_wg_tile("m", width=4)),
-    "st_w2m_tn256": bmm.stagger(bmm._large_m_tile()),
-    "st_w2n_tn128": bmm.stagger(bmm.BlockTuningConfig(wg_dimension="n", max_concurrent_steps=4, epi_slots=1)),
-    "st_rs_w2n_m128": bmm.stagger(bmm._rescale_wide_tile("n")),
-    "st_rs_w2m_m128": bmm.stagger(bmm._rescale_wide_tile("m", steps=3)),
-}
-LAYOUTS.update(STAGGER_LAYOUTS)
 # accuracy phase: rescaled accumulation adds each K block inside the wgmma (no f32 promotion)
 RESCALE_ACCURACY_CONFIG = bmm._fit_smem(bmm._rescale_wide_tile("n"), jnp.dtype(jnp.float32))
 
@@ -350,7 +337,7 @@ def phase_check(results, overlap_only=False, rescale_only=False, layouts=None):
             rng = np.random.default_rng(seed + i)
             a, b, a_s, b_s, bv = host_operands(rng, m, n, k, bias)
             cfg = LAYOUTS[layout] if layout else None
-            if layout in OVERLAP_LAYOUTS or layout in RESCALE_LAYOUTS or layout in STAGGER_LAYOUTS:  # f32: fewer stages
+            if layout in OVERLAP_LAYOUTS or layout in RESCALE_LAYOUTS:  # fewer stages for float32 outputs
                 cfg = bmm._fit_smem(cfg, jnp.dtype(od))
             fn = jax.jit(
                 lambda a, b, x, y, bias, cfg=cfg, od=od: bmm.block_scaled_mm(
@@ -618,11 +605,7 @@ def phase_sweep(results):
         results.append(base)
         print(f"sweep M={m} {n}x{k} per-channel baseline: {_fmt(base.get('us'))} us", flush=True)
         cands = bmm.candidate_configs(m, n, k)
-        if SWEEP_STAGGER:  # the promoted and fast_accum defaults, the two-block tile, each plain and staggered
-            fast = bmm.default_config(m, n, k, fast_accum=True)
-            base_cfgs = [cands[0], fast] + ([bmm._two_block_step_tile()] if m >= 2048 else [])
-            cands = [v for c in base_cfgs for v in (c, bmm.stagger(c)) if v is not None]
-        elif SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
+        if SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
             cands = cands[:1] + [c for c in bmm.candidate_configs(m, n, k, fast_accum=True) if c.rescale]
         for cfg in cands[:limit]:
             if elapsed() > BUDGET_S:
@@ -737,7 +720,7 @@ def phase_ptxas(results, out_dir):
 
 
 def main():
-    global XLA_FP8, BUDGET_S, SWEEP, SWEEP_RESCALE, SWEEP_STAGGER, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M
+    global XLA_FP8, BUDGET_S, SWEEP, SWEEP_RESCALE, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M
     global CASE_TIMEOUT_S, DUMP
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="check,accuracy,layer,time,sweep")
@@ -749,11 +732,6 @@ def main():
     )
     p.add_argument("--sweep-shapes", default=None, help="M:N:K,... of the sweep phase (default: %s)" % SWEEP)
     p.add_argument("--sweep-rescale", action="store_true", help="sweep only the default + rescale candidates")
-    p.add_argument(
-        "--sweep-stagger",
-        action="store_true",
-        help="sweep the default, fast_accum default (and at M >= 2048 the two-block tile), each plain and staggered",
-    )
     p.add_argument("--m", default=None, help="comma-separated M values of the time phase (default: %s)" % M_GRID)
     p.add_argument(
         "--shapes",
@@ -782,7 +760,6 @@ def main():
         except (ValueError, AssertionError):
             p.error(f"--shapes: expected 'grid' or N:K,N:K,... of positive integers, got {args.shapes!r}")
     SWEEP_RESCALE = args.sweep_rescale
-    SWEEP_STAGGER = args.sweep_stagger
     if args.sweep_shapes:
         SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]
     if args.sweep_limit is not None:
@@ -805,7 +782,6 @@ def main():
         ("overlap", lambda: phase_check(results, overlap_only=True)),
         ("rescale", lambda: phase_check(results, rescale_only=True)),
         ("wg3", lambda: phase_check(results, rescale_only=True, layouts=THREE_WG_LAYOUTS)),
-        ("stagger", lambda: phase_check(results, rescale_only=True, layouts=STAGGER_LAYOUTS)),
         ("ptxas", lambda: phase_ptxas(results, out_dir)),
         ("accuracy", lambda: phase_accuracy(results)),
         ("layer", lambda: phase_layer(results)),

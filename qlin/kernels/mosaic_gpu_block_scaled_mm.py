@@ -98,7 +98,6 @@ __all__ = [
     "default_config",
     "required_alignment",
     "smem_bytes",
-    "stagger",
 ]
 
 #: The (weight N block, K block) = activation group size the kernel implements.
@@ -164,11 +163,6 @@ class BlockTuningConfig(TileConfigBase):
       total.  Half the registers, so 128 x 128 warpgroup tiles (tile_m=128, two 64-row wgmma
       halves) and the per-channel kernel's 128 x 256 CTA tile fit; needs tile_n <= 128 (one
       weight-scale block per warpgroup tile).  See "rescaled accumulation" in ``_kernel``.
-    stagger: start the consumer warpgroups one pipeline step apart in every output tile
-      (warpgroup w waits, at the tile's first step, until warpgroup w-1's first wgmma group has
-      completed), so one warpgroup's wait-and-promote runs while another's wgmma is on the tensor
-      cores instead of all of them waiting and promoting at once.  Needs >= 2 warpgroups and
-      not ``overlap``.  See "staggered start" in ``_kernel``.
     """
 
     tile_m: int = 64
@@ -184,15 +178,9 @@ class BlockTuningConfig(TileConfigBase):
     epi_slots: int = 2
     overlap: bool = False
     rescale: bool = False
-    stagger: bool = False
 
     def short(self) -> str:
-        return (
-            self._short_stem()
-            + ("o" if self.overlap else "")
-            + ("r" if self.rescale else "")
-            + ("d" if self.stagger else "")
-        )
+        return self._short_stem() + ("o" if self.overlap else "") + ("r" if self.rescale else "")
 
 
 def required_alignment(out_dtype=jnp.bfloat16) -> tuple[int, int]:
@@ -228,13 +216,6 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise TypeError(f"config.rescale={c.rescale!r} must be True or False")
     if c.rescale and c.overlap:
         raise ValueError("config.rescale and config.overlap are two promotion schemes: pick one")
-    if not isinstance(c.stagger, bool):
-        raise TypeError(f"config.stagger={c.stagger!r} must be True or False")
-    if c.stagger and (c.overlap or c.num_compute_wgs < 2):
-        raise ValueError(
-            f"config.stagger=True needs >= 2 consumer warpgroups and overlap=False "
-            f"(got num_compute_wgs={c.num_compute_wgs}, overlap={c.overlap})"
-        )
     if c.tile_m not in ((64, 128) if c.rescale else (64,)):
         raise ValueError(
             f"config.tile_m={c.tile_m} must be 64"
@@ -358,14 +339,6 @@ def _overlap(cfg: BlockTuningConfig, **changes) -> BlockTuningConfig:
 
 def _rescale(cfg: BlockTuningConfig, **changes) -> BlockTuningConfig:
     return dataclasses.replace(cfg, rescale=True, **changes)
-
-
-def stagger(cfg: BlockTuningConfig) -> BlockTuningConfig | None:
-    """``cfg`` with its consumer warpgroups started one step apart (``stagger=True``), or None
-    where that does not apply (one warpgroup, overlapped promotion)."""
-    if cfg.num_compute_wgs < 2 or cfg.overlap:
-        return None
-    return dataclasses.replace(cfg, stagger=True)
 
 
 def _rescale_wide_tile(wg_dimension: str = "n", steps: int = 4, grid_minor: str = "m", width: int = 8):
@@ -531,10 +504,6 @@ def candidate_configs(
             _overlap(_two_wg_tile("m", 128, steps=4, width=16)),
             _overlap(_two_wg_tile("m", 128, steps=5, grid_minor="n")),
         ]
-    # The staggered start of the default next to it (the sweeps time a prefix of this list).
-    staggered = stagger(cands[0])
-    if staggered is not None:
-        cands.insert(1, staggered)
     out, seen = [], set()
     for c in cands:
         c = _fit_smem(c, out_dtype)
@@ -636,35 +605,9 @@ def _kernel(
         bias_bars=plgpu.Barrier(num_barriers=nwg),
         # one row per warpgroup, each on TMA's 128-byte grid (see tma_row_len)
         bias_smem=plgpu.SMEM((nwg, tma_row_len(tile_n, bias_dt)), bias_dt),
-        # staggered start: barrier w is warpgroup w's "first wgmma group done" (one arrival)
-        stagger_bars=plgpu.Barrier(num_arrivals=1, num_barriers=max(1, nwg - 1)),
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, out_smem, bias_bars, bias_smem, stagger_bars):
-        # -- staggered start (config.stagger) --------------------------------------------------------
-        #
-        # Every consumer warpgroup of a step waits for the same stage, issues its wgmma, waits for it
-        # and promotes it on the CUDA cores; started together, they stay in lock step and the tensor
-        # cores idle while all of them promote.  With ``stagger`` warpgroup w > 0 waits, at the first
-        # step of every output tile, until warpgroup w-1 has its first wgmma group back; the groups
-        # then reach the tensor cores one after the other and each warpgroup promotes while the
-        # others' wgmmas run.  One arrival and one wait per barrier and tile: warpgroup w-1 cannot
-        # arrive for the next tile before warpgroup w has waited for this one (the next tile's stages
-        # are loaded only after every warpgroup released this tile's).
-        def stagger_wait(kk, wg):
-            if c.stagger:
-
-                @pl.when((kk == 0) & (wg > 0))
-                def _():
-                    plgpu.barrier_wait(stagger_bars.at[jnp.maximum(wg - 1, 0)])
-
-        def stagger_arrive(kk, wg):
-            if c.stagger:
-
-                @pl.when((kk == 0) & (wg < nwg - 1))
-                def _():
-                    plgpu.barrier_arrive(stagger_bars.at[jnp.minimum(wg, nwg - 2)])
-
+    def _scope(pipeline_allocs, out_smem, bias_bars, bias_smem):
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
@@ -742,7 +685,6 @@ def _kernel(
             def mma_body(idx, a_smem, b_smem, as_smem, totals):
                 (kk,) = idx
                 wg = lax.axis_index("wg")
-                stagger_wait(kk, wg)
                 a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 col0 = wg_col0(wg)
                 a_scales = []
@@ -776,8 +718,6 @@ def _kernel(
 
                     accs = [plgpu.ACC((tile_m, n_part), jnp.float32) for _ in range(sub)]
                     partials, b_s, a_s = pl.run_scoped(step, *accs)
-                    if h == 0:
-                        stagger_arrive(kk, wg)  # this step's first wgmma group is back
                     a_scales += a_s
                     total = totals[h]
                     for j in range(sub):
@@ -921,7 +861,6 @@ def _kernel(
                 (kk,) = idx
                 acc, s_prev, b_now = carry
                 wg = lax.axis_index("wg")
-                stagger_wait(kk, wg)
                 a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 nb = jnp.minimum(wg_col0(wg) // BLOCK, n_blocks - 1)
                 # Past the last K block (the last step's prefetch, or a K that is not a multiple of
@@ -952,7 +891,6 @@ def _kernel(
                     else:
                         acc = pl.run_state(mma)(plgpu.ACC.init(acc))
                     s_prev = s_cur
-                stagger_arrive(kk, wg)
                 return acc, s_prev, b_next
 
             body = rescale_body if c.rescale else overlap_body if overlap else mma_body
