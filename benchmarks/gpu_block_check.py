@@ -738,6 +738,9 @@ def main():
         default=None,
         help="N:K,... of the time phase, or 'grid' for the issue's eight Llama-3 shapes (default: %s)" % LLAMA,
     )
+    p.add_argument(
+        "--check-m", default=None, help="comma-separated M values of the check phase (default: %s)" % (CHECK_M,)
+    )
     p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="watchdog per overlap / sweep case")
     args = p.parse_args()
     phases = args.phases.split(",")
@@ -751,6 +754,8 @@ def main():
         SWEEP = [(640, 256, 384, 3)]
     if args.m:
         M_GRID = [int(v) for v in args.m.split(",")]
+    if args.check_m:
+        CHECK_M = [int(v) for v in args.check_m.split(",")]
     if args.shapes == "grid":
         LLAMA = list(bench.LLAMA3_SHAPES)
     elif args.shapes:

@@ -144,12 +144,12 @@ class FP8ScaledMMConfig(ScaledMMConfig):
     fp8_format: Literal["e4m3fn", "e5m2"] = "e4m3fn"
     #: Block-scaled weights only: let the kernel add each 128-wide K block's product inside the fp8
     #: tensor-core accumulator (rescaled to that block's scales) instead of promoting every block into
-    #: a float32 total on the CUDA cores.  Mostly faster at M > 512 (H100, the 32 Llama-3 grid cases at
-    #: M >= 1024: geomean 0.86 of the per-channel kernel vs 0.82 promoted; slower at 1024 x 6144 x 4096
-    #: and 1024 x 10240 x 8192, 0.69 / 0.72 vs 0.83 / 0.79), with the per-channel kernel's
-    #: accumulation error (~1e-3 relative at K = 4096, ~3e-3 at K = 14336, vs ~1e-4 promoted; fp8
-    #: quantization itself is ~3e-2). Like torch's
-    #: ``_scaled_mm(use_fast_accum=True)``. Kernels that accumulate in float32 anyway ignore it.
+    #: a float32 total on the CUDA cores.  Faster at M > 512 (H100, the 32 Llama-3 grid cases at
+    #: M >= 1024: geomean 0.87 of the per-channel kernel vs 0.83 promoted; where its wide tiles would
+    #: leave a part-empty last wave, e.g. 1024 x 6144 x 4096, the kernel keeps the promoted tile), with
+    #: the per-channel kernel's accumulation error (~1e-3 relative at K = 4096, ~3e-3 at K = 14336, vs
+    #: ~1e-4 promoted; fp8 quantization itself is ~3e-2). Like torch's ``_scaled_mm(use_fast_accum=True)``.
+    #: Kernels that accumulate in float32 anyway ignore it.
     fast_accum: bool = False
 
     quant_kind: ClassVar[str] = "fp8"

@@ -217,6 +217,23 @@ def test_each_k_block_gets_its_own_scales():
     np.testing.assert_array_equal(out, _reference(*ops).astype(np.float32))
 
 
+@pytest.mark.parametrize("m", [200, 130, 128, 100])
+def test_the_last_row_of_tiles_ends_at_m(m):
+    # M = 200 / 130 with 128-row CTA tiles: the last row of tiles starts at M - 128 and writes the rows it
+    # shares with the row before again (the same values: exact small integers in float32, every row checked);
+    # M = 128 (whole tiles) and 100 (less than one tile: zero-filled rows past M) keep their tiles.
+    rng = np.random.default_rng(m)
+    k = 384
+    a = rng.integers(-4, 5, (m, k)).astype(np.float32)
+    b = rng.integers(-4, 5, (272, k)).astype(np.float32)
+    a_s = np.exp2(rng.integers(-3, 4, (m, 3))).astype(np.float32)
+    b_s = np.exp2(rng.integers(-3, 4, (3, 3))).astype(np.float32)
+    ops = (np.asarray(jnp.asarray(a, F8)), np.asarray(jnp.asarray(b, F8)), a_s, b_s, None)
+    for cfg in (TWO_WG_M, K256, RS_M128_WG_N):
+        assert cfg.cta_tile_m == 128
+        np.testing.assert_array_equal(_run(ops, jnp.float32, cfg), _reference(*ops).astype(np.float32))
+
+
 def test_two_k_blocks_a_step_tile_in_interpret_mode():
     # the mid / M < 2048 default's layout (two 64 x 128 warpgroups, 256-deep steps) at partial M, N and K tiles
     # (K = 416: the second step's second block is past K)
@@ -344,19 +361,18 @@ def test_overlap_variants_close_the_large_m_candidates_and_are_never_the_default
             assert {(c.tile_k, c.wg_dimension) for c in cands if c.overlap} == {(128, "m"), (256, "m"), (128, "n")}
 
 
-def test_two_k_blocks_a_step_from_mid_m_to_2047(monkeypatch):
+def test_two_k_blocks_a_step_from_mid_m(monkeypatch):
     # H100 (results/h100_block_k256_sweep*.json): 128 x 128 tiles with two K blocks a step ran 0.80-0.83 of the
     # per-channel kernel at M = 1024 (0.73-0.77 with one), 0.79-0.87 at M = 512 (the 64 x 256 tile the traffic
-    # model picked there: 0.34-0.58); three warpgroups stay from M = 2048.
+    # model picked there: 0.34-0.58).
     monkeypatch.setattr(bmm, "num_sms", lambda: 132)
     two = bmm._two_block_step_tile()
     assert (two.tile_m, two.tile_n, two.tile_k, two.num_compute_wgs, two.wg_dimension) == (64, 128, 256, 2, "m")
     assert bmm._acc_registers(two) == bmm.MAX_ACC_REGISTERS
     for n, k in LLAMA:
-        for m in (513, 1000, 1024, 2047):
+        for m in (1000, 1024):  # 192-row tiles would put 12.5 % of M past it
             assert bmm.default_config(m, n, k) == two
         assert bmm.default_config(512, n, k) == two
-        assert bmm.default_config(2048, n, k).num_compute_wgs == 3
     assert bmm.default_config(256, 8192, 8192) == two
     assert bmm.default_config(256, 4096, 14336).tile_n == 64  # the model's 64-wide tiles stay (0.78 vs 0.66)
     for m in (129, 256, 512, 1024):  # never the 64 x 256 warpgroup tile by default from M = 129
@@ -365,14 +381,31 @@ def test_two_k_blocks_a_step_from_mid_m_to_2047(monkeypatch):
     assert bmm.default_config(128, 28672, 4096).tile_n == 256  # one row of tiles: not timed with two blocks
 
 
-def test_three_warpgroups_default_from_m_2048_and_their_register_cap():
+def test_three_warpgroups_where_the_wave_model_takes_them(monkeypatch):
+    # H100 (results/h100_block_m_tail.json, h100_block_grid13.md): 192 x 128 tiles (three warpgroups) against
+    # 128 x 128 two-block tiles, per-channel time / block time: 0.87 vs 0.65 at 768 x 4096^2, 0.96 vs 0.79 at
+    # 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs 0.75 at 4096 x 8192^2; two-block tiles 0.80
+    # vs 0.62 at 1024 x 4096 x 14336, 0.83 vs 0.64 at 1024 x 6144 x 4096 (fewer, fuller waves).
+    monkeypatch.setattr(bmm, "num_sms", lambda: 132)
+    three = bmm._fit_smem(bmm._three_wg_tile("m", width=4), jnp.dtype(jnp.bfloat16))
+    assert (three.num_compute_wgs, three.tile_m, three.tile_n, three.cta_tile_m) == (3, 64, 128, 192)
     for n, k in LLAMA:
-        assert bmm.default_config(512, n, k).num_compute_wgs == 2
-        assert bmm.default_config(1000, n, k).num_compute_wgs == 2
-        assert bmm.default_config(2047, n, k).num_compute_wgs == 2
-        for m in (2048, 4096, 8192):
-            c = bmm.default_config(m, n, k)
-            assert (c.num_compute_wgs, c.tile_m, c.tile_n, c.cta_tile_m) == (3, 64, 128, 192)
+        for m in (768, 1536, 2048, 4096, 8192):
+            assert bmm.default_config(m, n, k) == three, (m, n, k)
+    for m, n, k in ((1100, 8192, 8192), (1152, 4096, 14336), (768, 10240, 8192)):
+        assert bmm.default_config(m, n, k) == three
+    # The model: waves x tile area x relative time, three warpgroups on ties...
+    assert bmm._wave_cost(1024, 10240, 192, 128, 132, 1.0) == bmm._wave_cost(1024, 10240, 128, 128, 132, 1.2)
+    assert bmm._promoted_tile_cost(768, 10240, 132)[1].num_compute_wgs == 3
+    # ...and two-block tiles where 192-row ones put more than 5 % of M past it, whatever the waves say
+    assert bmm._wave_cost(1024, 8192, 192, 128, 132, 1.0) < bmm._wave_cost(1024, 8192, 128, 128, 132, 1.2)
+    assert bmm.default_config(1024, 8192, 8192).num_compute_wgs == 2
+    assert bmm.default_config(2176, 8192, 8192).num_compute_wgs == 2  # 128 of 2176 rows past M
+    for m in (513, 600, 1000, 1100, 1536, 2047, 2048, 3000, 4096):  # every choice is one of the two tiles
+        assert bmm.default_config(m, 8192, 8192) in (three, bmm._two_block_step_tile())
+
+
+def test_three_warpgroup_register_cap():
     # 3 warpgroups get 160 registers per thread: a 64 x 256 tile's total + accumulator (192) does not fit
     with pytest.raises(ValueError, match="over 128 with 3 consumer warpgroups"):
         bmm._validate_config(dataclasses.replace(bmm._three_wg_tile(), tile_n=256), jnp.bfloat16)
@@ -390,10 +423,12 @@ def test_three_warpgroup_tiles_cross_lower_for_cuda(cfg):
     f.trace(*args).lower(lowering_platforms=("cuda",))
 
 
-def test_interpret_mode_runs_the_three_warpgroup_default_as_two_and_rejects_explicit_ones():
+def test_interpret_mode_runs_the_three_warpgroup_default_as_two_and_rejects_explicit_ones(monkeypatch):
+    # one SM: the wave model sees one tile a wave and takes three warpgroups at a small N
+    monkeypatch.setattr(bmm, "num_sms", lambda: 1)
     rng = np.random.default_rng(5)
-    ops = _operands(rng, 4096, 64, 128, bias=True)
-    assert bmm.default_config(4096, 64, 128).num_compute_wgs == 3
+    ops = _operands(rng, 700, 64, 128, bias=True)
+    assert bmm.default_config(700, 64, 128).num_compute_wgs == 3
     out = _run(ops, jnp.bfloat16, None)  # the heuristic, as two warpgroups in interpret mode
     assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
     with pytest.raises(ValueError, match="three consumer warpgroups do not run in interpret mode"):
@@ -503,8 +538,9 @@ def test_rescale_registers_allow_128_x_128_warpgroup_tiles():
     assert wide.short().endswith("r") and not bmm.BlockTuningConfig().short().endswith("r")
 
 
-def test_fast_accum_picks_rescaled_tiles_only_above_m_512():
-    for m, n, k in ((4096, 4096, 4096), (1024, 8192, 8192), (513, 1040, 2080), (2048, 28672, 4096)):
+def test_fast_accum_picks_rescaled_tiles_only_above_m_512(monkeypatch):
+    monkeypatch.setattr(bmm, "num_sms", lambda: 132)
+    for m, n, k in ((4096, 4096, 4096), (1024, 8192, 8192), (2048, 28672, 4096), (768, 10240, 8192)):
         cfg = bmm.default_config(m, n, k, fast_accum=True)
         assert cfg.rescale and cfg.tile_m == 128
         assert cfg.wg_dimension == ("m" if m >= 2048 else "n")
@@ -513,6 +549,13 @@ def test_fast_accum_picks_rescaled_tiles_only_above_m_512():
         assert any(c.rescale for c in bmm.candidate_configs(m, n, k, fast_accum=True))
     for m in (1, 16, 256, 512):  # measured slower there: the promoted tiles stay
         assert bmm.default_config(m, 4096, 4096, fast_accum=True) == bmm.default_config(m, 4096, 4096)
+    # Below M = 2048 the promoted tile stays where 128 x 256 tiles leave a part-empty last wave (H100,
+    # h100_block_m_tail.json: 1024 x 6144 x 4096 0.82 vs 0.70 of per-channel, 1024 x 10240 x 8192 0.77 vs 0.73,
+    # 1536 x 28672 x 4096 0.91 vs 0.85, 768 x 4096 x 14336 0.89 vs 0.75); it is still a candidate.
+    for m, n, k in ((1024, 6144, 4096), (1024, 10240, 8192), (1536, 28672, 4096), (768, 4096, 14336)):
+        assert bmm.default_config(m, n, k, fast_accum=True) == bmm.default_config(m, n, k)
+        assert any(c.rescale for c in bmm.candidate_configs(m, n, k, fast_accum=True))
+    assert bmm.default_config(4096, 6144, 4096, fast_accum=True).rescale  # from M = 2048 always
     with pytest.raises(ValueError, match="fast_accum=1 must be True or False"):
         bmm.block_scaled_mm(*_args(), fast_accum=1, interpret=True)
 

@@ -24,7 +24,7 @@
   registers per thread), so two warpgroups along M can give the per-channel
   kernel's 128 x 256 CTA tile; at large M the heuristic takes 128 x 128
   (one block per warpgroup), measured faster on an H100.  Narrow decode tiles and the
-  128 x 128 tiles from mid M to M = 2047 take two K blocks per step (``tile_k=256``: two
+  128 x 128 tiles from mid M (up to the three-warpgroup tiles) take two K blocks per step (``tile_k=256``: two
   accumulators issued together, one wait), which halves the serialized per-step latency per
   weight byte (decode) and doubles the other warpgroup's tensor-core work that covers one
   warpgroup's wait-and-promote (M = 1024: 0.80-0.83 of the per-channel kernel vs 0.73-0.77).
@@ -35,18 +35,19 @@
   pipeline releases a stage one step late, ``delay_release=1``, and the last
   step of a tile drains every ``wgmma`` before the next tile's prologue may
   refill the stages).  See "overlapped promotion" in ``_kernel``.
-* ``BlockTuningConfig(rescale=True)`` (what ``fast_accum=True`` picks at M > 512): ONE
+* ``BlockTuningConfig(rescale=True)`` (what ``fast_accum=True`` picks at M > 512 unless the
+  promoted tile fills the waves better): ONE
   accumulator carried through K in the units of the current block's scales,
   ``acc = acc * s_prev / s_cur`` (one ratio per row) and then the block's ``wgmma`` into
   it; ``out = acc * s_last``.  Half the registers of promotion, so 128 x 128 warpgroup
-  tiles fit: H100 0.84-0.95 of the per-channel kernel at 30 of the 32 Llama-3 grid cases
-  with M >= 1024 (0.69 / 0.72 at 1024 x 6144 x 4096 / 1024 x 10240 x 8192, where its
-  128 x 256 tiles leave a half-empty last wave).  The blocks are then
+  tiles fit: H100 0.84-0.90 of the per-channel kernel (>= 0.85 at 29) at the 30 Llama-3 grid cases
+  with M >= 1024 where ``fast_accum`` takes them (h100_block_grid13.md).  The blocks are then
   summed in the tensor core's fp8 accumulator (fewer bits than f32; DeepSeek-V3 reports
   about 14), i.e. the per-channel kernel's accuracy (H100, f32 out: 1.3e-3 at K = 4096,
   2.9e-3 at K = 14336) instead of promotion's 1.3e-4: opt-in.  See "rescaled
   accumulation" in ``_kernel``.
-* Three consumer warpgroups (the default from M = 2048): 3 x 64 x 128 promoted tiles, 160
+* Three consumer warpgroups (the default from M = 2048, and from 513 where M is close to a multiple
+  of 192): 3 x 64 x 128 promoted tiles, 160
   registers per thread each (the total and the accumulator take 128): while one warpgroup waits
   for its block's wgmma and promotes it, two others' wgmmas are queued on the tensor cores.
   GPU only: jax 0.11.2's Mosaic GPU interpreter can deadlock with four warpgroups per CTA, so
@@ -59,7 +60,10 @@
 * Partial tiles: TMA zero-fills out-of-bounds loads and clips stores, so any
   M >= 1 (M > 8 padded to 8 rows here, see tma_rows), N a multiple of 16 and
   K a multiple of 32 work; a K that is not a multiple of 128 ends with a partial K block (the
-  zero-filled columns add nothing), at a narrower swizzle.
+  zero-filled columns add nothing), at a narrower swizzle.  Where M is at least a CTA tile, the
+  last row of CTA tiles starts at M - cta_m (it overlaps the row before it, whose rows it writes
+  again with the same values) instead of running past M: a tile mostly past M loads mostly zero
+  fill, which is slow (H100: 1024 x 8192 x 28672 with 192-row tiles 479 -> 419 us).
 """
 
 from __future__ import annotations
@@ -314,7 +318,8 @@ def _two_block_step_tile() -> BlockTuningConfig:
     each warpgroup issues both blocks' wgmmas into two fresh accumulators, waits once and promotes both, so
     a step's wait-and-promote is covered by twice as much of the other warpgroup's tensor-core work and there
     are half as many pipeline steps (192 accumulator registers a thread: the two-warpgroup cap).  The
-    default from M = 129 where the traffic model wants >= 128-wide tiles, and from M = 513 to 2047."""
+    default from M = 129 where the traffic model wants >= 128-wide tiles, and above M = 512 where the wave
+    model prefers it to three warpgroups (:func:`_promoted_tile_cost`)."""
     return dataclasses.replace(_two_wg_tile("m", BLOCK, steps=3, epi_slots=1), tile_k=2 * BLOCK)
 
 
@@ -361,9 +366,12 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 
     * ``fast_accum`` and M > 512: rescaled accumulation (``rescale=True``) in 128 x 128
       warpgroup tiles, two along M (256 x 128 CTA tiles) from M = 2048, along N (128 x 256) below:
-      on an H100 0.87 / 0.89 of the per-channel kernel at M = 4096 (4096^2, 28672 x 4096) and 0.89 at
-      1024 x 8192^2.  At M <= 512 the rescaled tiles measured slower than the promoted ones (M = 256:
-      0.73 vs 0.78 of per-channel, M = 16: 0.77 vs 0.82), so ``fast_accum`` keeps the tiles below.
+      on an H100 0.84-0.90 of the per-channel kernel at the 30 Llama-3 grid cases with M >= 1024
+      where it takes them (h100_block_grid13.md).  Below M = 2048 it keeps the promoted tile where the 128 x 256
+      tiles would leave a part-empty last wave (:func:`_fast_accum_falls_back`: 1024 x 6144 x 4096
+      and 1024 x 10240 x 8192 in the grid, 0.82 / 0.77 instead of 0.70 / 0.73).  At M <= 512 the
+      rescaled tiles measured slower than the promoted ones (M = 256: 0.73 vs 0.78 of per-channel,
+      M = 16: 0.77 vs 0.82), so ``fast_accum`` keeps the tiles below.
 
     * M <= 64 (decode, weight-bandwidth bound): 64 rows by the narrowest N
       tile (16..128 with one warpgroup, 256 with two side by side) whose tile
@@ -377,22 +385,21 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       two blocks a step 0.81 / 0.79 / 0.87 / 0.86 at 8192^2, 4096^2, 28672 x 4096, 4096 x 14336, one
       block 0.74 / 0.80 / 0.80 / 0.80, the 64 x 256 warpgroup tile the model picked at three of them
       0.34-0.58; M = 256 x 8192^2 0.90 vs 0.89.
-    * 512 < M < 2048: the same two-blocks-a-step 128 x 128 tiles: H100 at M = 1024
-      (h100_block_k256_sweep{,2}.json) 0.80-0.83 of the per-channel kernel at 4096^2, 6144 x
-      4096, 8192^2, 28672 x 4096, 4096 x 14336 against 0.73-0.77 for one block a step (5
-      stages).  At M = 2048 they tie three warpgroups at 4096^2 / 4096 x 14336 / 8192^2 and lose
-      at 28672 x 4096 (0.78 vs 0.84).
-    * M >= 2048: three such warpgroups along M (192 x 128 CTA tiles, 4 stages, one epilogue
-      slot, planar snake of width 4): one warpgroup's wait-and-promote is covered by two others'
-      queued wgmmas.  H100 (benchmarks/results/h100_block_3wg_*): at M = 4096 0.78 / 0.80 / 0.84 /
-      0.83 of the per-channel kernel at 4096^3, 4096 x 4096 x 14336, 4096 x 8192^2, 4096 x 28672 x
-      4096, 4-10 % faster than two warpgroups; at M = 2048 +4 / +5 / +10 % at the last three and
-      -2.5 % at 4096^3; at M = 1024 12-27 % slower (192-row tiles leave 12.5 % of the last tile
-      empty and give fewer, uneven waves), so two there.  Width 4 vs 8: 1-2.5 % faster at 28672 x
-      4096 and 8192^2, 1 % slower at 4096^3.
+    * M > 512: the two-blocks-a-step 128 x 128 tiles or three 64 x 128 warpgroups along M (192 x
+      128 CTA tiles, 4 stages, one epilogue slot, planar snake of width 4: one warpgroup's
+      wait-and-promote is covered by two others' queued wgmmas), whichever a wave cost model gives
+      less time (:func:`_promoted_tile_cost`); the last row of CTA tiles is clamped to end at M (no
+      tile mostly past M).  In the Llama-3 grid that is two-block tiles at M = 1024 (0.71-0.83 of the
+      per-channel kernel on an H100; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048
+      (0.78-1.00, h100_block_grid13.md); between them it is three warpgroups where M is close to a
+      multiple of 192 (768 / 1100 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
+      h100_block_m_tail.json).  Earlier measurements behind the tiles: two K blocks a step 0.80-0.83
+      at M = 1024 against 0.73-0.77 for one (h100_block_k256_sweep{,2}.json); three warpgroups 4-10 %
+      faster than two at M = 4096 (h100_block_3wg_*); width 4 vs 8: 1-2.5 % faster at 28672 x 4096
+      and 8192^2, 1 % slower at 4096^3.
     """
     sms = num_sms()
-    if fast_accum and m > 512:
+    if fast_accum and m > 512 and not _fast_accum_falls_back(m, n, sms):
         return _fit_smem(_rescale_wide_tile("m" if m >= 2048 else "n"), out_dtype)
     if m <= 64:
         best = None
@@ -412,9 +419,55 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
         if tn >= BLOCK and m > 128:  # (one row of tiles, M <= 128: not timed with it; e.g. 128 x 28672 x 4096
             return _fit_smem(_two_block_step_tile(), out_dtype)  # ran 0.76 of per-channel with 64 x 256 tiles)
         return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
-    if m >= 2048:
-        return _fit_smem(_three_wg_tile("m", width=4), out_dtype)
-    return _fit_smem(_two_block_step_tile(), out_dtype)
+    return _fit_smem(_promoted_tile_cost(m, n, sms)[1], out_dtype)
+
+
+#: Time per output element at full waves relative to the three-warpgroup 192 x 128 tile (H100 tile sweeps
+#: and grid timings, h100_block_m_tail.json / h100_block_grid13_*.json).  With the rows-past rule of
+#: _promoted_tile_cost the heuristic takes the faster promoted tile at 23 of 27 measured (M, N, K) from
+#: M = 768 to 4096 (misses: 1024 x 8192 x 28672 by 6 %, 1024 x 57344 x 8192 4 %, 2048 x 4096^2 1.5 %,
+#: 768 x 10240 x 8192 a tie) and keeps or drops fast_accum's rescaled 128 x 256 tile right at 20 of 20.
+_REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "rescale_wide": 1.03}
+
+
+def _wave_cost(m: int, n: int, cta_m: int, cta_n: int, sms: int, rel_time: float) -> float:
+    """Waves of CTA tiles x tile area x relative time: the persistent grid's time up to a constant
+    (each wave is as long as its tiles however few there are; the last row of tiles is fully
+    computed, see the row clamp in ``_kernel``)."""
+    return _cdiv(_cdiv(m, cta_m) * _cdiv(n, cta_n), sms) * cta_m * cta_n * rel_time
+
+
+def _promoted_tile_cost(m: int, n: int, sms: int) -> tuple[float, BlockTuningConfig]:
+    """M > 512, promoted accumulation: three 64 x 128 warpgroups along M (192 x 128 CTA tiles) or two
+    with two K blocks a step (128 x 128), whichever the wave cost model gives less time (three on
+    ties), and two where 192-row tiles put more than 5 % of M in rows past it.  H100, per-channel
+    kernel time / block time (h100_block_m_tail.json): three warpgroups 0.87 vs 0.65 at 768 x 4096^2,
+    0.96 vs 0.79 at 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs 0.75 at 4096 x 8192^2;
+    two-block tiles 0.80 vs 0.62 at 1024 x 4096 x 14336 and 0.83 vs 0.64 at 1024 x 6144 x 4096."""
+    three = _wave_cost(m, n, 3 * 64, BLOCK, sms, _REL_TIME["three_wg"])
+    two = _wave_cost(m, n, 128, BLOCK, sms, _REL_TIME["two_block"])
+    # 192-row tiles whose rows past M (computed again by the clamped last row of tiles) are over 5 % of
+    # M ran slower than the model says: M = 1024 (128 of 1152 rows), H100 per-channel time / block time
+    # 0.76 / 0.73 / 0.75 vs 0.81 / 0.79 / 0.79 with two-block tiles at 28672 x 4096 / 10240 x 8192 /
+    # 8192^2, where the model gave three warpgroups 2 % / 0 % / 6 % less time (it was right at 8192 x
+    # 28672 and 57344 x 8192: 0.76 / 0.79 vs 0.71 / 0.76).  M = 2048 and 4096 (3 %) follow the model.
+    rows_past = (_cdiv(m, 3 * 64) * 3 * 64 - m) - (_cdiv(m, 128) * 128 - m)
+    if three <= two and rows_past <= 0.05 * m:
+        return three, _three_wg_tile("m", width=4)
+    return two, _two_block_step_tile()
+
+
+def _fast_accum_falls_back(m: int, n: int, sms: int) -> bool:
+    """512 < M < 2048: whether ``fast_accum`` keeps the promoted tile because fast_accum's 128 x 256
+    rescaled tiles would take longer by the wave cost model (a part-empty last wave that the smaller
+    promoted tiles fill).  H100 (h100_block_m_tail.json), per-channel time / block time: 1024 x 6144 x
+    4096 promoted 0.82 vs rescaled 0.70, 1024 x 10240 x 8192 0.77 vs 0.73, 1536 x 28672 x 4096 0.91
+    vs 0.85, 768 x 4096 x 14336 0.89 vs 0.75; kept: 1024 x 4096^2 0.87 vs 0.81, 768 x 10240 x 8192 0.86
+    vs 0.79, 1024 x 8192 x 28672 0.87 vs 0.75."""
+    if not 512 < m < 2048:
+        return False
+    promoted, _ = _promoted_tile_cost(m, n, sms)
+    return promoted < _wave_cost(m, n, 128, 2 * BLOCK, sms, _REL_TIME["rescale_wide"])
 
 
 def candidate_configs(
@@ -614,7 +667,12 @@ def _kernel(
             m_idx, n_idx = plgpu.planar_snake(
                 lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
-            cta_m_slice = pl.ds(m_idx * cta_m, cta_m)
+            # The last row of CTA tiles ends at M instead of past it (where M >= the tile): it overlaps
+            # the row before and writes the same values into the shared rows.  A tile mostly past M
+            # loads mostly TMA zero fill, which is slow: H100, 1024 x 4096 x 14336 with 192-row tiles
+            # (the sixth a third full) ran 144 us against 1152 x 4096 x 14336's 128 us (h100_block_m_tail.json).
+            row0 = m_idx * cta_m if m <= cta_m or m % cta_m == 0 else jnp.minimum(m_idx * cta_m, m - cta_m)
+            cta_m_slice = pl.ds(row0, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
 
             def wg_col0(wg):
