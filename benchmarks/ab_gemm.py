@@ -37,6 +37,9 @@
 ``--ab mid_tn``: at mid M, the 2 x 64-row tile at the N widths (multiples of 16, 32-256) the mid-M traffic model
   ranks first and second (wave fill: e.g. 10240 / 80 x 1 row = 128 tiles for 132 SMs where 128-wide tiles give 80)
   against the heuristic's config.
+``--ab row_clamp``: the last row of CTA tiles starting at M - cta_m (the kernel's default where M is not a multiple
+  of the tile: no tile mostly past M) against running past M (``mm._CLAMP_LAST_TILE_ROW = False``), with the
+  relative error of both sides.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -91,6 +94,10 @@ BIG_TILE_CASES = (
 )
 MID_TN_CASES = (
     "128:10240:8192,256:10240:8192,256:6144:4096,128:6144:4096,128:28672:4096,256:28672:4096,128:57344:8192"
+)
+ROW_CLAMP_CASES = (
+    "1032:8192:8192,1032:28672:4096,1100:4096:4096,2056:8192:8192,4104:4096:4096,136:8192:8192,300:28672:4096,"
+    "640:8192:8192"
 )
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
@@ -172,6 +179,8 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         for large in mm._large_split_k_tiles(m, n, k):  # the autotuner's candidates of that kind
             out[f"large_sk{large.split_k}"] = (mm._fit_smem(large, jdt, jnp.bfloat16), _TMA_ROWS)
         return out
+    if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M
+        return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, "no_row_clamp")}
     if ab == "decode_pad":
         return {"pad8": (base, _pad8), "unpadded": (base, _TMA_ROWS)}
     off = dataclasses.replace(base, wgmma_inflight=False)
@@ -188,7 +197,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn"),
+                 "big_tile", "mid_tn", "row_clamp"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -222,7 +231,7 @@ def main(argv=None) -> None:
         "inflight": INFLIGHT_CASES, "decode_pad": DECODE_CASES, "wide_n": WIDE_N_CASES,
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
-        "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES,
+        "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -245,7 +254,9 @@ def main(argv=None) -> None:
                     try:
                         mm._validate_config(cfg, jdt, jnp.bfloat16)
                         mm.tma_rows = rows
-                        mm._EPILOGUE_ABLATION = ablation[0] if ablation else None
+                        clamp_off = ablation[:1] == ["no_row_clamp"]
+                        mm._CLAMP_LAST_TILE_ROW = not clamp_off
+                        mm._EPILOGUE_ABLATION = ablation[0] if ablation and not clamp_off else None
                         # A fresh jitted function: traced (once for all weight copies) under each timing
                         # program, which is when tma_rows and the ablation are read.
                         f = jax.jit(
@@ -253,14 +264,15 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn")
-                        if rep == 0 and checked and ablation[:1] in ([], ["direct"]):
+                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp")
+                        if rep == 0 and checked and ablation[:1] in ([], ["direct"], ["no_row_clamp"]):
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
                     except Exception as e:  # noqa: BLE001
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]
                     finally:
                         mm.tma_rows = _TMA_ROWS
                         mm._EPILOGUE_ABLATION = None
+                        mm._CLAMP_LAST_TILE_ROW = True
             res["time"].append(row)
             dump()
             print(json.dumps(row), flush=True)
