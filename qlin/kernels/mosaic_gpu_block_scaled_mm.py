@@ -83,6 +83,7 @@ from qlin.kernels.mosaic_gpu_scaled_mm import (
     _cdiv,
     _mid_m_cost,
     _pick_swizzle,
+    _row_start,
     _swizzle_transforms,
     check_gemm_operands,
     check_smem,
@@ -392,7 +393,7 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       tile mostly past M).  In the Llama-3 grid that is two-block tiles at M = 1024 (0.71-0.83 of the
       per-channel kernel on an H100; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048
       (0.78-1.00, h100_block_grid13.md); between them it is three warpgroups where M is close to a
-      multiple of 192 (768 / 1100 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
+      multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
       h100_block_m_tail.json).  Earlier measurements behind the tiles: two K blocks a step 0.80-0.83
       at M = 1024 against 0.73-0.77 for one (h100_block_k256_sweep{,2}.json); three warpgroups 4-10 %
       faster than two at M = 4096 (h100_block_3wg_*); width 4 vs 8: 1-2.5 % faster at 28672 x 4096
@@ -448,7 +449,7 @@ def _promoted_tile_cost(m: int, n: int, sms: int) -> tuple[float, BlockTuningCon
     two = _wave_cost(m, n, 128, BLOCK, sms, _REL_TIME["two_block"])
     # 192-row tiles whose rows past M (computed again by the clamped last row of tiles) are over 5 % of
     # M ran slower than the model says: M = 1024 (128 of 1152 rows), H100 per-channel time / block time
-    # 0.76 / 0.73 / 0.75 vs 0.81 / 0.79 / 0.79 with two-block tiles at 28672 x 4096 / 10240 x 8192 /
+    # 0.76 / 0.73 / 0.75 vs 0.81 / 0.77 / 0.78 with two-block tiles at 28672 x 4096 / 10240 x 8192 /
     # 8192^2, where the model gave three warpgroups 2 % / 0 % / 6 % less time (it was right at 8192 x
     # 28672 and 57344 x 8192: 0.76 / 0.79 vs 0.71 / 0.76).  M = 2048 and 4096 (3 %) follow the model.
     rows_past = (_cdiv(m, 3 * 64) * 3 * 64 - m) - (_cdiv(m, 128) * 128 - m)
@@ -463,7 +464,7 @@ def _fast_accum_falls_back(m: int, n: int, sms: int) -> bool:
     promoted tiles fill).  H100 (h100_block_m_tail.json), per-channel time / block time: 1024 x 6144 x
     4096 promoted 0.82 vs rescaled 0.70, 1024 x 10240 x 8192 0.77 vs 0.73, 1536 x 28672 x 4096 0.91
     vs 0.85, 768 x 4096 x 14336 0.89 vs 0.75; kept: 1024 x 4096^2 0.87 vs 0.81, 768 x 10240 x 8192 0.86
-    vs 0.79, 1024 x 8192 x 28672 0.87 vs 0.75."""
+    vs 0.79, 1024 x 8192 x 28672 0.86 vs 0.71."""
     if not 512 < m < 2048:
         return False
     promoted, _ = _promoted_tile_cost(m, n, sms)
@@ -667,12 +668,10 @@ def _kernel(
             m_idx, n_idx = plgpu.planar_snake(
                 lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
-            # The last row of CTA tiles ends at M instead of past it (where M >= the tile): it overlaps
-            # the row before and writes the same values into the shared rows.  A tile mostly past M
-            # loads mostly TMA zero fill, which is slow: H100, 1024 x 4096 x 14336 with 192-row tiles
-            # (the sixth a third full) ran 144 us against 1152 x 4096 x 14336's 128 us (h100_block_m_tail.json).
-            row0 = m_idx * cta_m if m <= cta_m or m % cta_m == 0 else jnp.minimum(m_idx * cta_m, m - cta_m)
-            cta_m_slice = pl.ds(row0, cta_m)
+            # The last row of CTA tiles ends at M instead of past it (see _row_start): H100, 1024 x 4096
+            # x 14336 with 192-row tiles, the sixth a third full, ran 144 us unclamped against 1152 x 4096
+            # x 14336's 128 us with the same tile count (h100_block_m_tail.json).
+            cta_m_slice = pl.ds(_row_start(m_idx, cta_m, m), cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
 
             def wg_col0(wg):
