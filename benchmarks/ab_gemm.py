@@ -102,6 +102,10 @@ ROW_CLAMP_CASES = (
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
+#: The kernel-module switches a side may set (``sides``' optional third element), restored after it.
+_MODULE_DEFAULTS = {"_EPILOGUE_ABLATION": mm._EPILOGUE_ABLATION, "_CLAMP_LAST_TILE_ROW": mm._CLAMP_LAST_TILE_ROW}
+
+
 def inflight(c: mm.TuningConfig, **kw) -> mm.TuningConfig:
     c = dataclasses.replace(c, wgmma_inflight=True, **kw)
     if c.max_concurrent_steps < 3 and c.tile_k >= 256:
@@ -131,8 +135,8 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         fit = lambda **kw: mm._fit_smem(dataclasses.replace(base, **kw), jdt, jnp.bfloat16)  # noqa: E731
         return {
             "default": (base, _TMA_ROWS),
-            "abl_no_store": (base, _TMA_ROWS, "no_store"),
-            "abl_direct": (base, _TMA_ROWS, "direct"),
+            "abl_no_store": (base, _TMA_ROWS, {"_EPILOGUE_ABLATION": "no_store"}),
+            "abl_direct": (base, _TMA_ROWS, {"_EPILOGUE_ABLATION": "direct"}),
             "e64x32x2": (fit(epi_tile_n=32, epi_slots=2), _TMA_ROWS),
             "e64x16x2": (fit(epi_tile_n=16, epi_slots=2), _TMA_ROWS),
         }
@@ -180,7 +184,7 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             out[f"large_sk{large.split_k}"] = (mm._fit_smem(large, jdt, jnp.bfloat16), _TMA_ROWS)
         return out
     if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M
-        return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, "no_row_clamp")}
+        return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, {"_CLAMP_LAST_TILE_ROW": False})}
     if ab == "decode_pad":
         return {"pad8": (base, _pad8), "unpadded": (base, _TMA_ROWS)}
     off = dataclasses.replace(base, wgmma_inflight=False)
@@ -247,32 +251,33 @@ def main(argv=None) -> None:
             for rep in range(2):
                 if rep and args.reps < 2:
                     break
-                for name, (cfg, rows, *ablation) in sides(args.ab, m, n, k, jdt).items():
+                for name, (cfg, rows, *over) in sides(args.ab, m, n, k, jdt).items():
+                    overrides = over[0] if over else {}  # kernel-module switches of this side
                     if rep and name == "on_plus1":
                         continue
                     row[f"{name}_cfg"] = cfg.short()
                     try:
                         mm._validate_config(cfg, jdt, jnp.bfloat16)
                         mm.tma_rows = rows
-                        clamp_off = ablation[:1] == ["no_row_clamp"]
-                        mm._CLAMP_LAST_TILE_ROW = not clamp_off
-                        mm._EPILOGUE_ABLATION = ablation[0] if ablation and not clamp_off else None
+                        for attr, value in overrides.items():
+                            setattr(mm, attr, value)
                         # A fresh jitted function: traced (once for all weight copies) under each timing
-                        # program, which is when tma_rows and the ablation are read.
+                        # program, which is when tma_rows and the module switches are read.
                         f = jax.jit(
                             lambda a, b, x, y, cfg=cfg: mm.scaled_mm(a, b, x, y, out_dtype=jnp.bfloat16, config=cfg)
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
                         checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp")
-                        if rep == 0 and checked and ablation[:1] in ([], ["direct"], ["no_row_clamp"]):
+                        garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
+                        if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
                     except Exception as e:  # noqa: BLE001
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]
                     finally:
                         mm.tma_rows = _TMA_ROWS
-                        mm._EPILOGUE_ABLATION = None
-                        mm._CLAMP_LAST_TILE_ROW = True
+                        for attr in overrides:
+                            setattr(mm, attr, _MODULE_DEFAULTS[attr])
             res["time"].append(row)
             dump()
             print(json.dumps(row), flush=True)

@@ -537,13 +537,22 @@ def test_ab_gemm_epilogue_and_swap_ab_sides():
         base = mm.default_config(m, n, k, f8)
         sides = ab.sides("epilogue", m, n, k, f8)
         assert sides["default"][0] == base
-        assert sides["abl_no_store"][0] == base and sides["abl_no_store"][2] == "no_store"
-        assert sides["abl_direct"][0] == base and sides["abl_direct"][2] == "direct"
+        assert sides["abl_no_store"][0] == base and sides["abl_no_store"][2] == {"_EPILOGUE_ABLATION": "no_store"}
+        assert sides["abl_direct"][0] == base and sides["abl_direct"][2] == {"_EPILOGUE_ABLATION": "direct"}
         for name, epi_n in (("e64x32x2", 32), ("e64x16x2", 16)):
             cfg = sides[name][0]
             assert (cfg.epi_tile_n, cfg.epi_slots) == (epi_n, 2), name
             assert dataclasses.replace(cfg, epi_tile_n=base.epi_tile_n, epi_slots=base.epi_slots) == base, name
             mm._validate_config(cfg, f8, jnp.bfloat16)
+    # --ab row_clamp: the heuristic's config on both sides, the clamp switched off on one; every switch a side
+    # sets is one the A/B loop restores (and it is on in the library)
+    assert mm._CLAMP_LAST_TILE_ROW is True
+    rc = ab.sides("row_clamp", 1032, 8192, 8192, f8)
+    assert rc["clamped"][0] == rc["unclamped"][0] == mm.default_config(1032, 8192, 8192, f8)
+    assert rc["unclamped"][2] == {"_CLAMP_LAST_TILE_ROW": False} and len(rc["clamped"]) == 2
+    for what in ("epilogue", "row_clamp"):
+        for side in ab.sides(what, 1032, 8192, 8192, f8).values():
+            assert set(side[2] if len(side) > 2 else {}) <= set(ab._MODULE_DEFAULTS)
     # --ab swap_ab: the heuristic's unswapped decode config against the library's swap-AB one
     sides = ab.sides("swap_ab", 1, 8192, 28672, f8)
     assert mm.default_config(1, 8192, 28672, f8).swap_ab  # the heuristic takes it: "default" must not
