@@ -390,10 +390,10 @@ def test_three_warpgroups_where_the_wave_model_takes_them(monkeypatch):
     three = bmm._fit_smem(bmm._three_wg_tile("m", width=4), jnp.dtype(jnp.bfloat16))
     assert (three.num_compute_wgs, three.tile_m, three.tile_n, three.cta_tile_m) == (3, 64, 128, 192)
     for n, k in LLAMA:
-        for m in (768, 1536, 2048, 4096, 8192):
-            assert bmm.default_config(m, n, k) == three, (m, n, k)
+        for m in (768, 1536, 2048, 4096, 8192):  # (the last wave cut in two or not: see the tail_split tests)
+            assert dataclasses.replace(bmm.default_config(m, n, k), tail_split=1) == three, (m, n, k)
     for m, n, k in ((1100, 8192, 8192), (1152, 4096, 14336), (768, 10240, 8192)):
-        assert bmm.default_config(m, n, k) == three
+        assert dataclasses.replace(bmm.default_config(m, n, k), tail_split=1) == three
     # The model: waves x tile area x relative time, three warpgroups on ties...
     assert bmm._wave_cost(1024, 10240, 192, 128, 132, 1.0) == bmm._wave_cost(1024, 10240, 128, 128, 132, 1.2)
     assert bmm._promoted_tile_cost(768, 10240, 132)[1].num_compute_wgs == 3
@@ -402,7 +402,8 @@ def test_three_warpgroups_where_the_wave_model_takes_them(monkeypatch):
     assert bmm.default_config(1024, 8192, 8192).num_compute_wgs == 2
     assert bmm.default_config(2176, 8192, 8192).num_compute_wgs == 2  # 128 of 2176 rows past M
     for m in (513, 600, 1000, 1100, 1536, 2047, 2048, 3000, 4096):  # every choice is one of the two tiles
-        assert bmm.default_config(m, 8192, 8192) in (three, bmm._two_block_step_tile())
+        cfg = dataclasses.replace(bmm.default_config(m, 8192, 8192), tail_split=1)
+        assert cfg in (three, bmm._two_block_step_tile())
 
 
 def test_three_warpgroup_register_cap():
@@ -433,6 +434,146 @@ def test_interpret_mode_runs_the_three_warpgroup_default_as_two_and_rejects_expl
     assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
     with pytest.raises(ValueError, match="three consumer warpgroups do not run in interpret mode"):
         _run(ops, jnp.bfloat16, W3_M)
+
+
+# -- stream-K over the last wave (config.tail_split) ---------------------------------------------
+# GPU only (jax 0.11.2's interpreter has no global semaphores): the plan, validation and heuristic
+# here, the kernel cross-lowered for CUDA; benchmarks/gpu_block_check.py --phases tail runs it.
+W3_T2 = dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=2)
+
+
+def test_tail_plan_cuts_only_the_part_full_last_wave():
+    assert bmm.tail_plan(704, 132, 2) == (660, 44)  # 5.33 waves: 44 tail tiles, 88 K ranges
+    assert bmm.tail_plan(704, 132, 1) == (704, 0)  # off
+    assert bmm.tail_plan(660, 132, 2) == (660, 0)  # whole waves: nothing to cut
+    assert bmm.tail_plan(100, 132, 4) == (0, 100)  # under one wave: every tile is tail
+    assert bmm.tail_plan(132, 132, 2) == (132, 0)
+
+
+@pytest.mark.parametrize("tiles,sms,split", [(704, 132, 2), (352, 132, 2), (102, 132, 4), (8, 3, 8), (33, 4, 3)])
+def test_tail_units_cover_every_k_range_once_and_owners_never_wait_on_a_waiting_cta(tiles, sms, split):
+    # The kernel's unit map, evaluated on plain integers: every whole tile once, every (tail tile, K range)
+    # once, the owner of a tile is its last range, and under the persistent grid's round-robin (CTA c runs
+    # units c, c + grid, ... in order) no CTA runs an owner before a contributor: an owner only waits for
+    # CTAs that never wait before reaching the range it waits for.
+    n_full, n_tail = bmm.tail_plan(tiles, sms, split)
+    units = n_full + n_tail * split
+    grid = min(sms, units)
+    seen_whole, seen_range, owner_at = set(), set(), {}
+    for u in range(units):
+        lin, is_full, is_owner, t_rel, piece = (int(v) for v in bmm._tail_unit(u, n_full, n_tail, split))
+        assert 0 <= lin < tiles
+        if is_full:
+            assert lin == u and lin not in seen_whole
+            seen_whole.add(lin)
+            continue
+        assert lin == n_full + t_rel and (t_rel, piece) not in seen_range
+        seen_range.add((t_rel, piece))
+        assert bool(is_owner) == (piece == split - 1)
+        if is_owner:
+            owner_at[t_rel] = u
+    assert seen_whole == set(range(n_full))
+    assert seen_range == {(t, j) for t in range(n_tail) for j in range(split)}
+    for c in range(grid):  # a CTA's owner units come after all of its contributor units
+        kinds = [bool(bmm._tail_unit(u, n_full, n_tail, split)[2]) for u in range(c, units, grid) if u >= n_full]
+        assert kinds == sorted(kinds)
+    for t, u_own in owner_at.items():  # every contributor of a tile precedes its owner
+        assert all(n_full + j * n_tail + t < u_own for j in range(split - 1))
+
+
+def test_tail_split_validation():
+    with pytest.raises(ValueError, match="tail_split=0 must be an int from 1 to 8"):
+        bmm._validate_config(dataclasses.replace(W3_T2, tail_split=0), jnp.bfloat16)
+    with pytest.raises(ValueError, match="tail_split=9 must be an int from 1 to 8"):
+        bmm._validate_config(dataclasses.replace(W3_T2, tail_split=9), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs promoted accumulation"):
+        bmm._validate_config(dataclasses.replace(bmm._rescale_wide_tile(), tail_split=2), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs promoted accumulation"):
+        bmm._validate_config(dataclasses.replace(bmm.BlockTuningConfig(overlap=True), tail_split=2), jnp.bfloat16)
+    assert bmm.tail_split_error(W3_T2, 4096) is None
+    assert "multiple of tile_k * tail_split = 256; got K=4224" in bmm.tail_split_error(W3_T2, 4224)
+    assert "multiple of tile_k * tail_split = 256" in bmm.tail_split_error(W3_T2, 4000)  # partial K block
+    assert "shorter than the pipeline" in bmm.tail_split_error(dataclasses.replace(W3_T2, tail_split=8), 2048)
+    assert bmm.tail_split_error(dataclasses.replace(W3_T2, tail_split=1), 4000) is None
+    assert W3_T2.short().endswith("t2") and not bmm._three_wg_tile().short().endswith("t1")
+    # a bad K reaches the caller as an error naming the split, before any kernel is built
+    args = [S((2048, 4224), F8), S((4096, 4224), F8), S((2048, 33), jnp.float32), S((32, 33), jnp.float32)]
+    with pytest.raises(ValueError, match="tail_split=2 needs K a multiple of"):
+        jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, config=W3_T2)).trace(*args)
+
+
+def test_tail_split_heuristic_takes_three_warpgroups_with_a_half_empty_last_wave():
+    # 192 x 128 tiles, 132 SMs: 704 tiles (5.33 waves, a tail of 44) are cut, 352 (2.67, 88) are not
+    assert bmm.default_config(4096, 4096, 4096).tail_split == 2
+    assert bmm.default_config(2048, 8192, 8192).tail_split == 2
+    assert bmm.default_config(2048, 4096, 4096).tail_split == 1
+    assert bmm.default_config(4096, 6144, 4096).tail_split == 1  # 1056 tiles: whole waves
+    assert bmm.default_config(4096, 4096, 4224).tail_split == 1  # K not cut into two whole-step ranges
+    assert bmm.default_config(1024, 4096, 14336).tail_split == 1  # two-block tiles (rows-past rule)
+    assert bmm.default_config(4096, 4096, 4096, fast_accum=True).tail_split == 1  # rescaled: never
+    # after many whole waves the model's saving is under _TAIL_MIN_GAIN: 37 waves + 44 tiles, 26 + 8
+    assert bmm.default_config(2048, 57344, 8192).tail_split == 1
+    assert bmm.default_config(8192, 10240, 8192).tail_split == 1
+    assert bmm.default_config(8192, 4096, 4096).tail_split == 2  # 10 waves + 56 tiles
+    # the cut last wave counts as _TAIL_WAVE of a wave in the tile choice
+    assert bmm._wave_cost(4096, 4096, 192, 128, 132, 1.0) == 6 * 192 * 128
+    assert bmm._wave_cost(4096, 4096, 192, 128, 132, 1.0, bmm._TAIL_WAVE) == (5 + bmm._TAIL_WAVE) * 192 * 128
+    assert bmm._promoted_tile_cost(4096, 4096, 132)[1].tail_split == 1  # K unknown: no cut
+    for n, k in LLAMA:
+        for m in (1024, 2048, 4096, 8192):
+            cfg = bmm.default_config(m, n, k)
+            if cfg.tail_split > 1:
+                full, tail = bmm.tail_plan(_cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n), 132, 2)
+                assert cfg.num_compute_wgs == 3 and 0 < 2 * tail <= 132 and bmm.tail_split_error(cfg, k) is None
+
+
+TAIL_INTERPRET_CASES = [
+    # (M, N, K, config, bias, out dtype, SMs the plan assumes): two-block tiles, 2 x 2 tiles on 3 SMs = a
+    # whole wave and a tail of one, K cut in two; a 64 x 256 warpgroup tile (two weight-scale blocks), one
+    # tile, all of it tail, K cut in four
+    (130, 256, 1536, dataclasses.replace(bmm._two_block_step_tile(), tail_split=2), True, jnp.bfloat16, 3),
+    (100, 272, 1024, dataclasses.replace(bmm.BlockTuningConfig(tile_n=256, max_concurrent_steps=2, epi_slots=1),
+                                        tail_split=4), False, jnp.float32, 5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TAIL_INTERPRET_CASES, ids=lambda c: c[3].short())
+def test_tail_split_runs_in_interpret_mode_as_one_cta(monkeypatch, case):
+    # Interpret mode (no global semaphores) runs the planned units in one CTA, contributors before owners:
+    # the K ranges (their weight-scale and activation-scale offsets), the workspace and the owner's sum
+    # are checked against the float64 reference; a lost range would be off by ~1 / split.
+    m, n, k, cfg, bias, od, sms = case
+    monkeypatch.setattr(bmm, "num_sms", lambda: sms)
+    cfg = bmm._fit_smem(cfg, od)
+    tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
+    assert bmm.tail_plan(tiles, sms, cfg.tail_split)[1] > 0
+    ops = _operands(np.random.default_rng(6), m, n, k, bias=bias)
+    out = _run(ops, od, cfg)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(od)
+
+
+@pytest.mark.parametrize("case", ["w3m_t2", "w3m_t4", "w2m_k256_t2", "w2m_tn256_t2"])
+def test_tail_split_configs_cross_lower_for_cuda(case):
+    # the GPU check's tail layouts at their cases: semaphores signalled (release) and awaited (an
+    # atomic compare-and-swap loop, then an acquire fence) at GPU scope; a whole-tile config has none
+    mod = load_script("benchmarks/gpu_block_check.py")
+    m, n, k, od, bias, _ = next(c for c in mod.TAIL_CASES if c[5] == case)
+    cfg = bmm._fit_smem(mod.TAIL_LAYOUTS[case], jnp.dtype(od))
+    text = _lower(m, n, k, jnp.dtype(od), cfg, bias=bias).as_text()
+    assert "red.release.gpu.global.add.u32" in text and "atom.relaxed.gpu.global.cas.b32" in text
+    assert "fence.acquire.gpu" in text
+    plain = _lower(m, n, k, jnp.dtype(od), dataclasses.replace(cfg, tail_split=1), bias=bias).as_text()
+    assert "red.release.gpu.global.add.u32" not in plain
+
+
+def test_gpu_check_script_tail_cases_are_valid():
+    mod = load_script("benchmarks/gpu_block_check.py")
+    for m, n, k, od, _, layout in mod.TAIL_CASES:
+        cfg = bmm._fit_smem(mod.TAIL_LAYOUTS[layout], jnp.dtype(od)) if layout else bmm.default_config(m, n, k)
+        bmm._validate_config(cfg, jnp.dtype(od))
+        assert cfg.tail_split > 1 and bmm.tail_split_error(cfg, k) is None, (m, n, k, layout)
+        tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
+        assert bmm.tail_plan(tiles, 132, cfg.tail_split)[1] > 0, (m, n, k, layout)  # H100: a real tail
 
 
 OVERLAP_LOWER_SHAPES = [(4096, 4096, 4096), (1024, 4096, 4096), (4096, 28672, 4096), (1024, 28672, 4096)]

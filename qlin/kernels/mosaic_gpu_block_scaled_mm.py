@@ -52,6 +52,21 @@
   for its block's wgmma and promotes it, two others' wgmmas are queued on the tensor cores.
   GPU only: jax 0.11.2's Mosaic GPU interpreter can deadlock with four warpgroups per CTA, so
   interpret mode runs the default as two and rejects explicit three-warpgroup configs.
+* Stream-K over the last wave (``BlockTuningConfig(tail_split=s)``; the default where the
+  three-warpgroup tiles leave a last wave at most half full after few whole waves): the tiles past the
+  last whole wave are each cut into ``s`` K ranges run by different CTAs after every CTA's whole
+  tiles.  The CTAs of the first s - 1 ranges write their f32 partial totals to a global workspace
+  and signal a global semaphore (one per tile and warpgroup, release at GPU scope); the CTA of the
+  last range waits for s - 1 signals (acquire), adds the partials in a fixed order (deterministic)
+  and runs the epilogue.  Every unit an owner waits for precedes every owner in the persistent
+  grid's round-robin order and waits for nothing itself, so with the grid's CTAs resident no wait
+  can deadlock.  H100 (h100_block_grid14.md): 2-7 % faster at the six grid shapes where the
+  heuristic cuts (a 44- or 56-tile tail), e.g. 2048 x 8192 x 28672 0.78 -> 0.84 of the per-channel
+  kernel (same-run sweep: 812 -> 766 us); the exchange costs 0-3 us (h100_block_tail_ab.json).
+  GPU only: jax 0.11.2's interpreter has no global semaphores, so interpret mode runs the same
+  units (planned for the device's SM count) in ONE CTA, every contributor before any owner, with no
+  synchronization: CI checks the K ranges, the workspace and the owner's sum there, and cross-lowers
+  the cut configs for CUDA (the semaphores).
 * Everything else is the per-channel kernel's design
   (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
   memory, warp-specialized multi-stage pipeline, persistent grid walking the
@@ -103,6 +118,7 @@ __all__ = [
     "default_config",
     "required_alignment",
     "smem_bytes",
+    "tail_plan",
 ]
 
 #: The (weight N block, K block) = activation group size the kernel implements.
@@ -120,6 +136,12 @@ MAX_ACC_REGISTERS = 192
 #: the same with three consumer warpgroups: the pipeline gives each 160 registers per thread (the
 #: producer keeps 24), room for a 64 x 128 tile's total and accumulator (128) and little else.
 MAX_ACC_REGISTERS_3WG = 128
+#: the most K ranges a tile of the last wave is cut into (config.tail_split)
+MAX_TAIL_SPLIT = 8
+#: Measurement switch for the stream-K tail (benchmarks/gpu_block_check.py ``tail_ab``): None (the real
+#: kernel) or "no_exchange" (contributors neither store nor signal, owners neither wait nor add: the
+#: output is WRONG; it bounds what the partial-total exchange costs).
+_TAIL_ABLATION: str | None = None
 #: registers per thread the producer (TMA) warpgroup keeps, by consumer warpgroup count
 _MEMORY_REGISTERS = {1: 56, 2: 40, 3: 24}
 
@@ -168,6 +190,12 @@ class BlockTuningConfig(TileConfigBase):
       total.  Half the registers, so 128 x 128 warpgroup tiles (tile_m=128, two 64-row wgmma
       halves) and the per-channel kernel's 128 x 256 CTA tile fit; needs tile_n <= 128 (one
       weight-scale block per warpgroup tile).  See "rescaled accumulation" in ``_kernel``.
+    tail_split: stream-K over the last, part-full wave of the persistent grid (1 = off).  The
+      tiles past the last whole wave (:func:`tail_plan`) are each cut into ``tail_split`` equal K
+      ranges run by different CTAs; the CTA of the last range adds the others' f32 partial totals
+      (a global workspace, a global semaphore per tile and warpgroup) before the epilogue.
+      K must be a multiple of tile_k * tail_split.  Promoted accumulation only (not with
+      ``overlap`` or ``rescale``).  Interpret mode runs the units in one CTA (no semaphores there).
     """
 
     tile_m: int = 64
@@ -183,9 +211,15 @@ class BlockTuningConfig(TileConfigBase):
     epi_slots: int = 2
     overlap: bool = False
     rescale: bool = False
+    tail_split: int = 1
 
     def short(self) -> str:
-        return self._short_stem() + ("o" if self.overlap else "") + ("r" if self.rescale else "")
+        return (
+            self._short_stem()
+            + ("o" if self.overlap else "")
+            + ("r" if self.rescale else "")
+            + (f"t{self.tail_split}" if self.tail_split > 1 else "")
+        )
 
 
 def required_alignment(out_dtype=jnp.bfloat16) -> tuple[int, int]:
@@ -241,6 +275,13 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         )
     if not isinstance(c.overlap, bool):
         raise TypeError(f"config.overlap={c.overlap!r} must be True or False")
+    if not isinstance(c.tail_split, int) or isinstance(c.tail_split, bool) or not 1 <= c.tail_split <= MAX_TAIL_SPLIT:
+        raise ValueError(f"config.tail_split={c.tail_split!r} must be an int from 1 to {MAX_TAIL_SPLIT}")
+    if c.tail_split > 1 and (c.overlap or c.rescale):
+        raise ValueError(
+            f"config.tail_split={c.tail_split} (stream-K over the last wave) needs promoted accumulation: "
+            "not with overlap=True or rescale=True"
+        )
     regs, cap = _acc_registers(c), _max_acc_registers(c.num_compute_wgs)
     if regs > cap:
         raise ValueError(
@@ -394,13 +435,15 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       per-channel kernel on an H100; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048
       (0.78-1.00, h100_block_grid13.md); between them it is three warpgroups where M is close to a
       multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
-      h100_block_m_tail.json).  Earlier measurements behind the tiles: two K blocks a step 0.80-0.83
+      h100_block_m_tail.json).  Three-warpgroup tiles whose last wave is at most half full after few
+      whole waves cut it into two K ranges (``tail_split=2``, :func:`_tail_split`; the model counts
+      that wave as :data:`_TAIL_WAVE` of one).  Earlier measurements behind the tiles: two K blocks a step 0.80-0.83
       at M = 1024 against 0.73-0.77 for one (h100_block_k256_sweep{,2}.json); three warpgroups 4-10 %
       faster than two at M = 4096 (h100_block_3wg_*); width 4 vs 8: 1-2.5 % faster at 28672 x 4096
       and 8192^2, 1 % slower at 4096^3.
     """
     sms = num_sms()
-    if fast_accum and m > 512 and not _fast_accum_falls_back(m, n, sms):
+    if fast_accum and m > 512 and not _fast_accum_falls_back(m, n, sms, k):
         return _fit_smem(_rescale_wide_tile("m" if m >= 2048 else "n"), out_dtype)
     if m <= 64:
         best = None
@@ -420,7 +463,7 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
         if tn >= BLOCK and m > 128:  # (one row of tiles, M <= 128: not timed with it; e.g. 128 x 28672 x 4096
             return _fit_smem(_two_block_step_tile(), out_dtype)  # ran 0.76 of per-channel with 64 x 256 tiles)
         return _fit_smem(_two_wg_tile("m", tn, steps=4 if tn > BLOCK else 6), out_dtype)
-    return _fit_smem(_promoted_tile_cost(m, n, sms)[1], out_dtype)
+    return _fit_smem(_promoted_tile_cost(m, n, sms, k)[1], out_dtype)
 
 
 #: Time per output element at full waves relative to the three-warpgroup 192 x 128 tile (H100 tile sweeps
@@ -430,22 +473,61 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 #: 768 x 10240 x 8192 a tie) and keeps or drops fast_accum's rescaled 128 x 256 tile right at 20 of 20.
 _REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "rescale_wide": 1.03}
 
+#: The last wave's time with stream-K (tail_split=2, a tail of at most half a wave) relative to a whole
+#: wave.  Not the half of a wave that halving the tail tiles' K suggests: H100, the part-full last wave
+#: of 44 tiles already ran faster than a full one, and the K ranges add a pipeline fill, the exchange
+#: (0-3 us, h100_block_tail_ab.json) and the wait for the slowest contributor.  Measured (same run,
+#: h100_block_tail_sweep.json) at 192 x 128 tiles: 5.33 waves (2048 x 8192^2, 2048 x 8192 x 28672,
+#: 4096 x 4096^2, 4096 x 4096 x 14336) 1.5-6 % faster, 1.45 waves (1024 x 4096 x 14336) 13 %.
+_TAIL_WAVE = 0.75
+#: Cut the last wave only where the model saves at least this share of the time: a tail after many whole
+#: waves saves little and measured within noise either way (H100, 2048 x 57344 x 8192, 37 waves + 44
+#: tiles: 1506 -> 1523 us; 8192 x 10240 x 8192, 26 waves + 8 tiles: per-channel / block 0.88 -> 0.87).
+_TAIL_MIN_GAIN = 0.02
 
-def _wave_cost(m: int, n: int, cta_m: int, cta_n: int, sms: int, rel_time: float) -> float:
+
+def _wave_cost(
+    m: int, n: int, cta_m: int, cta_n: int, sms: int, rel_time: float, tail_wave: float = 1.0
+) -> float:
     """Waves of CTA tiles x tile area x relative time: the persistent grid's time up to a constant
     (each wave is as long as its tiles however few there are; the last row of tiles is fully
-    computed, see the row clamp in ``_kernel``)."""
-    return _cdiv(_cdiv(m, cta_m) * _cdiv(n, cta_n), sms) * cta_m * cta_n * rel_time
+    computed, see the row clamp in ``_kernel``).  ``tail_wave``: the part-full last wave's share of a
+    whole one (1: as long; :data:`_TAIL_WAVE` with stream-K)."""
+    full, tail = divmod(_cdiv(m, cta_m) * _cdiv(n, cta_n), sms)
+    return (full + (tail_wave if tail else 0)) * cta_m * cta_n * rel_time
 
 
-def _promoted_tile_cost(m: int, n: int, sms: int) -> tuple[float, BlockTuningConfig]:
+def _tail_split(m: int, n: int, k: int, cfg: BlockTuningConfig, sms: int) -> int:
+    """2 (stream-K over the last wave) where ``cfg``'s tiles leave a last wave at most half full, after
+    few enough whole waves that cutting it saves >= _TAIL_MIN_GAIN by the model, and K cuts into two
+    ranges of whole pipeline steps; else 1.  A fuller tail gains nothing from two
+    ranges (some CTAs would run two of them) and measured slower (H100, h100_block_tail_sweep.json:
+    2048 x 4096 x 4096 / 14336, 2.67 waves of 192 x 128 tiles, 64.5 -> 71.5 / 203.9 -> 212.0 us)."""
+    tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
+    full, tail = tail_plan(tiles, sms, 2)
+    gain = (1 - _TAIL_WAVE) / (full // sms + 1)  # the model's saving: a quarter of a wave over all the waves
+    if (
+        tail
+        and 2 * tail <= sms
+        and gain >= _TAIL_MIN_GAIN
+        and tail_split_error(dataclasses.replace(cfg, tail_split=2), k) is None
+    ):
+        return 2
+    return 1
+
+
+def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple[float, BlockTuningConfig]:
     """M > 512, promoted accumulation: three 64 x 128 warpgroups along M (192 x 128 CTA tiles) or two
     with two K blocks a step (128 x 128), whichever the wave cost model gives less time (three on
     ties), and two where 192-row tiles put more than 5 % of M in rows past it.  H100, per-channel
     kernel time / block time (h100_block_m_tail.json): three warpgroups 0.87 vs 0.65 at 768 x 4096^2,
     0.96 vs 0.79 at 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs 0.75 at 4096 x 8192^2;
     two-block tiles 0.80 vs 0.62 at 1024 x 4096 x 14336 and 0.83 vs 0.64 at 1024 x 6144 x 4096."""
-    three = _wave_cost(m, n, 3 * 64, BLOCK, sms, _REL_TIME["three_wg"])
+    three_cfg = _three_wg_tile("m", width=4)
+    # With K known, three-warpgroup tiles whose last wave is at most half full cut it into two K ranges
+    # (stream-K, see _tail_split); two-block tiles are never cut (not measured where it would apply).
+    split = 1 if k is None else _tail_split(m, n, k, three_cfg, sms)
+    three = _wave_cost(m, n, 3 * 64, BLOCK, sms, _REL_TIME["three_wg"], _TAIL_WAVE if split > 1 else 1.0)
     two = _wave_cost(m, n, 128, BLOCK, sms, _REL_TIME["two_block"])
     # 192-row tiles whose rows past M (computed again by the clamped last row of tiles) are over 5 % of
     # M ran slower than the model says: M = 1024 (128 of 1152 rows), H100 per-channel time / block time
@@ -454,11 +536,11 @@ def _promoted_tile_cost(m: int, n: int, sms: int) -> tuple[float, BlockTuningCon
     # 28672 and 57344 x 8192: 0.76 / 0.79 vs 0.71 / 0.76).  M = 2048 and 4096 (3 %) follow the model.
     rows_past = (_cdiv(m, 3 * 64) * 3 * 64 - m) - (_cdiv(m, 128) * 128 - m)
     if three <= two and rows_past <= 0.05 * m:
-        return three, _three_wg_tile("m", width=4)
+        return three, dataclasses.replace(three_cfg, tail_split=split)
     return two, _two_block_step_tile()
 
 
-def _fast_accum_falls_back(m: int, n: int, sms: int) -> bool:
+def _fast_accum_falls_back(m: int, n: int, sms: int, k: int | None = None) -> bool:
     """512 < M < 2048: whether ``fast_accum`` keeps the promoted tile because fast_accum's 128 x 256
     rescaled tiles would take longer by the wave cost model (a part-empty last wave that the smaller
     promoted tiles fill).  H100 (h100_block_m_tail.json), per-channel time / block time: 1024 x 6144 x
@@ -467,7 +549,7 @@ def _fast_accum_falls_back(m: int, n: int, sms: int) -> bool:
     vs 0.79, 1024 x 8192 x 28672 0.86 vs 0.71."""
     if not 512 < m < 2048:
         return False
-    promoted, _ = _promoted_tile_cost(m, n, sms)
+    promoted, _ = _promoted_tile_cost(m, n, sms, k)
     return promoted < _wave_cost(m, n, 128, 2 * BLOCK, sms, _REL_TIME["rescale_wide"])
 
 
@@ -551,6 +633,12 @@ def candidate_configs(
             ("m", 4, "m", 16),
         ):
             cands.append(_two_wg_tile(wgd, 128, steps=st, grid_minor=gmd, width=gw))
+        # stream-K over the last wave (tail_split): the two promoted large-M tiles, each K cut 2 and 4 ways
+        cands += [
+            dataclasses.replace(t, tail_split=s)
+            for s in (2, 4)
+            for t in (_three_wg_tile("m", width=4), _two_block_step_tile())
+        ]
         cands += [
             _overlap(_two_wg_tile("m", 128, steps=5)),
             _overlap(_two_wg_tile("m", 128, steps=3, epi_slots=1), tile_k=2 * BLOCK),
@@ -561,7 +649,7 @@ def candidate_configs(
     out, seen = [], set()
     for c in cands:
         c = _fit_smem(c, out_dtype)
-        if c in seen or (c.rescale and not fast_accum):
+        if c in seen or (c.rescale and not fast_accum) or tail_split_error(c, k):
             continue
         seen.add(c)
         try:
@@ -588,11 +676,12 @@ def _kernel(
     m: int,
     n: int,
     k: int,
+    tail: tuple[int, int] = (0, 0),
     interpret: bool = False,
 ):
     rest = list(rest)
     bias_gmem = rest.pop(0) if has_bias else None
-    (out_gmem,) = rest
+    out_gmem, *ws = rest
 
     dtype = a_gmem.dtype
     out_dtype = out_gmem.dtype
@@ -614,16 +703,33 @@ def _kernel(
     # delay_release=1 would release no stage at all (see the synchronization notes in _kernel).
     overlap = c.overlap and k_iters >= 2
     delay_release = 1 if overlap else 0
+    # One pipeline depth for whole-K tiles and tail K ranges: they share the stage buffers.
+    steps = max(1, min(c.max_concurrent_steps, k_iters))
+
+    # Stream-K over the last wave (config.tail_split, see tail_plan): n_full whole-K tiles, then
+    # n_tail tiles cut into `split` K ranges of k_piece steps each.
+    split = c.tail_split if tail[1] else 1
+    n_full, n_tail = tail if split > 1 else (m_iters * n_iters, 0)
+    units = n_full + n_tail * split
+    k_piece = k_iters // split
+    if split > 1:
+        assert k_iters % split == 0 and k_piece >= steps, (k_iters, split, steps)
+        (ws_gmem,) = ws
+        # One semaphore per tail tile and warpgroup: contributors signal, the owner waits (and
+        # brings it back to zero, as Mosaic GPU expects of its global semaphores).  Interpret mode
+        # (no global semaphores in jax 0.11.2's interpreter) runs one CTA, which reaches every
+        # contributor before any owner: no synchronization needed there.
+        sems = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((n_tail, nwg)))
 
     in_swizzle = _pick_swizzle(tile_k, k, dtype)
     assert in_swizzle is not None, (tile_k, k)
     in_transforms = _swizzle_transforms(in_swizzle, dtype)
     out_transforms = _swizzle_transforms(_pick_swizzle(epi_n, n, out_dtype), out_dtype)
 
-    def pipeline(body, compute_context):
+    def pipeline(body, compute_context, grid=(k_iters,)):
         return plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(k_iters,),
+            grid=grid,
             memory_registers=_MEMORY_REGISTERS[nwg],
             in_specs=[
                 plgpu.BlockSpec(
@@ -645,7 +751,7 @@ def _kernel(
             ],
             wg_axis="wg",
             num_compute_wgs=nwg,
-            max_concurrent_steps=max(1, min(c.max_concurrent_steps, k_iters)),
+            max_concurrent_steps=steps,
             compute_context=compute_context,
         )
 
@@ -662,9 +768,13 @@ def _kernel(
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem, bias_bars, bias_smem):
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        @plgpu.nd_loop((units,), collective_axes="sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
-            (lin,) = info.index
+            (u,) = info.index
+            if split > 1:
+                lin, is_full, is_owner, t_rel, piece = _tail_unit(u, n_full, n_tail, split)
+            else:
+                lin = u
             m_idx, n_idx = plgpu.planar_snake(
                 lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
@@ -684,7 +794,7 @@ def _kernel(
                     return a_smem.at[rows], b_smem, rows
                 return a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)], slice(None)
 
-            def compute_context(eval_pipeline):
+            def compute_context(eval_pipeline, is_piece=False):
                 wg = lax.axis_index("wg")
                 col0 = wg_col0(wg)
                 if c.wg_dimension == "m":
@@ -710,6 +820,47 @@ def _kernel(
                     totals = _overlap_scope(eval_pipeline, totals0[0])
                 else:
                     totals = eval_pipeline(totals0)
+                if not is_piece:
+                    epilogue(totals, wg, wg_m_slice, wg_n_slice)
+                    return
+
+                # A K range of a tail tile: contributors hand their partial total to the owner
+                # through the workspace; the owner adds them (in a fixed order: deterministic).
+                if _TAIL_ABLATION == "no_exchange":  # measurement only: wrong results (see _TAIL_ABLATION)
+
+                    @pl.when(~is_owner)
+                    def _skip():
+                        if has_bias:
+                            plgpu.barrier_wait(bias_bars.at[wg])
+
+                    pl.when(is_owner)(lambda: epilogue(totals, wg, wg_m_slice, wg_n_slice))
+                    return
+
+                @pl.when(~is_owner)
+                def _contribute():
+                    if has_bias:  # (the bias copy was issued for every unit: complete its barrier phase)
+                        plgpu.barrier_wait(bias_bars.at[wg])
+                    slot = piece * n_tail + t_rel
+                    for h, tot in enumerate(totals):
+                        ws_gmem.at[slot, wg, h][...] = tot
+                    if sems is not None:
+                        plgpu.semaphore_signal(sems.at[t_rel, wg], 1, memory_scope="gpu")
+
+                @pl.when(is_owner)
+                def _own():
+                    if sems is not None:
+                        plgpu.semaphore_wait(sems.at[t_rel, wg], split - 1, memory_scope="gpu")
+                    tots = list(totals)
+                    for jj in range(split - 1):
+                        for h in range(n_sub):
+                            part = plgpu.load(
+                                ws_gmem.at[jj * n_tail + t_rel, wg, h], layout=plgpu.Layout.WGMMA, optimized=False
+                            )
+                            tots[h] = tots[h] + part
+                    epilogue(tuple(tots), wg, wg_m_slice, wg_n_slice)
+
+            def epilogue(totals, wg, wg_m_slice, wg_n_slice):
+                """Bias, cast, and the store through shared memory + TMA."""
                 if has_bias:
                     plgpu.barrier_wait(bias_bars.at[wg])
                 ys = []
@@ -739,8 +890,9 @@ def _kernel(
                                 out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, o_n],
                             )
 
-            def mma_body(idx, a_smem, b_smem, as_smem, totals):
+            def mma_body(idx, a_smem, b_smem, as_smem, totals, k_step0=0):
                 (kk,) = idx
+                kk = kk + k_step0  # (a tail tile's K range starts at step k_step0)
                 wg = lax.axis_index("wg")
                 a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 col0 = wg_col0(wg)
@@ -951,12 +1103,38 @@ def _kernel(
                 return acc, s_prev, b_next
 
             body = rescale_body if c.rescale else overlap_body if overlap else mma_body
-            pipeline(body, compute_context)(
-                a_gmem.at[cta_m_slice, :],
-                b_gmem.at[cta_n_slice, :],
-                ast_gmem.at[:, cta_m_slice],
-                allocations=pipeline_allocs,
-            )
+            if split == 1:
+                pipeline(body, compute_context)(
+                    a_gmem.at[cta_m_slice, :],
+                    b_gmem.at[cta_n_slice, :],
+                    ast_gmem.at[:, cta_m_slice],
+                    allocations=pipeline_allocs,
+                )
+                return
+
+            @pl.when(is_full)
+            def _whole_k():
+                pipeline(body, compute_context)(
+                    a_gmem.at[cta_m_slice, :],
+                    b_gmem.at[cta_n_slice, :],
+                    ast_gmem.at[:, cta_m_slice],
+                    allocations=pipeline_allocs,
+                )
+
+            @pl.when(~is_full)
+            def _k_range():
+                k_step0 = piece * k_piece
+                k_cols = pl.ds(pl.multiple_of(k_step0 * tile_k, tile_k), k_piece * tile_k)
+                pipeline(
+                    functools.partial(mma_body, k_step0=k_step0),
+                    functools.partial(compute_context, is_piece=True),
+                    grid=(k_piece,),
+                )(
+                    a_gmem.at[cta_m_slice, k_cols],
+                    b_gmem.at[cta_n_slice, k_cols],
+                    ast_gmem.at[pl.ds(k_step0 * sub, k_piece * sub), cta_m_slice],
+                    allocations=pipeline_allocs,
+                )
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -1015,7 +1193,8 @@ def block_scaled_mm(
         per-block float32 promotion).  Ignored when ``config`` is given (its ``rescale`` decides).
       interpret: run in Mosaic GPU interpret mode (CPU).  There the default's three-warpgroup
         tiles (M >= 2048) run as two warpgroups: jax 0.11.2's interpreter can deadlock with four
-        warpgroups per CTA (the same kernel code, checked on the GPU and cross-lowered in CI).
+        warpgroups per CTA (the same kernel code, checked on the GPU and cross-lowered in CI),
+        and a cut last wave (``tail_split``) runs its units in one CTA, without semaphores.
     """
     out_dtype = jnp.dtype(out_dtype)
     _validate(a, b, a_scale, b_scale, bias, out_dtype)
@@ -1033,6 +1212,8 @@ def block_scaled_mm(
             "Mosaic GPU interpreter can deadlock with four warpgroups per CTA); use num_compute_wgs <= 2 there"
         )
     _validate_config(config, out_dtype, bias is not None)
+    if err := tail_split_error(config, k):
+        raise ValueError(err)
     # M > 8 not a multiple of 8: pad the activation side, slice the output (see tma_rows).
     m_pad = tma_rows(m) - m
     if m_pad:
@@ -1048,22 +1229,92 @@ def block_scaled_mm(
     return out[:m] if m_pad else out
 
 
+def tail_plan(tiles: int, sms: int, split: int) -> tuple[int, int]:
+    """Stream-K over the last wave: (whole-K tiles, tail tiles cut into ``split`` K ranges).
+
+    The tail is the tiles past the last whole wave of ``sms`` (all of them when there are fewer);
+    with ``split`` > 1 the persistent grid runs every CTA's whole tiles, then the tail's
+    ``tail * split`` shorter units, so the last wave is ``split`` times as fine.  No tail (a
+    whole number of waves) or ``split`` = 1: every tile whole."""
+    tail = tiles % sms if tiles >= sms else tiles
+    if split == 1 or tail == 0:
+        return tiles, 0
+    return tiles - tail, tail
+
+
+def _tail_unit(u, n_full: int, n_tail: int, split: int):
+    """Work unit ``u`` of a cut last wave -> (tile index, whole?, owner?, tail tile, K range).
+
+    Units: the ``n_full`` whole-K tiles, then the tail tiles' first ``split - 1`` K ranges
+    ("contributors": partial total to the workspace, then a signal; range j of tail tile t is unit
+    n_full + j * n_tail + t), then their last K ranges ("owners": wait, add the partials, epilogue).
+    Every unit an owner waits for comes before every owner in the persistent grid's round-robin
+    order and waits for nothing itself, so with all CTAs resident no wait can deadlock.  Works on
+    traced and plain integers."""
+    is_full = u < n_full
+    p = jnp.maximum(u - n_full, 0)
+    n_contrib = n_tail * (split - 1)
+    is_owner = p >= n_contrib
+    t_rel = jnp.where(is_owner, p - n_contrib, lax.rem(p, n_tail))
+    piece = jnp.where(is_owner, split - 1, p // n_tail)
+    lin = jnp.where(is_full, u, n_full + t_rel)
+    return lin, is_full, is_owner, t_rel, piece
+
+
+def tail_split_error(config: BlockTuningConfig, k: int) -> str | None:
+    """Why ``config.tail_split`` cannot cut this K (None if it can): the K ranges must be whole
+    pipeline steps, as many as the pipeline's depth."""
+    s = config.tail_split
+    if s == 1:
+        return None
+    k_iters = _cdiv(k, config.tile_k)
+    if k % config.tile_k or k_iters % s:
+        return (
+            f"config.tail_split={s} needs K a multiple of tile_k * tail_split = {config.tile_k * s}; got K={k}"
+        )
+    if k_iters // s < config.max_concurrent_steps:
+        return (
+            f"config.tail_split={s}: K ranges of {k_iters // s} steps are shorter than the pipeline "
+            f"(max_concurrent_steps={config.max_concurrent_steps}); K={k} needs a smaller split"
+        )
+    return None
+
+
 def _call(args, *, config, has_bias, out_dtype, interpret):
     a, b = args[0], args[1]
     m, k = a.shape
     n = b.shape[0]
     tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n)
-    grid = max(1, min(num_sms(), tiles))
+    sms = num_sms()
+    n_full, n_tail = tail_plan(tiles, sms, config.tail_split)
+    units = n_full + n_tail * config.tail_split
+    grid = max(1, min(sms, units))
+    if interpret and n_tail:
+        # The same units (planned for `sms` SMs) in one CTA, in order: every contributor before any
+        # owner, so the interpreter (no global semaphores) needs no synchronization.
+        grid = 1
     kwargs = {}
     if interpret:
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
+    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+    if n_tail:
+        c = config
+        n_part = min(c.tile_n, BLOCK)
+        # The contributors' partial totals: one f32 warpgroup tile per (K range, tail tile, warpgroup, N block).
+        ws = jax.ShapeDtypeStruct(
+            (n_tail * (c.tail_split - 1), c.num_compute_wgs, c.tile_n // n_part, c.tile_m, n_part), jnp.float32
+        )
+        out_type = (out_type, ws)
     f = plgpu.kernel(
-        functools.partial(_kernel, config=config, has_bias=has_bias, m=m, n=n, k=k, interpret=interpret),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        functools.partial(
+            _kernel, config=config, has_bias=has_bias, m=m, n=n, k=k, tail=(n_full, n_tail), interpret=interpret
+        ),
+        out_type=out_type,
         grid=(grid,),
         grid_names=("sm",),
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
         **kwargs,
     )
-    return f(*args)
+    out = f(*args)
+    return out[0] if n_tail else out
