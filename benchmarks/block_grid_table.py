@@ -2,7 +2,8 @@
 
 The time phase of one call covers ~30 cases, so the 80-case grid takes several calls
 (``--shapes grid --m ...``); this merges their ``time`` rows (a later file wins for a case timed
-twice) and writes one markdown file with, per (N, K) row and M column:
+twice; a file's case whose block kernel ran another config than today's heuristic is left out of
+that file, ``--keep-stale`` keeps it) and writes one markdown file with, per (N, K) row and M column:
 
 * block / per-channel: qlin's per-channel fp8 kernel time / the block kernel's (issue 8's target:
   >= 0.85 at M >= 1024), the same for ``fast_accum=True``;
@@ -28,17 +29,36 @@ BLOCK, FAST = "qlin:mosaic_gpu_block", "qlin:mosaic_gpu_block:fast_accum"
 CHANNEL, DEQUANT = "qlin:mosaic_gpu", "xla:dequant_bf16"
 
 
-def load(paths: list[Path]) -> tuple[dict[tuple, dict], set[str]]:
-    """{(M, N, K): {impl: us}} over the ``time`` rows of ``paths`` (later files win), and the devices."""
+def current_default(m: int, n: int, k: int) -> str:
+    """The short name of the block kernel's heuristic config today (132 SMs when no GPU is present)."""
+    from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+
+    return bmm.default_config(m, n, k).short()
+
+
+def load(paths: list[Path], keep_stale: bool = False) -> tuple[dict[tuple, dict], set[str], list[str]]:
+    """{(M, N, K): {impl: us}} over the ``time`` rows of ``paths`` (later files win), the devices, and
+    notes on the cases left out: unless ``keep_stale``, a file's case whose block row ran a config
+    other than today's heuristic (an older or interim heuristic) is left out of that file, so a table
+    merged across sessions shows what the code does now."""
     cases: dict[tuple, dict] = {}
     devices = set()
+    dropped = []
     for p in paths:
         data = json.loads(p.read_text())
         devices.add(data.get("device", "?"))
-        for r in data.get("rows", []):
-            if r.get("kind") == "time" and r.get("us"):
+        rows = [r for r in data.get("rows", []) if r.get("kind") == "time" and r.get("us")]
+        stale = set()
+        for r in rows:
+            key = (r["M"], r["N"], r["K"])
+            if not keep_stale and r["impl"] == BLOCK and r.get("config") and r["config"] != current_default(*key):
+                stale.add(key)
+                today = current_default(*key)
+                dropped.append(f"{p.name}: {key[0]} x {key[1]} x {key[2]} ran {r['config']} (today: {today})")
+        for r in rows:
+            if (r["M"], r["N"], r["K"]) not in stale:
                 cases.setdefault((r["M"], r["N"], r["K"]), {})[r["impl"]] = r["us"]
-    return cases, devices
+    return cases, devices, dropped
 
 
 def ratio(case: dict, num: str, den: str) -> float | None:
@@ -88,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", type=Path, help="gpu_block_check.py JSON files, oldest first")
     p.add_argument("--out", type=Path, default=None, help="markdown file to write (default: print only)")
+    p.add_argument(
+        "--keep-stale", action="store_true", help="keep cases whose block row ran a config other than today's default"
+    )
     args = p.parse_args(argv)
-    cases, devices = load(args.inputs)
+    cases, devices, dropped = load(args.inputs, args.keep_stale)
     if not cases:
         p.error("no time rows in the inputs (run gpu_block_check.py with --phases time)")
     if len(devices) > 1:
@@ -103,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *summary(cases),
         "",
+        *(
+            ["Left out (the block kernel ran a config other than today's heuristic; an earlier file's row stands):", ""]
+            + [f"- {d}" for d in dropped]
+            + [""]
+            if dropped
+            else []
+        ),
         *table(cases, CHANNEL, BLOCK, "block (default tiles) speed / per-channel speed (target >= 0.85 at M >= 1024)"),
         *table(cases, CHANNEL, FAST, "block with fast_accum=True speed / per-channel speed"),
         *table(cases, DEQUANT, BLOCK, "block speed / XLA dequantize-to-bf16 path speed (target > 1)"),

@@ -51,6 +51,15 @@ with the JSON of the rows so far written.)
    ``$OUT/ptxas_<layout>.txt``) and records ptxas' register count, spills and any
    "wgmma ... serialized" warning (the overlap only pays if ptxas keeps the wgmma asynchronous).
 
+6. tail (opt-in): stream-K over the last wave (``BlockTuningConfig(tail_split=...)``, GPU only:
+   global semaphores) checked like ``check`` at TAIL_CASES: a tail of 88 / 44 / 24 tiles and every
+   tile in the tail, split 2 / 3 / 4 / 8, three-warpgroup, two-block and 64 x 256 warpgroup tiles,
+   M = 7, partial M and N tiles, each out dtype, and the heuristic's own cut at two shapes.
+   tail_ab (opt-in): per ``--sweep-shapes`` shape, three warpgroups whole / cut in two / cut in two
+   with the partial-total exchange left out (``_TAIL_ABLATION``: wrong output, a bound), same run.
+   ``--sweep-tail`` makes the sweep phase time the default and the two promoted large-M tiles with
+   tail_split 1 / 2 / 4 instead of the candidate list.
+
 A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
 
 Writes ``$OUT/gpu_block_check.json`` (default benchmarks/results) and prints markdown
@@ -93,6 +102,8 @@ CHECK_SHAPES = [(272, 384), (1040, 2080), (13664, 4096)]
 XLA_FP8 = False  # --xla-fp8: also time XLA's fp8 GEMM (per-token x per-channel scales)
 SWEEP = [(4096, 4096, 4096, 10), (4096, 28672, 4096, 6), (16, 4096, 14336, 6)]  # (M, N, K, candidates)
 SWEEP_RESCALE = False  # --sweep-rescale: sweep only the default and the rescaled-accumulation candidates
+PTXAS_SHORT = False  # --ptxas-short: the ptxas phase leaves out the overlap layouts
+SWEEP_TAIL = False  # --sweep-tail: sweep the default and the promoted large-M tiles with tail_split 1 / 2 / 4
 CASE_TIMEOUT_S = 120.0  # watchdog per overlap case (compile + run): a hung kernel ends the process
 
 
@@ -196,6 +207,34 @@ THREE_WG_LAYOUTS = {
     "w3n_tn128": bmm._three_wg_tile("n", steps=3),
 }
 LAYOUTS.update(THREE_WG_LAYOUTS)
+# Stream-K over the last wave (config.tail_split; GPU only: global semaphores): three warpgroups,
+# two-block steps, a two-block-wide (64 x 256) warpgroup tile, each cut 2 / 3 / 4 / 8 ways.
+TAIL_LAYOUTS = {
+    "w3m_t2": dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=2),
+    "w3m_t3": dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=3),
+    "w3m_t4": dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=4),
+    "w3m_t8": dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=8),
+    "w2m_k256_t2": dataclasses.replace(bmm._two_block_step_tile(), tail_split=2),
+    "w2m_tn256_t2": dataclasses.replace(bmm.BlockTuningConfig(tile_n=256, max_concurrent_steps=4, epi_slots=1),
+                                        tail_split=2),
+}  # fmt: skip
+# (M, N, K, out dtype, bias, layout): with 132 SMs, a tail of 88 tiles (176 units: some CTAs run a
+# contributor and then an owner), all tiles in the tail (102 tiles, partial M and N tiles, 408 units),
+# a tail of 24 / 44 tiles (one unit a CTA), M < a tile, a 256-wide warpgroup tile (two N blocks), and
+# the heuristic's choice where it cuts the last wave.
+TAIL_CASES = [
+    (2048, 4096, 4096, "bfloat16", True, "w3m_t2"),
+    (1000, 2080, 2048, "float32", True, "w3m_t4"),
+    (4096, 4096, 1536, "bfloat16", False, "w3m_t3"),
+    (200, 512, 8192, "float16", True, "w3m_t8"),
+    (7, 4096, 4096, "bfloat16", True, "w3m_t4"),
+    (1100, 4096, 4096, "float16", False, "w2m_k256_t2"),
+    (1000, 4096, 2048, "bfloat16", True, "w2m_k256_t2"),
+    (300, 1040, 2048, "bfloat16", True, "w2m_tn256_t2"),
+    (2048, 8192, 8192, "bfloat16", True, "w3m_t2"),
+    (4096, 4096, 4096, "bfloat16", True, None),  # the heuristic's (three warpgroups, tail_split=2)
+    (2048, 8192, 8192, "float32", False, None),
+]
 # accuracy phase: rescaled accumulation adds each K block inside the wgmma (no f32 promotion)
 RESCALE_ACCURACY_CONFIG = bmm._fit_smem(bmm._rescale_wide_tile("n"), jnp.dtype(jnp.float32))
 
@@ -295,11 +334,14 @@ def rescale_cases(name):
     return overlap_cases(name)[:3] + [(100, 272, 128, "float16", True, name), (5, 4096, 4096, "bfloat16", True, name)]
 
 
-def phase_check(results, overlap_only=False, rescale_only=False, layouts=None):
-    """``rescale_only``: the layout cases of ``layouts`` (default RESCALE_LAYOUTS) alone."""
+def phase_check(results, overlap_only=False, rescale_only=False, layouts=None, tail_only=False):
+    """``rescale_only``: the layout cases of ``layouts`` (default RESCALE_LAYOUTS) alone; ``tail_only``:
+    TAIL_CASES (stream-K over the last wave) alone."""
     cases = []
     seed = int(time.time()) % 100000
-    if rescale_only:
+    if tail_only:
+        cases = list(TAIL_CASES)
+    elif rescale_only:
         for name in RESCALE_LAYOUTS if layouts is None else layouts:
             cases += rescale_cases(name)
     elif not overlap_only:
@@ -318,7 +360,7 @@ def phase_check(results, overlap_only=False, rescale_only=False, layouts=None):
                 (129, 272, 416, "bfloat16", True, name) if INTERPRET else (129, 1040, 2080, "bfloat16", True, name)
             )
     # The overlap variants last: a fault there (sticky on CUDA) cannot lose the checks above.
-    for name in OVERLAP_LAYOUTS if not rescale_only else ():
+    for name in OVERLAP_LAYOUTS if not (rescale_only or tail_only) else ():
         cases += overlap_cases(name, full=overlap_only)
     for i, (m, n, k, od, bias, layout) in enumerate(cases):
         row = {
@@ -336,8 +378,8 @@ def phase_check(results, overlap_only=False, rescale_only=False, layouts=None):
         try:
             rng = np.random.default_rng(seed + i)
             a, b, a_s, b_s, bv = host_operands(rng, m, n, k, bias)
-            cfg = LAYOUTS[layout] if layout else None
-            if layout in OVERLAP_LAYOUTS or layout in RESCALE_LAYOUTS:  # fewer stages for float32 outputs
+            cfg = (TAIL_LAYOUTS.get(layout) or LAYOUTS[layout]) if layout else None
+            if layout in OVERLAP_LAYOUTS or layout in RESCALE_LAYOUTS or layout in TAIL_LAYOUTS:  # f32: fewer stages
                 cfg = bmm._fit_smem(cfg, jnp.dtype(od))
             fn = jax.jit(
                 lambda a, b, x, y, bias, cfg=cfg, od=od: bmm.block_scaled_mm(
@@ -605,6 +647,13 @@ def phase_sweep(results):
         results.append(base)
         print(f"sweep M={m} {n}x{k} per-channel baseline: {_fmt(base.get('us'))} us", flush=True)
         cands = bmm.candidate_configs(m, n, k)
+        if SWEEP_TAIL:  # the two promoted large-M tiles, each whole and cut 2 / 4 ways over the last wave
+            cands = [cands[0]] + [
+                bmm._fit_smem(dataclasses.replace(t, tail_split=s), jnp.bfloat16)
+                for t in (bmm._three_wg_tile("m", width=4), bmm._two_block_step_tile())
+                for s in (1, 2, 4)
+            ]
+            cands = [c for i, c in enumerate(cands) if c not in cands[:i] and bmm.tail_split_error(c, k) is None]
         if SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
             cands = cands[:1] + [c for c in bmm.candidate_configs(m, n, k, fast_accum=True) if c.rescale]
         for cfg in cands[:limit]:
@@ -642,6 +691,40 @@ def phase_sweep(results):
                 f"err={row.get('rel_err')} {row.get('error', '')}",
                 flush=True,
             )
+
+
+def phase_tail_ab(results):
+    """Where the stream-K tail's time goes, per SWEEP shape: three warpgroups whole, cut 2 ways, and cut 2
+    ways with the partial-total exchange left out (``bmm._TAIL_ABLATION = "no_exchange"``: wrong output,
+    a bound), each timed in the same run beside the per-channel kernel."""
+    base_cfg = bmm._three_wg_tile("m", width=4)
+    variants = [("whole", base_cfg, None), ("t2", dataclasses.replace(base_cfg, tail_split=2), None),
+                ("t2_no_exchange", dataclasses.replace(base_cfg, tail_split=2), "no_exchange")]  # fmt: skip
+    for m, n, k, _ in SWEEP:
+        if elapsed() > BUDGET_S:
+            results.append({"kind": "skipped", "phase": "tail_ab", "M": m, "N": n, "K": k})
+            continue
+        copies = bench.n_copies(n, k)
+        a, a_s, bs = device_operands(m, n, k, copies, seed=2)
+        sets = [(a, b, a_s, b_s) for b, b_s in bs]
+        a_tok = jnp.max(a_s, axis=1, keepdims=True)
+        chan = [(a, b, a_tok, jnp.max(b_s, axis=1).repeat(128)[:n].reshape(1, n)) for b, b_s in bs]
+        line = [f"tail_ab M={m} {n}x{k}: per-channel {measure_us(per_channel_fn(), chan):.1f} us"]
+        for name, cfg, abl in variants:
+            row = {"kind": "tail_ab", "variant": name, "M": m, "N": n, "K": k, "config": cfg.short()}
+            bmm._TAIL_ABLATION = abl
+            try:
+                fn = jax.jit(lambda a, b, x, y, cfg=cfg: bmm.block_scaled_mm(a, b, x, y, config=cfg))
+                row["us"] = measure_us(fn, sets)
+                line.append(f"{name} {row['us']:.1f}")
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {e}"[:1500]
+                line.append(f"{name} ERROR {row['error'][:200]}")
+            finally:
+                bmm._TAIL_ABLATION = None
+            results.append(row)
+            DUMP()
+        print(", ".join(line), flush=True)
 
 
 # -- 5. ptxas ------------------------------------------------------------------------------------
@@ -682,7 +765,8 @@ def phase_ptxas(results, out_dir):
     import re
 
     m, n, k = (4096, 4096, 4096) if not INTERPRET else (128, 256, 256)
-    cfgs = {"default": bmm.default_config(m, n, k), **THREE_WG_LAYOUTS, **OVERLAP_LAYOUTS}
+    cfgs = {"default": bmm.default_config(m, n, k), **THREE_WG_LAYOUTS, "w3m_t2": TAIL_LAYOUTS["w3m_t2"]}
+    cfgs.update({} if PTXAS_SHORT else OVERLAP_LAYOUTS)
     kb, nb = cdiv(k, 128), cdiv(n, 128)
     args = (
         jnp.zeros((m, k), F8),
@@ -721,7 +805,7 @@ def phase_ptxas(results, out_dir):
 
 def main():
     global XLA_FP8, BUDGET_S, SWEEP, SWEEP_RESCALE, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M
-    global CASE_TIMEOUT_S, DUMP
+    global CASE_TIMEOUT_S, DUMP, SWEEP_TAIL, PTXAS_SHORT
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="check,accuracy,layer,time,sweep")
     p.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on the CPU (interpret mode)")
@@ -732,6 +816,10 @@ def main():
     )
     p.add_argument("--sweep-shapes", default=None, help="M:N:K,... of the sweep phase (default: %s)" % SWEEP)
     p.add_argument("--sweep-rescale", action="store_true", help="sweep only the default + rescale candidates")
+    p.add_argument("--ptxas-short", action="store_true", help="ptxas phase: leave out the overlap layouts")
+    p.add_argument(
+        "--sweep-tail", action="store_true", help="sweep the default + the promoted large-M tiles, tail_split 1/2/4"
+    )
     p.add_argument("--m", default=None, help="comma-separated M values of the time phase (default: %s)" % M_GRID)
     p.add_argument(
         "--shapes",
@@ -765,6 +853,8 @@ def main():
         except (ValueError, AssertionError):
             p.error(f"--shapes: expected 'grid' or N:K,N:K,... of positive integers, got {args.shapes!r}")
     SWEEP_RESCALE = args.sweep_rescale
+    SWEEP_TAIL = args.sweep_tail
+    PTXAS_SHORT = args.ptxas_short
     if args.sweep_shapes:
         SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]
     if args.sweep_limit is not None:
@@ -787,6 +877,8 @@ def main():
         ("overlap", lambda: phase_check(results, overlap_only=True)),
         ("rescale", lambda: phase_check(results, rescale_only=True)),
         ("wg3", lambda: phase_check(results, rescale_only=True, layouts=THREE_WG_LAYOUTS)),
+        ("tail", lambda: phase_check(results, tail_only=True)),
+        ("tail_ab", lambda: phase_tail_ab(results)),
         ("ptxas", lambda: phase_ptxas(results, out_dir)),
         ("accuracy", lambda: phase_accuracy(results)),
         ("layer", lambda: phase_layer(results)),

@@ -444,6 +444,25 @@ def test_block_grid_table_merges_time_rows_and_states_the_targets(tmp_path):
     (tmp_path / "e.json").write_text(json.dumps({"device": "H100", "rows": a[-1:]}))
     with pytest.raises(SystemExit):  # no time rows at all
         table.main([str(tmp_path / "e.json")])
+    # A later file's case whose block kernel ran another config than today's heuristic is left out
+    # (the earlier row stands), unless --keep-stale; rows without a config are kept.
+    from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+
+    today = bmm.default_config(1024, 4096, 4096).short()
+    f = rows(1024, 4096, 4096, 20.0, 28.0, 70.0)
+    f[0]["config"] = today + "t4"
+    g = rows(1024, 4096, 4096, 35.0, 28.0, 70.0)
+    g[0]["config"] = today
+    (tmp_path / "f.json").write_text(json.dumps({"device": "H100", "rows": f}))
+    (tmp_path / "g.json").write_text(json.dumps({"device": "H100", "rows": g}))
+    assert table.main([str(tmp_path / "b.json"), str(tmp_path / "f.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| 4096 x 4096 | 0.88 | - |" in text  # b's 28 / 32 stands
+    assert f"f.json: 1024 x 4096 x 4096 ran {today}t4 (today: {today})" in text
+    assert table.main([str(tmp_path / "b.json"), str(tmp_path / "f.json"), "--keep-stale", "--out", str(out)]) == 0
+    assert "| 4096 x 4096 | 1.40 | - |" in out.read_text() and "Left out" not in out.read_text()
+    assert table.main([str(tmp_path / "b.json"), str(tmp_path / "g.json"), "--out", str(out)]) == 0
+    assert "| 4096 x 4096 | 0.80 | - |" in out.read_text()  # today's config: the later file wins
 
 
 def test_cupti_timer_retakes_a_window_with_an_uneven_kernel_count(monkeypatch):
