@@ -58,7 +58,7 @@ with the JSON of the rows so far written.)
    tail_ab (opt-in): per ``--sweep-shapes`` shape, three warpgroups whole / cut in two / cut in two
    with the partial-total exchange left out (``_TAIL_ABLATION``: wrong output, a bound), same run.
    ``--sweep-tail`` makes the sweep phase time the default and the two promoted large-M tiles with
-   tail_split 1 / 2 / 4 instead of the candidate list.
+   tail_split 1 / 2 / 3 / 4 instead of the candidate list.
 
 A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
 
@@ -103,7 +103,7 @@ XLA_FP8 = False  # --xla-fp8: also time XLA's fp8 GEMM (per-token x per-channel 
 SWEEP = [(4096, 4096, 4096, 10), (4096, 28672, 4096, 6), (16, 4096, 14336, 6)]  # (M, N, K, candidates)
 SWEEP_RESCALE = False  # --sweep-rescale: sweep only the default and the rescaled-accumulation candidates
 PTXAS_SHORT = False  # --ptxas-short: the ptxas phase leaves out the overlap layouts
-SWEEP_TAIL = False  # --sweep-tail: sweep the default and the promoted large-M tiles with tail_split 1 / 2 / 4
+SWEEP_TAIL = False  # --sweep-tail: sweep the default and the promoted large-M tiles with tail_split 1 / 2 / 3 / 4
 CASE_TIMEOUT_S = 120.0  # watchdog per overlap case (compile + run): a hung kernel ends the process
 
 
@@ -215,13 +215,14 @@ TAIL_LAYOUTS = {
     "w3m_t4": dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=4),
     "w3m_t8": dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=8),
     "w2m_k256_t2": dataclasses.replace(bmm._two_block_step_tile(), tail_split=2),
+    "w2m_k256_t3": dataclasses.replace(bmm._two_block_step_tile(), tail_split=3),
     "w2m_tn256_t2": dataclasses.replace(bmm.BlockTuningConfig(tile_n=256, max_concurrent_steps=4, epi_slots=1),
                                         tail_split=2),
 }  # fmt: skip
 # (M, N, K, out dtype, bias, layout): with 132 SMs, a tail of 88 tiles (176 units: some CTAs run a
 # contributor and then an owner), all tiles in the tail (102 tiles, partial M and N tiles, 408 units),
-# a tail of 24 / 44 tiles (one unit a CTA), M < a tile, a 256-wide warpgroup tile (two N blocks), and
-# the heuristic's choice where it cuts the last wave.
+# a tail of 24 / 44 tiles (one unit a CTA), M < a tile, a 256-wide warpgroup tile (two N blocks), K
+# ranges of unequal length (a split that does not divide the K steps), and the heuristic's own cut.
 TAIL_CASES = [
     (2048, 4096, 4096, "bfloat16", True, "w3m_t2"),
     (1000, 2080, 2048, "float32", True, "w3m_t4"),
@@ -232,6 +233,8 @@ TAIL_CASES = [
     (1000, 4096, 2048, "bfloat16", True, "w2m_k256_t2"),
     (300, 1040, 2048, "bfloat16", True, "w2m_tn256_t2"),
     (2048, 8192, 8192, "bfloat16", True, "w3m_t2"),
+    (2048, 4096, 4096, "bfloat16", True, "w3m_t3"),  # 32 K steps in three ranges: 11, 11, 10
+    (1000, 4096, 4096, "float32", True, "w2m_k256_t3"),  # 16 in three: 6, 5, 5
     (4096, 4096, 4096, "bfloat16", True, None),  # the heuristic's (three warpgroups, tail_split=2)
     (2048, 8192, 8192, "float32", False, None),
 ]
@@ -647,11 +650,11 @@ def phase_sweep(results):
         results.append(base)
         print(f"sweep M={m} {n}x{k} per-channel baseline: {_fmt(base.get('us'))} us", flush=True)
         cands = bmm.candidate_configs(m, n, k)
-        if SWEEP_TAIL:  # the two promoted large-M tiles, each whole and cut 2 / 4 ways over the last wave
+        if SWEEP_TAIL:  # the two promoted large-M tiles, each whole and cut 2 / 3 / 4 ways over the last wave
             cands = [cands[0]] + [
                 bmm._fit_smem(dataclasses.replace(t, tail_split=s), jnp.bfloat16)
                 for t in (bmm._three_wg_tile("m", width=4), bmm._two_block_step_tile())
-                for s in (1, 2, 4)
+                for s in (1, 2, 3, 4)
             ]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i] and bmm.tail_split_error(c, k) is None]
         if SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
@@ -818,7 +821,7 @@ def main():
     p.add_argument("--sweep-rescale", action="store_true", help="sweep only the default + rescale candidates")
     p.add_argument("--ptxas-short", action="store_true", help="ptxas phase: leave out the overlap layouts")
     p.add_argument(
-        "--sweep-tail", action="store_true", help="sweep the default + the promoted large-M tiles, tail_split 1/2/4"
+        "--sweep-tail", action="store_true", help="sweep the default + the promoted large-M tiles, tail_split 1/2/3/4"
     )
     p.add_argument("--m", default=None, help="comma-separated M values of the time phase (default: %s)" % M_GRID)
     p.add_argument(

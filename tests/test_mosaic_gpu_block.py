@@ -491,13 +491,15 @@ def test_tail_split_validation():
     with pytest.raises(ValueError, match="needs promoted accumulation"):
         bmm._validate_config(dataclasses.replace(bmm.BlockTuningConfig(overlap=True), tail_split=2), jnp.bfloat16)
     assert bmm.tail_split_error(W3_T2, 4096) is None
-    assert "multiple of tile_k * tail_split = 256; got K=4224" in bmm.tail_split_error(W3_T2, 4224)
-    assert "multiple of tile_k * tail_split = 256" in bmm.tail_split_error(W3_T2, 4000)  # partial K block
+    assert bmm.tail_split_error(W3_T2, 4224) is None  # 33 K steps: ranges of 17 and 16
+    assert "needs K a multiple of tile_k = 128; got K=4000" in bmm.tail_split_error(W3_T2, 4000)  # partial K block
     assert "shorter than the pipeline" in bmm.tail_split_error(dataclasses.replace(W3_T2, tail_split=8), 2048)
+    assert bmm.tail_split_error(dataclasses.replace(W3_T2, tail_split=3), 1536) is None  # 12 steps: 4, 4, 4
+    assert "ranges of 3 steps" in bmm.tail_split_error(dataclasses.replace(W3_T2, tail_split=3), 1408)  # 11: 4, 4, 3
     assert bmm.tail_split_error(dataclasses.replace(W3_T2, tail_split=1), 4000) is None
     assert W3_T2.short().endswith("t2") and not bmm._three_wg_tile().short().endswith("t1")
     # a bad K reaches the caller as an error naming the split, before any kernel is built
-    args = [S((2048, 4224), F8), S((4096, 4224), F8), S((2048, 33), jnp.float32), S((32, 33), jnp.float32)]
+    args = [S((2048, 4000), F8), S((4096, 4000), F8), S((2048, 32), jnp.float32), S((32, 32), jnp.float32)]
     with pytest.raises(ValueError, match="tail_split=2 needs K a multiple of"):
         jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, config=W3_T2)).trace(*args)
 
@@ -508,7 +510,8 @@ def test_tail_split_heuristic_takes_three_warpgroups_with_a_half_empty_last_wave
     assert bmm.default_config(2048, 8192, 8192).tail_split == 2
     assert bmm.default_config(2048, 4096, 4096).tail_split == 1
     assert bmm.default_config(4096, 6144, 4096).tail_split == 1  # 1056 tiles: whole waves
-    assert bmm.default_config(4096, 4096, 4224).tail_split == 1  # K not cut into two whole-step ranges
+    assert bmm.default_config(4096, 4096, 4000).tail_split == 1  # K not whole steps: no cut
+    assert bmm.default_config(4096, 4096, 4224).tail_split == 2  # 33 steps: ranges of 17 and 16
     assert bmm.default_config(1024, 4096, 14336).tail_split == 1  # two-block tiles (rows-past rule)
     assert bmm.default_config(4096, 4096, 4096, fast_accum=True).tail_split == 1  # rescaled: never
     # after many whole waves the model's saving is under _TAIL_MIN_GAIN: 37 waves + 44 tiles, 26 + 8
@@ -534,6 +537,8 @@ TAIL_INTERPRET_CASES = [
     (130, 256, 1536, dataclasses.replace(bmm._two_block_step_tile(), tail_split=2), True, jnp.bfloat16, 3),
     (100, 272, 1024, dataclasses.replace(bmm.BlockTuningConfig(tile_n=256, max_concurrent_steps=2, epi_slots=1),
                                         tail_split=4), False, jnp.float32, 5),
+    # K ranges of unequal length: 10 two-block steps in three ranges of 4, 3 and 3
+    (130, 256, 2560, dataclasses.replace(bmm._two_block_step_tile(), tail_split=3), True, jnp.float16, 3),
 ]  # fmt: skip
 
 

@@ -194,7 +194,8 @@ class BlockTuningConfig(TileConfigBase):
       tiles past the last whole wave (:func:`tail_plan`) are each cut into ``tail_split`` equal K
       ranges run by different CTAs; the CTA of the last range adds the others' f32 partial totals
       (a global workspace, a global semaphore per tile and warpgroup) before the epilogue.
-      K must be a multiple of tile_k * tail_split.  Promoted accumulation only (not with
+      K must be a multiple of tile_k; the ranges (K / tile_k steps over tail_split, the first ones a
+      step longer where it does not divide) at least max_concurrent_steps long.  Promoted accumulation only (not with
       ``overlap`` or ``rescale``).  Interpret mode runs the units in one CTA (no semaphores there).
     """
 
@@ -500,9 +501,12 @@ def _wave_cost(
 def _tail_split(m: int, n: int, k: int, cfg: BlockTuningConfig, sms: int) -> int:
     """2 (stream-K over the last wave) where ``cfg``'s tiles leave a last wave at most half full, after
     few enough whole waves that cutting it saves >= _TAIL_MIN_GAIN by the model, and K cuts into two
-    ranges of whole pipeline steps; else 1.  A fuller tail gains nothing from two
-    ranges (some CTAs would run two of them) and measured slower (H100, h100_block_tail_sweep.json:
-    2048 x 4096 x 4096 / 14336, 2.67 waves of 192 x 128 tiles, 64.5 -> 71.5 / 203.9 -> 212.0 us)."""
+    ranges of whole pipeline steps at least the pipeline deep; else 1.  A fuller tail gains nothing
+    from two ranges (some CTAs would run two of them) and measured slower (H100,
+    h100_block_tail_sweep.json: 2048 x 4096 x 4096 / 14336, 2.67 waves of 192 x 128 tiles, 64.5 ->
+    71.5 / 203.9 -> 212.0 us); three ranges there (two a CTA, 2/3 of a wave in the model) were no
+    better: 64.2 -> 80.0, 202.7 -> 203.7, and 1-2 % slower at 2048 x 10240 x 8192 and 4096 x 8192^2;
+    at a half-full tail they were within 1.2 % of two ranges (h100_block_tail_sweep3.json)."""
     tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
     full, tail = tail_plan(tiles, sms, 2)
     gain = (1 - _TAIL_WAVE) / (full // sms + 1)  # the model's saving: a quarter of a wave over all the waves
@@ -707,13 +711,13 @@ def _kernel(
     steps = max(1, min(c.max_concurrent_steps, k_iters))
 
     # Stream-K over the last wave (config.tail_split, see tail_plan): n_full whole-K tiles, then
-    # n_tail tiles cut into `split` K ranges of k_piece steps each.
+    # n_tail tiles cut into `split` K ranges of k_piece (or k_piece + 1) steps each.
     split = c.tail_split if tail[1] else 1
     n_full, n_tail = tail if split > 1 else (m_iters * n_iters, 0)
     units = n_full + n_tail * split
-    k_piece = k_iters // split
+    k_piece, k_extra = divmod(k_iters, split)  # the first k_extra K ranges take one step more
     if split > 1:
-        assert k_iters % split == 0 and k_piece >= steps, (k_iters, split, steps)
+        assert k_piece >= steps, (k_iters, split, steps)
         (ws_gmem,) = ws
         # One semaphore per tail tile and warpgroup: contributors signal, the owner waits (and
         # brings it back to zero, as Mosaic GPU expects of its global semaphores).  Interpret mode
@@ -1121,20 +1125,26 @@ def _kernel(
                     allocations=pipeline_allocs,
                 )
 
-            @pl.when(~is_full)
-            def _k_range():
-                k_step0 = piece * k_piece
-                k_cols = pl.ds(pl.multiple_of(k_step0 * tile_k, tile_k), k_piece * tile_k)
+            def k_range(k_step0, steps_in_range):
+                k_cols = pl.ds(pl.multiple_of(k_step0 * tile_k, tile_k), steps_in_range * tile_k)
                 pipeline(
                     functools.partial(mma_body, k_step0=k_step0),
                     functools.partial(compute_context, is_piece=True),
-                    grid=(k_piece,),
+                    grid=(steps_in_range,),
                 )(
                     a_gmem.at[cta_m_slice, k_cols],
                     b_gmem.at[cta_n_slice, k_cols],
-                    ast_gmem.at[pl.ds(k_step0 * sub, k_piece * sub), cta_m_slice],
+                    ast_gmem.at[pl.ds(k_step0 * sub, steps_in_range * sub), cta_m_slice],
                     allocations=pipeline_allocs,
                 )
+
+            # K range j has k_piece + 1 steps for j < k_extra, k_piece after (a static length per
+            # pipeline: two pipelines where split does not divide the K steps).
+            if k_extra:
+                pl.when(~is_full & (piece < k_extra))(lambda: k_range(piece * (k_piece + 1), k_piece + 1))
+                pl.when(~is_full & (piece >= k_extra))(lambda: k_range(piece * k_piece + k_extra, k_piece))
+            else:
+                pl.when(~is_full)(lambda: k_range(piece * k_piece, k_piece))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -1262,16 +1272,15 @@ def _tail_unit(u, n_full: int, n_tail: int, split: int):
 
 
 def tail_split_error(config: BlockTuningConfig, k: int) -> str | None:
-    """Why ``config.tail_split`` cannot cut this K (None if it can): the K ranges must be whole
-    pipeline steps, as many as the pipeline's depth."""
+    """Why ``config.tail_split`` cannot cut this K (None if it can): the K ranges are whole pipeline
+    steps (K a multiple of tile_k; the ranges differ by at most one step), each at least as many as the
+    pipeline's depth."""
     s = config.tail_split
     if s == 1:
         return None
     k_iters = _cdiv(k, config.tile_k)
-    if k % config.tile_k or k_iters % s:
-        return (
-            f"config.tail_split={s} needs K a multiple of tile_k * tail_split = {config.tile_k * s}; got K={k}"
-        )
+    if k % config.tile_k:
+        return f"config.tail_split={s} needs K a multiple of tile_k = {config.tile_k}; got K={k}"
     if k_iters // s < config.max_concurrent_steps:
         return (
             f"config.tail_split={s}: K ranges of {k_iters // s} steps are shorter than the pipeline "
