@@ -424,6 +424,15 @@ def test_three_warpgroup_tiles_cross_lower_for_cuda(cfg):
     f.trace(*args).lower(lowering_platforms=("cuda",))
 
 
+def test_interpret_mode_drops_the_last_wave_cut_planned_for_three_warpgroups(monkeypatch):
+    # a default of three warpgroups with a cut last wave runs as two warpgroups, every tile whole: the cut
+    # was planned for 192-row tiles (and its K ranges for four pipeline stages, not five)
+    monkeypatch.setattr(bmm, "default_config", lambda *a, **kw: W3_T2)
+    ops = _operands(np.random.default_rng(7), 700, 256, 1024, bias=False)
+    out = _run(ops, jnp.bfloat16, None)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
+
+
 def test_interpret_mode_runs_the_three_warpgroup_default_as_two_and_rejects_explicit_ones(monkeypatch):
     # one SM: the wave model sees one tile a wave and takes three warpgroups at a small N
     monkeypatch.setattr(bmm, "num_sms", lambda: 1)

@@ -191,12 +191,13 @@ class BlockTuningConfig(TileConfigBase):
       halves) and the per-channel kernel's 128 x 256 CTA tile fit; needs tile_n <= 128 (one
       weight-scale block per warpgroup tile).  See "rescaled accumulation" in ``_kernel``.
     tail_split: stream-K over the last, part-full wave of the persistent grid (1 = off).  The
-      tiles past the last whole wave (:func:`tail_plan`) are each cut into ``tail_split`` equal K
-      ranges run by different CTAs; the CTA of the last range adds the others' f32 partial totals
-      (a global workspace, a global semaphore per tile and warpgroup) before the epilogue.
-      K must be a multiple of tile_k; the ranges (K / tile_k steps over tail_split, the first ones a
-      step longer where it does not divide) at least max_concurrent_steps long.  Promoted accumulation only (not with
-      ``overlap`` or ``rescale``).  Interpret mode runs the units in one CTA (no semaphores there).
+      tiles past the last whole wave (:func:`tail_plan`) are each cut into ``tail_split`` K ranges
+      run by different CTAs; the CTA of the last range adds the others' f32 partial totals (a
+      global workspace, a global semaphore per tile and warpgroup) before the epilogue.  K must be
+      a multiple of tile_k; the ranges split its steps as evenly as they go (the first ones a step
+      longer where tail_split does not divide them), each at least max_concurrent_steps long.
+      Promoted accumulation only (not with ``overlap`` or ``rescale``).  Interpret mode runs the
+      units in one CTA (no semaphores there).
     """
 
     tile_m: int = 64
@@ -438,7 +439,8 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
       h100_block_m_tail.json).  Three-warpgroup tiles whose last wave is at most half full after few
       whole waves cut it into two K ranges (``tail_split=2``, :func:`_tail_split`; the model counts
-      that wave as :data:`_TAIL_WAVE` of one).  Earlier measurements behind the tiles: two K blocks a step 0.80-0.83
+      that wave as :data:`_TAIL_WAVE` of one; h100_block_grid14.md).  Earlier measurements behind
+      the tiles: two K blocks a step 0.80-0.83
       at M = 1024 against 0.73-0.77 for one (h100_block_k256_sweep{,2}.json); three warpgroups 4-10 %
       faster than two at M = 4096 (h100_block_3wg_*); width 4 vs 8: 1-2.5 % faster at 28672 x 4096
       and 8192^2, 1 % slower at 4096^3.
@@ -482,8 +484,9 @@ _REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "rescale_wide": 1.03}
 #: 4096 x 4096^2, 4096 x 4096 x 14336) 1.5-6 % faster, 1.45 waves (1024 x 4096 x 14336) 13 %.
 _TAIL_WAVE = 0.75
 #: Cut the last wave only where the model saves at least this share of the time: a tail after many whole
-#: waves saves little and measured within noise either way (H100, 2048 x 57344 x 8192, 37 waves + 44
-#: tiles: 1506 -> 1523 us; 8192 x 10240 x 8192, 26 waves + 8 tiles: per-channel / block 0.88 -> 0.87).
+#: waves saves little and measured within noise either way (H100, per-channel / block, whole vs cut in
+#: h100_block_grid13 vs grid14: 2048 x 57344 x 8192, 37 waves + 44 tiles, 0.86 -> 0.85; 8192 x 10240 x
+#: 8192, 26 waves + 8 tiles, 0.88 -> 0.87).
 _TAIL_MIN_GAIN = 0.02
 
 
@@ -1215,7 +1218,10 @@ def block_scaled_mm(
     if config is None:
         config = default_config(m, n, k, out_dtype, fast_accum)
         if interpret and config.num_compute_wgs == 3:
-            config = _fit_smem(dataclasses.replace(config, num_compute_wgs=2, max_concurrent_steps=5), out_dtype)
+            # (two warpgroups make other tiles: the last-wave cut, planned for three, is dropped)
+            config = _fit_smem(
+                dataclasses.replace(config, num_compute_wgs=2, max_concurrent_steps=5, tail_split=1), out_dtype
+            )
     elif interpret and config.num_compute_wgs == 3:
         raise ValueError(
             f"config {config.short()}: three consumer warpgroups do not run in interpret mode (jax 0.11.2's "
