@@ -546,13 +546,19 @@ def rel(out, ref):
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
+def channel_sets(a, a_s, bs, n):
+    """Per-channel argument sets (a, b, per-token scale, per-channel scale) on the same fp8 data as the
+    block sets: the per-token / per-channel scale is the max of its block scales."""
+    a_tok = jnp.max(a_s, axis=1, keepdims=True)
+    return [(a, b, a_tok, jnp.max(b_s, axis=1).repeat(128)[:n].reshape(1, n)) for b, b_s in bs]
+
+
 def time_case(results, m, n, k, iterations=20):
     copies = bench.n_copies(n, k)
     a, a_s, bs = device_operands(m, n, k, copies)
     flops = 2.0 * m * n * k
     # per-channel operands for qlin's per-channel kernel and XLA fp8: same fp8 data.
-    a_tok = jnp.max(a_s, axis=1, keepdims=True)
-    chan = [(b, jnp.max(b_s, axis=1).repeat(128)[:n].reshape(1, n)) for b, b_s in bs]
+    chan = channel_sets(a, a_s, bs, n)
     impls = {
         "qlin:mosaic_gpu_block": (
             jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, interpret=INTERPRET)),
@@ -569,13 +575,13 @@ def time_case(results, m, n, k, iterations=20):
         impls["xla:fp8"] = (bench.xla_fn("fp8"), "channel")
     refs = {
         "block": ref_block_f32(a, bs[0][0], a_s, bs[0][1]),
-        "channel": ref_channel_f32(a, chan[0][0], a_tok, chan[0][1]),
+        "channel": ref_channel_f32(*chan[0]),
     }
     out_rows = {}
     for impl, (fn, kind) in impls.items():
         row = {"kind": "time", "impl": impl, "dtype": "fp8", "M": m, "N": n, "K": k, "copies": copies, "scales": kind}
         try:
-            sets = [(a, b, a_s, b_s) for b, b_s in bs] if kind == "block" else [(a, b, a_tok, s) for b, s in chan]
+            sets = [(a, b, a_s, b_s) for b, b_s in bs] if kind == "block" else chan
             err = rel(fn(*sets[0]), refs[kind])
             us = measure_us(fn, sets, iterations=iterations)
             row.update(us=us, tflops=flops / (us * 1e-6) / 1e12, rel_err=err)
@@ -641,9 +647,7 @@ def phase_sweep(results):
             continue
         base = {"kind": "sweep_baseline", "impl": "qlin:mosaic_gpu", "dtype": "fp8", "M": m, "N": n, "K": k}
         try:  # the per-channel kernel on the same fp8 data (per-token x per-channel scales)
-            a_tok = jnp.max(a_s, axis=1, keepdims=True)
-            chan = [(a, b, a_tok, jnp.max(b_s, axis=1).repeat(128)[:n].reshape(1, n)) for b, b_s in bs]
-            us = measure_us(per_channel_fn(), chan, iterations=20)
+            us = measure_us(per_channel_fn(), channel_sets(a, a_s, bs, n), iterations=20)
             base.update(us=us, tflops=2.0 * m * n * k / (us * 1e-6) / 1e12)
         except Exception as e:  # noqa: BLE001
             base.update(us=None, error=f"{type(e).__name__}: {e}"[:1500])
@@ -710,9 +714,8 @@ def phase_tail_ab(results):
         copies = bench.n_copies(n, k)
         a, a_s, bs = device_operands(m, n, k, copies, seed=2)
         sets = [(a, b, a_s, b_s) for b, b_s in bs]
-        a_tok = jnp.max(a_s, axis=1, keepdims=True)
-        chan = [(a, b, a_tok, jnp.max(b_s, axis=1).repeat(128)[:n].reshape(1, n)) for b, b_s in bs]
-        line = [f"tail_ab M={m} {n}x{k}: per-channel {measure_us(per_channel_fn(), chan):.1f} us"]
+        chan_us = measure_us(per_channel_fn(), channel_sets(a, a_s, bs, n))
+        line = [f"tail_ab M={m} {n}x{k}: per-channel {chan_us:.1f} us"]
         for name, cfg, abl in variants:
             row = {"kind": "tail_ab", "variant": name, "M": m, "N": n, "K": k, "config": cfg.short()}
             bmm._TAIL_ABLATION = abl
