@@ -50,10 +50,12 @@ def load(paths: list[Path], keep_stale: bool = False) -> tuple[dict[tuple, dict]
         rows = [r for r in data.get("rows", []) if r.get("kind") == "time" and r.get("us")]
         stale = set()
         for r in rows:
+            if keep_stale or r["impl"] != BLOCK or not r.get("config"):
+                continue
             key = (r["M"], r["N"], r["K"])
-            if not keep_stale and r["impl"] == BLOCK and r.get("config") and r["config"] != current_default(*key):
+            today = current_default(*key)
+            if r["config"] != today:
                 stale.add(key)
-                today = current_default(*key)
                 dropped.append(f"{p.name}: {key[0]} x {key[1]} x {key[2]} ran {r['config']} (today: {today})")
         for r in rows:
             if (r["M"], r["N"], r["K"]) not in stale:
