@@ -60,6 +60,11 @@ with the JSON of the rows so far written.)
    ``--sweep-tail`` makes the sweep phase time the default and the two promoted large-M tiles with
    tail_split 1 / 2 / 3 / 4 instead of the candidate list.
 
+7. wide (opt-in): the 192-wide promoted warpgroup tiles (``WIDE_LAYOUTS``: one wgmma across a
+   weight-scale block boundary, three 64-column pieces promoted) checked at the overlap layouts'
+   cases (partial tiles, many tiles per SM, f32 / f16 out, M = 5).  ``--sweep-wide`` makes the sweep
+   phase time the default, the two-block tile and the 192-wide tiles (whole and with the last wave cut in two).
+
 A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
 
 Writes ``$OUT/gpu_block_check.json`` (default benchmarks/results) and prints markdown
@@ -103,6 +108,7 @@ XLA_FP8 = False  # --xla-fp8: also time XLA's fp8 GEMM (per-token x per-channel 
 SWEEP = [(4096, 4096, 4096, 10), (4096, 28672, 4096, 6), (16, 4096, 14336, 6)]  # (M, N, K, candidates)
 SWEEP_RESCALE = False  # --sweep-rescale: sweep only the default and the rescaled-accumulation candidates
 PTXAS_SHORT = False  # --ptxas-short: the ptxas phase leaves out the overlap layouts
+SWEEP_WIDE = False  # --sweep-wide: sweep the default and the 192-wide promoted tiles (tail_split 1 / 2)
 SWEEP_TAIL = False  # --sweep-tail: sweep the default and the promoted large-M tiles with tail_split 1 / 2 / 3 / 4
 CASE_TIMEOUT_S = 120.0  # watchdog per overlap case (compile + run): a hung kernel ends the process
 
@@ -207,6 +213,13 @@ THREE_WG_LAYOUTS = {
     "w3n_tn128": bmm._three_wg_tile("n", steps=3),
 }
 LAYOUTS.update(THREE_WG_LAYOUTS)
+# 192-wide promoted warpgroup tiles (one wgmma across the weight-scale block boundary, three 64-column
+# pieces promoted; 192 registers a thread): along M (128 x 192 CTA tiles) and along N (64 x 384).
+WIDE_LAYOUTS = {
+    "w2m_tn192": bmm._wide_tile(),
+    "w2n_tn192": dataclasses.replace(bmm._wide_tile(steps=3), wg_dimension="n"),
+}
+LAYOUTS.update(WIDE_LAYOUTS)
 # Stream-K over the last wave (config.tail_split; GPU only: global semaphores): three warpgroups,
 # two-block steps, a two-block-wide (64 x 256) warpgroup tile, each cut 2 / 3 / 4 / 8 ways.
 TAIL_LAYOUTS = {
@@ -218,6 +231,7 @@ TAIL_LAYOUTS = {
     "w2m_k256_t3": dataclasses.replace(bmm._two_block_step_tile(), tail_split=3),
     "w2m_tn256_t2": dataclasses.replace(bmm.BlockTuningConfig(tile_n=256, max_concurrent_steps=4, epi_slots=1),
                                         tail_split=2),
+    "w2m_tn192_t2": dataclasses.replace(bmm._wide_tile(), tail_split=2),
 }  # fmt: skip
 # (M, N, K, out dtype, bias, layout): with 132 SMs, a tail of 88 tiles (176 units: some CTAs run a
 # contributor and then an owner), all tiles in the tail (102 tiles, partial M and N tiles, 408 units),
@@ -237,6 +251,8 @@ TAIL_CASES = [
     (1000, 4096, 4096, "float32", True, "w2m_k256_t3"),  # 16 in three: 6, 5, 5
     (4096, 4096, 4096, "bfloat16", True, None),  # the heuristic's (three warpgroups, tail_split=2)
     (2048, 8192, 8192, "float32", False, None),
+    (1024, 4096, 4096, "bfloat16", True, "w2m_tn192_t2"),  # 176 tiles of 128 x 192: a 44-tile tail
+    (2000, 6104, 4096, "float32", False, "w2m_tn192_t2"),  # partial M / N tiles, 116-tile tail
 ]
 # accuracy phase: rescaled accumulation adds each K block inside the wgmma (no f32 promotion)
 RESCALE_ACCURACY_CONFIG = bmm._fit_smem(bmm._rescale_wide_tile("n"), jnp.dtype(jnp.float32))
@@ -382,7 +398,8 @@ def phase_check(results, overlap_only=False, rescale_only=False, layouts=None, t
             rng = np.random.default_rng(seed + i)
             a, b, a_s, b_s, bv = host_operands(rng, m, n, k, bias)
             cfg = (TAIL_LAYOUTS.get(layout) or LAYOUTS[layout]) if layout else None
-            if layout in OVERLAP_LAYOUTS or layout in RESCALE_LAYOUTS or layout in TAIL_LAYOUTS:  # f32: fewer stages
+            if any(layout in group for group in (OVERLAP_LAYOUTS, RESCALE_LAYOUTS, TAIL_LAYOUTS, WIDE_LAYOUTS)):
+                # (f32 out: fewer stages)
                 cfg = bmm._fit_smem(cfg, jnp.dtype(od))
             fn = jax.jit(
                 lambda a, b, x, y, bias, cfg=cfg, od=od: bmm.block_scaled_mm(
@@ -661,6 +678,13 @@ def phase_sweep(results):
                 for s in (1, 2, 3, 4)
             ]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i] and bmm.tail_split_error(c, k) is None]
+        if SWEEP_WIDE:  # the default, the two-block tile and the 192-wide tiles (whole and with the last wave cut)
+            cands = [cands[0], bmm._two_block_step_tile()] + [
+                bmm._fit_smem(dataclasses.replace(t, tail_split=s), jnp.bfloat16)
+                for t in (bmm._wide_tile(), bmm._wide_tile(width=4), bmm._wide_tile(steps=4, grid_minor="n"))
+                for s in (1, 2)
+            ]
+            cands = [c for i, c in enumerate(cands) if c not in cands[:i] and bmm.tail_split_error(c, k) is None]
         if SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
             cands = cands[:1] + [c for c in bmm.candidate_configs(m, n, k, fast_accum=True) if c.rescale]
         for cfg in cands[:limit]:
@@ -771,7 +795,9 @@ def phase_ptxas(results, out_dir):
     import re
 
     m, n, k = (4096, 4096, 4096) if not INTERPRET else (128, 256, 256)
-    cfgs = {"default": bmm.default_config(m, n, k), **THREE_WG_LAYOUTS, "w3m_t2": TAIL_LAYOUTS["w3m_t2"]}
+    cfgs = {
+        "default": bmm.default_config(m, n, k), **THREE_WG_LAYOUTS, "w3m_t2": TAIL_LAYOUTS["w3m_t2"], **WIDE_LAYOUTS
+    }
     cfgs.update({} if PTXAS_SHORT else OVERLAP_LAYOUTS)
     kb, nb = cdiv(k, 128), cdiv(n, 128)
     args = (
@@ -811,7 +837,7 @@ def phase_ptxas(results, out_dir):
 
 def main():
     global XLA_FP8, BUDGET_S, SWEEP, SWEEP_RESCALE, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M
-    global CASE_TIMEOUT_S, DUMP, SWEEP_TAIL, PTXAS_SHORT
+    global CASE_TIMEOUT_S, DUMP, SWEEP_TAIL, SWEEP_WIDE, PTXAS_SHORT
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="check,accuracy,layer,time,sweep")
     p.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on the CPU (interpret mode)")
@@ -821,6 +847,7 @@ def main():
         "--sweep-limit", type=int, default=None, help="candidate configs per sweep shape (default 10 / 6 / 6)"
     )
     p.add_argument("--sweep-shapes", default=None, help="M:N:K,... of the sweep phase (default: %s)" % SWEEP)
+    p.add_argument("--sweep-wide", action="store_true", help="sweep the default + the 192-wide promoted tiles")
     p.add_argument("--sweep-rescale", action="store_true", help="sweep only the default + rescale candidates")
     p.add_argument("--ptxas-short", action="store_true", help="ptxas phase: leave out the overlap layouts")
     p.add_argument(
@@ -860,6 +887,7 @@ def main():
             p.error(f"--shapes: expected 'grid' or N:K,N:K,... of positive integers, got {args.shapes!r}")
     SWEEP_RESCALE = args.sweep_rescale
     SWEEP_TAIL = args.sweep_tail
+    SWEEP_WIDE = args.sweep_wide
     PTXAS_SHORT = args.ptxas_short
     if args.sweep_shapes:
         SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]
@@ -883,6 +911,7 @@ def main():
         ("overlap", lambda: phase_check(results, overlap_only=True)),
         ("rescale", lambda: phase_check(results, rescale_only=True)),
         ("wg3", lambda: phase_check(results, rescale_only=True, layouts=THREE_WG_LAYOUTS)),
+        ("wide", lambda: phase_check(results, rescale_only=True, layouts=WIDE_LAYOUTS)),
         ("tail", lambda: phase_check(results, tail_only=True)),
         ("tail_ab", lambda: phase_tail_ab(results)),
         ("ptxas", lambda: phase_ptxas(results, out_dir)),

@@ -61,6 +61,12 @@ N256 = bmm.BlockTuningConfig(
 N256_WG_N = bmm.BlockTuningConfig(
     tile_m=64, tile_n=256, max_concurrent_steps=2, num_compute_wgs=2, wg_dimension="n", epi_tile_n=32
 )
+# 64 x 192 warpgroup tiles: one wgmma across the weight-scale block boundary, three 64-column pieces
+# promoted (tiles start at column offsets 0 and 64 of a block: N = 400 / 592 has both, and a partial tile).
+WIDE_M = bmm.BlockTuningConfig(
+    tile_m=64, tile_n=192, max_concurrent_steps=2, num_compute_wgs=2, wg_dimension="m", epi_tile_n=64, epi_slots=1
+)
+WIDE_N = dataclasses.replace(WIDE_M, wg_dimension="n", epi_tile_n=32)
 TWO_WG_N = bmm.BlockTuningConfig(
     tile_m=64,
     tile_n=64,
@@ -163,6 +169,9 @@ CASES = [
     (70, 400, 640, True, jnp.bfloat16, N256),
     (130, 272, 384, False, jnp.float32, N256),
     (9, 560, 256, True, jnp.float16, N256_WG_N),
+    (130, 400, 384, True, jnp.bfloat16, WIDE_M),
+    (70, 592, 416, False, jnp.float32, WIDE_M),
+    (9, 400, 256, True, jnp.float16, WIDE_N),
     # rescaled accumulation: 128-row warpgroup tiles at M = 100 / 130 / 257, K % 128 != 0, one K block
     (130, 176, 640, True, jnp.bfloat16, RS_M128_WG_N),
     (100, 48, 416, False, jnp.float32, RS_M128_WG_N),
@@ -357,7 +366,8 @@ def test_overlap_variants_close_the_large_m_candidates_and_are_never_the_default
             assert not any(flags[:-5]) and all(flags[-5:])
             default = cands[0]
             wgs = 3 if m >= 2048 else 2
-            assert (default.tile_n, default.num_compute_wgs, default.wg_dimension) == (128, wgs, "m")
+            assert default.tile_n in ((128,) if m >= 2048 else (128, 192))  # 128 x 192 at some M = 1024 shapes
+            assert (default.num_compute_wgs, default.wg_dimension) == (wgs, "m")
             assert {(c.tile_k, c.wg_dimension) for c in cands if c.overlap} == {(128, "m"), (256, "m"), (128, "n")}
 
 
@@ -370,14 +380,14 @@ def test_two_k_blocks_a_step_from_mid_m(monkeypatch):
     assert (two.tile_m, two.tile_n, two.tile_k, two.num_compute_wgs, two.wg_dimension) == (64, 128, 256, 2, "m")
     assert bmm._acc_registers(two) == bmm.MAX_ACC_REGISTERS
     for n, k in LLAMA:
-        for m in (1000, 1024):  # 192-row tiles would put 12.5 % of M past it
-            assert bmm.default_config(m, n, k) == two
+        for m in (1000, 1024):  # 192-row tiles would put 12.5 % of M past it (128 x 192 where they fill the waves)
+            assert bmm.default_config(m, n, k) in (two, bmm._wide_tile())
         assert bmm.default_config(512, n, k) == two
     assert bmm.default_config(256, 8192, 8192) == two
     assert bmm.default_config(256, 4096, 14336).tile_n == 64  # the model's 64-wide tiles stay (0.78 vs 0.66)
     for m in (129, 256, 512, 1024):  # never the 64 x 256 warpgroup tile by default from M = 129
         for n, k in LLAMA:
-            assert bmm.default_config(m, n, k).tile_n <= 128
+            assert bmm.default_config(m, n, k).tile_n <= bmm.WIDE_TILE_N
     assert bmm.default_config(128, 28672, 4096).tile_n == 256  # one row of tiles: not timed with two blocks
 
 
@@ -401,9 +411,47 @@ def test_three_warpgroups_where_the_wave_model_takes_them(monkeypatch):
     assert bmm._wave_cost(1024, 8192, 192, 128, 132, 1.0) < bmm._wave_cost(1024, 8192, 128, 128, 132, 1.2)
     assert bmm.default_config(1024, 8192, 8192).num_compute_wgs == 2
     assert bmm.default_config(2176, 8192, 8192).num_compute_wgs == 2  # 128 of 2176 rows past M
-    for m in (513, 600, 1000, 1100, 1536, 2047, 2048, 3000, 4096):  # every choice is one of the two tiles
+    for m in (513, 600, 1000, 1100, 1536, 2047, 2048, 3000, 4096):  # every choice is one of the three tiles
         cfg = dataclasses.replace(bmm.default_config(m, 8192, 8192), tail_split=1)
-        assert cfg in (three, bmm._two_block_step_tile())
+        assert cfg in (three, bmm._two_block_step_tile(), bmm._wide_tile())
+
+
+def test_wide_tiles_where_the_wave_model_gives_them_ten_percent(monkeypatch):
+    # H100 (results/h100_block_wide_sweep{,2}.json, same run each): 128 x 192 tiles against the two-block
+    # tile at M = 1024: 6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192 805.8 vs
+    # 878.1 (the model: 0.83 / 0.89 / 0.85 of the two-block time at three warpgroups' rate) -> taken;
+    # 8192^2 123.0 vs 118.7 and 10240 x 8192 163.6 vs 147.6 (0.94 / 1.0) -> not; 8192 x 28672 (0.94)
+    # 416.2 vs 434.0: a miss.  M = 600 (results/h100_block_wide_check_time.json): 4096^2 24.5 vs 31.5,
+    # 4096 x 14336 72.4 vs 95.9, 8192^2 86.5 vs 90.4, 28672 x 4096 141.6 vs 140.8.
+    monkeypatch.setattr(bmm, "num_sms", lambda: 132)
+    wide = bmm._wide_tile()
+    assert (wide.tile_m, wide.tile_n, wide.cta_tile_m, wide.cta_tile_n, wide.tile_k) == (64, 192, 128, 192, 128)
+    assert bmm._acc_registers(wide) == bmm.MAX_ACC_REGISTERS  # 96 total + 96 accumulator
+    for n, k in ((6144, 4096), (28672, 4096), (57344, 8192)):
+        assert bmm.default_config(1024, n, k) == wide, (n, k)
+    for n, k in ((8192, 8192), (10240, 8192), (8192, 28672), (4096, 4096), (4096, 14336)):
+        assert bmm.default_config(1024, n, k) == bmm._two_block_step_tile(), (n, k)
+    for n, k in ((4096, 4096), (4096, 14336), (8192, 8192)):
+        assert bmm.default_config(600, n, k) == wide, (n, k)
+    for n, k in LLAMA:  # from M = 2048 three warpgroups' fuller or cut waves win the model
+        for m in (2048, 4096, 8192):
+            assert bmm.default_config(m, n, k).num_compute_wgs == 3, (m, n, k)
+    assert wide in bmm.candidate_configs(4096, 4096, 4096)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"tile_k": 256}, r"tile_n=192 needs promoted accumulation with one K block a step"),
+        ({"overlap": True}, r"tile_n=192 needs promoted accumulation"),
+        ({"rescale": True}, r"tile_n=192 must be <= 128 with rescale=True"),
+        ({"num_compute_wgs": 3}, r"needs 192 f32 registers per thread .* over 128 with 3 consumer warpgroups"),
+        ({"epi_tile_n": 128}, r"epi_tile_n=128 must divide min\(tile_n, 64\)"),
+    ],
+)
+def test_wide_tile_config_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        bmm._validate_config(dataclasses.replace(bmm._wide_tile(), **change), jnp.bfloat16)
 
 
 def test_three_warpgroup_register_cap():
@@ -548,6 +596,8 @@ TAIL_INTERPRET_CASES = [
                                         tail_split=4), False, jnp.float32, 5),
     # K ranges of unequal length: 10 two-block steps in three ranges of 4, 3 and 3
     (130, 256, 2560, dataclasses.replace(bmm._two_block_step_tile(), tail_split=3), True, jnp.float16, 3),
+    # 128 x 192 tiles (three promoted pieces a warpgroup in the workspace): 2 x 3 tiles on 4 SMs, a tail of 2
+    (130, 400, 1280, dataclasses.replace(bmm._wide_tile(), tail_split=2), True, jnp.bfloat16, 4),
 ]  # fmt: skip
 
 
@@ -566,7 +616,7 @@ def test_tail_split_runs_in_interpret_mode_as_one_cta(monkeypatch, case):
     assert rel_err(out, _reference(*ops)) < kernel_rtol(od)
 
 
-@pytest.mark.parametrize("case", ["w3m_t2", "w3m_t4", "w2m_k256_t2", "w2m_tn256_t2"])
+@pytest.mark.parametrize("case", ["w3m_t2", "w3m_t4", "w2m_k256_t2", "w2m_tn256_t2", "w2m_tn192_t2"])
 def test_tail_split_configs_cross_lower_for_cuda(case):
     # the GPU check's tail layouts at their cases: semaphores signalled (release) and awaited (an
     # atomic compare-and-swap loop, then an acquire fence) at GPU scope; a whole-tile config has none
@@ -758,6 +808,17 @@ def test_gpu_check_script_rescale_layouts_are_valid():
         for _m, _n, _k, od, _bias, _layout in mod.rescale_cases(name):
             bmm._validate_config(bmm._fit_smem(cfg, jnp.dtype(od)), jnp.dtype(od))
     assert mod.RESCALE_ACCURACY_CONFIG.rescale
+
+
+def test_gpu_check_script_wide_layouts_are_valid_and_cross_lower():
+    # the wide phase's layouts at its cases (f32 out: fewer stages), lowered for CUDA at a partial-tile case
+    mod = load_script("benchmarks/gpu_block_check.py")
+    assert set(mod.WIDE_LAYOUTS) <= set(mod.LAYOUTS) and {c.tile_n for c in mod.WIDE_LAYOUTS.values()} == {192}
+    for name, cfg in mod.WIDE_LAYOUTS.items():
+        bmm._validate_config(cfg, jnp.bfloat16)  # as the ptxas phase compiles it (not fitted)
+        for _m, _n, _k, od, _bias, _layout in mod.rescale_cases(name):
+            bmm._validate_config(bmm._fit_smem(cfg, jnp.dtype(od)), jnp.dtype(od))
+        _lower(1000, 13664, 4096, jnp.bfloat16, bmm._fit_smem(cfg, jnp.bfloat16))
 
 
 # -- the MMLinearKernel ---------------------------------------------------------------------------
@@ -955,7 +1016,7 @@ def test_every_candidate_config_cross_lowers():
     for m in (16, 256, 4096):
         for cfg in bmm.candidate_configs(m, 4096, 4096, fast_accum=True):  # promoted and rescaled
             _lower(m, 4096, 4096, jnp.bfloat16, cfg, bias=False)
-    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N, *RESCALE_CONFIGS):  # interpret tiles too
+    for cfg in (ONE_WG, TWO_WG_M, TWO_WG_N, K256, N256, N256_WG_N, WIDE_M, WIDE_N, *RESCALE_CONFIGS):  # interpret tiles
         _lower(130, 272, 416, jnp.bfloat16, cfg)
 
 

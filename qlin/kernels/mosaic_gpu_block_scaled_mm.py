@@ -52,6 +52,13 @@
   for its block's wgmma and promotes it, two others' wgmmas are queued on the tensor cores.
   GPU only: jax 0.11.2's Mosaic GPU interpreter can deadlock with four warpgroups per CTA, so
   interpret mode runs the default as two and rejects explicit three-warpgroup configs.
+* 192-wide warpgroup tiles (``tile_n=192``, two along M: 128 x 192 CTA tiles, :func:`_wide_tile`):
+  ONE 64 x 192 wgmma accumulator per K block, although the tile spans two weight-scale blocks (it
+  starts at column 0 or 64 of one); the promotion runs per 64-column piece with that piece's block
+  scale (96 + 96 registers a thread; ptxas: 168, no spills).  At full waves as fast as three
+  warpgroups (H100, 4096 x 28672 x 4096: 0.85 of the per-channel kernel); the default at M > 512
+  where its tile count fills the waves clearly better than the others' (:func:`_promoted_tile_cost`):
+  H100 1024 x 57344 x 8192 0.77 -> 0.84 of the per-channel kernel, 600 x 4096 x 14336 72.4 vs 95.9 us.
 * Stream-K over the last wave (``BlockTuningConfig(tail_split=s)``; the default where the
   three-warpgroup tiles leave a last wave at most half full after few whole waves): the tiles past the
   last whole wave are each cut into ``s`` K ranges run by different CTAs after every CTA's whole
@@ -150,14 +157,28 @@ def _max_acc_registers(num_compute_wgs: int) -> int:
     return MAX_ACC_REGISTERS_3WG if num_compute_wgs == 3 else MAX_ACC_REGISTERS
 
 
+#: The warpgroup tile width whose wgmma runs across a weight-scale block boundary: ONE 64 x 192
+#: accumulator, promoted as three 64-column pieces (see "192-wide tiles" in ``_kernel``).
+WIDE_TILE_N = 192
+
+
+def _piece_cols(c) -> int:
+    """Columns of one promoted register tile (piece) of a warpgroup tile: a whole 128-wide weight-scale
+    block (or the tile, when narrower), 64 for the 192-wide tiles (a piece never straddles two blocks:
+    their column offsets are multiples of 64)."""
+    return 64 if c.tile_n == WIDE_TILE_N else min(c.tile_n, BLOCK)
+
+
 def _acc_registers(c) -> int:
     """f32 registers per thread: the total (tile_m x tile_n) plus one accumulator per K
     block of a step (two with ``overlap``: the ping-pong pair), each covering one
-    128-wide weight-scale block of the tile; with ``rescale``, the accumulator alone."""
+    128-wide weight-scale block of the tile (the whole 192-wide tile for
+    :data:`WIDE_TILE_N`); with ``rescale``, the accumulator alone."""
     if c.rescale:
         return c.tile_m * c.tile_n // 128  # the rescaled accumulator is the only register tile
     n_accs = 2 if c.overlap else c.tile_k // BLOCK
-    return (c.tile_m * c.tile_n + n_accs * c.tile_m * min(c.tile_n, BLOCK)) // 128
+    acc_cols = c.tile_n if c.tile_n == WIDE_TILE_N else min(c.tile_n, BLOCK)
+    return (c.tile_m * c.tile_n + n_accs * c.tile_m * acc_cols) // 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +187,9 @@ class BlockTuningConfig(TileConfigBase):
 
     tile_m, tile_n: the output tile of ONE consumer warpgroup.  tile_m is 64;
       tile_n divides 128 (16, 32, 64 or 128: the tile lies inside one weight-scale
-      block) or is 256 (two blocks, multiplied one after the other through one
-      temporary accumulator).
+      block), is 192 (one accumulator across two blocks, promoted in 64-column pieces;
+      tile_k=128, promoted accumulation only) or 256 (two blocks, multiplied one after
+      the other through one temporary accumulator).
     tile_k: K depth of one pipeline step: 128 (one scale block) or 256 (two blocks,
       each into its own fresh accumulator; issued together, promoted together).
       The promoted total plus the accumulators must fit MAX_ACC_REGISTERS
@@ -266,10 +288,15 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise ValueError(
             f"config.tile_n={c.tile_n} must be <= {BLOCK} with rescale=True (one weight-scale block per warpgroup tile)"
         )
-    if c.tile_n not in (16, 32, 64, 128, 256):
+    if c.tile_n not in (16, 32, 64, 128, WIDE_TILE_N, 256):
         raise ValueError(
-            f"config.tile_n={c.tile_n} must be 16, 32, 64 or 128 (inside one 128-wide weight-scale block) "
-            "or 256 (two blocks)"
+            f"config.tile_n={c.tile_n} must be 16, 32, 64 or 128 (inside one 128-wide weight-scale block), "
+            f"{WIDE_TILE_N} (one wgmma across a block boundary) or 256 (two blocks)"
+        )
+    if c.tile_n == WIDE_TILE_N and (c.overlap or c.rescale or c.tile_k != BLOCK):
+        raise ValueError(
+            f"config.tile_n={WIDE_TILE_N} needs promoted accumulation with one K block a step: "
+            f"tile_k={BLOCK}, overlap=False, rescale=False (got {c.short()})"
         )
     if c.tile_k not in (BLOCK, 2 * BLOCK):
         raise ValueError(
@@ -292,7 +319,7 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
             f"thread for the promoted total and the wgmma accumulator(s): over {cap} "
             f"with {c.num_compute_wgs} consumer warpgroups"
         )
-    c.check_layout(epi_n_divides=min(c.tile_n, BLOCK), max_wgs=3)
+    c.check_layout(epi_n_divides=_piece_cols(c), max_wgs=3)
     check_smem(c, smem_bytes(c, out_dtype, has_bias))
 
 
@@ -382,6 +409,14 @@ def _three_wg_tile(wg_dimension: str = "m", steps: int = 4, grid_minor: str = "m
     )  # fmt: skip
 
 
+def _wide_tile(steps: int = 5, grid_minor: str = "m", width: int = 8) -> BlockTuningConfig:
+    """Two 64 x 192 warpgroups along M (128 x 192 CTA tiles): one wgmma accumulator across the
+    tile's weight-scale block boundary, promoted in three 64-column pieces (the total and the
+    accumulator take 192 registers a thread, the two-warpgroup cap); the least shared-memory
+    traffic per output of the promoted tiles."""
+    return _two_wg_tile("m", WIDE_TILE_N, steps=steps, grid_minor=grid_minor, width=width, epi_slots=1)
+
+
 def _overlap(cfg: BlockTuningConfig, **changes) -> BlockTuningConfig:
     return dataclasses.replace(cfg, overlap=True, **changes)
 
@@ -429,10 +464,13 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       two blocks a step 0.81 / 0.79 / 0.87 / 0.86 at 8192^2, 4096^2, 28672 x 4096, 4096 x 14336, one
       block 0.74 / 0.80 / 0.80 / 0.80, the 64 x 256 warpgroup tile the model picked at three of them
       0.34-0.58; M = 256 x 8192^2 0.90 vs 0.89.
-    * M > 512: the two-blocks-a-step 128 x 128 tiles or three 64 x 128 warpgroups along M (192 x
+    * M > 512: the two-blocks-a-step 128 x 128 tiles, three 64 x 128 warpgroups along M (192 x
       128 CTA tiles, 4 stages, one epilogue slot, planar snake of width 4: one warpgroup's
-      wait-and-promote is covered by two others' queued wgmmas), whichever a wave cost model gives
-      less time (:func:`_promoted_tile_cost`); the last row of CTA tiles is clamped to end at M (no
+      wait-and-promote is covered by two others' queued wgmmas) or two 64 x 192 warpgroups (128 x
+      192, one accumulator across a weight-scale block boundary), whichever a wave cost model gives
+      less time (:func:`_promoted_tile_cost`; 128 x 192 at 1024 x 6144 x 4096, 1024 x 28672 x 4096
+      and 1024 x 57344 x 8192 in the grid, and at M = 600 where its 5 x 22 tiles make one wave:
+      600 x 4096^2 24.5 vs 31.5 us, h100_block_wide_*.json); the last row of CTA tiles is clamped to end at M (no
       tile mostly past M).  In the Llama-3 grid that is two-block tiles at M = 1024 (0.71-0.83 of the
       per-channel kernel on an H100; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048
       (0.78-1.00, h100_block_grid13.md); between them it is three warpgroups where M is close to a
@@ -474,7 +512,12 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 #: _promoted_tile_cost the heuristic takes the faster promoted tile at 23 of 27 measured (M, N, K) from
 #: M = 768 to 4096 (misses: 1024 x 8192 x 28672 by 6 %, 1024 x 57344 x 8192 4 %, 2048 x 4096^2 1.5 %,
 #: 768 x 10240 x 8192 a tie) and keeps or drops fast_accum's rescaled 128 x 256 tile right at 20 of 20.
-_REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "rescale_wide": 1.03}
+#: "wide" (2 x 64 x 192, :func:`_wide_tile`): level with three warpgroups at full waves (H100, 4096 x 28672 x
+#: 4096: 784.8 vs 781.2 us), but against the two-block tile at M = 1024 it won only where the wave model gave
+#: it >= 10 % less time at that rate (6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192
+#: 805.8 vs 878.1) and lost or won by a few % at 0.94 (8192^2 123.0 vs 118.7, 8192 x 28672 416.2 vs 434.0;
+#: h100_block_wide_sweep{,2}.json): costed 1.1 so that the model takes it at the first three only.
+_REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "wide": 1.1, "rescale_wide": 1.03}
 
 #: The last wave's time with stream-K (tail_split=2, a tail of at most half a wave) relative to a whole
 #: wave.  Not the half of a wave that halving the tail tiles' K suggests: H100, the part-full last wave
@@ -524,9 +567,11 @@ def _tail_split(m: int, n: int, k: int, cfg: BlockTuningConfig, sms: int) -> int
 
 
 def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple[float, BlockTuningConfig]:
-    """M > 512, promoted accumulation: three 64 x 128 warpgroups along M (192 x 128 CTA tiles) or two
-    with two K blocks a step (128 x 128), whichever the wave cost model gives less time (three on
-    ties), and two where 192-row tiles put more than 5 % of M in rows past it.  H100, per-channel
+    """M > 512, promoted accumulation: three 64 x 128 warpgroups along M (192 x 128 CTA tiles), two
+    with two K blocks a step (128 x 128) or two 64 x 192 warpgroups (128 x 192, :func:`_wide_tile`),
+    whichever the wave cost model gives less time (three, then two-block, on ties), and not three where
+    192-row tiles put more than 5 % of M in rows past it.  In the Llama-3 grid the 128 x 192 tile is
+    taken at 1024 x 6144 x 4096, 1024 x 28672 x 4096 and 1024 x 57344 x 8192 (see _REL_TIME).  H100, per-channel
     kernel time / block time (h100_block_m_tail.json): three warpgroups 0.87 vs 0.65 at 768 x 4096^2,
     0.96 vs 0.79 at 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs 0.75 at 4096 x 8192^2;
     two-block tiles 0.80 vs 0.62 at 1024 x 4096 x 14336 and 0.83 vs 0.64 at 1024 x 6144 x 4096."""
@@ -541,9 +586,12 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     # 0.76 / 0.73 / 0.75 vs 0.81 / 0.77 / 0.78 with two-block tiles at 28672 x 4096 / 10240 x 8192 /
     # 8192^2, where the model gave three warpgroups 2 % / 0 % / 6 % less time (it was right at 8192 x
     # 28672 and 57344 x 8192: 0.76 / 0.79 vs 0.71 / 0.76).  M = 2048 and 4096 (3 %) follow the model.
+    wide = _wave_cost(m, n, 128, WIDE_TILE_N, sms, _REL_TIME["wide"])
     rows_past = (_cdiv(m, 3 * 64) * 3 * 64 - m) - (_cdiv(m, 128) * 128 - m)
-    if three <= two and rows_past <= 0.05 * m:
+    if three <= min(two, wide) and rows_past <= 0.05 * m:
         return three, dataclasses.replace(three_cfg, tail_split=split)
+    if wide < two:
+        return wide, _wide_tile()
     return two, _two_block_step_tile()
 
 
@@ -553,7 +601,8 @@ def _fast_accum_falls_back(m: int, n: int, sms: int, k: int | None = None) -> bo
     promoted tiles fill).  H100 (h100_block_m_tail.json), per-channel time / block time: 1024 x 6144 x
     4096 promoted 0.82 vs rescaled 0.70, 1024 x 10240 x 8192 0.77 vs 0.73, 1536 x 28672 x 4096 0.91
     vs 0.85, 768 x 4096 x 14336 0.89 vs 0.75; kept: 1024 x 4096^2 0.87 vs 0.81, 768 x 10240 x 8192 0.86
-    vs 0.79, 1024 x 8192 x 28672 0.86 vs 0.71."""
+    vs 0.79, 1024 x 8192 x 28672 0.86 vs 0.71.  With the 128 x 192 promoted tile (h100_block_wide_tail_fa600.json):
+    600 x 4096^2 24.6 vs 28.3 us, 600 x 4096 x 14336 71.3 vs 81.0, 600 x 28672 x 4096 137.0 vs 144.0."""
     if not 512 < m < 2048:
         return False
     promoted, _ = _promoted_tile_cost(m, n, sms, k)
@@ -605,6 +654,8 @@ def candidate_configs(
         cands += [
             _three_wg_tile("m", width=4),
             _two_block_step_tile(),  # two K blocks a step: half the wait-and-promote points per K
+            _wide_tile(),
+            _wide_tile(width=4),
             dataclasses.replace(_three_wg_tile("m", width=4), epi_slots=2),  # H100: within 1-2 % of one slot
             _two_wg_tile("m", BLOCK, steps=5),
             _three_wg_tile("m"),
@@ -698,8 +749,9 @@ def _kernel(
     m_iters, n_iters, k_iters = _cdiv(m, cta_m), _cdiv(n, cta_n), _cdiv(k, tile_k)
     n_blocks, k_blocks = bs_gmem.shape
     sub = tile_k // BLOCK  # K scale blocks per pipeline step
-    n_part = min(tile_n, BLOCK)  # columns of one weight-scale block in a warpgroup tile
-    n_sub = tile_n // n_part  # weight-scale blocks per warpgroup tile (1 or 2)
+    n_part = _piece_cols(c)  # columns of one promoted register tile (a weight-scale block, or 64)
+    n_sub = tile_n // n_part  # promoted register tiles per warpgroup tile (1, 2, or 3 when 192 wide)
+    wide = tile_n == WIDE_TILE_N
     nwg = c.num_compute_wgs
     epi_m = c.epi_tile_m or tile_m
     epi_n = c.epi_tile_n or tile_n
@@ -903,6 +955,8 @@ def _kernel(
                 wg = lax.axis_index("wg")
                 a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 col0 = wg_col0(wg)
+                if wide:
+                    return wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals)
                 a_scales = []
                 new_totals = []
                 for h in range(n_sub):
@@ -940,6 +994,37 @@ def _kernel(
                         s_row = a_scales[j] * b_s[j]
                         total = total + partials[j] * lax.broadcast_in_dim(s_row, (tile_m, n_part), [0])
                     new_totals.append(total)
+                return tuple(new_totals)
+
+            # -- 192-wide tiles (tile_n == WIDE_TILE_N) ---------------------------------------------
+            #
+            # The block's wgmma covers the whole 64 x 192 warpgroup tile in ONE accumulator (96
+            # registers; the promoted total another 96): no serialized halves as in the 256-wide
+            # tile, and per 128-deep K block 4.2 bytes of shared-memory traffic per output (TMA
+            # writes plus wgmma reads; 3 x 64 x 128 tiles: 4.6, 2 x 64 x 128: 4.9).  Such a tile
+            # starts at a multiple of 64 columns, so it spans two weight-scale blocks: 128 + 64
+            # columns or 64 + 128.  Promotion runs per 64-column piece, each inside one block: piece
+            # 0 takes the first block's scale, piece 2 the second's, piece 1 whichever holds it.
+            # (Issuing the wgmma as three 64-wide groups, each promoted as soon as it completes, was
+            # correct but 20-25 % slower on an H100: h100_block_wgmma_groups_rejected.json.)
+            def wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals):
+                def step(acc_ref):
+                    plgpu.wgmma(acc_ref, a_t, b_t.T)
+                    # Scale loads overlap the asynchronous wgmma (clamped past the last N / K block:
+                    # a tile past N is clipped by the TMA store, a K block past K has zero operands).
+                    kb = jnp.minimum(kk, k_blocks - 1)
+                    nb0 = jnp.minimum(col0 // BLOCK, n_blocks - 1)
+                    nb1 = jnp.minimum(col0 // BLOCK + 1, n_blocks - 1)
+                    b_s = (bs_gmem[nb0, kb], bs_gmem[nb1, kb])
+                    a_s = plgpu.load(as_smem.at[0, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                    return acc_ref[...], b_s, a_s
+
+                acc, (b_s0, b_s1), a_s = pl.run_scoped(step, plgpu.ACC((tile_m, tile_n), jnp.float32))
+                mid = jnp.where(col0 % BLOCK == 0, b_s0, b_s1)  # columns 64..127 of the tile
+                new_totals = []
+                for p, b_s in enumerate((b_s0, mid, b_s1)):
+                    s_row = lax.broadcast_in_dim(a_s * b_s, (tile_m, n_part), [0])
+                    new_totals.append(totals[p] + acc[:, p * n_part : (p + 1) * n_part] * s_row)
                 return tuple(new_totals)
 
             # -- overlapped promotion (config.overlap) ---------------------------------------------
@@ -1314,8 +1399,8 @@ def _call(args, *, config, has_bias, out_dtype, interpret):
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
     if n_tail:
         c = config
-        n_part = min(c.tile_n, BLOCK)
-        # The contributors' partial totals: one f32 warpgroup tile per (K range, tail tile, warpgroup, N block).
+        n_part = _piece_cols(c)
+        # The contributors' partial totals: one f32 register tile per (K range, tail tile, warpgroup, piece).
         ws = jax.ShapeDtypeStruct(
             (n_tail * (c.tail_split - 1), c.num_compute_wgs, c.tile_n // n_part, c.tile_m, n_part), jnp.float32
         )
