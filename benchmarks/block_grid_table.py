@@ -90,12 +90,12 @@ def summary(cases: dict) -> list[str]:
     lines = [f"- cases timed: {len(cases)}"]
     if big:
         lines.append(
-            f"- M >= 1024, block / per-channel: min {min(big):.2f}, geomean {geomean(big):.2f}, >= 0.85 at "
+            f"- M >= 1024, block / per-channel: min {min(big):.2f}, geomean {geomean(big):.3f}, >= 0.85 at "
             f"{sum(v >= 0.85 for v in big)}/{len(big)} (target >= 0.85)"
         )
     if fast:
         lines.append(
-            f"- M >= 1024, fast_accum / per-channel: min {min(fast):.2f}, geomean {geomean(fast):.2f}, >= 0.85 at "
+            f"- M >= 1024, fast_accum / per-channel: min {min(fast):.2f}, geomean {geomean(fast):.3f}, >= 0.85 at "
             f"{sum(v >= 0.85 for v in fast)}/{len(fast)}"
         )
     if deq:
