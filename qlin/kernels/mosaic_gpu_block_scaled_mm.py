@@ -58,7 +58,7 @@
   scale (96 + 96 registers a thread; ptxas: 168, no spills).  At full waves as fast as three
   warpgroups (H100, 4096 x 28672 x 4096: 0.85 of the per-channel kernel); the default at M > 512
   where its tile count fills the waves clearly better than the others' (:func:`_promoted_tile_cost`):
-  H100 1024 x 57344 x 8192 0.77 -> 0.84 of the per-channel kernel, 600 x 4096 x 14336 72.4 vs 95.9 us.
+  H100 1024 x 57344 x 8192 0.76 -> 0.84 of the per-channel kernel, 600 x 4096 x 14336 72.4 vs 95.9 us.
 * Stream-K over the last wave (``BlockTuningConfig(tail_split=s)``; the default where the
   three-warpgroup tiles leave a last wave at most half full after few whole waves): the tiles past the
   last whole wave are each cut into ``s`` K ranges run by different CTAs after every CTA's whole
