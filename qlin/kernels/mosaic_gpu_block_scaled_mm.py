@@ -55,8 +55,9 @@
 * 192-wide warpgroup tiles (``tile_n=192``, two along M: 128 x 192 CTA tiles, :func:`_wide_tile`):
   ONE 64 x 192 wgmma accumulator per K block, although the tile spans two weight-scale blocks (it
   starts at column 0 or 64 of one); the promotion runs per 64-column piece with that piece's block
-  scale (96 + 96 registers a thread; ptxas: 168, no spills).  At full waves as fast as three
-  warpgroups (H100, 4096 x 28672 x 4096: 0.85 of the per-channel kernel); the default at M > 512
+  scale (96 + 96 registers a thread; ptxas: 168, no spills).  At full waves level with three
+  warpgroups at 4096 x 28672 x 4096 (H100: 0.85-0.86 of the per-channel kernel), 5 % behind at
+  8192^3 (0.83 vs 0.88: two warpgroups cover each other's wait-and-promote less); the default at M > 512
   where its tile count fills the waves clearly better than the others' (:func:`_promoted_tile_cost`):
   H100 1024 x 57344 x 8192 0.76 -> 0.84 of the per-channel kernel, 600 x 4096 x 14336 72.4 vs 95.9 us.
 * Stream-K over the last wave (``BlockTuningConfig(tail_split=s)``; the default where the
@@ -470,11 +471,11 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       192, one accumulator across a weight-scale block boundary), whichever a wave cost model gives
       less time (:func:`_promoted_tile_cost`; 128 x 192 at 1024 x 6144 x 4096, 1024 x 28672 x 4096
       and 1024 x 57344 x 8192 in the grid, and at M = 600 where its 5 x 22 tiles make one wave:
-      600 x 4096^2 24.5 vs 31.5 us, h100_block_wide_*.json); the last row of CTA tiles is clamped to end at M (no
-      tile mostly past M).  In the Llama-3 grid that is two-block tiles at M = 1024 (0.71-0.83 of the
-      per-channel kernel on an H100; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048
-      (0.78-1.00, h100_block_grid13.md); between them it is three warpgroups where M is close to a
-      multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
+      600 x 4096^2 24.5 vs 31.5 us, h100_block_wide_*.json); the last row of CTA tiles is clamped to
+      end at M (no tile mostly past M).  In the Llama-3 grid that is two-block or 128 x 192 tiles at
+      M = 1024 (0.71-0.85 of the per-channel kernel on an H100, h100_block_grid15.md; M = 1024 is 5.3
+      rows of 192) and three warpgroups from M = 2048 (0.78-0.95); between them it is three
+      warpgroups where M is close to a multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
       h100_block_m_tail.json).  Three-warpgroup tiles whose last wave is at most half full after few
       whole waves cut it into two K ranges (``tail_split=2``, :func:`_tail_split`; the model counts
       that wave as :data:`_TAIL_WAVE` of one; h100_block_grid14.md).  Earlier measurements behind
@@ -512,10 +513,11 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 #: _promoted_tile_cost the heuristic takes the faster promoted tile at 23 of 27 measured (M, N, K) from
 #: M = 768 to 4096 (misses: 1024 x 8192 x 28672 by 6 %, 1024 x 57344 x 8192 4 %, 2048 x 4096^2 1.5 %,
 #: 768 x 10240 x 8192 a tie) and keeps or drops fast_accum's rescaled 128 x 256 tile right at 20 of 20.
-#: "wide" (2 x 64 x 192, :func:`_wide_tile`): level with three warpgroups at full waves (H100, 4096 x 28672 x
-#: 4096: 784.8 vs 781.2 us), but against the two-block tile at M = 1024 it won only where the wave model gave
-#: it >= 10 % less time at that rate (6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192
-#: 805.8 vs 878.1) and lost or won by a few % at 0.94 (8192^2 123.0 vs 118.7, 8192 x 28672 416.2 vs 434.0;
+#: "wide" (2 x 64 x 192, :func:`_wide_tile`): at full waves level with three warpgroups at 4096 x 28672 x 4096
+#: (H100: 784.8 vs 781.2 us) and 5 % behind at 8192^3 (893.6 vs 847.9, h100_block_wgmma_groups_rejected.json);
+#: against the two-block tile at M = 1024 it won only where the wave model gave it >= 10 % less time at
+#: that rate (6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192 805.8 vs 878.1) and
+#: lost or won by a few % at 0.94 (8192^2 123.0 vs 118.7, 8192 x 28672 416.2 vs 434.0;
 #: h100_block_wide_sweep{,2}.json): costed 1.1 so that the model takes it at the first three only.
 _REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "wide": 1.1, "rescale_wide": 1.03}
 
@@ -1006,7 +1008,7 @@ def _kernel(
             # columns or 64 + 128.  Promotion runs per 64-column piece, each inside one block: piece
             # 0 takes the first block's scale, piece 2 the second's, piece 1 whichever holds it.
             # (Issuing the wgmma as three 64-wide groups, each promoted as soon as it completes, was
-            # correct but 20-25 % slower on an H100: h100_block_wgmma_groups_rejected.json.)
+            # correct but 22-26 % slower on an H100: h100_block_wgmma_groups_rejected.json.)
             def wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals):
                 def step(acc_ref):
                     plgpu.wgmma(acc_ref, a_t, b_t.T)
