@@ -476,8 +476,8 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       M = 1024 (0.71-0.85 of the per-channel kernel on an H100, h100_block_grid15.md; M = 1024 is 5.3
       rows of 192) and three warpgroups from M = 2048 (0.78-0.95); between them it is three
       warpgroups where M is close to a multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against
-      0.63-0.83 with two-block tiles, h100_block_m_tail.json).  Three-warpgroup tiles whose last wave is at most half full after few
-      whole waves cut it into two K ranges (``tail_split=2``, :func:`_tail_split`; the model counts
+      0.63-0.83 with two-block tiles, h100_block_m_tail.json).  Three-warpgroup tiles whose last
+      wave is at most half full after few whole waves cut it into two K ranges (``tail_split=2``, :func:`_tail_split`; the model counts
       that wave as :data:`_TAIL_WAVE` of one; h100_block_grid14.md).  Earlier measurements behind
       the tiles: two K blocks a step 0.80-0.83
       at M = 1024 against 0.73-0.77 for one (h100_block_k256_sweep{,2}.json); three warpgroups 4-10 %
