@@ -17,7 +17,9 @@ from libcuda bracket one call).  Variants (fp8 e4m3, bf16 out):
 * ``block``: :func:`qlin.kernels.mosaic_gpu_block_scaled_mm.block_scaled_mm`, the heuristic tile;
 * ``three_wg`` / ``wide`` / ``two_block`` / ``one_block``: the block kernel with 3 x 64 x 128,
   2 x 64 x 192, 2 x 64 x 128 two K blocks a step, 2 x 64 x 128 one K block a step;
-* ``fast_accum``: the block kernel with rescaled accumulation (the ``fast_accum`` default tile).
+* ``fast_accum``: the block kernel with rescaled accumulation (the ``fast_accum`` default tile);
+* ``xla``: XLA-native fp8 (``dot_general`` on the fp8 operands, cuBLASLt on a GPU, then the per-token x
+  per-channel scale pass), the per-channel kernel's baseline.
 
 Without ncu it only prints each variant's wall time (a smoke test: ``--cpu-dry-run`` uses interpret
 mode and a small shape).
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from qlin import bench  # noqa: E402
 from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm  # noqa: E402
 from qlin.kernels import mosaic_gpu_scaled_mm as mm  # noqa: E402
 
@@ -64,8 +67,10 @@ def variant_fn(name: str, m: int, n: int, k: int, interpret: bool):
     ka, kb, ks, kt = jax.random.split(key, 4)
     a = (jax.random.normal(ka, (m, k), jnp.float32) * 2).astype(F8)
     b = (jax.random.normal(kb, (n, k), jnp.float32) * 2).astype(F8)
-    if name == "per_channel":
+    if name in ("per_channel", "xla"):
         args = (a, b, jax.random.uniform(ks, (m, 1), jnp.float32, 0.5, 1), jax.random.uniform(kt, (1, n)))
+        if name == "xla":
+            return bench.xla_fn("fp8"), args, "dot_general"
         cfg = mm.default_config(m, n, k, jnp.dtype(F8))
         return jax.jit(lambda *x: mm.scaled_mm(*x, interpret=interpret)), args, cfg.short()
     kb_, nb_ = -(-k // bmm.BLOCK), -(-n // bmm.BLOCK)
@@ -75,7 +80,9 @@ def variant_fn(name: str, m: int, n: int, k: int, interpret: bool):
     elif name in BLOCK_TILES:
         cfg = BLOCK_TILES[name]()
     else:
-        raise SystemExit(f"unknown variant {name!r}; expected per_channel, block, fast_accum or {sorted(BLOCK_TILES)}")
+        raise SystemExit(
+            f"unknown variant {name!r}; expected per_channel, xla, block, fast_accum or {sorted(BLOCK_TILES)}"
+        )
     cfg = bmm._fit_smem(cfg, jnp.bfloat16)
     if interpret and cfg.num_compute_wgs == 3:
         cfg = bmm._fit_smem(dataclasses.replace(cfg, num_compute_wgs=2, tail_split=1), jnp.bfloat16)
