@@ -15,8 +15,7 @@
 ``--ab cluster``: the heuristic's config as clusters of two CTAs sharing (multicasting) the weight tile
   (``cluster="m"``) or the activation tile (``"n"``) against the plain config.
 ``--ab splitk_large``: at mid M, the large-M 128 x 256 tile with K cut into ``split_k`` ranges (f32
-  partial sums, 64 x 32 epilogue tiles so the 4 stages fit) against the heuristic's config, each also with
-  the ranges summed inside the kernel (``split_reduce``, suffix ``r``); every side's rel_err is recorded.
+  partial sums, 64 x 32 epilogue tiles so the 4 stages fit) against the heuristic's config.
 ``--ab epilogue``: what the epilogue's TMA store costs per output tile (the heuristic's config with the
   store left out, or with the registers stored straight to global memory: ``mm._EPILOGUE_ABLATION``,
   full tiles only; the output is garbage without the store) and layouts that shorten it: two epilogue
@@ -181,13 +180,8 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         return out
     if ab == "splitk_large":
         out = {"default": (base, _TMA_ROWS)}
-        if base.split_k > 1:  # the heuristic's own K split, summed in the kernel
-            out["default_r"] = (dataclasses.replace(base, split_reduce=True), _TMA_ROWS)
         for large in mm._large_split_k_tiles(m, n, k):  # the autotuner's candidates of that kind
             out[f"large_sk{large.split_k}"] = (mm._fit_smem(large, jdt, jnp.bfloat16), _TMA_ROWS)
-            # the same K ranges summed inside the kernel (split_reduce: no f32 partials, no XLA pass)
-            red = dataclasses.replace(large, split_reduce=True, epi_tile_n=64)
-            out[f"large_sk{large.split_k}r"] = (mm._fit_smem(red, jdt, jnp.bfloat16), _TMA_ROWS)
         return out
     if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M
         return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, {"_CLAMP_LAST_TILE_ROW": False})}
@@ -274,7 +268,7 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "splitk_large")
+                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])

@@ -111,20 +111,6 @@ CHECK_CONFIGS = {
         tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1, split_k=3,
     ),
-    # The same K splits summed inside the kernel (split_reduce: workspace + semaphores, the last K range adds
-    # the others and the bias and stores out_dtype).
-    "splitK3_smallM_reduce": mm.TuningConfig(
-        tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=6, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=64,
-        epi_slots=1, split_k=3, split_reduce=True,
-    ),
-    "splitK3_mid_reduce": mm.TuningConfig(
-        tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="m",
-        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64, epi_slots=1, split_k=3, split_reduce=True,
-    ),
-    "splitK3_large_reduce": mm.TuningConfig(
-        tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, num_compute_wgs=2, wg_dimension="n",
-        grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1, split_k=3, split_reduce=True,
-    ),
     # Swapped operands (decode): the weight as the wgmma A side, tokens as an 8 / 16-wide B side, the
     # result stored transposed; with split-K 3 (partial K range): 8 token columns of float32 partials.
     # (h100_swap_ab_check.json ran this one with two warpgroups, before swap_ab was limited to one.)

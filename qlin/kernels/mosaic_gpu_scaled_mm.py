@@ -194,16 +194,6 @@ class TuningConfig(TileConfigBase):
       (linear) scale epilogue to its partial sum and stores it in float32;
       one XLA reduction sums the partials and casts.  Must divide the number
       of K tiles.
-    split_reduce: with split_k > 1, sum the K ranges inside the kernel instead
-      of in XLA: the CTAs of the first split_k - 1 ranges store their scaled
-      f32 partial tiles to a global workspace and signal a global semaphore
-      (one per output tile and warpgroup, release at GPU scope); the CTA of the
-      last range waits for them, adds them in order (deterministic), adds the
-      bias and stores the output in out_dtype (the fused epilogue, no XLA
-      pass).  Every unit of the first ranges precedes every last-range unit in
-      the persistent grid's order and waits for nothing, so with the grid's
-      CTAs resident no wait can deadlock.  Not with swap_ab.  Interpret mode
-      runs the units in one CTA, in order (no semaphores there).
     wgmma_inflight: keep one wgmma group in flight across pipeline steps
       (``wgmma_wait(1)``; each stage is released one step late,
       ``delay_release=1``), so a warpgroup issues step k+1 while step k still
@@ -235,7 +225,6 @@ class TuningConfig(TileConfigBase):
     epi_tile_n: int | None = 64
     epi_slots: int = 2
     split_k: int = 1
-    split_reduce: bool = False
     wgmma_inflight: bool = False
     cluster: str | None = None
     swap_ab: bool = False
@@ -244,7 +233,6 @@ class TuningConfig(TileConfigBase):
         return (
             self._short_stem()
             + (f"sk{self.split_k}" if self.split_k > 1 else "")
-            + ("r" if self.split_reduce else "")
             + ("i" if self.wgmma_inflight else "")
             + (f"c{self.cluster}" if self.cluster else "")
             + ("t" if self.swap_ab else "")
@@ -281,7 +269,7 @@ def tma_row_len(length: int, dtype) -> int:
 def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_col_vecs: int = 3) -> int:
     """Shared memory one CTA of ``config`` needs (pipeline + epilogue)."""
     in_size = jnp.dtype(dtype).itemsize
-    out_size = 4 if config.split_k > 1 and not config.split_reduce else jnp.dtype(out_dtype).itemsize
+    out_size = 4 if config.split_k > 1 else jnp.dtype(out_dtype).itemsize
     stage = (config.cta_tile_m + config.cta_tile_n) * config.tile_k * in_size
     epi_m = config.epi_tile_m or config.tile_m
     epi_n = config.epi_tile_n or config.tile_n
@@ -316,13 +304,6 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm' or 'n'")
     if c.cluster and c.split_k > 1:
         raise ValueError("config.cluster and config.split_k > 1 cannot be combined")
-    if not isinstance(c.split_reduce, bool):
-        raise TypeError(f"config.split_reduce={c.split_reduce!r} must be True or False")
-    if c.split_reduce and (c.split_k < 2 or c.swap_ab):
-        raise ValueError(
-            f"config.split_reduce sums K ranges inside the kernel: it needs split_k >= 2 and swap_ab=False "
-            f"(got split_k={c.split_k}, swap_ab={c.swap_ab})"
-        )
     if not isinstance(c.swap_ab, bool):
         raise TypeError(f"config.swap_ab={c.swap_ab!r} must be True or False")
     if c.swap_ab and (c.cluster or c.num_compute_wgs != 1):
@@ -856,15 +837,12 @@ class _Epilogue:
     azp_vec: bool  # per-token zero points (True) or per-tensor
 
 
-def _kernel(
-    a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: _Epilogue, m: int, n: int, k: int,
-    interpret: bool = False,
-):
+def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: _Epilogue, m: int, n: int, k: int):
     rest = list(rest)
     bias_gmem = rest.pop(0) if epi.has_bias else None
     azp_gmem = rest.pop(0) if epi.has_azp else None
     adj_gmem = rest.pop(0) if epi.has_azp else None
-    out_gmem, *ws = rest
+    (out_gmem,) = rest
 
     dtype = a_gmem.dtype
     out_dtype = out_gmem.dtype
@@ -876,14 +854,6 @@ def _kernel(
     m_iters, n_iters = _cdiv(m, cta_m), _cdiv(n, cta_n)
     split_k = c.split_k
     k_iters = _cdiv(k, tile_k) // split_k  # K tiles of one work unit
-    # In-kernel split-K sum (config.split_reduce): partial tiles of the first split_k - 1 K ranges go to a
-    # global workspace; one semaphore per output tile and warpgroup (the owner, the last range, brings it
-    # back to zero, as Mosaic GPU expects of its global semaphores).  Interpret mode runs one CTA, which
-    # reaches every contributor before any owner: no synchronization there.
-    reduce = c.split_reduce and split_k > 1
-    if reduce:
-        (ws_gmem,) = ws
-        sems = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((m_iters * n_iters, c.num_compute_wgs)))
     # swap_ab stores each result tile transposed, except with split-K: its float32 partial sums stay
     # (weight rows, tokens) and the XLA reduction that sums them transposes them too.
     swap = c.swap_ab and split_k == 1
@@ -991,12 +961,9 @@ def _kernel(
             cta_m_slice = pl.ds(m_start, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
             k_slice = pl.ds(split * (k_iters * tile_k), k_iters * tile_k) if split_k > 1 else slice(None)
-            # Only the first K range subtracts the zero-point term; it also adds the bias, except with the
-            # in-kernel sum, where the last range (the owner) adds it once.
+            # Only the first K range adds the bias and subtracts the zero-point term.
             first = (split == 0) if split_k > 1 else None
-            owner = (split == split_k - 1) if reduce else None
-            tile_id = lin
-            out_tile = out_gmem.at[split] if split_k > 1 and not reduce else out_gmem
+            out_tile = out_gmem.at[split] if split_k > 1 else out_gmem
 
             def compute_context(eval_pipeline):
                 wg = lax.axis_index("wg")
@@ -1032,30 +999,6 @@ def _kernel(
                     def bcast(v, name):  # a vector of `name`'s axis over the whole tile
                         return lax.broadcast_in_dim(v, (tile_m, tile_n), [0 if along[name] == "m" else 1])
 
-                    def store(y):
-                        """The output tile through SMEM + TMA (double-buffered epilogue tiles)."""
-                        if _EPILOGUE_ABLATION == "direct":  # full tiles only: no bounds check
-                            out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice][...] = y
-                            return
-
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for ei in range(tile_m // epi_m):
-                            for ej in range(tile_n // epi_n):
-                                e_m = slice(ei * epi_m, (ei + 1) * epi_m)
-                                e_n = slice(ej * epi_n, (ej + 1) * epi_n)
-                                slot = (ei * (tile_n // epi_n) + ej) % n_slots
-                                plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-                                if swap:
-                                    out_smem.at[wg, slot].T[...] = y[e_m, e_n]
-                                    dst = out_tile.at[cta_n_slice, cta_m_slice].at[wg_n_slice, wg_m_slice].at[e_n, e_m]
-                                else:
-                                    out_smem[wg, slot] = y[e_m, e_n]
-                                    dst = out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n]
-                                plgpu.commit_smem()
-                                if _EPILOGUE_ABLATION == "no_store":
-                                    continue
-                                plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], dst)
-
                     if epi.has_azp:
                         adj = vec("azp_adj")
                         if first is not None:
@@ -1074,35 +1017,34 @@ def _kernel(
                         y = y * bcast(vec("b_scale") * as_gmem[0], "b_scale")
                     else:
                         y = y * (as_gmem[0] * bs_gmem[0])
-                    if reduce:
-                        # Contributors hand their scaled partial tile to the owner; the owner adds them
-                        # (in K-range order: deterministic), then the bias, then stores.
-                        @pl.when(~owner)
-                        def _contribute():
-                            ws_gmem.at[split, tile_id, wg][...] = y
-                            if sems is not None:
-                                plgpu.semaphore_signal(sems.at[tile_id, wg], 1, memory_scope="gpu")
-
-                        @pl.when(owner)
-                        def _own():
-                            if sems is not None:
-                                plgpu.semaphore_wait(sems.at[tile_id, wg], split_k - 1, memory_scope="gpu")
-                            total = y
-                            for j in range(split_k - 1):
-                                part = plgpu.load(ws_gmem.at[j, tile_id, wg], (), layout=plgpu.Layout.WGMMA,
-                                                  optimized=False)  # fmt: skip
-                                total = total + part
-                            if epi.has_bias:
-                                total = total + bcast(vec("bias").astype(jnp.float32), "bias")
-                            store(total.astype(out_dtype))
-
-                        return
                     if epi.has_bias:
                         bias_v = vec("bias").astype(jnp.float32)
                         if first is not None:
                             bias_v = bias_v * first.astype(jnp.float32)
                         y = y + bcast(bias_v, "bias")
-                    store(y.astype(out_dtype))
+                    y = y.astype(out_dtype)
+                    if _EPILOGUE_ABLATION == "direct":  # full tiles only: no bounds check
+                        out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice][...] = y
+                        return
+
+                    # Write through SMEM + TMA, double-buffered epilogue tiles.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for ei in range(tile_m // epi_m):
+                        for ej in range(tile_n // epi_n):
+                            e_m = slice(ei * epi_m, (ei + 1) * epi_m)
+                            e_n = slice(ej * epi_n, (ej + 1) * epi_n)
+                            slot = (ei * (tile_n // epi_n) + ej) % n_slots
+                            plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                            if swap:
+                                out_smem.at[wg, slot].T[...] = y[e_m, e_n]
+                                dst = out_tile.at[cta_n_slice, cta_m_slice].at[wg_n_slice, wg_m_slice].at[e_n, e_m]
+                            else:
+                                out_smem[wg, slot] = y[e_m, e_n]
+                                dst = out_tile.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, e_n]
+                            plgpu.commit_smem()
+                            if _EPILOGUE_ABLATION == "no_store":
+                                continue
+                            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], dst)
 
             def mma_body(idx, a_smem, b_smem, acc_ref):
                 wg = lax.axis_index("wg")
@@ -1276,7 +1218,7 @@ def scaled_mm(
     if azp is not None:
         args += [azp.reshape(-1), azp_adj.reshape(-1)]
     out = _call(tuple(args), config=config, epi=epi, out_dtype=out_dtype, interpret=interpret)
-    if config.split_k > 1 and not config.split_reduce:
+    if config.split_k > 1:
         out = out.sum(axis=0)  # one XLA fusion over the partial sums (and the transpose of swap_ab's)
         out = (out[:, : a.shape[0]].T if config.swap_ab else out).astype(out_dtype)
     return out[:m] if m_pad else out
@@ -1306,17 +1248,9 @@ def _call(args, *, config, epi, out_dtype, interpret):
     m, k = a.shape
     n = b.shape[0]
     tiles = _cdiv(m, config.cta_tile_m) * _cdiv(n, config.cta_tile_n) * config.split_k
-    reduce = config.split_reduce and config.split_k > 1
     # Split-K: float32 partial sums, one (M, N) slab per K range; with swap_ab (N, tokens) slabs, the
-    # token columns padded to the tile (16-byte TMA rows; the padding sums zero-filled tokens).  With the
-    # in-kernel sum: the output, and a workspace of the first K ranges' partial tiles.
-    if reduce:
-        c = config
-        ws = jax.ShapeDtypeStruct(
-            (c.split_k - 1, tiles // c.split_k, c.num_compute_wgs, c.tile_m, c.tile_n), jnp.float32
-        )
-        out_type = (jax.ShapeDtypeStruct((m, n), out_dtype), ws)
-    elif config.split_k > 1:
+    # token columns padded to the tile (16-byte TMA rows; the padding sums zero-filled tokens).
+    if config.split_k > 1:
         cols = _cdiv(n, config.tile_n) * config.tile_n if config.swap_ab else n
         out_type = jax.ShapeDtypeStruct((config.split_k, m, cols), jnp.float32)
     else:
@@ -1331,12 +1265,8 @@ def _call(args, *, config, epi, out_dtype, interpret):
         grid, grid_names = max(1, min(num_sms() // 2, gm * gn)), ("cluster_grid",)
     else:
         grid, grid_names = max(1, min(num_sms(), tiles)), ("sm",)
-    if reduce and interpret:
-        # One CTA runs the units in order: every contributor before any owner (the interpreter has no
-        # global semaphores).
-        grid = 1
     f = plgpu.kernel(
-        functools.partial(_kernel, config=config, epi=epi, m=m, n=n, k=k, interpret=interpret),
+        functools.partial(_kernel, config=config, epi=epi, m=m, n=n, k=k),
         out_type=out_type,
         grid=(grid,),
         grid_names=grid_names,
@@ -1344,5 +1274,4 @@ def _call(args, *, config, epi, out_dtype, interpret):
         thread_name="wg",
         **kwargs,
     )
-    out = f(*args)
-    return out[0] if reduce else out
+    return f(*args)
