@@ -653,6 +653,15 @@ HEADER = (
 # -- 4. sweep ------------------------------------------------------------------------------------
 
 
+def tail_variants(head, tiles, splits, k):
+    """``head`` then each of ``tiles`` with each ``tail_split`` of ``splits`` (fitted to shared memory), without
+    repeats and without the cuts that K does not allow (bmm.tail_split_error)."""
+    cands = list(head) + [
+        bmm._fit_smem(dataclasses.replace(t, tail_split=s), jnp.bfloat16) for t in tiles for s in splits
+    ]
+    return [c for i, c in enumerate(cands) if c not in cands[:i] and bmm.tail_split_error(c, k) is None]
+
+
 def phase_sweep(results):
     for m, n, k, limit in SWEEP:
         copies = bench.n_copies(n, k)
@@ -672,19 +681,12 @@ def phase_sweep(results):
         print(f"sweep M={m} {n}x{k} per-channel baseline: {_fmt(base.get('us'))} us", flush=True)
         cands = bmm.candidate_configs(m, n, k)
         if SWEEP_TAIL:  # the two promoted large-M tiles, each whole and cut 2 / 3 / 4 ways over the last wave
-            cands = [cands[0]] + [
-                bmm._fit_smem(dataclasses.replace(t, tail_split=s), jnp.bfloat16)
-                for t in (bmm._three_wg_tile("m", width=4), bmm._two_block_step_tile())
-                for s in (1, 2, 3, 4)
-            ]
-            cands = [c for i, c in enumerate(cands) if c not in cands[:i] and bmm.tail_split_error(c, k) is None]
+            cands = tail_variants(
+                cands[:1], (bmm._three_wg_tile("m", width=4), bmm._two_block_step_tile()), (1, 2, 3, 4), k
+            )
         if SWEEP_WIDE:  # the default, the two-block tile and the 192-wide tiles (whole and with the last wave cut)
-            cands = [cands[0], bmm._two_block_step_tile()] + [
-                bmm._fit_smem(dataclasses.replace(t, tail_split=s), jnp.bfloat16)
-                for t in (bmm._wide_tile(), bmm._wide_tile(width=4), bmm._wide_tile(steps=4, grid_minor="n"))
-                for s in (1, 2)
-            ]
-            cands = [c for i, c in enumerate(cands) if c not in cands[:i] and bmm.tail_split_error(c, k) is None]
+            wide = (bmm._wide_tile(), bmm._wide_tile(width=4), bmm._wide_tile(steps=4, grid_minor="n"))
+            cands = tail_variants([cands[0], bmm._two_block_step_tile()], wide, (1, 2), k)
         if SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
             cands = cands[:1] + [c for c in bmm.candidate_configs(m, n, k, fast_accum=True) if c.rescale]
         for cfg in cands[:limit]:
