@@ -40,6 +40,10 @@
 ``--ab row_clamp``: the last row of CTA tiles starting at M - cta_m (the kernel's default where M is not a multiple
   of the tile: no tile mostly past M) against running past M (``mm._CLAMP_LAST_TILE_ROW = False``), with the
   relative error of both sides.
+``--ab row64``: at mid M, CTA tiles of 64 rows (one row of warpgroups: 64 x 128 as two 64 x 64 warpgroups along
+  N or one 64 x 128, and 64 x 256 as two 64 x 128), unsplit, with K cut so that the work units come closest to
+  one wave, and as clusters of two CTAs along M (the weight tile multicast to both row tiles), against the
+  heuristic's 128-row tiles.  (cuBLASLt's choice at 128 x 4096 x 14336 is 64 x 128 tiles with a K split.)
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -98,6 +102,10 @@ MID_TN_CASES = (
 ROW_CLAMP_CASES = (
     "1032:8192:8192,1032:28672:4096,1100:4096:4096,2056:8192:8192,4104:4096:4096,136:8192:8192,300:28672:4096,"
     "640:8192:8192"
+)
+ROW64_CASES = (
+    "128:4096:14336,256:4096:14336,128:8192:28672,256:8192:28672,128:57344:8192,256:57344:8192,"
+    "128:28672:4096,512:4096:14336"
 )
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
@@ -183,6 +191,23 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         for large in mm._large_split_k_tiles(m, n, k):  # the autotuner's candidates of that kind
             out[f"large_sk{large.split_k}"] = (mm._fit_smem(large, jdt, jnp.bfloat16), _TMA_ROWS)
         return out
+    if ab == "row64":
+        out = {"default": (base, _TMA_ROWS)}
+        k_tiles, sms = -(-k // 128), mm.num_sms()
+        for cta_n, tn, wgs in ((128, 64, 2), (128, 128, 1), (256, 128, 2)):
+            tiles = -(-m // 64) * -(-n // cta_n)
+            # the K split whose units come closest to one wave (>= 4 K tiles a range), and no split
+            splits = [s for s in (2, 3, 4, 6, 8) if k_tiles % s == 0 and k_tiles // s >= 4 and tiles * s <= 1.1 * sms]
+            for sk in [1] + splits[-1:]:
+                c = mm.TuningConfig(
+                    tile_m=64, tile_n=tn, tile_k=128, max_concurrent_steps=8, num_compute_wgs=wgs, wg_dimension="n",
+                    grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64, epi_slots=1 if sk > 1 else 2, split_k=sk,
+                )  # fmt: skip
+                name = f"r64n{cta_n}w{wgs}" + (f"sk{sk}" if sk > 1 else "")
+                out[name] = (mm._fit_smem(c, jdt, jnp.bfloat16), _TMA_ROWS)
+                if sk == 1 and -(-m // 64) % 2 == 0:
+                    out[name + "cm"] = (mm._fit_smem(dataclasses.replace(c, cluster="m"), jdt, jnp.bfloat16), _TMA_ROWS)
+        return out
     if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M
         return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, {"_CLAMP_LAST_TILE_ROW": False})}
     if ab == "decode_pad":
@@ -201,11 +226,12 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp"),
+                 "big_tile", "mid_tn", "row_clamp", "row64"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
     p.add_argument("--dtypes", default="fp8,int8")
+    p.add_argument("--sides", default=None, help="only these sides (comma-separated names; default: all of --ab's)")
     p.add_argument("--check-s", type=float, default=0.0, help="--ab inflight: gpu_check budget first (0 = none)")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--reps", type=int, default=2, help="alternated repeats of the sides (1 or 2)")
@@ -236,6 +262,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
+        "row64": ROW64_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -252,6 +279,8 @@ def main(argv=None) -> None:
                 if rep and args.reps < 2:
                     break
                 for name, (cfg, rows, *over) in sides(args.ab, m, n, k, jdt).items():
+                    if args.sides and name not in args.sides.split(","):
+                        continue
                     overrides = over[0] if over else {}  # kernel-module switches of this side
                     if rep and name == "on_plus1":
                         continue
@@ -268,7 +297,7 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp")
+                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
