@@ -132,6 +132,9 @@ CHECK_CONFIGS = {
         tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=6, num_compute_wgs=2, wg_dimension="m",
         grid_minor_dim="m", cluster="n",
     ),
+    # 64-row CTA tiles (two warpgroups along N) as clusters along M: the mid-M autotuner candidates
+    # (mm._row64_cluster_tile); M = 129 leaves the second CTA of the last cluster past the edge.
+    **{f"mid_r64x{2 * tn}_wgN_cluster_m": mm._row64_cluster_tile(tn) for tn in (64, 128)},
     "small_cluster_m_inflight": mm.TuningConfig(
         tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=4, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=32,
         epi_slots=1, wgmma_inflight=True, cluster="m",

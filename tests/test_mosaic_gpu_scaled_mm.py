@@ -162,6 +162,12 @@ CASES = [
     # 128 x 256 tiles): partial M, N and K tiles.
     ("fp8", 130, 208, 160, "token", "channel", True, None, jnp.bfloat16, mm._n192_tile()),
     ("int8", 140, 400, 288, "tensor", "channel", True, None, jnp.float32, mm._n192_tile()),
+    # The mid-M 64 x 128 tile (two 64 x 64 warpgroups along N; the heuristic runs it as clusters of two along M,
+    # which interpret mode drops): partial M, N and K tiles, three row tiles.
+    ("fp8", 130, 272, 224, "token", "channel", True, None, jnp.float32,
+     dataclasses.replace(mm._row64_cluster_tile(64), cluster=None, max_concurrent_steps=3)),
+    ("int8", 100, 208, 160, "tensor", "channel", True, None, jnp.bfloat16,
+     dataclasses.replace(mm._row64_cluster_tile(64), cluster=None, max_concurrent_steps=3)),
     # A mid-M width between the powers of two (two 64 x 80 warpgroups along M, 16-wide epilogue tiles).
     ("fp8", 130, 176, 288, "token", "channel", True, None, jnp.bfloat16, mm._mid_m_tile(80)),
 ]
@@ -558,7 +564,7 @@ def test_mid_m_takes_in_between_widths_where_they_fill_the_waves(monkeypatch):
     monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
     for dt in (F8, jnp.int8):
         for m, n, k, tn in ((128, 10240, 8192, 80), (256, 6144, 4096, 96), (128, 6144, 4096, 64),
-                            (128, 28672, 4096, 256), (256, 4096, 4096, 64)):  # fmt: skip
+                            (128, 28672, 4096, 256)):  # fmt: skip
             cfg = mm.default_config(m, n, k, dt)
             assert (cfg.tile_m, cfg.tile_n, cfg.num_compute_wgs, cfg.wg_dimension) == (64, tn, 2, "m"), (m, n, k)
             assert cfg.tile_n % cfg.epi_tile_n == 0
@@ -695,7 +701,7 @@ def test_cluster_heuristic_and_validation():
             cfg = mm.default_config(m, n, k, dt)
             assert cfg.cluster == "m" and cfg.split_k == 1, cfg
     # Not at decode, with one row of CTA tiles, short K, split-K or the large-M tiles.
-    for m, n, k in ((16, 4096, 14336), (128, 8192, 28672), (256, 8192, 8192), (256, 4096, 14336), (4096, 4096, 4096)):
+    for m, n, k in ((16, 4096, 14336), (128, 4096, 14336), (256, 8192, 8192), (384, 4096, 14336), (4096, 4096, 4096)):
         assert mm.default_config(m, n, k, F8).cluster is None, (m, n, k)
     assert any(c.cluster == "m" for c in mm.candidate_configs(4096, 4096, 4096, F8))
     assert not any(c.cluster for c in mm.candidate_configs(16, 4096, 4096, F8))
@@ -706,6 +712,34 @@ def test_cluster_heuristic_and_validation():
     assert dataclasses.replace(ONE_WG, cluster="m").short().endswith("cm")
     assert mm.TuningConfig.from_dict({**ONE_WG.to_dict(), "cluster": "n"}).cluster == "n"
     assert mm.TuningConfig.from_dict({k: v for k, v in ONE_WG.to_dict().items() if k != "cluster"}).cluster is None
+
+
+def test_mid_m_takes_clustered_64_row_tiles_where_they_fill_one_wave(monkeypatch):
+    # H100 A/B (results/h100_ab_row64.json): where 64 x 128 tiles (an even number of 64-row tiles) make one wave
+    # filling >= 90 % of the SMs, clusters of two along M sharing the weight tile beat the 128 x 64 mid tiles
+    # (256 x 4096 x 14336 fp8 33.4 -> 31.5 us); past one wave (160-256 tiles) or with half the SMs idle they
+    # lose or tie.
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    for dt in (F8, jnp.int8):
+        for m, n, k in ((128, 8192, 8192), (128, 8192, 28672), (256, 4096, 4096), (256, 4096, 14336)):
+            cfg = mm.default_config(m, n, k, dt)
+            assert cfg == mm._fit_smem(mm._row64_cluster_tile(64), dt, jnp.bfloat16), (m, n, k)
+            assert (cfg.cta_tile_m, cfg.cta_tile_n, cfg.cluster, cfg.split_k) == (64, 128, "m", 1)
+        # 64 tiles (half the SMs), 160 / 192 / 256 tiles (past one wave), three 64-row tiles (a half-idle
+        # cluster), M > 256 (not measured), decode (M <= 64)
+        for m, n, k in ((128, 4096, 14336), (128, 10240, 8192), (384, 4096, 14336), (256, 8192, 28672),
+                        (192, 11008, 4096), (320, 3328, 4096), (64, 16896, 4096)):  # fmt: skip
+            cfg = mm.default_config(m, n, k, dt)
+            assert not (cfg.tile_m == 64 and cfg.wg_dimension == "n" and cfg.num_compute_wgs == 2), (m, n, k, cfg)
+    assert mm._takes_row64_cluster(200, 4096, mm.H100_NUM_SMS)  # 4 row tiles x 32
+    assert not mm._takes_row64_cluster(192, 5632, mm.H100_NUM_SMS)  # 3 row tiles: odd
+    # both widths are tuner candidates where the row tiles pair up
+    for m, expect in ((128, True), (256, True), (192, False)):
+        cands = mm.candidate_configs(m, 4096, 14336, F8)
+        assert (mm._fit_smem(mm._row64_cluster_tile(128), F8, jnp.bfloat16) in cands) == expect, m
+    # the heuristic's clustered tile lowers for the GPU (interpret mode runs it unclustered: CASES)
+    _lower(256, 4096, 14336, F8, jnp.bfloat16, None)
+    _lower(128, 8192, 8192, jnp.int8, jnp.float32, None, azp="token")
 
 
 @pytest.mark.parametrize("cluster", ["m", "n"])

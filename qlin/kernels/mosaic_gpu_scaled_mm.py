@@ -15,7 +15,8 @@
   ``TuningConfig(cluster="m")`` runs the grid as clusters of two CTAs whose
   tiles share the weight tile: each loads half of it and TMA-multicasts it to
   both (half the L2 traffic of the shared operand); the heuristic takes it at
-  mid M with long K (GPU only: interpret mode runs the same tiles unclustered).
+  mid M with long K, and for 64-row tiles at M <= 256 where they make one
+  nearly full wave (GPU only: interpret mode runs the same tiles unclustered).
 * The per-row / per-column epilogue vectors (scales, bias, zero points) are
   fetched by TMA into shared memory while the main loop runs; the whole
   epilogue is applied in registers and the result is written once through
@@ -525,6 +526,36 @@ def _large_m_tile(inflight: bool = False) -> TuningConfig:
     )
 
 
+def _row64_cluster_tile(tile_n: int) -> TuningConfig:
+    """Mid M: a 64 x (2 * tile_n) CTA tile (two 64 x tile_n warpgroups along N) run as clusters of two CTAs
+    along M, which multicast the weight tile to both row tiles.  The heuristic takes 64 x 128 where those tiles
+    make one nearly full wave (:func:`_takes_row64_cluster`); both widths are autotuner candidates."""
+    return TuningConfig(
+        tile_m=64, tile_n=tile_n, tile_k=128, max_concurrent_steps=8 if tile_n <= 64 else 4, num_compute_wgs=2,
+        wg_dimension="n", grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64, cluster="m",
+    )  # fmt: skip
+
+
+def _takes_row64_cluster(m: int, n: int, sms: int) -> bool:
+    """Whether mid M takes 64 x 128 CTA tiles as clusters of two along M (:func:`_row64_cluster_tile`): at
+    M <= 256 with an even number of 64-row tiles, where the 64 x 128 tiles make one wave that fills >= 90 % of
+    the SMs.
+
+    The heuristic's 128-row tiles (two 64-row warpgroups) re-read each weight tile's activation rows from L2 for
+    every N tile; the clustered 64-row tiles read the weight tile once for two row tiles and have the same tile
+    count (128 x 64 vs 64 x 128).  H100, same run, mean of two alternated repeats, fp8 / int8
+    (benchmarks/results/h100_ab_row64.json, ``ab_gemm.py --ab row64``): 256 x 4096 x 14336 33.4 -> 31.5 us / 32.6
+    -> 30.6 (XLA 34.4 / 42.8), 128 x 8192 x 28672 85.9 -> 84.2 / 86.2 -> 84.7, and 1-10 % at six more shapes with
+    one wave of 120-128 such tiles (128 x 8192^2, 256 x 4096^2, 256 x 4096 x 8192, 128 x 8192 x 14336, 256 x 4096 x
+    28672, 128 x 7680 x 16384).  Past one wave the 64-row tiles lose: 128 x 10240 x 8192 (160 tiles) +28 %, 384 x
+    4096 x 14336 (192) +53 %, 256 x 8192 x 28672 (256) +62 %; with half the SMs (128 x 4096 x 14336, 64 tiles) level
+    (h100_ab_row64_all.json: the first, all-sides run).
+    """
+    rows = _cdiv(m, 64)
+    tiles = rows * _cdiv(n, 128)
+    return m <= 256 and rows % 2 == 0 and 0.9 * sms <= tiles <= sms
+
+
 def _wide_n_tile() -> TuningConfig:
     """128 x 320 CTA tile (two 128 x 160 consumer warpgroups along N, 3 stages): one wave where 128 x 256
     tiles leave a nearly empty extra one (see :func:`_takes_wide_n_tile`)."""
@@ -596,6 +627,8 @@ def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         if _wave_cost(m, n, 192, sms, 1) <= _wave_cost(m, n, 256, sms, 1):
             return _fit_smem(_mid_m_tile(192), dtype, out_dtype)
         return _fit_smem(_large_m_tile(), dtype, out_dtype)
+    if _takes_row64_cluster(m, n, sms):
+        return _fit_smem(_row64_cluster_tile(64), dtype, out_dtype)
     cfg = _mid_m_tile(_in_between_mid_width(m, n, k, sms, *best))
     tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
     if k >= 8192 and tiles <= sms // 2 and _cdiv(k, cfg.tile_k) % 2 == 0:
@@ -668,6 +701,9 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     * Mid M with an even number (>= 2) of CTA rows, K >= 14336 and 128-wide or wider
       tiles: clusters of two CTAs along M multicast the weight tile (see
       :func:`_takes_cluster_m`).
+    * M <= 256 where 64 x 128 tiles (an even number of 64-row tiles) make one wave
+      filling >= 90 % of the SMs: those tiles, as clusters of two CTAs along M that
+      multicast the weight tile (:func:`_takes_row64_cluster`).
     """
     sms = num_sms()
     if m <= 64:
@@ -774,6 +810,8 @@ def candidate_configs(
         # 28672 and 1.9 % faster for int8 there, 5-36 % slower elsewhere: the tuner's to pick, not the
         # heuristic's.
         cands += _large_split_k_tiles(m, n, k)
+        if _cdiv(m, 64) % 2 == 0:  # an even number of 64-row tiles: no cluster half-idles
+            cands += [_row64_cluster_tile(64), _row64_cluster_tile(128)]
     else:
         # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
         cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile(), _n192_tile()]
