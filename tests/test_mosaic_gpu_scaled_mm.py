@@ -731,8 +731,9 @@ def test_mid_m_takes_clustered_64_row_tiles_where_they_fill_one_wave(monkeypatch
                         (192, 11008, 4096), (320, 3328, 4096), (64, 16896, 4096)):  # fmt: skip
             cfg = mm.default_config(m, n, k, dt)
             assert not (cfg.tile_m == 64 and cfg.wg_dimension == "n" and cfg.num_compute_wgs == 2), (m, n, k, cfg)
-    assert mm._takes_row64_cluster(200, 4096, mm.H100_NUM_SMS)  # 4 row tiles x 32
-    assert not mm._takes_row64_cluster(192, 5632, mm.H100_NUM_SMS)  # 3 row tiles: odd
+    assert mm._takes_row64_cluster(200, 4096, 4096, mm.H100_NUM_SMS)  # 4 row tiles x 32
+    assert not mm._takes_row64_cluster(192, 5632, 4096, mm.H100_NUM_SMS)  # 3 row tiles: odd
+    assert not mm._takes_row64_cluster(256, 4096, 2048, mm.H100_NUM_SMS)  # K below the measured range
     # both widths are tuner candidates where the row tiles pair up
     for m, expect in ((128, True), (256, True), (192, False)):
         cands = mm.candidate_configs(m, 4096, 14336, F8)

@@ -536,10 +536,10 @@ def _row64_cluster_tile(tile_n: int) -> TuningConfig:
     )  # fmt: skip
 
 
-def _takes_row64_cluster(m: int, n: int, sms: int) -> bool:
+def _takes_row64_cluster(m: int, n: int, k: int, sms: int) -> bool:
     """Whether mid M takes 64 x 128 CTA tiles as clusters of two along M (:func:`_row64_cluster_tile`): at
-    M <= 256 with an even number of 64-row tiles, where the 64 x 128 tiles make one wave that fills >= 90 % of
-    the SMs.
+    M <= 256 and K >= 4096 (the measured range) with an even number of 64-row tiles, where the 64 x 128 tiles
+    make one wave that fills >= 90 % of the SMs.
 
     The heuristic's 128-row tiles (two 64-row warpgroups) re-read each weight tile's activation rows from L2 for
     every N tile; the clustered 64-row tiles read the weight tile once for two row tiles and have the same tile
@@ -553,7 +553,7 @@ def _takes_row64_cluster(m: int, n: int, sms: int) -> bool:
     """
     rows = _cdiv(m, 64)
     tiles = rows * _cdiv(n, 128)
-    return m <= 256 and rows % 2 == 0 and 0.9 * sms <= tiles <= sms
+    return m <= 256 and k >= 4096 and rows % 2 == 0 and 0.9 * sms <= tiles <= sms
 
 
 def _wide_n_tile() -> TuningConfig:
@@ -627,7 +627,7 @@ def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         if _wave_cost(m, n, 192, sms, 1) <= _wave_cost(m, n, 256, sms, 1):
             return _fit_smem(_mid_m_tile(192), dtype, out_dtype)
         return _fit_smem(_large_m_tile(), dtype, out_dtype)
-    if _takes_row64_cluster(m, n, sms):
+    if _takes_row64_cluster(m, n, k, sms):
         return _fit_smem(_row64_cluster_tile(64), dtype, out_dtype)
     cfg = _mid_m_tile(_in_between_mid_width(m, n, k, sms, *best))
     tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
@@ -701,7 +701,7 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     * Mid M with an even number (>= 2) of CTA rows, K >= 14336 and 128-wide or wider
       tiles: clusters of two CTAs along M multicast the weight tile (see
       :func:`_takes_cluster_m`).
-    * M <= 256 where 64 x 128 tiles (an even number of 64-row tiles) make one wave
+    * M <= 256, K >= 4096, where 64 x 128 tiles (an even number of 64-row tiles) make one wave
       filling >= 90 % of the SMs: those tiles, as clusters of two CTAs along M that
       multicast the weight tile (:func:`_takes_row64_cluster`).
     """
