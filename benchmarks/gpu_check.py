@@ -135,6 +135,8 @@ CHECK_CONFIGS = {
     # 64-row CTA tiles (two warpgroups along N) as clusters along M: the mid-M autotuner candidates
     # (mm._row64_cluster_tile); M = 129 leaves the second CTA of the last cluster past the edge.
     **{f"mid_r64x{2 * tn}_wgN_cluster_m": mm._row64_cluster_tile(tn) for tn in (64, 128)},
+    # ... and what the heuristic runs for f32 output (the 8 stages of the 64 x 128 tile do not fit with it: 7).
+    "mid_r64x128_wgN_cluster_m_f32out": mm._fit_smem(mm._row64_cluster_tile(64), jnp.float8_e4m3fn, jnp.float32),
     "small_cluster_m_inflight": mm.TuningConfig(
         tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=4, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=32,
         epi_slots=1, wgmma_inflight=True, cluster="m",
@@ -200,14 +202,14 @@ CHECK_CONFIGS = {
 }
 
 
-def run_checks(results, deadline, only_configs=None):
-    dev = bench.device_name()
+def check_cases(only_configs=None) -> tuple[list[tuple], int]:
+    """The check phase's cases (config name or None for the heuristic, M, N, K, dtype, a_mode, b_mode, bias,
+    azp_mode, out dtype) in priority order, and how many lead the list as tier 1 (run twice, fresh inputs)."""
     ms = [1, 7, 64, 100, 129, 1000]
     # N, K: multiples of 16 / 32 that are not multiples of the tiles (K=2080
     # gets the 32-byte swizzle, 1152 the 128-byte one).
     shapes = [(272, 224), (1040, 2080), (1008, 1152)]
     cases = []
-    seed = 0
     # Priority order (a deadline cuts the tail): 1. every config (and the
     # heuristic default at small / mid / large M) with the most general
     # epilogue; 2. the scale-mode x zero-point x out-dtype matrix on the
@@ -226,6 +228,14 @@ def run_checks(results, deadline, only_configs=None):
     for cname in [c for c in ("mid_m64x32_wgM", "mid_m64x16_wgN", None) if c in names]:
         for bias_dt in ("bfloat16", "float16"):
             cases.append((cname, 256, 1024, 1024, "fp8", "token", "channel", bias_dt, "none", "bfloat16"))
+    # The clustered 64-row mid-M tiles with f16 output, and the heuristic's f32-output variant with f32.
+    for cname in [c for c in names if c and c.startswith("mid_r64x")]:
+        if cname.endswith("_f32out"):
+            cases.append((cname, 100, 1040, 2080, "fp8", "token", "channel", True, "none", "float32"))
+            cases.append((cname, 129, 1008, 1152, "int8", "tensor", "channel", True, "token", "float32"))
+        else:
+            cases.append((cname, 129, 1008, 1152, "int8", "tensor", "channel", True, "token", "float16"))
+            cases.append((cname, 100, 1040, 2080, "fp8", "tensor", "tensor", False, "none", "float16"))
     # The heuristic's own decode tile at a model width it gives 80-wide tiles (9728 = 121.6 tiles: the last
     # one partial).
     if None in names:
@@ -261,6 +271,13 @@ def run_checks(results, deadline, only_configs=None):
         (c[0], c[1], c[2] if mm.swap_ab_fits(CHECK_CONFIGS[c[0]], c[2], c[9]) else -(-c[2] // 64) * 64, *c[3:])
         if c[0] else c for c in cases
     ]  # fmt: skip
+    return cases, n_tier1
+
+
+def run_checks(results, deadline, only_configs=None):
+    dev = bench.device_name()
+    cases, n_tier1 = check_cases(only_configs)
+    seed = 0
     fails = 0
     for ci, (cname, m, n, k, dtype, a_mode, b_mode, bias, azp_mode, od) in enumerate(cases):
         if elapsed() > deadline:

@@ -743,6 +743,34 @@ def test_mid_m_takes_clustered_64_row_tiles_where_they_fill_one_wave(monkeypatch
     _lower(128, 8192, 8192, jnp.int8, jnp.float32, None, azp="token")
 
 
+def test_gpu_check_script_cases_are_valid():
+    # benchmarks/gpu_check.py runs these on the GPU; a case its config cannot run (shared memory with that output
+    # dtype, a split that does not divide K, an unaligned N) would only show up as a failure after the device time
+    # is spent.  scaled_mm's own checks, traced (eval_shape) once per case up to M.
+    from qlin.testing import load_script
+
+    mod = load_script("benchmarks/gpu_check.py")
+    cases, n_tier1 = mod.check_cases()
+    assert 0 < n_tier1 < len(cases)
+    assert {c[0] for c in cases} == set(mod.CHECK_CONFIGS) | {None}  # every config is checked
+    seen = set()
+    for cname, m, n, k, dtype, a_mode, b_mode, bias, azp, od in cases:
+        if (key := (cname, n, k, dtype, a_mode, b_mode, bias, azp, od)) in seen:
+            continue
+        seen.add(key)
+        dt = jnp.int8 if dtype == "int8" else F8
+        args = [S((m, k), dt), S((n, k), dt), S((m, 1) if a_mode == "token" else (1, 1), jnp.float32),
+                S((1, n) if b_mode == "channel" else (1, 1), jnp.float32),
+                S((n,), jnp.dtype(bias) if isinstance(bias, str) else jnp.float32) if bias else None,
+                None if azp == "none" else S((m, 1) if azp == "token" else (1, 1), jnp.int32),
+                None if azp == "none" else S((1, n), jnp.int32)]  # fmt: skip
+
+        def f(a, b, x, y, bias_, zp, adj, cfg=mod.CHECK_CONFIGS[cname] if cname else None, od=od):
+            return mm.scaled_mm(a, b, x, y, bias=bias_, azp=zp, azp_adj=adj, out_dtype=jnp.dtype(od), config=cfg)
+
+        assert jax.eval_shape(f, *args).shape == (m, n), key
+
+
 @pytest.mark.parametrize("cluster", ["m", "n"])
 def test_cluster_configs_cross_lower_for_cuda(cluster):
     # The grid of clusters (cluster_grid x 2 CTAs) and the multicast BlockSpec lower for the GPU.
