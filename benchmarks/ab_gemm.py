@@ -44,6 +44,10 @@
   N or one 64 x 128, and 64 x 256 as two 64 x 128), unsplit, with K cut so that the work units come closest to
   one wave, and as clusters of two CTAs along M (the weight tile multicast to both row tiles), against the
   heuristic's 128-row tiles.  (cuBLASLt's choice at 128 x 4096 x 14336 is 64 x 128 tiles with a K split.)
+``--ab kcluster``: K split between the two CTAs of a cluster, the partial accumulators summed through distributed
+  shared memory (``cluster="k"``): the heuristic's config with its split-K (or none) turned into it, and the mid-M
+  2 x 64 x 64 / 2 x 64 x 128 tiles and the 64 x 128 row tile with it, against the heuristic (XLA-summed split-K,
+  or unsplit).
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -106,6 +110,10 @@ ROW_CLAMP_CASES = (
 ROW64_CASES = (
     "128:4096:14336,256:4096:14336,128:8192:28672,256:8192:28672,128:57344:8192,256:57344:8192,"
     "128:28672:4096,512:4096:14336"
+)
+KCLUSTER_CASES = (
+    "1:4096:4096,16:4096:4096,1:4096:14336,16:4096:14336,64:4096:14336,128:4096:14336,256:4096:14336,"
+    "512:4096:14336,128:8192:28672,256:8192:28672,128:8192:8192,256:8192:8192,256:10240:8192,64:8192:28672"
 )
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
@@ -208,6 +216,27 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
                 if sk == 1 and -(-m // 64) % 2 == 0:
                     out[name + "cm"] = (mm._fit_smem(dataclasses.replace(c, cluster="m"), jdt, jnp.bfloat16), _TMA_ROWS)
         return out
+    if ab == "kcluster":
+        out = {"default": (base, _TMA_ROWS)}
+        fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
+        if base.cluster == "k":  # the same tiles with the two K ranges summed by XLA (split-K 2)
+            out["split2"] = (fit(dataclasses.replace(base, cluster=None, split_k=2, epi_slots=1)), _TMA_ROWS)
+        elif base.cluster is None and base.split_k <= 2:
+            out["default_ck"] = (fit(dataclasses.replace(base, split_k=1, cluster="k")), _TMA_ROWS)
+        if m <= 16 and not (base.swap_ab and base.cluster == "k"):  # swapped decode tiles, K in two
+            sw = dataclasses.replace(mm._swap_decode_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), split_k=1)
+            out["swapck"] = (fit(dataclasses.replace(sw, cluster="k")), _TMA_ROWS)
+        if m <= 64 and base.cta_tile_n != 64:  # the small-M 64 x 64 tile, K in two
+            n64 = mm.TuningConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=8, num_compute_wgs=1,
+                                  epi_tile_m=64, epi_tile_n=64, epi_slots=1, cluster="k")  # fmt: skip
+            out["n64ck"] = (fit(n64), _TMA_ROWS)
+        if m > 64:
+            out["mid32"] = (fit(mm._mid_m_tile(32)), _TMA_ROWS)  # (the heuristic's before at 128 x 4096 x 14336)
+            for tn in (64, 128):
+                out[f"mid{tn}ck"] = (fit(dataclasses.replace(mm._mid_m_tile(tn), cluster="k")), _TMA_ROWS)
+            out["r64n128ck"] = (fit(dataclasses.replace(mm._row64_cluster_tile(64), cluster="k")), _TMA_ROWS)
+        # (a K that these tiles cannot halve: scaled_mm's error is the row's entry)
+        return {name: side for name, side in out.items() if name == "default" or side[0] != base}
     if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M
         return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, {"_CLAMP_LAST_TILE_ROW": False})}
     if ab == "decode_pad":
@@ -226,7 +255,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -262,7 +291,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
-        "row64": ROW64_CASES,
+        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -297,7 +326,8 @@ def main(argv=None) -> None:
                         )
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
-                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64")
+                        checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64",
+                                              "kcluster")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])

@@ -137,6 +137,20 @@ CHECK_CONFIGS = {
     **{f"mid_r64x{2 * tn}_wgN_cluster_m": mm._row64_cluster_tile(tn) for tn in (64, 128)},
     # ... and what the heuristic runs for f32 output (the 8 stages of the 64 x 128 tile do not fit with it: 7).
     "mid_r64x128_wgN_cluster_m_f32out": mm._fit_smem(mm._row64_cluster_tile(64), jnp.float8_e4m3fn, jnp.float32),
+    # K split between the two CTAs of a cluster, the second CTA's partial accumulators sent to the first through
+    # distributed shared memory (cluster="k"): the mid tile 2 x 64 x 64 / 2 x 64 x 128, the 64 x 128 row tile,
+    # the small-M tile and the swapped decode tiles (16 and 8 token columns, stored transposed).
+    **{f"mid_m64x{tn}_wgM_cluster_k": mm._fit_smem(
+        dataclasses.replace(mm._mid_m_tile(tn), cluster="k"), jnp.int8, jnp.float32) for tn in (64, 128)},
+    "mid_r64x128_wgN_cluster_k": mm._fit_smem(
+        dataclasses.replace(mm._row64_cluster_tile(64), cluster="k"), jnp.int8, jnp.float32),
+    "smallM_n64_cluster_k": mm.TuningConfig(
+        tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=8, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=64,
+        epi_slots=1, cluster="k",
+    ),
+    **{f"swap_n{t}_cluster_k": mm.TuningConfig(
+        tile_m=64, tile_n=t, tile_k=256, max_concurrent_steps=8, num_compute_wgs=1, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=t, epi_slots=1, swap_ab=True, cluster="k") for t in (8, 16)},
     "small_cluster_m_inflight": mm.TuningConfig(
         tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=4, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=32,
         epi_slots=1, wgmma_inflight=True, cluster="m",
@@ -224,6 +238,12 @@ def check_cases(only_configs=None) -> tuple[list[tuple], int]:
         for m in (7, 129) if cname else (1, 129, 1000):
             for dtype, azp in (("fp8", "none"), ("int8", "token")):
                 cases.append((cname, m, 1040, 2080, dtype, "token", "channel", True, azp, "bfloat16"))
+    # cluster="k" with f32 / f16 output, per-tensor scales, M = 1 and a cluster-grid smaller than the tiles.
+    for cname in [c for c in names if c and c.endswith("_cluster_k")]:
+        out = "float16" if CHECK_CONFIGS[cname].swap_ab else "float32"  # (swap_ab stores 16-bit tiles transposed)
+        cases.append((cname, 100, 1008, 1152, "int8", "tensor", "channel", True, "token", out))
+        cases.append((cname, 1, 1040, 2080, "fp8", "tensor", "tensor", False, "none", "float16"))
+        cases.append((cname, 129, 16384, 1024, "fp8", "token", "channel", True, "none", "bfloat16"))
     # A bf16 / f16 bias (what an nn.Linear hands over), the layer shape that faulted first.
     for cname in [c for c in ("mid_m64x32_wgM", "mid_m64x16_wgN", None) if c in names]:
         for bias_dt in ("bfloat16", "float16"):
@@ -247,6 +267,13 @@ def check_cases(only_configs=None) -> tuple[list[tuple], int]:
         for m, n in ((700, 4000), (1000, 6000), (1500, 4000)):
             for dtype, azp in (("fp8", "none"), ("int8", "token")):
                 cases.append((None, m, n, 1056, dtype, "token", "channel", True, azp, "bfloat16"))
+        # The heuristic's K-split clusters where it takes them (the swapped decode tiles, the small-M and the mid-M
+        # tile at 4096 x 14336), bf16 and f32 output (other stage counts; swapped tiles fall back to split-K 2).
+        for m, dtype, azp, od in ((1, "fp8", "none", "bfloat16"), (16, "int8", "token", "bfloat16"),
+                                  (64, "fp8", "none", "float32"), (100, "int8", "token", "bfloat16"),
+                                  (128, "fp8", "none", "float32"), (7, "fp8", "none", "float16")):  # fmt: skip
+            cases.append((None, m, 4096, 14336, dtype, "token", "channel", True, azp, od))
+        cases.append((None, 16, 4096, 4096, "fp8", "token", "channel", True, "none", "bfloat16"))  # swapped at K=4096
     n_tier1 = len(cases)
     matrix = []
     for dtype, azp in (("fp8", "none"), ("int8", "none"), ("int8", "token"), ("int8", "tensor")):
@@ -266,6 +293,15 @@ def check_cases(only_configs=None) -> tuple[list[tuple], int]:
                     c = (cname, m, n, k, dtype, "token", "channel", True, azp, "bfloat16")
                     if c not in cases:
                         cases.append(c)
+    # cluster="k" splits the K tiles in two: an odd count gets one more K tile (2080 -> 2208: 18 tiles of 128, the
+    # last one partial in the second CTA's half).
+    def k_for(cname, k):
+        cfg = CHECK_CONFIGS[cname] if cname else None
+        if cfg is None or cfg.cluster != "k" or -(-k // cfg.tile_k) % 2 == 0:
+            return k
+        return k + cfg.tile_k if -(-(k + cfg.tile_k) // cfg.tile_k) % 2 == 0 else k + 2 * cfg.tile_k
+
+    cases = [(c[0], c[1], c[2], k_for(c[0], c[3]), *c[4:]) for c in cases]
     # swap_ab configs without split-K store (tokens x 64) tiles: N rounded up to a multiple of 64 for them.
     cases = [
         (c[0], c[1], c[2] if mm.swap_ab_fits(CHECK_CONFIGS[c[0]], c[2], c[9]) else -(-c[2] // 64) * 64, *c[3:])

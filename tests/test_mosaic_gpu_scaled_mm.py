@@ -702,13 +702,13 @@ def test_cluster_heuristic_and_validation():
             assert cfg.cluster == "m" and cfg.split_k == 1, cfg
     # Not at decode, with one row of CTA tiles, short K, split-K or the large-M tiles.
     for m, n, k in ((16, 4096, 14336), (128, 4096, 14336), (256, 8192, 8192), (384, 4096, 14336), (4096, 4096, 4096)):
-        assert mm.default_config(m, n, k, F8).cluster is None, (m, n, k)
+        assert mm.default_config(m, n, k, F8).cluster in (None, "k"), (m, n, k)
     assert any(c.cluster == "m" for c in mm.candidate_configs(4096, 4096, 4096, F8))
-    assert not any(c.cluster for c in mm.candidate_configs(16, 4096, 4096, F8))
+    assert not any(c.cluster in ("m", "n") for c in mm.candidate_configs(16, 4096, 4096, F8))
     with pytest.raises(ValueError, match="cluster and config.split_k"):
         mm._validate_config(dataclasses.replace(SPLIT_K3, cluster="m"), F8, jnp.bfloat16)
-    with pytest.raises(ValueError, match="config.cluster='k' must be None"):
-        mm._validate_config(dataclasses.replace(ONE_WG, cluster="k"), F8, jnp.bfloat16)
+    with pytest.raises(ValueError, match="config.cluster='x' must be None"):
+        mm._validate_config(dataclasses.replace(ONE_WG, cluster="x"), F8, jnp.bfloat16)
     assert dataclasses.replace(ONE_WG, cluster="m").short().endswith("cm")
     assert mm.TuningConfig.from_dict({**ONE_WG.to_dict(), "cluster": "n"}).cluster == "n"
     assert mm.TuningConfig.from_dict({k: v for k, v in ONE_WG.to_dict().items() if k != "cluster"}).cluster is None
@@ -880,16 +880,16 @@ def test_swap_ab_limits_and_choice():
     with pytest.raises(ValueError, match="16-bit out_dtype"):
         mm.scaled_mm(*args, out_dtype=jnp.float32, config=SWAP16, interpret=True)
     for bad in (dict(num_compute_wgs=2), dict(cluster="m")):
-        with pytest.raises(ValueError, match="swap_ab needs num_compute_wgs=1 and cluster=None"):
+        with pytest.raises(ValueError, match="swap_ab needs num_compute_wgs=1 and cluster None or 'k'"):
             mm._validate_config(dataclasses.replace(SWAP16, **bad), F8, jnp.bfloat16)
     with pytest.raises(TypeError, match="swap_ab=1 must be True or False"):
         mm._validate_config(dataclasses.replace(SWAP16, swap_ab=1), F8, jnp.bfloat16)
     assert SWAP16.short().endswith("t") and mm.TuningConfig.from_dict(SWAP16.to_dict()) == SWAP16
-    # the decode candidates include it (16 token columns; 8 up to M = 8 with split-K 2 for few weight slabs)
+    # the decode candidates include it (16 token columns; 8 up to M = 8 with K in two for few weight slabs)
     c1 = [c for c in mm.candidate_configs(1, 4096, 14336, F8) if c.swap_ab]
     c1_wide = [c for c in mm.candidate_configs(1, 8192, 8192, F8) if c.swap_ab]
     c16 = [c for c in mm.candidate_configs(16, 8192, 8192, F8) if c.swap_ab]
-    assert [(c.tile_n, c.split_k) for c in c1] == [(8, 2)] and [(c.tile_n, c.split_k) for c in c16] == [(16, 1)]
+    assert [(c.tile_n, mm.k_parts(c)) for c in c1] == [(8, 2)] and [(c.tile_n, c.split_k) for c in c16] == [(16, 1)]
     assert [(c.tile_n, c.split_k) for c in c1_wide] == [(16, 1)]
     assert not any(c.swap_ab for c in mm.candidate_configs(64, 8192, 8192, F8))
     assert not any(c.swap_ab for c in mm.candidate_configs(16, 8200, 8192, F8, jnp.bfloat16))  # N % 64
@@ -912,13 +912,15 @@ def test_swap_ab_heuristic_takes_it_for_decode_where_the_slabs_fill_the_sms(monk
             (8192, 28672))  # fmt: skip
     taken = {m: [(n, k) for n, k in grid if mm.default_config(m, n, k, F8).swap_ab] for m in (1, 8, 16, 17)}
     assert taken[1] == taken[8] == [nk for nk in grid if nk != (10240, 8192)]
-    assert taken[16] == [(4096, 14336), (8192, 8192), (57344, 8192), (8192, 28672)] and taken[17] == []
+    assert taken[16] == [(4096, 4096), (4096, 14336), (8192, 8192), (57344, 8192), (8192, 28672)] and taken[17] == []
+    assert mm.default_config(16, 4096, 4096, F8).cluster == "k"  # taken at K = 4096 only with the K-split cluster
+    assert not mm.default_config(16, 4096, 4096, F8, jnp.float32).swap_ab
     # int8 the same (h100_ab_swap_int8.json); its M = 1 runs XLA's GEMV up to K = 16384 (apply_weights' route)
     assert all(mm.default_config(m, n, k, jnp.int8) == mm.default_config(m, n, k, F8) for m in (1, 16) for n, k in grid)
     assert not mm.default_config(1, 8192, 8192, F8, jnp.float32).swap_ab  # a transposed f32 store does not lower
     assert mm.default_config(1, 4096, 4096, F8, jnp.float32).split_k == 2  # ... but split-K partials do
-    # 8 token columns only with split-K (the 8-column transposed store was not checked on the GPU)
-    assert all(c.tile_n == (8 if c.split_k > 1 else 16) for c in (mm.default_config(1, n, k, F8) for n, k in grid)
+    # 8 token columns only with K in two (a K-split cluster, or XLA-summed split-K for f32 output)
+    assert all(c.tile_n == (8 if mm.k_parts(c) == 2 else 16) for c in (mm.default_config(1, n, k, F8) for n, k in grid)
                if c.swap_ab)  # fmt: skip
 
 
@@ -932,3 +934,83 @@ def test_swap_ab_lowers_for_cuda(m, split_k):
         .trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     )  # fmt: skip
     assert "mosaic_gpu" in text
+
+
+# ----------------------------------------------------------------------------
+# K-split clusters (cluster="k"): two CTAs sum one output tile's K halves through distributed shared memory.
+# ----------------------------------------------------------------------------
+
+
+def test_k_cluster_heuristic_replaces_xla_summed_split_k(monkeypatch):
+    # H100 A/B (benchmarks/results/h100_ab_kcluster.json): see mm._takes_mid_cluster_k.
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    for m, n, k, swap in ((1, 4096, 4096, True), (1, 4096, 14336, True), (16, 4096, 14336, True),
+                          (16, 4096, 4096, True), (64, 4096, 14336, False), (128, 4096, 14336, False),
+                          (100, 4096, 14336, False)):  # fmt: skip
+        for dt in (F8, jnp.int8):
+            cfg = mm.default_config(m, n, k, dt)
+            assert cfg.cluster == "k" and cfg.split_k == 1 and cfg.swap_ab == swap and mm.k_parts(cfg) == 2, cfg
+            mm._validate_config(cfg, dt, jnp.bfloat16)
+    assert mm.default_config(128, 4096, 14336, F8).cta_tile_n == 64  # 64 tiles: 64 clusters of two CTAs
+    # f32 output: the swapped tiles' transposed store does not fit, so their K halves stay XLA-summed ...
+    f32 = mm.default_config(1, 4096, 14336, F8, jnp.float32)
+    assert f32.split_k == 2 and f32.cluster is None
+    # ... while the unswapped small-M and mid-M tiles keep the cluster (its f32 receive buffer fits)
+    assert mm.default_config(64, 4096, 14336, F8, jnp.float32).cluster == "k"
+    assert mm.default_config(128, 4096, 14336, F8, jnp.float32).cluster == "k"
+    # Past one wave of clusters it lost: not at 256 rows, wide N or short K.
+    for m, n, k in ((256, 4096, 14336), (128, 8192, 28672), (256, 8192, 8192), (64, 4096, 4096), (128, 4096, 4096)):
+        assert mm.default_config(m, n, k, F8).cluster != "k", (m, n, k)
+    # The autotuner gets the cluster twin of every split-K 2 candidate, and only K it can halve.
+    cands = mm.candidate_configs(64, 4096, 14336, F8)
+    assert any(c.cluster == "k" for c in cands) and any(c.split_k == 2 for c in cands)
+    assert all(-(-14336 // c.tile_k) % mm.k_parts(c) == 0 for c in cands)
+    assert not any(c.cluster == "k" for c in mm.candidate_configs(64, 4096, 8320, F8))  # 65 K tiles of 128
+
+
+def test_k_cluster_validation_and_smem():
+    ck = dataclasses.replace(mm._mid_m_tile(64), cluster="k")
+    assert ck.short().endswith("ck")
+    # the receive buffer: two warpgroups x 64 x 64 x 4 bytes
+    assert mm.smem_bytes(ck, F8, jnp.bfloat16) - mm.smem_bytes(mm._mid_m_tile(64), F8, jnp.bfloat16) == 2 * 64 * 64 * 4
+    with pytest.raises(ValueError, match="cluster and config.split_k"):
+        mm._validate_config(dataclasses.replace(ck, split_k=2), F8, jnp.bfloat16)
+    args = [jnp.zeros((64, 1152), F8), jnp.zeros((128, 1152), F8), jnp.ones((1, 1)), jnp.ones((1, 1))]
+    with pytest.raises(ValueError, match="needs an even number of them"):  # 9 K tiles of 128
+        mm.scaled_mm(*args, config=ck)
+    # A K-split swap config needs the transposed 16-bit store (as without any split).
+    swap_ck = dataclasses.replace(SWAP16, cluster="k")
+    mm._validate_config(swap_ck, F8, jnp.bfloat16)
+    assert not mm.swap_ab_fits(swap_ck, 4096, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_k_cluster_config_runs_unclustered_in_interpret_mode(dtype, monkeypatch):
+    # Interpret mode runs a tuned / heuristic K-split cluster config as plain CTAs over the whole K (jax 0.11.2's
+    # interpreter has no distributed shared memory stores): same tiles, same result.  The cluster path itself:
+    # cross-lowering below, GPU checks in gpu_check.py (*_cluster_k).
+    ck = dataclasses.replace(mm._mid_m_tile(64), cluster="k", max_concurrent_steps=3)
+    monkeypatch.setattr(autotune, "get_config", lambda *a, **kw: ck)
+    m, n, k = 7, 80, 512
+    rng = np.random.default_rng(3)
+    jdt = F8 if dtype == "fp8" else jnp.int8
+    a = rng.integers(-4, 5, (m, k)).astype(np.float32)
+    b = rng.integers(-4, 5, (n, k)).astype(np.float32)
+    a_s = rng.uniform(0.5, 2, (m, 1)).astype(np.float32)
+    b_s = rng.uniform(0.5, 2, (1, n)).astype(np.float32)
+    bias = rng.normal(size=(n,)).astype(np.float32)
+    out = mm.scaled_mm(jnp.asarray(a, jdt), jnp.asarray(b, jdt), jnp.asarray(a_s), jnp.asarray(b_s),
+                       bias=jnp.asarray(bias), out_dtype=jnp.float32, interpret=True)  # fmt: skip
+    ref = (a.astype(np.float64) @ b.T.astype(np.float64)) * a_s * b_s + bias
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_k_cluster_configs_cross_lower_for_cuda(monkeypatch):
+    # The heuristic's K-split cluster configs (swapped decode, small M, mid M), int8 with zero points, f32 out.
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    for m, n, k in ((1, 4096, 4096), (16, 4096, 14336), (64, 4096, 14336), (100, 4096, 14336)):
+        cfg = mm.default_config(m, n, k, F8)
+        assert cfg.cluster == "k"
+        assert "mosaic_gpu" in _lower(m, n, k, F8, jnp.bfloat16, cfg).as_text()
+    cfg = mm.default_config(100, 4096, 14336, jnp.int8, jnp.float32)
+    _lower(100, 4096, 14336, jnp.int8, jnp.float32, cfg, azp="token")

@@ -200,12 +200,17 @@ class TuningConfig(TileConfigBase):
       ``delay_release=1``), so a warpgroup issues step k+1 while step k still
       runs on the tensor cores; the last step of a tile drains (``wait(0)``).
       One of the stages is then always held by the running wgmma.
-    cluster: None, "m" or "n": run the persistent grid as clusters of two CTAs
-      whose output tiles are neighbours along M (they share the weight tile:
+    cluster: None, "m", "n" or "k": run the persistent grid as clusters of two
+      CTAs whose output tiles are neighbours along M (they share the weight tile:
       each TMA-loads half of it and multicasts it to both shared memories) or
       along N (they share the activation tile).  Halves the L2 -> shared
       memory traffic of the shared operand; the two CTAs step through K
-      together (a stage is refilled once both consumed it).  Not with split_k.
+      together (a stage is refilled once both consumed it).  "k": both CTAs
+      compute the same output tile over one half of K each; the second sends
+      its partial accumulator into the first's shared memory (``st.async``
+      through distributed shared memory), which adds it and runs the epilogue:
+      a K split with no float32 partials in global memory and no extra pass.
+      Needs an even number of K tiles.  Not with split_k.
     swap_ab: decode layout: the weight is the wgmma A side and the activation
       the B side, so tile_m counts weight rows (output columns) and tile_n
       tokens (8 or 16 cover M <= 16: an in-bounds activation box instead of a
@@ -279,7 +284,9 @@ def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_co
     # Epilogue vectors (at most 4-byte): a_scale, azp per row; b_scale, bias, azp_adj per column.
     row, col = tma_row_len(config.tile_m, jnp.float32), tma_row_len(config.tile_n, jnp.float32)
     vecs = config.num_compute_wgs * 4 * (n_row_vecs * row + n_col_vecs * col)
-    return config.max_concurrent_steps * stage + out + vecs + 256
+    # cluster="k": the receive buffer of the other CTA's partial accumulators (4-byte: f32 / int32).
+    recv = config.num_compute_wgs * config.tile_m * config.tile_n * 4 if config.cluster == "k" else 0
+    return config.max_concurrent_steps * stage + out + vecs + recv + 256
 
 
 def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_col_vecs: int = 3) -> None:
@@ -301,16 +308,16 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(
             "config.wgmma_inflight needs max_concurrent_steps >= 3 (one stage is held by the running wgmma)"
         )
-    if c.cluster not in (None, "m", "n"):
-        raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm' or 'n'")
+    if c.cluster not in (None, "m", "n", "k"):
+        raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm', 'n' or 'k'")
     if c.cluster and c.split_k > 1:
         raise ValueError("config.cluster and config.split_k > 1 cannot be combined")
     if not isinstance(c.swap_ab, bool):
         raise TypeError(f"config.swap_ab={c.swap_ab!r} must be True or False")
-    if c.swap_ab and (c.cluster or c.num_compute_wgs != 1):
+    if c.swap_ab and (c.cluster not in (None, "k") or c.num_compute_wgs != 1):
         # (Decode layouts: one warpgroup is what was timed; jax 0.11.2's interpreter also stalls now and
         # then in barrier waits with two warpgroups on swapped operands.)
-        raise ValueError("config.swap_ab needs num_compute_wgs=1 and cluster=None")
+        raise ValueError("config.swap_ab needs num_compute_wgs=1 and cluster None or 'k'")
     check_smem(c, smem_bytes(c, dtype, out_dtype, n_row_vecs, n_col_vecs))
 
 
@@ -328,6 +335,11 @@ def num_sms() -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def k_parts(config: TuningConfig) -> int:
+    """Into how many ranges ``config`` cuts K: its split_k, times two for a K-split cluster (``cluster="k"``)."""
+    return config.split_k * (2 if config.cluster == "k" else 1)
 
 
 def tma_rows(m: int) -> int:
@@ -383,10 +395,11 @@ def _small_m_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tunin
     k_tiles = _cdiv(k, 128)
     if k >= 8192 and _cdiv(n, 64) <= sms // 2 and k_tiles % 2 == 0:
         # Long K, few N tiles (e.g. 4096 x 14336): two K ranges of 64-wide N tiles stream the
-        # weight with less activation traffic per stage than 32-wide tiles (H100: 25.8 vs 27.0 us).
+        # weight with less activation traffic per stage than 32-wide tiles (H100: 25.8 vs 27.0 us),
+        # summed in a K-split cluster (see _takes_mid_cluster_k: 64 x 4096 x 14336 26.2 -> 24.8 us).
         cfg = TuningConfig(
             tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=8, num_compute_wgs=1,
-            epi_tile_m=64, epi_tile_n=64, epi_slots=1, split_k=2,
+            epi_tile_m=64, epi_tile_n=64, epi_slots=1, cluster="k",
         )
         return _fit_smem(cfg, dtype, out_dtype)
     tk = 256 if k >= 256 else 128
@@ -408,8 +421,9 @@ def _small_m_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tunin
 
 def _swap_decode_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> TuningConfig:
     """Decode with swapped operands (``swap_ab``): 64-row weight slabs as the wgmma A side, 256 deep,
-    the M <= 16 tokens as a 16-wide B side; split-K 2 where the slabs fill under half the SMs (then 8
-    token columns at M <= 8).
+    the M <= 16 tokens as a 16-wide B side; K in two where the slabs fill under half the SMs (then 8
+    token columns at M <= 8): a K-split cluster, or split-K 2 where the cluster's transposed store does not
+    fit (f32 output, N not a multiple of 64).
 
     Only split-K configs take 8 columns: the transposed store of an 8-column tile (no split-K) was timed
     on the H100 (benchmarks/results/h100_ab_swap_ab.json, M = 1) but not checked there; the 16-column
@@ -422,6 +436,13 @@ def _swap_decode_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> T
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=tokens, epi_slots=1, split_k=2 if split else 1,
         swap_ab=True,
     )  # fmt: skip
+    if split:
+        # The two K ranges summed in a cluster where its transposed 16-bit store fits, else by XLA
+        # (see _takes_mid_cluster_k: M = 1 4096 x 14336 23.8 -> 22.2 us, 4096^2 8.9 -> 8.5; M = 16 4096 x 14336
+        # 24.3 -> 22.6).
+        clustered = dataclasses.replace(cfg, split_k=1, cluster="k")
+        if swap_ab_fits(clustered, n, out_dtype):
+            cfg = clustered
     return _fit_smem(cfg, dtype, out_dtype)
 
 
@@ -437,16 +458,17 @@ def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tuning
     takes and +11 % at 10240 x 8192, M = 16 4096 x 14336 25.88 -> 23.93, 8192^2 26.46 -> 24.70, 8192 x 28672
     82.88 -> 79.65 (int8 M = 1 runs XLA's GEMV up to K = 16384, see mosaic_gpu.uses_xla_gemv).  So: the
     weight slabs (x split-K) filling >= 70 % of their last wave of SMs, and at 9..16 tokens >= 80 % and
-    K >= 8192.
+    K >= 8192 or K in two by a K-split cluster (M = 16 4096^2, 64 slabs x 2: fp8 9.36 -> 8.82 us, int8 9.45 -> 8.78
+    against the unswapped 32-wide tiles, mean of two repeats, benchmarks/results/h100_ab_kcluster.json).
     """
     if m > 16:
         return None
     cfg = _swap_decode_config(m, n, k, dtype, out_dtype, sms)
     if not swap_ab_fits(cfg, n, out_dtype):
         return None
-    units = _cdiv(n, cfg.cta_tile_m) * cfg.split_k
+    units = _cdiv(n, cfg.cta_tile_m) * k_parts(cfg)
     fill = units / (_cdiv(units, sms) * sms)
-    takes = fill >= 0.7 if m <= 8 else (fill >= 0.8 and k >= 8192)
+    takes = fill >= 0.7 if m <= 8 else (fill >= 0.8 and (k >= 8192 or cfg.cluster == "k"))
     return cfg if takes else None
 
 
@@ -534,6 +556,24 @@ def _row64_cluster_tile(tile_n: int) -> TuningConfig:
         tile_m=64, tile_n=tile_n, tile_k=128, max_concurrent_steps=8 if tile_n <= 64 else 4, num_compute_wgs=2,
         wg_dimension="n", grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64, cluster="m",
     )  # fmt: skip
+
+
+def _takes_mid_cluster_k(m: int, n: int, k: int, sms: int) -> bool:
+    """Whether mid M (one row of 128-row tiles) takes 2 x 64 x 64 tiles as K-split clusters (``cluster="k"``):
+    K >= 8192 (an even number of K tiles) and 128 x 64 tiles filling at most half the SMs, so that the clusters
+    make one wave.
+
+    Where a K-split cluster replaced a split-K summed by XLA, or gave a one-row mid-M tile twice the CTAs, it won.
+    H100, same run, mean of two alternated repeats, fp8 / int8 (benchmarks/results/h100_ab_kcluster.json,
+    ``ab_gemm.py --ab kcluster``), XLA-summed split-K 2 -> K-split cluster: swapped decode tiles M = 1 4096 x 14336
+    23.8 -> 22.2 us / 23.7 -> 22.2, M = 8 4096^2 9.17 -> 8.46 / 9.18 -> 8.47, M = 1 4096^2 8.87 -> 8.54 / 8.91 ->
+    8.54, M = 16 4096 x 14336 24.3 -> 22.6 / 24.3 -> 22.7; the small-M tile 64 x 4096 x 14336 26.2 -> 24.8 / 26.3 ->
+    24.8; here 128 x 4096 x 14336 (64 tiles: 128 CTAs) 30.0 -> 26.7 / 29.8 -> 26.8 against the heuristic's 2 x 64 x
+    32 tiles before (XLA 30.4 / 35.6).  Wherever the clustered CTAs exceed one wave it lost (first run,
+    h100_ab_kcluster_first.json, fp8: 256 x 4096 x 14336 31.7 -> 37.0 at best, 128 x 8192 x 28672 84.7 -> 91.5,
+    256 x 8192 x 8192 33.7 -> 56.9; 128 x 4096^2 with 2 x 64 x 64 tiles 11.0 -> 11.5).
+    """
+    return m <= 128 and k >= 8192 and _cdiv(k, 128) % 2 == 0 and _cdiv(n, 64) <= sms // 2
 
 
 def _takes_row64_cluster(m: int, n: int, k: int, sms: int) -> bool:
@@ -627,13 +667,16 @@ def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         if _wave_cost(m, n, 192, sms, 1) <= _wave_cost(m, n, 256, sms, 1):
             return _fit_smem(_mid_m_tile(192), dtype, out_dtype)
         return _fit_smem(_large_m_tile(), dtype, out_dtype)
+    if _takes_mid_cluster_k(m, n, k, sms):
+        return _fit_smem(dataclasses.replace(_mid_m_tile(64), cluster="k"), dtype, out_dtype)
     if _takes_row64_cluster(m, n, k, sms):
         return _fit_smem(_row64_cluster_tile(64), dtype, out_dtype)
     cfg = _mid_m_tile(_in_between_mid_width(m, n, k, sms, *best))
     tiles = _cdiv(m, cfg.cta_tile_m) * _cdiv(n, cfg.cta_tile_n)
     if k >= 8192 and tiles <= sms // 2 and _cdiv(k, cfg.tile_k) % 2 == 0:
-        # Half the SMs idle otherwise: two K ranges (H100, M=128 4096x14336: 28.9 vs 31.4 us).
-        cfg = dataclasses.replace(cfg, split_k=2, epi_slots=1)
+        # Half the SMs idle otherwise: two K ranges (H100, M=128 4096x14336: 28.9 vs 31.4 us with an
+        # XLA-summed split), summed in a K-split cluster (which measured faster wherever it replaced one).
+        cfg = dataclasses.replace(cfg, cluster="k")
     elif _takes_cluster_m(m, k, cfg):
         cfg = dataclasses.replace(cfg, cluster="m")
     return _fit_smem(cfg, dtype, out_dtype)
@@ -680,7 +723,7 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
 
     * M <= 64: one consumer warpgroup, a 64-row tile, a narrow N tile so that
       every SM streams its own slab of the weight (decode); long K with few N
-      tiles: 64-wide tiles and split-K 2.  At M <= 16 where the weight's
+      tiles: 64-wide tiles, K split between the two CTAs of a cluster (``cluster="k"``).  At M <= 16 where the weight's
       64-row slabs fill the SMs' last wave well: the operands swapped
       (``swap_ab``: 8 / 16 token columns instead of a 64-row activation tile;
       see :func:`_takes_swap_ab`).
@@ -688,8 +731,9 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
       picked with a small traffic model (memory bound: the A tile is re-read
       from L2 by every N tile, the weight streamed once): a power of two, or a
       width in between where the model gives it >= 10 % less time (a fuller last
-      wave, see :func:`_in_between_mid_width`); split-K 2 when K is
-      long and the tiles fill less than half the SMs; above M = 128, where the
+      wave, see :func:`_in_between_mid_width`); K split between the two CTAs of a
+      cluster when K is long and the tiles fill at most half the SMs (at M <= 128
+      with 2 x 64 x 64 tiles, :func:`_takes_mid_cluster_k`); above M = 128, where the
       model wants 256-wide tiles, the large-M tile instead.
     * M > 512: 2 x (128 x 128) tiles (warpgroups along N), 4 stages, grouped
       planar-snake order: compute bound, ~1400 TF/s fp8 on H100 at 4096^3; one
@@ -845,8 +889,14 @@ def candidate_configs(
         for c in cands[:6]
         if c.split_k == 1 and not c.cluster and _cdiv(m, c.cta_tile_m) >= 2
     ]
+    # K split between the two CTAs of a cluster instead of two XLA-summed ranges.
+    cands += [dataclasses.replace(c, split_k=1, cluster="k") for c in cands if c.split_k == 2]
+    if m <= 128 and k >= 8192:
+        cands.append(dataclasses.replace(_mid_m_tile(64), cluster="k"))
     out, seen = [], set()
     for c in cands:
+        if _cdiv(k, c.tile_k) % k_parts(c) or _swap_ab_misfit(c, n, out_dtype):
+            continue  # (scaled_mm would refuse it)
         c = _fit_smem(c, dtype, out_dtype)
         if c in seen:
             continue
@@ -891,7 +941,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
     m_iters, n_iters = _cdiv(m, cta_m), _cdiv(n, cta_n)
     split_k = c.split_k
-    k_iters = _cdiv(k, tile_k) // split_k  # K tiles of one work unit
+    # cluster="k": the cluster's two CTAs take one half of K each (see TuningConfig.cluster).
+    ksplit = c.cluster == "k"
+    k_iters = _cdiv(k, tile_k) // (split_k * (2 if ksplit else 1))  # K tiles of one work unit
     # swap_ab stores each result tile transposed, except with split-K: its float32 partial sums stay
     # (weight rows, tokens) and the XLA reduction that sums them transposes them too.
     swap = c.swap_ab and split_k == 1
@@ -959,8 +1011,21 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     # One row per warpgroup, each starting on TMA's 128-byte grid.
     vec_smem = {name: plgpu.SMEM((nwg, tma_row_len(vec_len[name], vdt)), vdt) for name, _, _, vdt in vecs}
 
+    # cluster="k": CTA 1's partial accumulators land in CTA 0's recv_smem (recv_bar counts the bytes; one
+    # warpgroup's arrival, i.e. each of its threads with its share); free_bar (one arrival from each CTA's
+    # warpgroup a phase) says CTA 0 has read them, so CTA 1 may send the next tile's.
+    ksplit_allocs = {}
+    if ksplit:
+        recv_transforms = _swizzle_transforms(_pick_swizzle(tile_n, tile_n, acc_dtype), acc_dtype)
+        ksplit_allocs = dict(
+            recv_smem=plgpu.SMEM((nwg, tile_m, tile_n), acc_dtype, transforms=recv_transforms),
+            recv_bar=plgpu.Barrier(num_arrivals=1, num_barriers=nwg),
+            free_bar=plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=nwg),
+        )
+
     @functools.partial(
         pl.run_scoped,
+        **ksplit_allocs,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
         # swap_ab: the (tile_m weight rows, tile_n tokens) result is stored transposed into an
         # unswizzled (tokens, weight rows) tile, which the TMA store writes into the (M, N) output
@@ -974,7 +1039,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         vec_smem=vec_smem,
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem):
+    def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem, recv_smem=None, recv_bar=None, free_bar=None):
         # Clusters walk pairs of CTA tiles (along M or N); the cluster's CTA 0 / 1 takes the first / second.
         # An odd tile count leaves the second CTA of the last cluster past the edge: it still takes part
         # in the shared (multicast) loads; its loads are zero-filled and its stores clipped (along M, where
@@ -998,7 +1063,13 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
             m_start = _row_start(m_idx, cta_m, m)
             cta_m_slice = pl.ds(m_start, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
-            k_slice = pl.ds(split * (k_iters * tile_k), k_iters * tile_k) if split_k > 1 else slice(None)
+            kpart = lax.axis_index("cluster") if ksplit else None  # this CTA's half of K
+            if split_k > 1:
+                k_slice = pl.ds(split * (k_iters * tile_k), k_iters * tile_k)
+            elif ksplit:
+                k_slice = pl.ds(kpart * (k_iters * tile_k), k_iters * tile_k)
+            else:
+                k_slice = slice(None)
             # Only the first K range adds the bias and subtracts the zero-point term.
             first = (split == 0) if split_k > 1 else None
             out_tile = out_gmem.at[split] if split_k > 1 else out_gmem
@@ -1014,16 +1085,19 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                     col0 = n_idx * cta_n + wg * tile_n
                     wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * tile_n, tile_n)
 
-                # Fetch this tile's epilogue vectors while the main loop runs.
-                for j, (name, ref, al, _) in enumerate(vecs):
-                    sl = pl.ds(row0, tile_m) if al == "m" else pl.ds(col0, tile_n)
-                    dst = vec_smem[name].at[wg, pl.ds(0, vec_len[name])]
-                    plgpu.copy_gmem_to_smem(ref.at[sl], dst, vec_bars.at[wg * len(vecs) + j])
+                # Fetch this tile's epilogue vectors while the main loop runs (cluster="k": CTA 0 only).
+                def fetch_vecs():
+                    for j, (name, ref, al, _) in enumerate(vecs):
+                        sl = pl.ds(row0, tile_m) if al == "m" else pl.ds(col0, tile_n)
+                        dst = vec_smem[name].at[wg, pl.ds(0, vec_len[name])]
+                        plgpu.copy_gmem_to_smem(ref.at[sl], dst, vec_bars.at[wg * len(vecs) + j])
 
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
-                def _acc_scope(acc_ref):
-                    eval_pipeline(acc_ref)
-                    acc = acc_ref[...]
+                if ksplit:
+                    pl.when(kpart == 0)(fetch_vecs)
+                else:
+                    fetch_vecs()
+
+                def epilogue(acc):
                     for j in range(len(vecs)):
                         plgpu.barrier_wait(vec_bars.at[wg * len(vecs) + j])
 
@@ -1083,6 +1157,37 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                             if _EPILOGUE_ABLATION == "no_store":
                                 continue
                             plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], dst)
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
+                def _acc_scope(acc_ref):
+                    eval_pipeline(acc_ref)
+                    acc = acc_ref[...]
+                    if not ksplit:
+                        epilogue(acc)
+                        return
+                    free = free_bar.at[wg]
+
+                    @pl.when(kpart == 1)
+                    def _send():
+                        # The previous tile's partial must have been read before this one overwrites it.
+                        pl.when(info.local_index > 0)(lambda: plgpu.barrier_wait(free))
+                        plgpu.async_store_smem(
+                            acc, recv_smem.at[wg], recv_bar.at[wg], cluster_idx=0, cluster_dim="cluster"
+                        )
+                        plgpu.barrier_arrive(free)
+                        # The last tile: CTA 0's arrival has landed before this CTA may exit.
+                        pl.when(info.local_index == info.num_local_steps - 1)(lambda: plgpu.barrier_wait(free))
+
+                    @pl.when(kpart == 0)
+                    def _receive():
+                        plgpu.barrier_wait(recv_bar.at[wg])
+                        total = acc + plgpu.load(recv_smem.at[wg], layout=plgpu.Layout.WGMMA)
+                        plgpu.commit_smem()  # (a warpgroup barrier: every thread has read its share)
+                        plgpu.barrier_arrive(free)
+                        epilogue(total)
+                        # CTA 1's arrival for this tile (so this CTA's phase of free_bar stays in step and
+                        # nothing lands here after it exits).
+                        plgpu.barrier_wait(free)
 
             def mma_body(idx, a_smem, b_smem, acc_ref):
                 wg = lax.axis_index("wg")
@@ -1236,6 +1341,11 @@ def scaled_mm(
         raise ValueError(
             f"config.split_k={config.split_k} must divide the {_cdiv(k, config.tile_k)} K tiles "
             f"(K={k}, tile_k={config.tile_k})"
+        )
+    if config.cluster == "k" and _cdiv(k, config.tile_k) % 2:
+        raise ValueError(
+            f"config.cluster='k' splits the {_cdiv(k, config.tile_k)} K tiles (K={k}, tile_k={config.tile_k}) "
+            "between two CTAs: it needs an even number of them"
         )
     # M > 8 that is not a multiple of 8: pad the (small) activation side and slice the output (the
     # padded rows are zero and never read back).  Decode (M <= 8) runs unpadded: the two pads and
