@@ -153,7 +153,7 @@ def _qlin_one(config, interpret: bool = False):
         config = dataclasses.replace(config, cluster=None)  # clusters do not run in interpret mode
 
     def f(a, b, a_s, b_s):
-        if uses_xla_gemv(a.dtype, *a.shape):  # what the mosaic_gpu kernel's apply_weights runs
+        if uses_xla_gemv(a.dtype, *a.shape, b.shape[0]):  # what the mosaic_gpu kernel's apply_weights runs
             return _xla_one("int8")(a, b, a_s, b_s)
         return mm.scaled_mm(a, b, a_s, b_s, out_dtype=jnp.bfloat16, config=config, interpret=interpret)
 
@@ -182,11 +182,11 @@ def _xla_one(dtype: str):
     return jax.jit(f)
 
 
-def qlin_label(config, dtype, m: int, k: int) -> str:
+def qlin_label(config, dtype, m: int, k: int, n: int) -> str:
     """The ``config`` a qlin row reports: the tile config, or ``xla_gemv`` where int8 decode runs XLA's GEMV."""
     from qlin.kernels.mosaic_gpu import uses_xla_gemv
 
-    return "xla_gemv" if uses_xla_gemv(dtype, m, k) else config.short()
+    return "xla_gemv" if uses_xla_gemv(dtype, m, k, n) else config.short()
 
 
 def qlin_fn(config=None, out_dtype=None):
@@ -537,7 +537,7 @@ def bench_case(
             fn = qlin_fn(cfg)
             us = measure_us(fn, sets, iterations)
             err = device_rel_err(fn(*sets[0]), *sets[0])
-            row("qlin:mosaic_gpu", dtype, us, err, config=qlin_label(cfg, a.dtype, m, k))
+            row("qlin:mosaic_gpu", dtype, us, err, config=qlin_label(cfg, a.dtype, m, k, n))
         except Exception as e:  # noqa: BLE001
             row("qlin:mosaic_gpu", dtype, None, None, error=_err(e))
         if with_xla:
@@ -970,7 +970,7 @@ class GridBench:
             with lock_factory() if autotune.autotune_enabled() else _no_lock():
                 cfg = autotune.get_config(m, n, k, dt, jnp.bfloat16)
             specs = _specs_gemm(m, n, k, imp.dtype, self.copies(n, k))
-            return many(_qlin_one(cfg, self.interpret)), specs, {"config": qlin_label(cfg, dt, m, k)}
+            return many(_qlin_one(cfg, self.interpret)), specs, {"config": qlin_label(cfg, dt, m, k, n)}
         if imp.kind == "xla":
             return many(_xla_one(imp.dtype)), _specs_gemm(m, n, k, imp.dtype, self.copies(n, k)), {}
         if imp.kind == "bf16":

@@ -81,16 +81,22 @@ def test_decode_rows_need_no_pad_before_the_gemm(config, m):
     gpu = MosaicGPUScaledMMKernel(config, interpret=False)
     text = jax.jit(gpu.apply_weights).trace(pp, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.pad" not in text
-    if uses_xla_gemv(pp.weight.dtype, m, pp.weight.shape[1]):  # int8 decode: the xla kernel's quantize + GEMV
+    # int8 decode: the xla kernel's quantize + GEMV
+    if uses_xla_gemv(pp.weight.dtype, m, pp.weight.shape[1], pp.weight.shape[0]):
         assert "mosaic_gpu" not in text and "stablehlo.dot_general" in text
     else:
         assert text.count("mosaic_gpu") >= 2
 
 
-def test_int8_gemv_route_truth_table():
-    assert uses_xla_gemv(jnp.int8, 1, 4096) and uses_xla_gemv(jnp.int8, 1, INT8_GEMV_MAX_K)
-    assert not uses_xla_gemv(jnp.int8, 1, 28672)  # long K: the wgmma kernel was faster (H100)
-    assert not uses_xla_gemv(jnp.int8, 2, 4096) and not uses_xla_gemv(jnp.float8_e4m3fn, 1, 4096)
+def test_int8_gemv_route_truth_table(monkeypatch):
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    assert uses_xla_gemv(jnp.int8, 1, 4096, 6144) and uses_xla_gemv(jnp.int8, 1, INT8_GEMV_MAX_K, 8192)
+    assert not uses_xla_gemv(jnp.int8, 1, 28672, 8192)  # long K: the wgmma kernel was faster (H100)
+    assert not uses_xla_gemv(jnp.int8, 2, 4096, 6144) and not uses_xla_gemv(jnp.float8_e4m3fn, 1, 4096, 6144)
+    # few weight slabs: the kernel splits K between the two CTAs of a cluster and is the faster one
+    assert not uses_xla_gemv(jnp.int8, 1, 14336, 4096) and not uses_xla_gemv(jnp.int8, 1, 4096, 4096)
+    # ... with a 16-bit output (a float32 one keeps XLA-summed split-K partials: the GEMV stays)
+    assert uses_xla_gemv(jnp.int8, 1, 14336, 4096, jnp.float32)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +126,7 @@ def test_int8_decode_runs_xla_gemv_and_matches_float64_oracle(config):
     params = quantize_weight(w, config, **kw)
     ker = MosaicGPUScaledMMKernel(config, interpret=True, tuning=SMALL)
     pp = ker.process_weights_after_loading(params)
-    assert pp.weight.shape[0] > n and uses_xla_gemv(pp.weight.dtype, 1, pp.weight.shape[1])
+    assert pp.weight.shape[0] > n and uses_xla_gemv(pp.weight.dtype, 1, pp.weight.shape[1], pp.weight.shape[0])
     y = ker.apply_weights(pp, x, bias)
     assert y.shape == (1, n) and y.dtype == config.out_dtype
     ref = reference_linear_np(np.asarray(x), params, config, np.asarray(bias, np.float64))

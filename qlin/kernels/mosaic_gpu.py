@@ -16,7 +16,8 @@ Wraps :func:`qlin.kernels.mosaic_gpu_scaled_mm.scaled_mm` in the
   per-token/group activations, else :func:`qlin.quantize.quantize_activation`),
   pads K if the weight was padded, runs the fused kernel, slices N and restores
   the leading dimensions.  int8 decode (M = 1, K <= :data:`INT8_GEMV_MAX_K`) runs
-  XLA's int8 dot instead, which XLA lowers to a GEMV (see :func:`uses_xla_gemv`).
+  XLA's int8 dot instead, which XLA lowers to a GEMV, except where the kernel splits K
+  between the two CTAs of a cluster (see :func:`uses_xla_gemv`).
 
 Interpret mode (CPU): ``MosaicGPUScaledMMKernel(config, interpret=True)`` or
 ``QLIN_MOSAIC_INTERPRET=1``.
@@ -46,13 +47,18 @@ from qlin.validate import normalize_params
 #: reduction fusion (no tensor cores, no 64-row wgmma tile): on the H100 it streamed the weight
 #: faster than the wgmma kernel at every Llama-3 shape with K <= 14336 (the kernel ran at
 #: 0.83-0.97x of it) and slower at K = 28672 (1.07x).  fp8 has no such GEMV in XLA (cuBLASLt
-#: runs a GEMM): the Mosaic kernel is the faster one there at every shape.
+#: runs a GEMM): the Mosaic kernel is the faster one there at every shape.  Except where the
+#: heuristic splits K between the two CTAs of a cluster (few weight slabs: N <= 4224 on an H100):
+#: there the kernel is the faster one (same run, mean of two repeats, 4096 x 14336 22.2 vs 23.6 us,
+#: 4096^2 8.54 vs 8.7; benchmarks/results/h100_ab_kcluster.json).
 INT8_GEMV_MAX_K = 16384
 
 
-def uses_xla_gemv(dtype, m: int, k: int) -> bool:
+def uses_xla_gemv(dtype, m: int, k: int, n: int, out_dtype=jnp.bfloat16) -> bool:
     """Whether ``apply_weights`` routes an (M, K) x (N, K) product to XLA's int8 GEMV."""
-    return jnp.dtype(dtype) == jnp.dtype(jnp.int8) and m == 1 and k <= INT8_GEMV_MAX_K
+    if not (jnp.dtype(dtype) == jnp.dtype(jnp.int8) and m == 1 and k <= INT8_GEMV_MAX_K):
+        return False
+    return mm.default_config(m, n, k, dtype, out_dtype).cluster != "k"
 
 
 def _env_interpret() -> bool:
@@ -156,7 +162,7 @@ class MosaicGPUScaledMMKernel(ScaledMMKernel):
         m = x2d.shape[0]
         n, k = params.n, params.k
         n_pad, k_pad = params.weight.shape
-        if uses_xla_gemv(params.weight.dtype, m, k_pad):
+        if uses_xla_gemv(params.weight.dtype, m, k_pad, n_pad, cfg.out_dtype):
             # int8 decode: the xla kernel's own sequence (jnp quantize + dot) on the padded weight. XLA
             # fuses the quantize into its GEMV; fed by the fused quantize kernel instead, the same GEMV
             # ran 0.4-37 us slower on the H100.
