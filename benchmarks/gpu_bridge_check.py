@@ -245,12 +245,14 @@ def _layer_on_busy_stream(s, spin_cycles: int, trials: int) -> dict:
 
 
 DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), split-K, clusters, swap-AB, mid and large M
+    # (the first two: swapped decode tiles with K split between the two CTAs of a cluster)
     (qlin.FP8ScaledMMConfig(), 1, 4096, 4096),
     (qlin.FP8ScaledMMConfig(), 16, 4096, 14336),
     (qlin.FP8ScaledMMConfig(), 100, 13653, 4000),
     (qlin.FP8ScaledMMConfig(weight_granularity="per_tensor", out_dtype=jnp.float16), 256, 1024, 4096),
     (qlin.FP8ScaledMMConfig(out_dtype=jnp.float32), 4096, 4096, 4096),
-    (qlin.Int8ScaledMMConfig(), 1, 4096, 4096),  # the JAX route runs XLA's int8 GEMV here
+    (qlin.Int8ScaledMMConfig(), 1, 4096, 4096),  # (the JAX route runs the K-split cluster kernel here, not the GEMV)
+    (qlin.Int8ScaledMMConfig(), 1, 6144, 4096),  # the JAX route runs XLA's int8 GEMV here
     (qlin.Int8ScaledMMConfig(), 5, 14336, 4096),
     (qlin.Int8ScaledMMConfig(), 1000, 1000, 4096),
     (qlin.Int8ScaledMMConfig(symmetric=False), 7, 4096, 4000),
@@ -258,7 +260,12 @@ DIRECT_CASES = [  # (config, M, N, K): decode, unaligned M / N / K (padded), spl
     # clusters of two CTAs multicasting the weight tile (mid M, long K), the last row tile partial
     (qlin.FP8ScaledMMConfig(), 500, 4096, 14336),
     (qlin.Int8ScaledMMConfig(symmetric=False), 512, 4096, 14336),
-    # swap-AB decode without split-K (the transposed store; with split-K: the first two fp8 rows above)
+    # K split between the two CTAs of a cluster: the small-M tile (asymmetric int8) and the mid-M tile, f32 output
+    (qlin.Int8ScaledMMConfig(symmetric=False), 64, 4096, 14336),
+    (qlin.FP8ScaledMMConfig(out_dtype=jnp.float32), 100, 4096, 14336),
+    # XLA-summed split-K: swapped decode tiles with f32 output
+    (qlin.FP8ScaledMMConfig(out_dtype=jnp.float32), 1, 4096, 14336),
+    # swap-AB decode without any K split (the transposed store)
     (qlin.FP8ScaledMMConfig(), 3, 8192, 8192),
     (qlin.FP8ScaledMMConfig(weight_granularity="per_tensor", out_dtype=jnp.float16), 12, 8192, 28672),
 ]
