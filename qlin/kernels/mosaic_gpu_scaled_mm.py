@@ -425,9 +425,9 @@ def _swap_decode_config(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> T
     token columns at M <= 8): a K-split cluster, or split-K 2 where the cluster's transposed store does not
     fit (f32 output, N not a multiple of 64).
 
-    Only split-K configs take 8 columns: the transposed store of an 8-column tile (no split-K) was timed
-    on the H100 (benchmarks/results/h100_ab_swap_ab.json, M = 1) but not checked there; the 16-column
-    store and the 8-column split-K partials were (h100_swap_ab_check.json, 43/43).
+    Only configs with K in two take 8 columns (timed there: benchmarks/results/h100_ab_swap_ab.json, M = 1).
+    Checked on the H100: the 16-column store and the 8-column split-K partials (h100_swap_ab_check.json,
+    43/43), the 8- and 16-column transposed stores after a K-split cluster's sum (h100_check_kcluster.json).
     """
     split = _cdiv(n, 64) <= sms // 2 and _cdiv(k, 256) % 2 == 0 and _cdiv(k, 256) >= 8
     tokens = 8 if m <= 8 and split else 16
@@ -1305,9 +1305,10 @@ def scaled_mm(
       out_dtype: bfloat16, float16 or float32.
       config: tile configuration; None = tuned (cache) or heuristic.
       interpret: run in Mosaic GPU interpret mode (CPU).  There a tuned or heuristic config's
-        cluster is dropped (the same tiles, each CTA loading its own operands: the same
-        result) and an explicit cluster config is rejected: jax 0.11.2's interpreter stalls in
-        barrier waits with clusters under CPU load.  CI cross-lowers cluster configs for CUDA.
+        cluster is dropped (the same tiles, each CTA loading its own operands and, for
+        cluster="k", running the whole K: the same result) and an explicit cluster config is
+        rejected: jax 0.11.2's interpreter stalls in barrier waits with clusters under CPU load
+        and has no distributed-shared-memory store.  CI cross-lowers cluster configs for CUDA.
     """
     out_dtype = jnp.dtype(out_dtype)
     _validate(a, b, a_scale, b_scale, bias, azp, azp_adj, out_dtype)
@@ -1320,7 +1321,8 @@ def scaled_mm(
     elif interpret and config.cluster:  # (a tuned / heuristic one is run unclustered by _call)
         raise ValueError(
             f"config {config.short()}: clusters (config.cluster={config.cluster!r}) do not run in interpret mode "
-            "(jax 0.11.2's Mosaic GPU interpreter stalls in barrier waits with them); use cluster=None there"
+            "(jax 0.11.2's Mosaic GPU interpreter stalls in barrier waits with them and has no distributed-shared-"
+            "memory store); use cluster=None there"
         )
     # M == 1 per-token and N == 1 per-channel scales are indistinguishable from
     # per-tensor ones: both (1, 1) and the same math.
