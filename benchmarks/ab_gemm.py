@@ -234,6 +234,9 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             out["mid32"] = (fit(mm._mid_m_tile(32)), _TMA_ROWS)  # (the heuristic's before at 128 x 4096 x 14336)
             for tn in (64, 128):
                 out[f"mid{tn}ck"] = (fit(dataclasses.replace(mm._mid_m_tile(tn), cluster="k")), _TMA_ROWS)
+                # 64-deep stages: more of them beside the receive buffer (slower: h100_ab_kcluster_k64_rejected.json)
+                k64 = dataclasses.replace(mm._mid_m_tile(tn), cluster="k", tile_k=64, max_concurrent_steps=8)
+                out[f"mid{tn}ck_k64"] = (fit(k64), _TMA_ROWS)
             out["r64n128ck"] = (fit(dataclasses.replace(mm._row64_cluster_tile(64), cluster="k")), _TMA_ROWS)
         # (a K that these tiles cannot halve: scaled_mm's error is the row's entry)
         return {name: side for name, side in out.items() if name == "default" or side[0] != base}
