@@ -943,7 +943,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     split_k = c.split_k
     # cluster="k": the cluster's two CTAs take one half of K each (see TuningConfig.cluster).
     ksplit = c.cluster == "k"
-    k_iters = _cdiv(k, tile_k) // (split_k * (2 if ksplit else 1))  # K tiles of one work unit
+    k_iters = _cdiv(k, tile_k) // k_parts(c)  # K tiles of one work unit
     # swap_ab stores each result tile transposed, except with split-K: its float32 partial sums stay
     # (weight rows, tokens) and the XLA reduction that sums them transposes them too.
     swap = c.swap_ab and split_k == 1
@@ -1063,13 +1063,9 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
             m_start = _row_start(m_idx, cta_m, m)
             cta_m_slice = pl.ds(m_start, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
-            kpart = lax.axis_index("cluster") if ksplit else None  # this CTA's half of K
-            if split_k > 1:
-                k_slice = pl.ds(split * (k_iters * tile_k), k_iters * tile_k)
-            elif ksplit:
-                k_slice = pl.ds(kpart * (k_iters * tile_k), k_iters * tile_k)
-            else:
-                k_slice = slice(None)
+            # This unit's K range: its split-K index, or its CTA's half of K in a K-split cluster.
+            kpart = lax.axis_index("cluster") if ksplit else split
+            k_slice = pl.ds(kpart * (k_iters * tile_k), k_iters * tile_k) if k_parts(c) > 1 else slice(None)
             # Only the first K range adds the bias and subtracts the zero-point term.
             first = (split == 0) if split_k > 1 else None
             out_tile = out_gmem.at[split] if split_k > 1 else out_gmem
