@@ -378,7 +378,7 @@ def run_wrapper(results):
     scheme."""
     from qlin import select
     from qlin.config import FP8ScaledMMConfig, Int8ScaledMMConfig
-    from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel
+    from qlin.kernels.mosaic_gpu import MosaicGPUScaledMMKernel, uses_xla_gemv
     from qlin.quantize import quantize_weight
     from qlin.testing import reference_linear_np
 
@@ -392,55 +392,64 @@ def run_wrapper(results):
         Int8ScaledMMConfig(symmetric=False, activation="static", out_dtype=jnp.float32),
     ]
     rng = np.random.default_rng(123)
+    cases = []
     for i, cfg in enumerate(cfgs):
         # odd N / K (padded once), and M = 1, 5, 33: not multiples of the 8-row TMA tile, which the
         # quantize kernel allocates itself for the dynamic configs (rows past M never written)
         n, k = ((13653, 4096), (1000, 4000))[i % 2]
-        for lead in ((1,), (5,) if i % 2 == 0 else (3, 11)):
-            try:
-                chosen = select.choose_kernel(cfg).name
-                w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
-                x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.float32)
-                bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-                kw = dict(input_scale=0.05, input_zero_point=2) if cfg.is_static else {}
-                if isinstance(cfg, FP8ScaledMMConfig) and cfg.is_static:
-                    kw.pop("input_zero_point")
-                params = quantize_weight(w, cfg, **kw)
-                ker = MosaicGPUScaledMMKernel(cfg)
-                pp = ker.process_weights_after_loading(params)
-                y = np.asarray(jax.jit(ker.apply_weights)(pp, x, bias).astype(jnp.float32))
-                ref = reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))
-                err = bench.rel_err(y.reshape(ref.shape), ref)
-                tol = kernel_rtol(cfg.out_dtype)
-                if isinstance(cfg, FP8ScaledMMConfig):
-                    tol = fp8_wgmma_kernel_rtol(cfg.out_dtype, k)
-                ok = err <= tol and chosen == "mosaic_gpu" and y.shape == ref.shape
-                r = dict(
-                    kind="wrapper",
-                    cfg=cfg.describe(),
-                    lead=lead,
-                    N=n,
-                    K=k,
-                    padded=list(pp.weight.shape),
-                    chosen=chosen,
-                    rel_err=err,
-                    ok=ok,
-                )
-            except Exception as e:  # noqa: BLE001
-                r = dict(
-                    kind="wrapper",
-                    cfg=cfg.describe(),
-                    lead=lead,
-                    N=n,
-                    K=k,
-                    ok=False,
-                    error=f"{type(e).__name__}: {str(e)[:300]}",
-                )
-                traceback.print_exc(limit=3)
-            results.append(r)
-            fails += not r["ok"]
-            if not r["ok"]:
-                print("WRAPPER FAIL", json.dumps(r, default=str), flush=True)
+        cases += [(cfg, n, k, lead) for lead in ((1,), (5,) if i % 2 == 0 else (3, 11))]
+    # int8 decode where apply_weights runs the kernel's swapped one-wave slabs, not XLA's GEMV
+    # (mosaic_gpu.uses_xla_gemv): 96 / 128 slabs of 64 weight rows.
+    int8_cfgs = [cfg for cfg in cfgs if isinstance(cfg, Int8ScaledMMConfig)]
+    cases += [(cfg, n, k, (1,)) for cfg in int8_cfgs for n, k in ((6144, 4096), (8192, 8192))]
+    for cfg, n, k, lead in cases:
+        try:
+            chosen = select.choose_kernel(cfg).name
+            w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+            x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.float32)
+            bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+            kw = dict(input_scale=0.05, input_zero_point=2) if cfg.is_static else {}
+            if isinstance(cfg, FP8ScaledMMConfig) and cfg.is_static:
+                kw.pop("input_zero_point")
+            params = quantize_weight(w, cfg, **kw)
+            ker = MosaicGPUScaledMMKernel(cfg)
+            pp = ker.process_weights_after_loading(params)
+            y = np.asarray(jax.jit(ker.apply_weights)(pp, x, bias).astype(jnp.float32))
+            ref = reference_linear_np(np.asarray(x), params, cfg, np.asarray(bias))
+            err = bench.rel_err(y.reshape(ref.shape), ref)
+            tol = kernel_rtol(cfg.out_dtype)
+            if isinstance(cfg, FP8ScaledMMConfig):
+                tol = fp8_wgmma_kernel_rtol(cfg.out_dtype, k)
+            ok = err <= tol and chosen == "mosaic_gpu" and y.shape == ref.shape
+            m = int(np.prod(lead))
+            gemv = uses_xla_gemv(pp.weight.dtype, m, pp.weight.shape[1], pp.weight.shape[0], cfg.out_dtype)
+            r = dict(
+                kind="wrapper",
+                cfg=cfg.describe(),
+                lead=lead,
+                N=n,
+                K=k,
+                padded=list(pp.weight.shape),
+                chosen=chosen,
+                route="xla_gemv" if gemv else "kernel",
+                rel_err=err,
+                ok=ok,
+            )
+        except Exception as e:  # noqa: BLE001
+            r = dict(
+                kind="wrapper",
+                cfg=cfg.describe(),
+                lead=lead,
+                N=n,
+                K=k,
+                ok=False,
+                error=f"{type(e).__name__}: {str(e)[:300]}",
+            )
+            traceback.print_exc(limit=3)
+        results.append(r)
+        fails += not r["ok"]
+        if not r["ok"]:
+            print("WRAPPER FAIL", json.dumps(r, default=str), flush=True)
     print(
         f"wrapper: {sum(1 for r in results if r.get('kind') == 'wrapper' and r['ok'])} ok, "
         f"{fails} failed, t={elapsed():.0f}s",

@@ -20,9 +20,10 @@ version whose interop differs) falls back to the JAX route with a warning, once 
 This relies on jax internals (``jax._src.pallas.mosaic_gpu.torch`` and the CUDA plugin's
 ``MosaicGpuCompile``: what ``plgpu.as_torch_kernel`` uses); where they are missing the route is off.
 
-int8 at M = 1: the JAX route hands that product to XLA's int8 GEMV (as fast as the Mosaic GPU kernel
-on the device, and XLA's own program); from torch the JAX dispatch it would need costs more than either
-kernel, so the direct route runs the Mosaic GPU kernel there too (the same int32 sums and f32 epilogue).
+int8 at M = 1: where the JAX route hands that product to XLA's int8 GEMV (``mosaic_gpu.uses_xla_gemv``:
+about as fast as the Mosaic GPU kernel on the device, and XLA's own program), from torch the JAX
+dispatch it would need costs more than either kernel, so the direct route runs the Mosaic GPU kernel
+there too (the same int32 sums and f32 epilogue).
 
 Anything else (CPU tensors, other configs or kernels, ``input_scale_ub``, inputs the JAX route would
 reject or copy) returns None and the caller takes the JAX route.

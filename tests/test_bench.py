@@ -509,10 +509,12 @@ def test_qlin_rows_name_the_int8_gemv_route():
 
     from qlin.kernels import mosaic_gpu_scaled_mm as mm
 
-    cfg = mm.default_config(1, 6144, 4096, jnp.int8)
-    assert bench.qlin_label(cfg, jnp.int8, 1, 4096, 6144) == "xla_gemv"  # what apply_weights runs at int8 decode
-    assert bench.qlin_label(cfg, jnp.int8, 1, 28672, 6144) == cfg.short()  # long K: the wgmma kernel
-    assert bench.qlin_label(cfg, jnp.float8_e4m3fn, 1, 4096, 6144) == cfg.short()
+    cfg = mm.default_config(1, 28672, 4096, jnp.int8)
+    assert bench.qlin_label(cfg, jnp.int8, 1, 4096, 28672) == "xla_gemv"  # what apply_weights runs at int8 decode
+    assert bench.qlin_label(cfg, jnp.int8, 1, 28672, 28672) == cfg.short()  # long K: the wgmma kernel
+    assert bench.qlin_label(cfg, jnp.float8_e4m3fn, 1, 4096, 28672) == cfg.short()
+    one_wave = mm.default_config(1, 6144, 4096, jnp.int8)  # 96 swapped slabs: the kernel (uses_xla_gemv)
+    assert bench.qlin_label(one_wave, jnp.int8, 1, 4096, 6144) == one_wave.short()
 
 
 def test_ab_gemm_sides_are_valid_and_differ_only_in_what_they_compare():

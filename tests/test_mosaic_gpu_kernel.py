@@ -90,13 +90,18 @@ def test_decode_rows_need_no_pad_before_the_gemm(config, m):
 
 def test_int8_gemv_route_truth_table(monkeypatch):
     monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
-    assert uses_xla_gemv(jnp.int8, 1, 4096, 6144) and uses_xla_gemv(jnp.int8, 1, INT8_GEMV_MAX_K, 8192)
+    # more weight slabs than SMs (448, 896) or unswapped decode tiles (10240: 80-wide): XLA's GEMV
+    assert uses_xla_gemv(jnp.int8, 1, 4096, 28672) and uses_xla_gemv(jnp.int8, 1, 8192, 57344)
+    assert uses_xla_gemv(jnp.int8, 1, 8192, 10240) and uses_xla_gemv(jnp.int8, 1, INT8_GEMV_MAX_K, 10240)
     assert not uses_xla_gemv(jnp.int8, 1, 28672, 8192)  # long K: the wgmma kernel was faster (H100)
     assert not uses_xla_gemv(jnp.int8, 2, 4096, 6144) and not uses_xla_gemv(jnp.float8_e4m3fn, 1, 4096, 6144)
+    # swapped slabs in one wave (96, 128): the kernel was the faster one
+    assert not uses_xla_gemv(jnp.int8, 1, 4096, 6144) and not uses_xla_gemv(jnp.int8, 1, 8192, 8192)
+    assert not uses_xla_gemv(jnp.int8, 1, INT8_GEMV_MAX_K, 8192)
     # few weight slabs: the kernel splits K between the two CTAs of a cluster and is the faster one
     assert not uses_xla_gemv(jnp.int8, 1, 14336, 4096) and not uses_xla_gemv(jnp.int8, 1, 4096, 4096)
-    # ... with a 16-bit output (a float32 one keeps XLA-summed split-K partials: the GEMV stays)
-    assert uses_xla_gemv(jnp.int8, 1, 14336, 4096, jnp.float32)
+    # ... with a 16-bit output; a float32 one keeps XLA-summed split-K partials or unswapped tiles: the GEMV
+    assert uses_xla_gemv(jnp.int8, 1, 14336, 4096, jnp.float32) and uses_xla_gemv(jnp.int8, 1, 4096, 6144, jnp.float32)
 
 
 @pytest.mark.parametrize(

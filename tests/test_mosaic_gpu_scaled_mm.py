@@ -915,7 +915,7 @@ def test_swap_ab_heuristic_takes_it_for_decode_where_the_slabs_fill_the_sms(monk
     assert taken[16] == [(4096, 4096), (4096, 14336), (8192, 8192), (57344, 8192), (8192, 28672)] and taken[17] == []
     assert mm.default_config(16, 4096, 4096, F8).cluster == "k"  # taken at K = 4096 only with the K-split cluster
     assert not mm.default_config(16, 4096, 4096, F8, jnp.float32).swap_ab
-    # int8 the same (h100_ab_swap_int8.json); its M = 1 runs XLA's GEMV up to K = 16384 (apply_weights' route)
+    # int8 the same (h100_ab_swap_int8.json); its M = 1 may run XLA's GEMV instead (mosaic_gpu.uses_xla_gemv)
     assert all(mm.default_config(m, n, k, jnp.int8) == mm.default_config(m, n, k, F8) for m in (1, 16) for n, k in grid)
     assert not mm.default_config(1, 8192, 8192, F8, jnp.float32).swap_ab  # a transposed f32 store does not lower
     assert mm.default_config(1, 4096, 4096, F8, jnp.float32).split_k == 2  # ... but split-K partials do

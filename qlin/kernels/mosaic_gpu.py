@@ -16,8 +16,9 @@ Wraps :func:`qlin.kernels.mosaic_gpu_scaled_mm.scaled_mm` in the
   per-token/group activations, else :func:`qlin.quantize.quantize_activation`),
   pads K if the weight was padded, runs the fused kernel, slices N and restores
   the leading dimensions.  int8 decode (M = 1, K <= :data:`INT8_GEMV_MAX_K`) runs
-  XLA's int8 dot instead, which XLA lowers to a GEMV, except where the kernel splits K
-  between the two CTAs of a cluster (see :func:`uses_xla_gemv`).
+  XLA's int8 dot instead, which XLA lowers to a GEMV, except where the kernel streams the
+  weight in one wave (swapped decode slabs or a K split between the two CTAs of a cluster;
+  see :func:`uses_xla_gemv`).
 
 Interpret mode (CPU): ``MosaicGPUScaledMMKernel(config, interpret=True)`` or
 ``QLIN_MOSAIC_INTERPRET=1``.
@@ -43,22 +44,32 @@ from qlin.select import register_kernel
 from qlin.validate import normalize_params
 
 
-#: int8 decode (M = 1) up to this K runs XLA's int8 ``dot_general``, which XLA lowers to a GEMV
-#: reduction fusion (no tensor cores, no 64-row wgmma tile): on the H100 it streamed the weight
-#: faster than the wgmma kernel at every Llama-3 shape with K <= 14336 (the kernel ran at
-#: 0.83-0.97x of it) and slower at K = 28672 (1.07x).  fp8 has no such GEMV in XLA (cuBLASLt
-#: runs a GEMM): the Mosaic kernel is the faster one there at every shape.  Except where the
-#: heuristic splits K between the two CTAs of a cluster (few weight slabs: N <= 4224 on an H100):
-#: there the kernel is the faster one (same run, mean of two repeats, 4096 x 14336 22.2 vs 23.6 us,
-#: 4096^2 8.54 vs 8.7; benchmarks/results/h100_ab_kcluster.json).
+#: int8 decode (M = 1) up to this K may run XLA's int8 ``dot_general``, which XLA lowers to a GEMV
+#: reduction fusion (no tensor cores, no 64-row wgmma tile).  fp8 has no such GEMV in XLA
+#: (cuBLASLt runs a GEMM): the Mosaic kernel is the faster one there at every shape.  Past this K
+#: the kernel was faster (H100, 8192 x 28672: 79.0 vs 91.8 us).  Which of the two runs below it:
+#: :func:`uses_xla_gemv`.
 INT8_GEMV_MAX_K = 16384
 
 
 def uses_xla_gemv(dtype, m: int, k: int, n: int, out_dtype=jnp.bfloat16) -> bool:
-    """Whether ``apply_weights`` routes an (M, K) x (N, K) product to XLA's int8 GEMV."""
+    """Whether ``apply_weights`` routes an (M, K) x (N, K) product to XLA's int8 GEMV.
+
+    int8, M = 1, K <= :data:`INT8_GEMV_MAX_K`: the GEMV, unless the kernel's heuristic config streams
+    the weight in one wave: swapped decode slabs (``swap_ab``) or a K split between the two CTAs of a
+    cluster, whose work units (slabs x K ranges) fit the SMs.  H100, the kernel against XLA's GEMV,
+    same run, mean of two repeats (benchmarks/results/h100_ab_int8_m1.json): one wave 4096^2 8.49 vs
+    8.59 us (K-split cluster), 4096 x 14336 22.2 vs 23.5 (K-split cluster), 6144 x 4096 11.2 vs 11.7
+    (96 slabs), 8192^2 24.5 vs 25.4 (128 slabs); more units than SMs or unswapped tiles: 28672 x 4096
+    43.0 vs 41.0 (448 slabs), 57344 x 8192 154.6 vs 152.6, 10240 x 8192 32.4 vs 30.8 (80-wide tiles).
+    K ranges summed by XLA (a float32 output's split-K) keep the GEMV: 4096 x 14336 23.7 vs 23.6
+    (benchmarks/results/h100_ab_kcluster.json).
+    """
     if not (jnp.dtype(dtype) == jnp.dtype(jnp.int8) and m == 1 and k <= INT8_GEMV_MAX_K):
         return False
-    return mm.default_config(m, n, k, dtype, out_dtype).cluster != "k"
+    cfg = mm.default_config(m, n, k, dtype, out_dtype)
+    streams = cfg.split_k == 1 and (cfg.swap_ab or cfg.cluster == "k")  # (not XLA-summed K ranges)
+    return not (streams and -(-n // cfg.cta_tile_m) * mm.k_parts(cfg) <= mm.num_sms())
 
 
 def _env_interpret() -> bool:
