@@ -48,6 +48,9 @@
   shared memory (``cluster="k"``): the heuristic's config with its split-K (or none) turned into it, and the mid-M
   2 x 64 x 64 / 2 x 64 x 128 tiles and the 64 x 128 row tile with it, against the heuristic (XLA-summed split-K,
   or unsplit).
+``--ab wg_m``: at M > 512, the heuristic's 128 x 256 CTA tile (two 128 x 128 warpgroups along N) as two 64 x 256
+  warpgroups along M (one m64n256 wgmma per K step reads each operand once from shared memory), with wgmma_inflight
+  as the heuristic has it and flipped, and as clusters of two CTAs along M.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -59,6 +62,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -114,6 +118,10 @@ ROW64_CASES = (
 KCLUSTER_CASES = (
     "1:4096:4096,16:4096:4096,1:4096:14336,16:4096:14336,64:4096:14336,128:4096:14336,256:4096:14336,"
     "512:4096:14336,128:8192:28672,256:8192:28672,128:8192:8192,256:8192:8192,256:10240:8192,64:8192:28672"
+)
+WG_M_CASES = (
+    "1024:4096:4096,4096:4096:4096,8192:4096:4096,4096:6144:4096,4096:28672:4096,2048:8192:8192,4096:8192:8192,"
+    "1024:8192:28672,4096:4096:14336,2048:57344:8192,4096:10240:8192,8192:8192:8192"
 )
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
@@ -240,6 +248,19 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             out["r64n128ck"] = (fit(dataclasses.replace(mm._row64_cluster_tile(64), cluster="k")), _TMA_ROWS)
         # (a K that these tiles cannot halve: scaled_mm's error is the row's entry)
         return {name: side for name, side in out.items() if name == "default" or side[0] != base}
+    if ab == "wg_m":
+        # The large-M 128 x 256 CTA tile as two 64 x 256 warpgroups along M (one m64n256 wgmma a K step: A 64
+        # rows, B 256 columns read from shared memory once) instead of two 128 x 128 warpgroups along N (two
+        # m64n128 wgmmas: B read twice): ~17 % less shared-memory operand traffic per flop.
+        out = {"default": (base, _TMA_ROWS)}
+        if base.num_compute_wgs == 2 and base.wg_dimension == "n" and base.tile_m == 128 and base.cta_tile_n <= 256:
+            fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
+            wgm = dataclasses.replace(base, tile_m=64, tile_n=base.cta_tile_n, wg_dimension="m", epi_tile_m=64,
+                                      epi_tile_n=math.gcd(base.cta_tile_n, 64))  # fmt: skip
+            out["wgm"] = (fit(wgm), _TMA_ROWS)
+            out["wgm_flip"] = (fit(dataclasses.replace(wgm, wgmma_inflight=not wgm.wgmma_inflight)), _TMA_ROWS)
+            out["wgm_cm"] = (fit(dataclasses.replace(wgm, cluster="m")), _TMA_ROWS)
+        return out
     if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M
         return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, {"_CLAMP_LAST_TILE_ROW": False})}
     if ab == "decode_pad":
@@ -258,7 +279,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -294,7 +315,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
-        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES,
+        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -330,7 +351,7 @@ def main(argv=None) -> None:
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
                         checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64",
-                                              "kcluster")
+                                              "kcluster", "wg_m")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])

@@ -58,7 +58,8 @@ with the JSON of the rows so far written.)
    tail_ab (opt-in): per ``--sweep-shapes`` shape, three warpgroups whole / cut in two / cut in two
    with the partial-total exchange left out (``_TAIL_ABLATION``: wrong output, a bound), same run.
    ``--sweep-tail`` makes the sweep phase time the default and the two promoted large-M tiles with
-   tail_split 1 / 2 / 3 / 4 instead of the candidate list.
+   tail_split 1 / 2 / 3 / 4 instead of the candidate list (``--sweep-splits 1,2,4,8``: other values, also
+   for ``--sweep-wide``).
 
 7. wide (opt-in): the 192-wide promoted warpgroup tiles (``WIDE_LAYOUTS``: one wgmma across a
    weight-scale block boundary, three 64-column pieces promoted) checked at the overlap layouts'
@@ -110,6 +111,7 @@ SWEEP_RESCALE = False  # --sweep-rescale: sweep only the default and the rescale
 PTXAS_SHORT = False  # --ptxas-short: the ptxas phase leaves out the overlap layouts
 SWEEP_WIDE = False  # --sweep-wide: sweep the default and the 192-wide promoted tiles (tail_split 1 / 2)
 SWEEP_TAIL = False  # --sweep-tail: sweep the default and the promoted large-M tiles with tail_split 1 / 2 / 3 / 4
+SWEEP_SPLITS = None  # --sweep-splits: the tail_split values of --sweep-tail / --sweep-wide instead of theirs
 CASE_TIMEOUT_S = 120.0  # watchdog per overlap case (compile + run): a hung kernel ends the process
 
 
@@ -682,11 +684,14 @@ def phase_sweep(results):
         cands = bmm.candidate_configs(m, n, k)
         if SWEEP_TAIL:  # the two promoted large-M tiles, each whole and cut 2 / 3 / 4 ways over the last wave
             cands = tail_variants(
-                cands[:1], (bmm._three_wg_tile("m", width=4), bmm._two_block_step_tile()), (1, 2, 3, 4), k
+                cands[:1],
+                (bmm._three_wg_tile("m", width=4), bmm._two_block_step_tile()),
+                SWEEP_SPLITS or (1, 2, 3, 4),
+                k,
             )
         if SWEEP_WIDE:  # the default, the two-block tile and the 192-wide tiles (whole and with the last wave cut)
             wide = (bmm._wide_tile(), bmm._wide_tile(width=4), bmm._wide_tile(steps=4, grid_minor="n"))
-            cands = tail_variants([cands[0], bmm._two_block_step_tile()], wide, (1, 2), k)
+            cands = tail_variants([cands[0], bmm._two_block_step_tile()], wide, SWEEP_SPLITS or (1, 2), k)
         if SWEEP_RESCALE:  # the promoted default and the rescaled-accumulation candidates only
             cands = cands[:1] + [c for c in bmm.candidate_configs(m, n, k, fast_accum=True) if c.rescale]
         for cfg in cands[:limit]:
@@ -839,7 +844,7 @@ def phase_ptxas(results, out_dir):
 
 def main():
     global XLA_FP8, BUDGET_S, SWEEP, SWEEP_RESCALE, INTERPRET, LLAMA, M_GRID, CHECK_SHAPES, CHECK_M
-    global CASE_TIMEOUT_S, DUMP, SWEEP_TAIL, SWEEP_WIDE, PTXAS_SHORT
+    global CASE_TIMEOUT_S, DUMP, SWEEP_TAIL, SWEEP_WIDE, SWEEP_SPLITS, PTXAS_SHORT
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="check,accuracy,layer,time,sweep")
     p.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on the CPU (interpret mode)")
@@ -854,6 +859,9 @@ def main():
     p.add_argument("--ptxas-short", action="store_true", help="ptxas phase: leave out the overlap layouts")
     p.add_argument(
         "--sweep-tail", action="store_true", help="sweep the default + the promoted large-M tiles, tail_split 1/2/3/4"
+    )
+    p.add_argument(
+        "--sweep-splits", default=None, help="comma-separated tail_split values of --sweep-tail / --sweep-wide"
     )
     p.add_argument("--m", default=None, help="comma-separated M values of the time phase (default: %s)" % M_GRID)
     p.add_argument(
@@ -890,6 +898,8 @@ def main():
     SWEEP_RESCALE = args.sweep_rescale
     SWEEP_TAIL = args.sweep_tail
     SWEEP_WIDE = args.sweep_wide
+    if args.sweep_splits:
+        SWEEP_SPLITS = tuple(int(v) for v in args.sweep_splits.split(","))
     PTXAS_SHORT = args.ptxas_short
     if args.sweep_shapes:
         SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]
