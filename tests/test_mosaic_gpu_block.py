@@ -420,17 +420,24 @@ def test_wide_tiles_where_the_wave_model_gives_them_ten_percent(monkeypatch):
     # H100 (results/h100_block_wide_sweep{,2}.json, same run each): 128 x 192 tiles against the two-block
     # tile at M = 1024: 6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192 805.8 vs
     # 878.1 (the model: 0.83 / 0.89 / 0.85 of the two-block time at three warpgroups' rate) -> taken;
-    # 8192^2 123.0 vs 118.7 and 10240 x 8192 163.6 vs 147.6 (0.94 / 1.0) -> not; 8192 x 28672 (0.94)
-    # 416.2 vs 434.0: a miss.  M = 600 (results/h100_block_wide_check_time.json): 4096^2 24.5 vs 31.5,
-    # 4096 x 14336 72.4 vs 95.9, 8192^2 86.5 vs 90.4, 28672 x 4096 141.6 vs 140.8.
+    # 8192^2 123.0 vs 118.7 and 10240 x 8192 163.6 vs 147.6 (0.94 / 1.0) -> not.  At longer K the wide tile's
+    # cost falls (_wide_rel_time; results/h100_block_wide_k_sweep.json): 8192 x 28672 416.7 vs 439.5 and
+    # 8192 x 14336 210.0 vs 213.0 -> taken; 10240 x 14336 / 28672 282.6 vs 266.1, 560.4 vs 545.3 -> not.
+    # M = 600 (results/h100_block_wide_check_time.json): 4096^2 24.5 vs 31.5, 4096 x 14336 72.4 vs 95.9,
+    # 8192^2 86.5 vs 90.4, 28672 x 4096 141.6 vs 140.8.
     monkeypatch.setattr(bmm, "num_sms", lambda: 132)
     wide = bmm._wide_tile()
     assert (wide.tile_m, wide.tile_n, wide.cta_tile_m, wide.cta_tile_n, wide.tile_k) == (64, 192, 128, 192, 128)
     assert bmm._acc_registers(wide) == bmm.MAX_ACC_REGISTERS  # 96 total + 96 accumulator
-    for n, k in ((6144, 4096), (28672, 4096), (57344, 8192)):
+    for n, k in ((6144, 4096), (28672, 4096), (57344, 8192), (8192, 28672), (8192, 14336)):
         assert bmm.default_config(1024, n, k) == wide, (n, k)
-    for n, k in ((8192, 8192), (10240, 8192), (8192, 28672), (4096, 4096), (4096, 14336)):
+    for n, k in ((8192, 8192), (8192, 4096), (10240, 8192), (10240, 14336), (10240, 28672), (4096, 4096),
+                 (4096, 14336)):  # fmt: skip
         assert bmm.default_config(1024, n, k) == bmm._two_block_step_tile(), (n, k)
+    assert bmm._wide_rel_time(None) == bmm._wide_rel_time(8192) == 1.1
+    assert bmm._wide_rel_time(16384) == pytest.approx(1.05) and bmm._wide_rel_time(28672) < bmm._wide_rel_time(14336)
+    for m in (768, 1280, 1536):  # three warpgroups stay the fastest there (h100_block_wide_k_sweep.json)
+        assert bmm.default_config(m, 8192, 28672).num_compute_wgs == 3, m
     for n, k in ((4096, 4096), (4096, 14336), (8192, 8192)):
         assert bmm.default_config(600, n, k) == wide, (n, k)
     for n, k in LLAMA:  # from M = 2048 three warpgroups' fuller or cut waves win the model

@@ -469,10 +469,11 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       stages, one epilogue slot, planar snake of width 4: one warpgroup's wait-and-promote is covered by two
       others' queued wgmmas) or two 64 x 192 warpgroups (128 x 192, one accumulator across a weight-scale block
       boundary), whichever a wave cost model gives less time (:func:`_promoted_tile_cost`; 128 x 192 at 1024 x
-      6144 x 4096, 1024 x 28672 x 4096 and 1024 x 57344 x 8192 in the grid, and at M = 600 where its 5 x 22
+      6144 x 4096, 1024 x 28672 x 4096, 1024 x 57344 x 8192 and 1024 x 8192 x 28672 (K-aware cost,
+      :func:`_wide_rel_time`) in the grid, and at M = 600 where its 5 x 22
       tiles make one wave: 600 x 4096^2 24.5 vs 31.5 us, h100_block_wide_*.json); the last row of CTA tiles is
       clamped to end at M (no tile mostly past M). In the Llama-3 grid that is two-block or 128 x 192 tiles at M
-      = 1024 (0.71-0.85 of the per-channel kernel on an H100, h100_block_grid15.md; M = 1024 is 5.3 rows of 192)
+      = 1024 (0.76-0.85 of the per-channel kernel on an H100, h100_block_grid18.md; M = 1024 is 5.3 rows of 192)
       and three warpgroups from M = 2048 (0.78-0.95); between them it is three warpgroups where M is close to a
       multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
       h100_block_m_tail.json). Three-warpgroup tiles whose last wave is at most half full after few whole waves
@@ -509,15 +510,34 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 #: Time per output element at full waves relative to the three-warpgroup 192 x 128 tile (H100 tile sweeps
 #: and grid timings, h100_block_m_tail.json / h100_block_grid13_*.json).  With the rows-past rule of
 #: _promoted_tile_cost the heuristic takes the faster promoted tile at 23 of 27 measured (M, N, K) from
-#: M = 768 to 4096 (misses: 1024 x 8192 x 28672 by 6 %, 1024 x 57344 x 8192 4 %, 2048 x 4096^2 1.5 %,
-#: 768 x 10240 x 8192 a tie) and keeps or drops fast_accum's rescaled 128 x 256 tile right at 20 of 20.
+#: M = 768 to 4096 (misses: 1024 x 8192 x 28672 by 6 % (since: the 128 x 192 tile), 1024 x 57344 x 8192
+#: 4 %, 2048 x 4096^2 1.5 %, 768 x 10240 x 8192 a tie) and keeps or drops fast_accum's rescaled 128 x 256 tile
+#: right at 20 of 20.
 #: "wide" (2 x 64 x 192, :func:`_wide_tile`): at full waves level with three warpgroups at 4096 x 28672 x 4096
 #: (H100: 784.8 vs 781.2 us) and 5 % behind at 8192^3 (893.6 vs 847.9, h100_block_wgmma_groups_rejected.json);
 #: against the two-block tile at M = 1024 it won only where the wave model gave it >= 10 % less time at
 #: that rate (6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192 805.8 vs 878.1) and
 #: lost or won by a few % at 0.94 (8192^2 123.0 vs 118.7, 8192 x 28672 416.2 vs 434.0;
-#: h100_block_wide_sweep{,2}.json): costed 1.1 so that the model takes it at the first three only.
+#: h100_block_wide_sweep{,2}.json): costed 1.1 up to K = 8192, and less at longer K (:func:`_wide_rel_time`).
 _REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "wide": 1.1, "rescale_wide": 1.03}
+#: The K up to which the 128 x 192 tile costs _REL_TIME["wide"]; past it its excess over three warpgroups
+#: shrinks as 1 / K (a per-tile cost spread over a longer main loop).
+_WIDE_REL_K = 8192
+
+
+def _wide_rel_time(k: int | None) -> float:
+    """The 128 x 192 promoted tile's time per output element relative to three warpgroups: 1.1 up to
+    K = 8192, then 1 + 0.1 x 8192 / K (1.057 at K = 14336, 1.029 at 28672).
+
+    Fitted to the tile against the two-block tile at M = 1024, H100, same run each
+    (benchmarks/results/h100_block_wide_k_sweep.json), where the wave model's break-even is 1.067 at N =
+    8192 (3 waves of 128 x 192 tiles against 3.9 of 128 x 128) and 1.0 at N = 10240 (3.3 against 4.8):
+    N = 8192 K = 4096 / 8192 / 14336 / 28672 65.0 vs 62.9, 124.1 vs 118.7, 210.0 vs 213.0, 416.7 vs
+    439.5 us (wide slower, slower, faster, faster), N = 10240 K = 14336 / 28672 282.6 vs 266.1, 560.4 vs
+    545.3 (slower both): effective 1.10 / 1.12 / 1.05 / 1.01 and 1.06 / 1.03.  Without K: 1.1."""
+    if k is None or k <= _WIDE_REL_K:
+        return _REL_TIME["wide"]
+    return 1.0 + (_REL_TIME["wide"] - 1.0) * _WIDE_REL_K / k
 
 #: The last wave's time with stream-K (tail_split=2, a tail of at most half a wave) relative to a whole
 #: wave.  Not the half of a wave that halving the tail tiles' K suggests: H100, the part-full last wave
@@ -571,7 +591,8 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     with two K blocks a step (128 x 128) or two 64 x 192 warpgroups (128 x 192, :func:`_wide_tile`),
     whichever the wave cost model gives less time (three, then two-block, on ties), and not three where
     192-row tiles put more than 5 % of M in rows past it.  In the Llama-3 grid the 128 x 192 tile is
-    taken at 1024 x 6144 x 4096, 1024 x 28672 x 4096 and 1024 x 57344 x 8192 (see _REL_TIME).  H100, per-channel
+    taken at 1024 x 6144 x 4096, 1024 x 28672 x 4096, 1024 x 57344 x 8192 and 1024 x 8192 x 28672 (see
+    _REL_TIME, :func:`_wide_rel_time`).  H100, per-channel
     kernel time / block time (h100_block_m_tail.json): three warpgroups 0.87 vs 0.65 at 768 x 4096^2,
     0.96 vs 0.79 at 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs 0.75 at 4096 x 8192^2;
     two-block tiles 0.80 vs 0.62 at 1024 x 4096 x 14336 and 0.83 vs 0.64 at 1024 x 6144 x 4096."""
@@ -586,7 +607,7 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     # 0.76 / 0.73 / 0.75 vs 0.81 / 0.77 / 0.78 with two-block tiles at 28672 x 4096 / 10240 x 8192 /
     # 8192^2, where the model gave three warpgroups 2 % / 0 % / 6 % less time (it was right at 8192 x
     # 28672 and 57344 x 8192: 0.76 / 0.79 vs 0.71 / 0.76).  M = 2048 and 4096 (3 %) follow the model.
-    wide = _wave_cost(m, n, 128, WIDE_TILE_N, sms, _REL_TIME["wide"])
+    wide = _wave_cost(m, n, 128, WIDE_TILE_N, sms, _wide_rel_time(k))
     rows_past = (_cdiv(m, 3 * 64) * 3 * 64 - m) - (_cdiv(m, 128) * 128 - m)
     if three <= min(two, wide) and rows_past <= 0.05 * m:
         return three, dataclasses.replace(three_cfg, tail_split=split)
