@@ -403,6 +403,7 @@ def run_wrapper(results):
     int8_cfgs = [cfg for cfg in cfgs if isinstance(cfg, Int8ScaledMMConfig)]
     cases += [(cfg, n, k, (1,)) for cfg in int8_cfgs for n, k in ((6144, 4096), (8192, 8192))]
     for cfg, n, k, lead in cases:
+        row = dict(kind="wrapper", cfg=cfg.describe(), lead=lead, N=n, K=k)
         try:
             chosen = select.choose_kernel(cfg).name
             w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
@@ -424,11 +425,7 @@ def run_wrapper(results):
             m = int(np.prod(lead))
             gemv = uses_xla_gemv(pp.weight.dtype, m, pp.weight.shape[1], pp.weight.shape[0], cfg.out_dtype)
             r = dict(
-                kind="wrapper",
-                cfg=cfg.describe(),
-                lead=lead,
-                N=n,
-                K=k,
+                row,
                 padded=list(pp.weight.shape),
                 chosen=chosen,
                 route="xla_gemv" if gemv else "kernel",
@@ -436,15 +433,7 @@ def run_wrapper(results):
                 ok=ok,
             )
         except Exception as e:  # noqa: BLE001
-            r = dict(
-                kind="wrapper",
-                cfg=cfg.describe(),
-                lead=lead,
-                N=n,
-                K=k,
-                ok=False,
-                error=f"{type(e).__name__}: {str(e)[:300]}",
-            )
+            r = dict(row, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc(limit=3)
         results.append(r)
         fails += not r["ok"]
