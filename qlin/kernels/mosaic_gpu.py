@@ -69,8 +69,7 @@ def uses_xla_gemv(dtype, m: int, k: int, n: int, out_dtype=jnp.bfloat16) -> bool
         return False
     cfg = mm.default_config(m, n, k, dtype, out_dtype)
     streams = cfg.split_k == 1 and (cfg.swap_ab or cfg.cluster == "k")  # (not XLA-summed K ranges)
-    slab = cfg.cta_tile_m if cfg.swap_ab else cfg.cta_tile_n  # weight rows per work unit (swap: the A side)
-    return not (streams and -(-n // slab) * mm.k_parts(cfg) <= mm.num_sms())
+    return not (streams and mm.weight_units(cfg, n) <= mm.num_sms())
 
 
 def _env_interpret() -> bool:

@@ -342,6 +342,13 @@ def k_parts(config: TuningConfig) -> int:
     return config.split_k * (2 if config.cluster == "k" else 1)
 
 
+def weight_units(config: TuningConfig, n: int) -> int:
+    """Work units of a config whose CTA tiles make one row of tiles (decode): its weight slabs (tile_m
+    weight rows with ``swap_ab``, where the weight is the wgmma A side, else cta_tile_n) times its K ranges."""
+    slab = config.cta_tile_m if config.swap_ab else config.cta_tile_n
+    return _cdiv(n, slab) * k_parts(config)
+
+
 def tma_rows(m: int) -> int:
     """Rows an (M, ...) operand or output of the Mosaic GPU kernels needs: M itself up to 8 (one
     partial TMA row tile; TMA zero-fills loads past it and clips stores), else M rounded up to 8."""
@@ -466,7 +473,7 @@ def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tuning
     cfg = _swap_decode_config(m, n, k, dtype, out_dtype, sms)
     if not swap_ab_fits(cfg, n, out_dtype):
         return None
-    units = _cdiv(n, cfg.cta_tile_m) * k_parts(cfg)
+    units = weight_units(cfg, n)
     fill = units / (_cdiv(units, sms) * sms)
     takes = fill >= 0.7 if m <= 8 else (fill >= 0.8 and (k >= 8192 or cfg.cluster == "k"))
     return cfg if takes else None
