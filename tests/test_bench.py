@@ -640,3 +640,28 @@ def test_ncu_script_runs_each_variant_once_in_interpret_mode(capsys):
     assert "wide (m64n192k128" in out and "per_channel (m64n" in out
     with pytest.raises(SystemExit, match="unknown variant 'nope'"):
         mod.main(["--cpu-dry-run", "--variants", "nope"])
+
+
+def test_ab_fresh_acc_patch_rewrites_only_fresh_wgmmas_and_only_inside_its_context():
+    # benchmarks/ab_fresh_acc.py (GPU A/B): inside fresh_accumulators() a block kernel's per-K-block wgmmas
+    # into fresh accumulators lose their zero barrier and get scale-d = 0 (one rewritten instruction each:
+    # one accumulator a step for three warpgroups, two for the two-blocks-a-step tile); outside it, nothing.
+    from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+
+    mod = load_script("benchmarks/ab_fresh_acc.py")
+    spec, f8 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn
+    m, n, k = 1024, 1024, 1024
+    f32 = jnp.float32
+    args = [spec((m, k), f8), spec((n, k), f8), spec((m, k // 128), f32), spec((n // 128, k // 128), f32)]
+
+    def lower(cfg):
+        fn = jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, config=cfg))
+        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    for cfg, fresh in ((bmm._three_wg_tile(), 1), (bmm._two_block_step_tile(), 2), (bmm._wide_tile(), 1)):
+        mod.STATS.update(fresh_ops=0, fresh_instrs=0, dropped_barriers=0)
+        with mod.fresh_accumulators():
+            patched = lower(cfg)
+        assert mod.STATS == {"fresh_ops": fresh, "fresh_instrs": fresh, "dropped_barriers": fresh}
+        plain = lower(cfg)
+        assert mod.STATS["fresh_instrs"] == fresh and patched != plain

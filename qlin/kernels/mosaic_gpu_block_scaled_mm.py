@@ -17,7 +17,10 @@
   the step are a third pipelined TMA input (``a_scale`` transposed to
   (ceil(K / 128), M) so one step's scales are one contiguous box).  The weight
   scale is a scalar load issued right after the ``wgmma`` (its latency hides
-  behind the tensor cores).
+  behind the tensor cores).  (The fresh accumulator is a zero fill: jax 0.11.2
+  issues every wgmma with scale-d = 1.  Emitting the first one with scale-d = 0
+  and no zeros instead was bit-identical and no faster on an H100, 0.93x at
+  8192^3: benchmarks/ab_fresh_acc.py, results/h100_block_fresh_acc_rejected.json.)
 * The promoted total and the wgmma accumulator are both f32 registers.  A
   64 x 256 warpgroup tile spans two weight-scale blocks: its two 128-wide
   halves go through one temporary accumulator one after the other (64 + 128
