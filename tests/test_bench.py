@@ -645,7 +645,8 @@ def test_ncu_script_runs_each_variant_once_in_interpret_mode(capsys):
 def test_ab_fresh_acc_patch_rewrites_only_fresh_wgmmas_and_only_inside_its_context():
     # benchmarks/ab_fresh_acc.py (GPU A/B): inside fresh_accumulators() a block kernel's per-K-block wgmmas
     # into fresh accumulators lose their zero barrier and get scale-d = 0 (one rewritten instruction each:
-    # one accumulator a step for three warpgroups, two for the two-blocks-a-step tile); outside it, nothing.
+    # one accumulator a step for three warpgroups, two for the two-blocks-a-step tile; none for fast_accum's
+    # rescaled tile, whose one accumulator runs through K); outside it, nothing.
     from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
 
     mod = load_script("benchmarks/ab_fresh_acc.py")
@@ -658,10 +659,11 @@ def test_ab_fresh_acc_patch_rewrites_only_fresh_wgmmas_and_only_inside_its_conte
         fn = jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, config=cfg))
         return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
-    for cfg, fresh in ((bmm._three_wg_tile(), 1), (bmm._two_block_step_tile(), 2), (bmm._wide_tile(), 1)):
+    tiles = [(bmm._three_wg_tile(), 1), (bmm._two_block_step_tile(), 2), (bmm._wide_tile(), 1)]
+    for cfg, fresh in tiles + [(bmm._rescale_wide_tile(), 0)]:
         mod.STATS.update(fresh_ops=0, fresh_instrs=0, dropped_barriers=0)
         with mod.fresh_accumulators():
-            patched = lower(cfg)
+            lower(cfg)
         assert mod.STATS == {"fresh_ops": fresh, "fresh_instrs": fresh, "dropped_barriers": fresh}
-        plain = lower(cfg)
-        assert mod.STATS["fresh_instrs"] == fresh and patched != plain
+        lower(cfg)  # (two lowerings' texts differ anyway: kernel names; the counters tell)
+        assert mod.STATS == {"fresh_ops": fresh, "fresh_instrs": fresh, "dropped_barriers": fresh}
