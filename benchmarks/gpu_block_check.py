@@ -51,6 +51,11 @@ with the JSON of the rows so far written.)
    ``$OUT/ptxas_<layout>.txt``) and records ptxas' register count, spills and any
    "wgmma ... serialized" warning (the overlap only pays if ptxas keeps the wgmma asynchronous).
 
+7. autotune (opt-in): ``QLIN_AUTOTUNE=1`` into a fresh cache ($OUT/block_tuning.json) at
+   ``--autotune-shapes`` (default: four DeepSeek-V3-like projections): the kernel called without a
+   config tunes the shape's M bucket once (``tune_s``), then the tuned and the heuristic config are
+   timed side by side with the per-channel kernel and checked against the float32 reference.
+
 6. tail (opt-in): stream-K over the last wave (``BlockTuningConfig(tail_split=...)``, GPU only:
    global semaphores) checked like ``check`` at TAIL_CASES: a tail of 88 / 44 / 24 tiles and every
    tile in the tail, split 2 / 3 / 4 / 8, three-warpgroup, two-block and 64 x 256 warpgroup tiles,
@@ -85,6 +90,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +113,8 @@ CHECK_M = [1, 100, 1000]
 CHECK_SHAPES = [(272, 384), (1040, 2080), (13664, 4096)]
 XLA_FP8 = False  # --xla-fp8: also time XLA's fp8 GEMM (per-token x per-channel scales)
 SWEEP = [(4096, 4096, 4096, 10), (4096, 28672, 4096, 6), (16, 4096, 14336, 6)]  # (M, N, K, candidates)
+#: autotune phase: DeepSeek-V3-like projections off the Llama-3 grid (M, N, K)
+AUTOTUNE_SHAPES = [(1000, 7168, 2048), (2048, 2048, 7168), (512, 24576, 1536), (1024, 7168, 16384)]
 SWEEP_RESCALE = False  # --sweep-rescale: sweep only the default and the rescaled-accumulation candidates
 PTXAS_SHORT = False  # --ptxas-short: the ptxas phase leaves out the overlap layouts
 SWEEP_WIDE = False  # --sweep-wide: sweep the default and the 192-wide promoted tiles (tail_split 1 / 2)
@@ -420,7 +428,7 @@ def phase_check(results, overlap_only=False, rescale_only=False, layouts=None, t
             rescaled = cfg is not None and cfg.rescale and not INTERPRET
             limit = fp8_wgmma_kernel_rtol(jnp.dtype(od), k) if rescaled else tol(od)
             row.update(
-                config=(cfg or bmm.default_config(m, n, k, jnp.dtype(od))).short(),
+                config=(cfg or chosen_config(m, n, k, jnp.dtype(od), has_bias=bias)).short(),
                 rel_err=err,
                 nan=nan,
                 ok=bool(err <= limit and nan == 0),
@@ -558,6 +566,105 @@ def measure_us(fn, sets, iterations=20):
     return (time.perf_counter() - t) * 1e6 / len(sets)
 
 
+def phase_autotune(results, out_dir):
+    """QLIN_AUTOTUNE=1 into a fresh cache ($OUT/block_tuning.json), each kernel called under jit without a
+    config (so the tuner is reached while jit traces, as in a model): per AUTOTUNE_SHAPES shape the block
+    kernel tunes its M bucket once, then its tuned and heuristic configs are timed in the same run beside
+    the per-channel kernel (heuristic), each checked against the float32 reference; at the first shape the
+    per-channel kernel is tuned the same way (``autotune_per_channel`` row)."""
+    import contextlib
+
+    from qlin.kernels import autotune
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    cache = out_dir / "block_tuning.json"
+
+    @contextlib.contextmanager
+    def tuning():
+        os.environ.update(QLIN_AUTOTUNE="1", QLIN_TUNING_CACHE=str(cache))
+        try:
+            yield
+        finally:
+            os.environ.pop("QLIN_AUTOTUNE", None)
+            os.environ.pop("QLIN_TUNING_CACHE", None)
+
+    autotune._MEMO.clear()
+    for i, (m, n, k) in enumerate(AUTOTUNE_SHAPES):
+        if elapsed() > BUDGET_S:
+            break
+        row = {"kind": "autotune", "M": m, "N": n, "K": k}
+        try:
+            a, a_s, bs = device_operands(m, n, k, bench.n_copies(n, k))
+            sets = [(a, b, a_s, b_s) for b, b_s in bs]
+            ref = ref_block_f32(a, bs[0][0], a_s, bs[0][1])
+            tuned_fn = jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, interpret=INTERPRET))
+            t = time.perf_counter()
+            with tuning(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = tuned_fn(*sets[0])  # the first call without a config tunes (GPU)
+                tuned = chosen_config(m, n, k)
+            row.update(tune_s=round(time.perf_counter() - t, 1), warnings=[str(w.message)[:300] for w in caught])
+            default = bmm.default_config(m, n, k)
+            default_fn = jax.jit(
+                lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, config=default, interpret=INTERPRET)
+            )
+            row.update(config=tuned.short(), default=default.short(), rel_err=rel(out, ref))
+            row["rel_err_default"] = rel(default_fn(*sets[0]), ref)
+            row["us"] = measure_us(tuned_fn, sets)
+            row["us_default"] = measure_us(default_fn, sets)
+            chan = channel_sets(a, a_s, bs, n)
+            row["us_per_channel"] = measure_us(per_channel_fn(), chan)
+            entries = json.loads(cache.read_text()) if cache.exists() else {}
+            row["cache_us"] = entries.get(autotune.block_cache_key(m, n, k, jnp.bfloat16), {}).get("us")
+            row["ok"] = bool(
+                row["rel_err"] <= tol(jnp.bfloat16)
+                and row["rel_err_default"] <= tol(jnp.bfloat16)
+                and not caught
+                and row["cache_us"] is not None
+                and row["cache_us"] == row["cache_us"]  # a tuned time, not NaN
+            )
+            if i == 0 and not INTERPRET:
+                prow = {"kind": "autotune_per_channel", "M": m, "N": n, "K": k}
+                pc_fn = jax.jit(lambda a, b, x, y: mm.scaled_mm(a, b, x, y))
+                autotune._MEMO.clear()  # (the per-channel timing above memoized its heuristic config)
+                t = time.perf_counter()
+                with tuning(), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    pc_fn(*chan[0]).block_until_ready()
+                    pc_cfg = autotune.get_config(m, n, k, F8, jnp.bfloat16)
+                entries = json.loads(cache.read_text())
+                pc_default = mm.default_config(m, n, k, F8, jnp.bfloat16)
+                prow.update(
+                    tune_s=round(time.perf_counter() - t, 1),
+                    warnings=[str(w.message)[:300] for w in caught],
+                    config=pc_cfg.short(),
+                    default=pc_default.short(),
+                    cache_us=entries.get(autotune.cache_key(m, n, k, F8, jnp.bfloat16), {}).get("us"),
+                    us=measure_us(pc_fn, chan),
+                    us_default=measure_us(
+                        jax.jit(lambda a, b, x, y: mm.scaled_mm(a, b, x, y, config=pc_default)), chan
+                    ),
+                )
+                prow["ok"] = bool(not caught and prow["cache_us"] is not None and prow["cache_us"] == prow["cache_us"])
+                results.append(prow)
+                print(f"autotune {prow}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1500])
+        results.append(row)
+        DUMP()
+        print(f"autotune {row}", flush=True)
+
+
+def chosen_config(m, n, k, out_dtype=jnp.bfloat16, fast_accum=False, has_bias=False):
+    """The config ``block_scaled_mm`` runs without one: the heuristic in interpret mode, else the tuning
+    cache's entry if any (on a fresh device machine: none, so the heuristic too)."""
+    if INTERPRET:
+        return bmm.default_config(m, n, k, out_dtype, fast_accum)
+    from qlin.kernels import autotune
+
+    return autotune.get_block_config(m, n, k, out_dtype, fast_accum=fast_accum, has_bias=has_bias)
+
+
 def rel(out, ref):
     out = out.astype(jnp.float32)
     if not bool(jnp.all(jnp.isfinite(out))):
@@ -605,7 +712,7 @@ def time_case(results, m, n, k, iterations=20):
             us = measure_us(fn, sets, iterations=iterations)
             row.update(us=us, tflops=flops / (us * 1e-6) / 1e12, rel_err=err)
             if impl.startswith("qlin:mosaic_gpu_block"):
-                row["config"] = bmm.default_config(m, n, k, fast_accum=impl.endswith("fast_accum")).short()
+                row["config"] = chosen_config(m, n, k, fast_accum=impl.endswith("fast_accum")).short()
         except Exception as e:  # noqa: BLE001
             row.update(us=None, tflops=None, rel_err=None, error=f"{type(e).__name__}: {e}"[:1500])
         results.append(row)
@@ -872,6 +979,7 @@ def main():
     p.add_argument(
         "--check-m", default=None, help="comma-separated M values of the check phase (default: %s)" % (CHECK_M,)
     )
+    p.add_argument("--autotune-shapes", default=None, help="M:N:K,... of the autotune phase")
     p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S, help="watchdog per overlap / sweep case")
     args = p.parse_args()
     phases = args.phases.split(",")
@@ -901,6 +1009,9 @@ def main():
     if args.sweep_splits:
         SWEEP_SPLITS = tuple(int(v) for v in args.sweep_splits.split(","))
     PTXAS_SHORT = args.ptxas_short
+    if args.autotune_shapes:
+        global AUTOTUNE_SHAPES
+        AUTOTUNE_SHAPES = [tuple(int(v) for v in c.split(":")) for c in args.autotune_shapes.split(",")]
     if args.sweep_shapes:
         SWEEP = [(*(int(v) for v in c.split(":")), 10) for c in args.sweep_shapes.split(",")]
     if args.sweep_limit is not None:
@@ -931,6 +1042,7 @@ def main():
         ("layer", lambda: phase_layer(results)),
         ("time", lambda: phase_time(results, summary)),
         ("sweep", lambda: phase_sweep(results)),
+        ("autotune", lambda: phase_autotune(results, out_dir)),
     ):
         if name not in phases:
             continue

@@ -12,6 +12,7 @@ the CPU.  benchmarks/gpu_block_check.py runs the same kernel on an H100.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -1048,3 +1049,108 @@ def test_interpret_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("QLIN_MOSAIC_INTERPRET", "0")
     assert not MosaicGPUBlockFP8Kernel(BLOCK_CFG).interpret
     assert MosaicGPUBlockFP8Kernel(BLOCK_CFG, interpret=True).interpret
+
+
+# -- autotune cache (the block kernel's entries) -------------------------------------------------
+
+
+@pytest.fixture
+def tuning_cache(tmp_path, monkeypatch):
+    from qlin.kernels import autotune
+
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("QLIN_TUNING_CACHE", str(path))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    return autotune, path
+
+
+def test_block_autotune_cache_lookup_and_validation(tuning_cache, monkeypatch):
+    autotune, path = tuning_cache
+    m, n, k = 1000, 4096, 4096
+    monkeypatch.setenv("QLIN_AUTOTUNE", "1")  # no GPU here: must not try to tune
+    assert autotune.get_block_config(m, n, k, jnp.bfloat16) == bmm.default_config(m, n, k)
+    assert not path.exists()
+    tuned = bmm._wide_tile(width=4)
+    assert tuned != bmm.default_config(m, n, k)
+    key = autotune.block_cache_key(m, n, k, jnp.bfloat16)
+    assert key != autotune.cache_key(m, n, k, F8, jnp.bfloat16)  # the per-channel kernel's key
+    autotune.store_entry(key, tuned, 100.0)
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    # M = 1000 and 600 share the power-of-two bucket; fast_accum requests have their own keys
+    assert autotune.get_block_config(600, n, k, jnp.bfloat16) == tuned
+    fa_default = bmm.default_config(m, n, k, fast_accum=True)
+    assert autotune.get_block_config(m, n, k, jnp.bfloat16, fast_accum=True) == fa_default
+    # invalid entries fall back to the heuristic: a rescaled config for a promoted request (other numerics),
+    # a K cut into more ranges than this K has pipeline-deep pieces (32 K steps, 4 stages: at most 8)
+    assert bmm.tail_split_error(dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=8), k) is None
+    for bad in (bmm._rescale_wide_tile("n"), dataclasses.replace(bmm._three_wg_tile("m", width=4), tail_split=9)):
+        autotune.store_entry(key, bad, 1.0)
+        monkeypatch.setattr(autotune, "_MEMO", {})
+        assert autotune.get_block_config(m, n, k, jnp.bfloat16) == bmm.default_config(m, n, k), bad.short()
+    fa_key = autotune.block_cache_key(m, n, k, jnp.bfloat16, fast_accum=True)
+    autotune.store_entry(fa_key, bmm._rescale_wide_tile("n"), 1.0)
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    assert autotune.get_block_config(m, n, k, jnp.bfloat16, fast_accum=True) == bmm._rescale_wide_tile("n")
+
+
+def test_block_scaled_mm_takes_the_cached_config_on_the_gpu_path(tuning_cache, monkeypatch):
+    # Without a config, the GPU path (interpret=False) asks the tuning cache; interpret mode keeps the heuristic.
+    autotune, _ = tuning_cache
+    m, n, k = 1000, 4096, 4096
+    tuned = bmm._wide_tile(width=4)
+    autotune.store_entry(autotune.block_cache_key(m, n, k, jnp.bfloat16), tuned, 100.0)
+    seen = []
+
+    def fake_call(args, *, config, has_bias, out_dtype, interpret):
+        seen.append(config)
+        return jnp.zeros((args[0].shape[0], n), out_dtype)
+
+    monkeypatch.setattr(bmm, "_call", fake_call)
+    a, b = jnp.zeros((m, k), F8), jnp.zeros((n, k), F8)
+    xs, ws = jnp.ones((m, k // 128), jnp.float32), jnp.ones((n // 128, k // 128), jnp.float32)
+    bmm.block_scaled_mm(a, b, xs, ws)
+    bmm.block_scaled_mm(a, b, xs, ws, interpret=True)
+    assert seen == [tuned, bmm.default_config(m, n, k)]
+
+
+def test_block_autotune_times_the_candidates_and_stores_the_fastest(tuning_cache, monkeypatch):
+    # Asked while the caller's jit traces the kernel (as in a model), the tuner still times concrete
+    # arrays: it runs in its own thread (JAX's trace state is per thread); under the trace its operands
+    # were tracers and every candidate failed.
+    autotune, path = tuning_cache
+    m, n, k = 2048, 4096, 4096
+    monkeypatch.setenv("QLIN_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_device_kind", lambda: "FakeGPU")
+    cands = bmm.candidate_configs(m, n, k, limit=autotune.BLOCK_TUNE_CANDIDATES)
+    assert len(cands) == autotune.BLOCK_TUNE_CANDIDATES and not any(c.overlap or c.rescale for c in cands)
+    fastest = cands[3]
+    timed = []
+
+    def fake_time(fn, args, iterations=20):  # a config's time, without running it (no GPU here)
+        assert not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+        cfg = cands[len(timed)]
+        timed.append(cfg)
+        return 50.0 if cfg == fastest else 80.0
+
+    monkeypatch.setattr(autotune, "time_fn", fake_time)
+    got = []
+    jax.jit(lambda x: got.append(autotune.get_block_config(1500, n, k, jnp.bfloat16)) or x).trace(jnp.zeros(2))
+    assert got == [fastest] and timed == cands  # tuned at the bucket's M = 2048
+    entry = json.loads(path.read_text())[autotune.block_cache_key(m, n, k, jnp.bfloat16)]
+    assert bmm.BlockTuningConfig.from_dict(entry["config"]) == fastest and entry["us"] > 0
+
+
+def test_autotune_warns_when_no_candidate_runs(tuning_cache, monkeypatch):
+    autotune, path = tuning_cache
+    monkeypatch.setenv("QLIN_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_device_kind", lambda: "FakeGPU")
+
+    def failing(fn, args, iterations=20):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(autotune, "time_fn", failing)
+    with pytest.warns(RuntimeWarning, match="no candidate config ran .*no such kernel"):
+        cfg = autotune.get_block_config(1024, 4096, 4096, jnp.bfloat16)
+    assert cfg == bmm.default_config(1024, 4096, 4096)
+    (entry,) = json.loads(path.read_text()).values()
+    assert entry["us"] != entry["us"]  # NaN: a visible record, not a tuned time

@@ -684,6 +684,30 @@ def test_autotune_memo_keeps_each_m_heuristic(tmp_path, monkeypatch):
         assert autotune.get_config(m, *shape) == mm.default_config(m, *shape), m
 
 
+def test_autotune_tunes_concrete_arrays_when_asked_under_a_jit_trace(tmp_path, monkeypatch):
+    # scaled_mm asks for its config while the caller's jit traces it; the tuner runs in its own thread
+    # (JAX's trace state is per thread), so its candidates see concrete operands, not tracers.
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("QLIN_TUNING_CACHE", str(path))
+    monkeypatch.setenv("QLIN_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    monkeypatch.setattr(autotune, "_device_kind", lambda: "FakeGPU")
+    cands = mm.candidate_configs(256, 4096, 4096, F8, jnp.bfloat16)
+    timed = []
+
+    def fake_time(fn, args, iterations=20):
+        assert not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+        timed.append(1)
+        return 10.0 + len(timed)  # the first candidate is the fastest
+
+    monkeypatch.setattr(autotune, "time_fn", fake_time)
+    got = []
+    jax.jit(lambda x: got.append(autotune.get_config(200, 4096, 4096, F8, jnp.bfloat16)) or x).trace(jnp.zeros(2))
+    assert got == [cands[0]] and len(timed) == len(cands)
+    (entry,) = json.loads(path.read_text()).values()
+    assert entry["us"] == pytest.approx(11.0 / 8)  # per call: the timed program runs 8 weight copies
+
+
 def test_autotune_ignores_corrupt_cache(tmp_path, monkeypatch):
     path = tmp_path / "tuning.json"
     path.write_text("{not json")

@@ -1,9 +1,12 @@
-"""Tile-config autotuner for the Mosaic GPU scaled matmul, with an on-disk cache.
+"""Tile-config autotuner for the Mosaic GPU matmuls, with an on-disk cache.
 
 * ``QLIN_AUTOTUNE``: "1" tunes missing (M-bucket, N, K, dtype, out_dtype)
   entries on the GPU the first time they are seen (this takes seconds per
-  shape); "0" (default) only reads the cache and otherwise uses
-  :func:`mosaic_gpu_scaled_mm.default_config`.
+  shape); "0" (default) only reads the cache and otherwise uses the kernel's
+  heuristic: :func:`mosaic_gpu_scaled_mm.default_config` for the per-channel
+  kernel (:func:`get_config`), :func:`mosaic_gpu_block_scaled_mm.default_config`
+  for the block-scaled fp8 kernel (:func:`get_block_config`, its own cache keys;
+  a promoted-accumulation request never gets a rescaled ``fast_accum`` config).
 * ``QLIN_TUNING_CACHE``: path of the JSON cache (default
   ``~/.cache/qlin/tuning.json``).  Entries are keyed by the device kind, so one
   file can hold H100 and H200 results.
@@ -14,11 +17,13 @@ heuristic or cached config).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import statistics
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -73,7 +78,7 @@ def load_cache(path: Path | None = None) -> dict:
         return {}
 
 
-def store_entry(key: str, config: mm.TuningConfig, us: float, path: Path | None = None) -> None:
+def store_entry(key: str, config: mm.TileConfigBase, us: float, path: Path | None = None) -> None:
     """Atomically merges one entry into the JSON cache."""
     path = path or cache_path()
     with _LOCK:
@@ -84,6 +89,49 @@ def store_entry(key: str, config: mm.TuningConfig, us: float, path: Path | None 
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
+
+
+def _lookup(key: str, memo_key, parse, tune_fn, default_fn):
+    """The memo, else a valid cache entry (``parse`` returns the config or raises ValueError / KeyError /
+    TypeError), else a tuned config if QLIN_AUTOTUNE=1 on a GPU (stored), else ``default_fn()``."""
+    if memo_key in _MEMO:
+        return _MEMO[memo_key]
+    entry = load_cache().get(key)
+    cfg = None
+    if entry is not None:
+        try:
+            cfg = parse(entry["config"])
+        except (KeyError, TypeError, ValueError):
+            cfg = None
+    if cfg is None and autotune_enabled() and _device_kind() is not None:
+        cfg, us = _outside_traces(tune_fn)
+        store_entry(key, cfg, us)
+    if cfg is None:
+        cfg = default_fn()
+    _MEMO[memo_key] = cfg
+    return cfg
+
+
+def _outside_traces(fn):
+    """``fn()`` in a fresh thread.  The kernels ask for their config while the caller's ``jax.jit`` traces
+    them, and under a trace every jnp operation is staged: the tuner's operands would be tracers and every
+    candidate would fail to run (before this, each stored the heuristic with a NaN time).  JAX's trace
+    state is per thread, so in a new thread the candidates compile and run on the GPU as they should."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qlin-autotune") as pool:
+        return pool.submit(fn).result()
+
+
+def _describe(cfg, e: Exception) -> str:
+    return f"{cfg.short()}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _none_ran(what: str, first_error: str | None):
+    warnings.warn(
+        f"qlin autotune: no candidate config ran for {what} ({first_error or 'no candidates'}); "
+        "using the heuristic config (stored with a NaN time: delete the entry to tune again)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def get_config(
@@ -99,27 +147,55 @@ def get_config(
     """Cached config if any, tuned one if QLIN_AUTOTUNE=1 on a GPU, else default."""
     del has_bias, has_azp  # The epilogue barely moves the optimum.
     key = cache_key(m, n, k, dtype, out_dtype)
+
+    def parse(d):
+        cfg = mm.TuningConfig.from_dict(d)
+        mm._validate_config(cfg, dtype, out_dtype)
+        return cfg
+
     # Memoized per exact M, not per bucket: the heuristic's choice changes inside a bucket (M <= 8 vs
     # 9..16 token columns, in-flight wgmma from M = 2048, ...), so a bucket-keyed memo handed whichever M
     # came first its config (decode at M = 16 ran M = 1's split-K tile: 10.9 vs 9.1 us at 4096^2 fp8).
-    memo_key = (key, m)
-    if memo_key in _MEMO:
-        return _MEMO[memo_key]
-    entry = load_cache().get(key)
-    cfg = None
-    if entry is not None:
-        try:
-            cfg = mm.TuningConfig.from_dict(entry["config"])
-            mm._validate_config(cfg, dtype, out_dtype)
-        except (KeyError, TypeError, ValueError):
-            cfg = None
-    if cfg is None and autotune_enabled() and _device_kind() is not None:
-        cfg, us = tune(m_bucket(m), n, k, dtype, out_dtype)
-        store_entry(key, cfg, us)
-    if cfg is None:
-        cfg = mm.default_config(m, n, k, dtype, out_dtype)
-    _MEMO[memo_key] = cfg
-    return cfg
+    return _lookup(
+        key,
+        (key, m),
+        parse,
+        lambda: tune(m_bucket(m), n, k, dtype, out_dtype),
+        lambda: mm.default_config(m, n, k, dtype, out_dtype),
+    )
+
+
+def block_cache_key(m, n, k, out_dtype, fast_accum: bool = False, device_kind=None) -> str:
+    """The block-scaled fp8 kernel's entries: their own keys (``block|...``; ``|fast_accum`` where the
+    request allows rescaled accumulation), beside the per-channel kernel's in the same file."""
+    dk = device_kind or _device_kind() or "cpu"
+    tail = "|fast_accum" if fast_accum else ""
+    return f"block|{dk}|{jnp.dtype(out_dtype).name}|M{m_bucket(m)}|N{n}|K{k}{tail}"
+
+
+def get_block_config(m, n, k, out_dtype, *, fast_accum: bool = False, has_bias: bool = False):
+    """The block-scaled fp8 kernel's tile config: cached if any (valid for this K and bias, and not
+    rescaled unless ``fast_accum``), tuned if QLIN_AUTOTUNE=1 on a GPU, else its heuristic."""
+    from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+
+    key = block_cache_key(m, n, k, out_dtype, fast_accum)
+
+    def parse(d):
+        cfg = bmm.BlockTuningConfig.from_dict(d)
+        if cfg.rescale and not fast_accum:
+            raise ValueError("a rescaled (fast_accum) config for a promoted-accumulation request")
+        bmm._validate_config(cfg, out_dtype, has_bias)
+        if err := bmm.tail_split_error(cfg, k):
+            raise ValueError(err)
+        return cfg
+
+    return _lookup(
+        key,
+        (key, m, has_bias),
+        parse,
+        lambda: tune_block(m_bucket(m), n, k, out_dtype, fast_accum=fast_accum),
+        lambda: bmm.default_config(m, n, k, out_dtype, fast_accum),
+    )
 
 
 def time_fn(fn, args, iterations: int = 20) -> float:
@@ -150,7 +226,7 @@ def tune(
         bs = [jnp.asarray(rng.standard_normal((n, k), dtype=np.float32)).astype(dtype) for _ in range(copies)]
     a_s = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)), jnp.float32)
     b_s = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)), jnp.float32)
-    best = None
+    best, first_error = None, None
     for cfg in configs or mm.candidate_configs(m, n, k, dtype, out_dtype):
         one = jax.jit(lambda a, b, x, y, cfg=cfg: mm.scaled_mm(a, b, x, y, out_dtype=out_dtype, config=cfg))
 
@@ -160,6 +236,7 @@ def tune(
         try:
             us = time_fn(fn, (a, bs, a_s, b_s), iterations) / copies
         except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
+            first_error = first_error or _describe(cfg, e)
             if verbose:
                 print(f"  {cfg.short()}: failed: {str(e).splitlines()[0][:120]}")
             continue
@@ -168,6 +245,56 @@ def tune(
         if best is None or us < best[1]:
             best = (cfg, us)
     if best is None:
-        cfg = mm.default_config(m, n, k, dtype, out_dtype)
-        return cfg, float("nan")
+        _none_ran(f"{m} x {n} x {k} {jnp.dtype(dtype).name}", first_error)
+        return mm.default_config(m, n, k, dtype, out_dtype), float("nan")
+    return best
+
+
+#: Candidates the block kernel's tuner times (the head of ``candidate_configs``, most informative first;
+#: the tail holds the overlapped-promotion variants, measured at 0.17-0.34 of the per-channel kernel).
+BLOCK_TUNE_CANDIDATES = 10
+
+
+def tune_block(
+    m, n, k, out_dtype, *, fast_accum: bool = False, configs=None, iterations: int = 20, verbose: bool = False
+):
+    """Times the block kernel's candidate configs on random block-scaled fp8 data; returns (best, us)
+    (the heuristic and nan if none ran)."""
+    from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm
+
+    if _device_kind() is None:
+        raise RuntimeError("autotuning needs a GPU")
+    rng = np.random.default_rng(0)
+    copies = max(1, min(8, -(-(128 << 20) // (n * k))))  # stream HBM, not L2 (see tune)
+    kb, nb = -(-k // bmm.BLOCK), -(-n // bmm.BLOCK)
+    f8 = jnp.float8_e4m3fn
+    a = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32)).astype(f8)
+    a_s = jnp.asarray(rng.uniform(0.5, 1.5, (m, kb)), jnp.float32)
+    sets = [
+        (jnp.asarray(rng.standard_normal((n, k), dtype=np.float32)).astype(f8),
+         jnp.asarray(rng.uniform(0.5, 1.5, (nb, kb)), jnp.float32))
+        for _ in range(copies)
+    ]  # fmt: skip
+    cands = configs or bmm.candidate_configs(m, n, k, out_dtype, limit=BLOCK_TUNE_CANDIDATES, fast_accum=fast_accum)
+    best, first_error = None, None
+    for cfg in cands:
+        one = jax.jit(lambda a, b, x, y, cfg=cfg: bmm.block_scaled_mm(a, b, x, y, out_dtype=out_dtype, config=cfg))
+
+        def fn(a, sets, x, one=one):
+            return [one(a, b, x, y) for b, y in sets]
+
+        try:
+            us = time_fn(fn, (a, sets, a_s), iterations) / copies
+        except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
+            first_error = first_error or _describe(cfg, e)
+            if verbose:
+                print(f"  {cfg.short()}: failed: {str(e).splitlines()[0][:120]}")
+            continue
+        if verbose:
+            print(f"  {cfg.short()}: {us:.1f} us")
+        if best is None or us < best[1]:
+            best = (cfg, us)
+    if best is None:
+        _none_ran(f"the block kernel at {m} x {n} x {k}", first_error)
+        return bmm.default_config(m, n, k, out_dtype, fast_accum), float("nan")
     return best

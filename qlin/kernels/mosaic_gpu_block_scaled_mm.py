@@ -1309,7 +1309,9 @@ def block_scaled_mm(
       b_scale: float32 (ceil(N/128), ceil(K/128)) per-block weight scales.
       bias: optional (N,) float32 / bfloat16 / float16.
       out_dtype: bfloat16, float16 or float32.
-      config: tile configuration; None = :func:`default_config`.
+      config: tile configuration; None = the tuning cache's entry for this shape if any (or a tuned one
+        with ``QLIN_AUTOTUNE=1``: :func:`qlin.kernels.autotune.get_block_config`), else
+        :func:`default_config` (always that in interpret mode).
       fast_accum: let the default tiles accumulate the K blocks in the tensor core (rescaled
         accumulation: faster at M > 512, the per-channel kernel's accumulation error instead of
         per-block float32 promotion).  Ignored when ``config`` is given (its ``rescale`` decides).
@@ -1324,9 +1326,13 @@ def block_scaled_mm(
     n = b.shape[0]
     if not isinstance(fast_accum, bool):
         raise ValueError(f"fast_accum={fast_accum!r} must be True or False")
-    if config is None:
+    if config is None and not interpret:
+        from qlin.kernels import autotune  # local import: avoids a cycle
+
+        config = autotune.get_block_config(m, n, k, out_dtype, fast_accum=fast_accum, has_bias=bias is not None)
+    elif config is None:
         config = default_config(m, n, k, out_dtype, fast_accum)
-        if interpret and config.num_compute_wgs == 3:
+        if config.num_compute_wgs == 3:
             # (two warpgroups make other tiles: the last-wave cut, planned for three, is dropped)
             config = _fit_smem(
                 dataclasses.replace(config, num_compute_wgs=2, max_concurrent_steps=5, tail_split=1), out_dtype
