@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -93,19 +94,23 @@ def store_entry(key: str, config: mm.TileConfigBase, us: float, path: Path | Non
 
 def _lookup(key: str, memo_key, parse, tune_fn, default_fn):
     """The memo, else a valid cache entry (``parse`` returns the config or raises ValueError / KeyError /
-    TypeError), else a tuned config if QLIN_AUTOTUNE=1 on a GPU (stored), else ``default_fn()``."""
+    TypeError; an entry without a finite time is no tuning result: ignored), else a tuned config if
+    QLIN_AUTOTUNE=1 on a GPU (stored when a candidate ran), else ``default_fn()``."""
     if memo_key in _MEMO:
         return _MEMO[memo_key]
     entry = load_cache().get(key)
     cfg = None
     if entry is not None:
         try:
-            cfg = parse(entry["config"])
+            us = float(entry["us"])
+            # (NaN: written by earlier versions when no candidate ran, e.g. all of them under a jit trace)
+            cfg = parse(entry["config"]) if math.isfinite(us) else None
         except (KeyError, TypeError, ValueError):
             cfg = None
     if cfg is None and autotune_enabled() and _device_kind() is not None:
         cfg, us = _outside_traces(tune_fn)
-        store_entry(key, cfg, us)
+        if math.isfinite(us):
+            store_entry(key, cfg, us)
     if cfg is None:
         cfg = default_fn()
     _MEMO[memo_key] = cfg
@@ -128,7 +133,7 @@ def _describe(cfg, e: Exception) -> str:
 def _none_ran(what: str, first_error: str | None):
     warnings.warn(
         f"qlin autotune: no candidate config ran for {what} ({first_error or 'no candidates'}); "
-        "using the heuristic config (stored with a NaN time: delete the entry to tune again)",
+        "using the heuristic config (nothing stored: the next process tries again)",
         RuntimeWarning,
         stacklevel=3,
     )
