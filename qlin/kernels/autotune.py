@@ -213,6 +213,30 @@ def time_fn(fn, args, iterations: int = 20) -> float:
     return float(times) * 1e3
 
 
+def _fastest(cands, build, run_copies, args, copies: int, iterations: int, verbose: bool):
+    """Times each candidate (``build(cfg)``: the jitted kernel; ``run_copies(one, *args)``: one call per
+    weight copy) and returns ((best config, us per call) or None, the first failure's description)."""
+    best, first_error = None, None
+    for cfg in cands:
+        one = build(cfg)
+
+        def fn(*a, one=one):
+            return run_copies(one, *a)
+
+        try:
+            us = time_fn(fn, args, iterations) / copies
+        except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
+            first_error = first_error or _describe(cfg, e)
+            if verbose:
+                print(f"  {cfg.short()}: failed: {(str(e).splitlines() or [''])[0][:120]}")
+            continue
+        if verbose:
+            print(f"  {cfg.short()}: {us:.1f} us")
+        if best is None or us < best[1]:
+            best = (cfg, us)
+    return best, first_error
+
+
 def tune(
     m, n, k, dtype, out_dtype, *, configs=None, iterations: int = 20, verbose: bool = False
 ) -> tuple[mm.TuningConfig, float]:
@@ -231,24 +255,15 @@ def tune(
         bs = [jnp.asarray(rng.standard_normal((n, k), dtype=np.float32)).astype(dtype) for _ in range(copies)]
     a_s = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)), jnp.float32)
     b_s = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)), jnp.float32)
-    best, first_error = None, None
-    for cfg in configs or mm.candidate_configs(m, n, k, dtype, out_dtype):
-        one = jax.jit(lambda a, b, x, y, cfg=cfg: mm.scaled_mm(a, b, x, y, out_dtype=out_dtype, config=cfg))
-
-        def fn(a, bs, x, y, one=one):
-            return [one(a, b, x, y) for b in bs]
-
-        try:
-            us = time_fn(fn, (a, bs, a_s, b_s), iterations) / copies
-        except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
-            first_error = first_error or _describe(cfg, e)
-            if verbose:
-                print(f"  {cfg.short()}: failed: {str(e).splitlines()[0][:120]}")
-            continue
-        if verbose:
-            print(f"  {cfg.short()}: {us:.1f} us")
-        if best is None or us < best[1]:
-            best = (cfg, us)
+    best, first_error = _fastest(
+        configs or mm.candidate_configs(m, n, k, dtype, out_dtype),
+        lambda cfg: jax.jit(lambda a, b, x, y: mm.scaled_mm(a, b, x, y, out_dtype=out_dtype, config=cfg)),
+        lambda one, a, bs, x, y: [one(a, b, x, y) for b in bs],
+        (a, bs, a_s, b_s),
+        copies,
+        iterations,
+        verbose,
+    )
     if best is None:
         _none_ran(f"{m} x {n} x {k} {jnp.dtype(dtype).name}", first_error)
         return mm.default_config(m, n, k, dtype, out_dtype), float("nan")
@@ -281,24 +296,15 @@ def tune_block(
         for _ in range(copies)
     ]  # fmt: skip
     cands = configs or bmm.candidate_configs(m, n, k, out_dtype, limit=BLOCK_TUNE_CANDIDATES, fast_accum=fast_accum)
-    best, first_error = None, None
-    for cfg in cands:
-        one = jax.jit(lambda a, b, x, y, cfg=cfg: bmm.block_scaled_mm(a, b, x, y, out_dtype=out_dtype, config=cfg))
-
-        def fn(a, sets, x, one=one):
-            return [one(a, b, x, y) for b, y in sets]
-
-        try:
-            us = time_fn(fn, (a, sets, a_s), iterations) / copies
-        except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
-            first_error = first_error or _describe(cfg, e)
-            if verbose:
-                print(f"  {cfg.short()}: failed: {str(e).splitlines()[0][:120]}")
-            continue
-        if verbose:
-            print(f"  {cfg.short()}: {us:.1f} us")
-        if best is None or us < best[1]:
-            best = (cfg, us)
+    best, first_error = _fastest(
+        cands,
+        lambda cfg: jax.jit(lambda a, b, x, y: bmm.block_scaled_mm(a, b, x, y, out_dtype=out_dtype, config=cfg)),
+        lambda one, a, sets, x: [one(a, b, x, y) for b, y in sets],
+        (a, sets, a_s),
+        copies,
+        iterations,
+        verbose,
+    )
     if best is None:
         _none_ran(f"the block kernel at {m} x {n} x {k}", first_error)
         return bmm.default_config(m, n, k, out_dtype, fast_accum), float("nan")
