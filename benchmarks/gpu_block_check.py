@@ -51,11 +51,6 @@ with the JSON of the rows so far written.)
    ``$OUT/ptxas_<layout>.txt``) and records ptxas' register count, spills and any
    "wgmma ... serialized" warning (the overlap only pays if ptxas keeps the wgmma asynchronous).
 
-7. autotune (opt-in): ``QLIN_AUTOTUNE=1`` into a fresh cache ($OUT/block_tuning.json) at
-   ``--autotune-shapes`` (default: four DeepSeek-V3-like projections): the kernel called without a
-   config tunes the shape's M bucket once (``tune_s``), then the tuned and the heuristic config are
-   timed side by side with the per-channel kernel and checked against the float32 reference.
-
 6. tail (opt-in): stream-K over the last wave (``BlockTuningConfig(tail_split=...)``, GPU only:
    global semaphores) checked like ``check`` at TAIL_CASES: a tail of 88 / 44 / 24 tiles and every
    tile in the tail, split 2 / 3 / 4 / 8, three-warpgroup, two-block and 64 x 256 warpgroup tiles,
@@ -70,6 +65,11 @@ with the JSON of the rows so far written.)
    weight-scale block boundary, three 64-column pieces promoted) checked at the overlap layouts'
    cases (partial tiles, many tiles per SM, f32 / f16 out, M = 5).  ``--sweep-wide`` makes the sweep
    phase time the default, the two-block tile and the 192-wide tiles (whole and with the last wave cut in two).
+
+8. autotune (opt-in): ``QLIN_AUTOTUNE=1`` into a fresh cache ($OUT/block_tuning.json) at
+   ``--autotune-shapes`` (default: four DeepSeek-V3-like projections): the kernel called without a
+   config tunes the shape's M bucket once (``tune_s``; at the first shape the per-channel kernel too), then the tuned and the heuristic config are
+   timed side by side with the per-channel kernel and checked against the float32 reference.
 
 A full tile sweep alone (also < 3 min): ``--phases sweep --sweep-limit 16``.
 
