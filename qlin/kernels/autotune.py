@@ -213,6 +213,12 @@ def time_fn(fn, args, iterations: int = 20) -> float:
     return float(times) * 1e3
 
 
+def _weight_copies(n: int, k: int) -> int:
+    """Weight copies the tuners rotate over: a weight that fits in the 50 MB L2 would be timed from L2
+    (decode shapes look 2x faster than they run in a model), so >= 128 MB in all (as ``bench.n_copies``)."""
+    return max(1, min(8, -(-(128 << 20) // (n * k))))
+
+
 def _fastest(cands, build, run_copies, args, copies: int, iterations: int, verbose: bool):
     """Times each candidate (``build(cfg)``: the jitted kernel; ``run_copies(one, *args)``: one call per
     weight copy) and returns ((best config, us per call) or None, the first failure's description)."""
@@ -244,9 +250,7 @@ def tune(
     if _device_kind() is None:
         raise RuntimeError("autotuning needs a GPU")
     rng = np.random.default_rng(0)
-    # A weight that fits in the 50 MB L2 would be timed from L2 (decode shapes look
-    # 2x faster than they run in a model): rotate over copies of >= 128 MB in all.
-    copies = max(1, min(8, -(-(128 << 20) // (n * k))))
+    copies = _weight_copies(n, k)
     if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
         a = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
         bs = [jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8)) for _ in range(copies)]
@@ -285,7 +289,7 @@ def tune_block(
     if _device_kind() is None:
         raise RuntimeError("autotuning needs a GPU")
     rng = np.random.default_rng(0)
-    copies = max(1, min(8, -(-(128 << 20) // (n * k))))  # stream HBM, not L2 (see tune)
+    copies = _weight_copies(n, k)
     kb, nb = -(-k // bmm.BLOCK), -(-n // bmm.BLOCK)
     f8 = jnp.float8_e4m3fn
     a = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32)).astype(f8)
