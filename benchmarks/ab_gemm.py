@@ -51,6 +51,10 @@
 ``--ab wg_m``: at M > 512, the heuristic's 128 x 256 CTA tile (two 128 x 128 warpgroups along N) as two 64 x 256
   warpgroups along M (one m64n256 wgmma per K step reads each operand once from shared memory), with wgmma_inflight
   as the heuristic has it and flipped, and as clusters of two CTAs along M.
+``--ab depth``: the heuristic's config with a deeper pipeline: the most stages that fit shared memory, the depth
+  halfway there, the most that fit with one epilogue slot, 256-deep K steps (512 where the config has 256), and at mid M the 128-deep tile that the heuristic
+  deepened (``k128_tile``) with the most stages that fit (more operand bytes in flight per SM: at
+  mid M the 2 x 64-row tiles keep 6 stages, ~120-190 KB, where the 64-row decode tiles keep 8 x 256).
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -261,6 +265,25 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             out["wgm_flip"] = (fit(dataclasses.replace(wgm, wgmma_inflight=not wgm.wgmma_inflight)), _TMA_ROWS)
             out["wgm_cm"] = (fit(dataclasses.replace(wgm, cluster="m")), _TMA_ROWS)
         return out
+    if ab == "depth":
+        out = {"default": (base, _TMA_ROWS)}
+        fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
+        deep = fit(dataclasses.replace(base, max_concurrent_steps=16))
+        half = fit(dataclasses.replace(base, max_concurrent_steps=(base.max_concurrent_steps + deep.max_concurrent_steps) // 2))
+        k256 = fit(dataclasses.replace(base, tile_k=256, max_concurrent_steps=16))
+        e1 = fit(dataclasses.replace(base, max_concurrent_steps=16, epi_slots=1))
+        if base.tile_k == 256:  # (decode and small-M tiles, and mid M deepened by the heuristic) twice as deep again
+            k512 = fit(dataclasses.replace(base, tile_k=512, max_concurrent_steps=16))
+            if -(-k // 512) % mm.k_parts(k512) == 0:
+                out[f"k512s{k512.max_concurrent_steps}e{k512.epi_slots}"] = (k512, _TMA_ROWS)
+        if 64 < m <= 512:  # the mid-M tile before the heuristic deepens its K steps (mm._deep_k_steps)
+            shallow = fit(mm._mid_m_tiles(m, n, k, jdt, jnp.bfloat16, mm.num_sms()))
+            if shallow != base:
+                out["k128_tile"] = (shallow, _TMA_ROWS)
+        for c in (half, deep, e1) + ((k256,) if base.tile_k == 128 and -(-k // 256) % mm.k_parts(base) == 0 else ()):
+            if c != base:
+                out[f"k{c.tile_k}s{c.max_concurrent_steps}e{c.epi_slots}"] = (c, _TMA_ROWS)
+        return out
     if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M
         return {"clamped": (base, _TMA_ROWS), "unclamped": (base, _TMA_ROWS, {"_CLAMP_LAST_TILE_ROW": False})}
     if ab == "decode_pad":
@@ -279,7 +302,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")

@@ -178,6 +178,16 @@ CHECK_CONFIGS = {
         f"mid_m64x{tn}_wgM": dataclasses.replace(mm._mid_m_tile(tn), max_concurrent_steps=steps)
         for tn, steps in ((80, 6), (96, 6), (160, 5), (224, 4))
     },
+    # Mid M with 256-deep K steps (mm._deep_k_steps: the heuristic's where they keep >= 4 stages, K >= 4096): the
+    # 2 x 64 x 32 / 80 tiles (5 / 4 stages), 2 x 64 x 128 / 256 (3 / 2 stages: taken at M <= 128; 2 x 64 x 128 also clustered along M)
+    # and the clustered 64 x 128 row tile (K = 224 / 1152 / 2080: a partial last step).
+    **{f"mid_m64x{tn}_wgM_k256": mm._fit_smem(
+        dataclasses.replace(mm._mid_m_tile(tn), tile_k=256, max_concurrent_steps=16), jnp.int8, jnp.bfloat16)
+        for tn in (32, 80, 128, 256)},
+    "mid_m64x128_wgM_cluster_m_k256": mm._fit_smem(dataclasses.replace(
+        mm._mid_m_tile(128), tile_k=256, max_concurrent_steps=16, cluster="m"), jnp.int8, jnp.bfloat16),
+    "mid_r64x128_wgN_cluster_m_k256": mm._fit_smem(
+        dataclasses.replace(mm._row64_cluster_tile(64), tile_k=256, max_concurrent_steps=16), jnp.int8, jnp.bfloat16),
     "mid_m128x96_wgN": mm.TuningConfig(
         tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32, epi_slots=1,
@@ -274,6 +284,10 @@ def check_cases(only_configs=None) -> tuple[list[tuple], int]:
                                   (128, "fp8", "none", "float32"), (7, "fp8", "none", "float16")):  # fmt: skip
             cases.append((None, m, 4096, 14336, dtype, "token", "channel", True, azp, od))
         cases.append((None, 16, 4096, 4096, "fp8", "token", "channel", True, "none", "bfloat16"))  # swapped at K=4096
+        # The heuristic's 256-deep mid-M steps (K >= 4096; K = 4160: 16.25 steps of 256, the last partial).
+        for m, n, dtype, azp in ((100, 4112, "fp8", "none"), (129, 4112, "int8", "token"), (250, 4112, "fp8", "none"),
+                                 (128, 6160, "int8", "token")):  # fmt: skip
+            cases.append((None, m, n, 4160, dtype, "token", "channel", True, azp, "bfloat16"))
     n_tier1 = len(cases)
     matrix = []
     for dtype, azp in (("fp8", "none"), ("int8", "none"), ("int8", "token"), ("int8", "tensor")):

@@ -170,6 +170,12 @@ CASES = [
      dataclasses.replace(mm._row64_cluster_tile(64), cluster=None, max_concurrent_steps=3)),
     # A mid-M width between the powers of two (two 64 x 80 warpgroups along M, 16-wide epilogue tiles).
     ("fp8", 130, 176, 288, "token", "channel", True, None, jnp.bfloat16, mm._mid_m_tile(80)),
+    # 256-deep K steps at mid M (mm._deep_k_steps): two 64 x 32 warpgroups along M, 1.125 and 2 steps; the 64 x 128
+    # row tile (unclustered here) with int8 zero points; K = 288 leaves a partial last step.
+    ("fp8", 130, 96, 288, "token", "channel", True, None, jnp.bfloat16,
+     dataclasses.replace(mm._mid_m_tile(32), tile_k=256, max_concurrent_steps=3)),
+    ("int8", 100, 208, 512, "tensor", "channel", True, "token", jnp.float32,
+     dataclasses.replace(mm._row64_cluster_tile(64), cluster=None, tile_k=256, max_concurrent_steps=2)),
 ]
 
 
@@ -420,6 +426,42 @@ def test_default_configs_are_valid_for_the_benchmark_grid():
                     cfg = mm.default_config(m, n, k, dt, od)
                     mm._validate_config(cfg, dt, od)
                     assert mm.smem_bytes(cfg, dt, od) <= mm.SMEM_LIMIT_BYTES
+
+
+def test_mid_m_deepens_the_k_steps_of_narrow_tiles(monkeypatch):
+    # H100 A/B (results/h100_ab_depth.json): 256-deep K steps with the deepest pipeline that fits beat 128-deep ones
+    # where they keep >= 4 stages (128 x 4096^2, 2 x 64 x 32 tiles: 11.0 -> 9.5 us), >= 3 for clusters along M
+    # (256 x 8192 x 28672: 100.6 -> 98.8), and at M <= 128 where they hold more K in flight (2 x 64 x 256 tiles at
+    # 128 x 28672 x 4096: 49.6 -> 47.5); with 3 stages left elsewhere level, with 2 from M = 256 up to 12 % slower.
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    deepened = {  # grid shape -> (tile_k, stages) of the heuristic's mid tile
+        (128, 4096, 4096): (256, 5), (128, 6144, 4096): (256, 4), (128, 10240, 8192): (256, 4),
+        (128, 8192, 8192): (256, 4), (256, 4096, 4096): (256, 4), (256, 4096, 14336): (256, 4),
+        (256, 8192, 28672): (256, 3), (512, 4096, 14336): (256, 3), (128, 28672, 4096): (256, 2),
+        (128, 57344, 8192): (256, 2), (128, 16384, 8192): (256, 3),
+    }  # fmt: skip
+    kept = ((256, 6144, 4096), (256, 10240, 8192), (512, 6144, 4096), (512, 8192, 8192), (256, 8192, 8192),
+            (128, 4096, 14336), (256, 28672, 4096), (512, 4096, 4096))  # fmt: skip
+    for dt in (F8, jnp.int8):
+        for (m, n, k), (tk, st) in deepened.items():
+            cfg = mm.default_config(m, n, k, dt)
+            assert (cfg.tile_k, cfg.max_concurrent_steps) == (tk, st), (m, n, k, cfg.short())
+            shallow = mm._fit_smem(mm._mid_m_tiles(m, n, k, dt, jnp.bfloat16, mm.H100_NUM_SMS), dt, jnp.bfloat16)
+            assert shallow.tile_k == 128 and cfg == dataclasses.replace(
+                shallow, tile_k=tk, max_concurrent_steps=st, epi_slots=cfg.epi_slots
+            ), (m, n, k)
+        for m, n, k in kept:
+            cfg = mm.default_config(m, n, k, dt)
+            assert cfg.tile_k == 128, (m, n, k, cfg.short())
+    # K below the measured range, f32 output where the deep pipeline keeps too few stages or does not fit
+    assert mm.default_config(128, 4096, 2048, F8).tile_k == 128
+    assert mm.default_config(128, 6144, 4096, F8, jnp.float32).tile_k == 128
+    tile256 = mm._fit_smem(mm._mid_m_tile(256), F8, jnp.float32)
+    assert mm._deep_k_steps(tile256, 128, 4096, F8, jnp.float32) == tile256  # 2 stages of 256 do not fit with f32
+    # a K-split cluster keeps an even number of K steps per CTA: K = 4352 is 34 steps of 128 but 17 of 256
+    ck = mm._fit_smem(dataclasses.replace(mm._mid_m_tile(32), cluster="k"), F8, jnp.bfloat16)
+    assert mm._deep_k_steps(ck, 128, 4352, F8, jnp.bfloat16) == ck
+    assert mm._deep_k_steps(ck, 128, 4608, F8, jnp.bfloat16).tile_k == 256
 
 
 def test_wide_n_mid_m_takes_the_large_tile(monkeypatch):
@@ -747,7 +789,8 @@ def test_mid_m_takes_clustered_64_row_tiles_where_they_fill_one_wave(monkeypatch
     for dt in (F8, jnp.int8):
         for m, n, k in ((128, 8192, 8192), (128, 8192, 28672), (256, 4096, 4096), (256, 4096, 14336)):
             cfg = mm.default_config(m, n, k, dt)
-            assert cfg == mm._fit_smem(mm._row64_cluster_tile(64), dt, jnp.bfloat16), (m, n, k)
+            row64 = mm._fit_smem(mm._row64_cluster_tile(64), dt, jnp.bfloat16)
+            assert cfg == mm._deep_k_steps(row64, m, k, dt, jnp.bfloat16), (m, n, k)  # (256-deep steps, see below)
             assert (cfg.cta_tile_m, cfg.cta_tile_n, cfg.cluster, cfg.split_k) == (64, 128, "m", 1)
         # 64 tiles (half the SMs), 160 / 192 / 256 tiles (past one wave), three 64-row tiles (a half-idle
         # cluster), M > 256 (not measured), decode (M <= 64)
@@ -765,6 +808,14 @@ def test_mid_m_takes_clustered_64_row_tiles_where_they_fill_one_wave(monkeypatch
     # the heuristic's clustered tile lowers for the GPU (interpret mode runs it unclustered: CASES)
     _lower(256, 4096, 14336, F8, jnp.bfloat16, None)
     _lower(128, 8192, 8192, jnp.int8, jnp.float32, None, azp="token")
+
+
+def test_cross_lowering_deepened_mid_m_tiles():
+    # The heuristic's 256-deep mid-M steps (5 / 4 / 3 / 2 stages, clustered along M or not) lower for the GPU.
+    for m, n, k, dt in ((128, 4096, 4096, F8), (256, 4096, 14336, jnp.int8), (256, 8192, 28672, F8),
+                        (128, 28672, 4096, jnp.int8), (128, 10240, 8192, F8)):  # fmt: skip
+        assert mm.default_config(m, n, k, dt).tile_k == 256, (m, n, k)
+        _lower(m, n, k, dt, jnp.bfloat16, None, azp="token" if dt == jnp.int8 else None)
 
 
 def test_gpu_check_script_cases_are_valid():

@@ -656,6 +656,50 @@ def _takes_n192_tile(m: int, n: int, sms: int) -> bool:
 
 
 def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
+    return _deep_k_steps(_mid_m_tiles(m, n, k, dtype, out_dtype, sms), m, k, dtype, out_dtype)
+
+
+#: Mid M: the fewest pipeline stages 256-deep K steps must keep (:func:`_deep_k_steps`).
+_DEEP_K_MIN_STAGES = 4
+
+
+def _deep_k_steps(cfg: TuningConfig, m: int, k: int, dtype, out_dtype) -> TuningConfig:
+    """Mid M, K >= 4096 (the measured range): ``cfg`` with 256-deep K steps and the deepest pipeline that
+    fits, where that keeps >= 4 stages (narrow tiles, whose 128-deep steps are short; >= 3 for clusters along
+    M, whose two CTAs step through K together), or at M <= 128 (one row of CTA tiles) where it holds more K
+    in flight than ``cfg``; else ``cfg``.
+
+    A narrow tile's 128-deep step is a few short wgmmas between two barrier waits; twice as deep, each
+    step's fixed cost is spread over twice the work.  H100, same run, fp8 / int8, 128-deep (6 or 8 stages)
+    -> 256-deep (benchmarks/results/h100_ab_depth.json, ``ab_gemm.py --ab depth``): 5 stages of 2 x 64 x 32
+    tiles at 128 x 4096^2 11.0 -> 9.5 us / 10.9 -> 9.5 (10 stages of 128: 10.5); 4 stages: 128 x 6144 x 4096
+    (2 x 64 x 64) 13.4 -> 12.6 / 13.3 -> 12.5, 128 x 10240 x 8192 (2 x 64 x 80) 34.2 -> 33.5 / 34.1 -> 33.4,
+    the clustered 64 x 128 row tiles at 128 x 8192^2 27.8 -> 27.0 / 27.7 -> 27.0, 256 x 4096^2 11.8 -> 11.2 /
+    11.7 -> 11.2, 256 x 4096 x 14336 31.5 -> 30.5 / 30.1 -> 29.9, 128 x 8192 x 28672 84.7 -> 83.8.  The 2 x 64
+    x 256 tile at M = 128 (3 stages of 128 -> 2 of 256): 128 x 28672 x 4096 49.6 -> 47.5 / 50.1 -> 47.9
+    (twice), 128 x 57344 x 8192 177.5 -> 169.4, 176.0 -> 167.0 / 179.3 -> 172.0; its 4 stages of 128 with one
+    epilogue slot (as many bytes in flight) ran level with 3; 2 x 64 x 128 at M = 128 (5 stages -> 3) 128 x
+    16384 x 4096 28.8 -> 27.9 / 28.7 -> 27.9, x 8192 52.2 -> 50.5 / 52.1 -> 50.8.  Clustered 2 x 64 x 128
+    tiles (5 stages -> 3): 256 x 8192 x 28672 100.6 -> 98.8, 512 x 4096 x 14336 44.6 -> 44.1.  Elsewhere with
+    3 stages left the time changed by -0.8 % to +1.2 % (2 x 64 x 96 at 256 x 6144 x 4096 +0.7 % / +1.2 %,
+    2 x 64 x 128 at 256 x 8192^2 -0.8 %, 512 x 4096^2 +0.4 %, the K-split cluster at 128 x 4096 x 14336 -0.6 %),
+    with 2 up to 12 % slower from M = 256 (2 x 64 x 192 at 512 x 6144 x 4096 21.5 -> 24.1; the large-M 128 x
+    256 tile at 512 x 8192^2 47.0 -> 50.3).
+    """
+    if cfg.tile_k != 128 or k < 4096:
+        return cfg
+    deep = _fit_smem(dataclasses.replace(cfg, tile_k=256, max_concurrent_steps=16), dtype, out_dtype)
+    if _cdiv(k, deep.tile_k) % k_parts(deep) or smem_bytes(deep, dtype, out_dtype) > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
+        return cfg
+    more_in_flight = deep.max_concurrent_steps * deep.tile_k > cfg.max_concurrent_steps * cfg.tile_k
+    min_stages = _DEEP_K_MIN_STAGES - (cfg.cluster == "m")  # a clustered step waits for both CTAs: costlier
+    if deep.max_concurrent_steps >= min_stages or (m <= 128 and more_in_flight):
+        return deep
+    return cfg
+
+
+def _mid_m_tiles(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
+    """The mid-M tile (128-deep K steps; :func:`_mid_m_config` may deepen them)."""
     best = None
     for tn in (256, 128, 64, 32):
         cost = _mid_m_cost(m, n, k, 128, tn, sms)
@@ -863,6 +907,14 @@ def candidate_configs(
         cands += _large_split_k_tiles(m, n, k)
         if _cdiv(m, 64) % 2 == 0:  # an even number of 64-row tiles: no cluster half-idles
             cands += [_row64_cluster_tile(64), _row64_cluster_tile(128)]
+        # K-step depth both ways (see _deep_k_steps): the heuristic's tile before it deepened the steps, and
+        # 256-deep steps (the deepest pipeline that fits) for the next unsplit candidates.
+        cands.append(_mid_m_tiles(m, n, k, dtype, out_dtype, num_sms()))
+        cands += [
+            dataclasses.replace(c, tile_k=256, max_concurrent_steps=16)
+            for c in cands[1:5]
+            if c.tile_k == 128 and c.split_k == 1
+        ]
     else:
         # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
         cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile(), _n192_tile()]
