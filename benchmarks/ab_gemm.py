@@ -52,8 +52,8 @@
   warpgroups along M (one m64n256 wgmma per K step reads each operand once from shared memory), with wgmma_inflight
   as the heuristic has it and flipped, and as clusters of two CTAs along M.
 ``--ab depth``: the heuristic's config with a deeper pipeline: the most stages that fit shared memory, the depth
-  halfway there, the most that fit with one epilogue slot, 256-deep K steps (512 where the config has 256), and at mid M the 128-deep tile that the heuristic
-  deepened (``k128_tile``) with the most stages that fit (more operand bytes in flight per SM: at
+  halfway there, the most that fit with one epilogue slot, 256-deep K steps (512 where the config has 256), and at M <= 512 the tile before the heuristic deepened
+  its K steps (``shallow``; ``k128_tile`` in the first runs) with the most stages that fit (more operand bytes in flight per SM: at
   mid M the 2 x 64-row tiles keep 6 stages, ~120-190 KB, where the 64-row decode tiles keep 8 x 256).
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
@@ -196,10 +196,16 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             out[f"tn{tn}"] = (mm._fit_smem(mm._mid_m_tile(tn), jdt, jnp.bfloat16), _TMA_ROWS)
         return out
     if ab == "swap_ab":  # the heuristic's decode tiles without the swap (it now takes the swap at most shapes)
-        return {
+        swapped = mm._swap_decode_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms())
+        out = {
             "default": (mm._small_m_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
-            "swap_ab": (mm._swap_decode_config(m, n, k, jdt, jnp.bfloat16, mm.num_sms()), _TMA_ROWS),
+            "swap_ab": (swapped, _TMA_ROWS),
+            # with the heuristic's deeper K steps (mm._deep_small_m_steps), and the unswapped tile with them
+            "swap_ab_deep": (mm._deep_small_m_steps(swapped, k, jdt, jnp.bfloat16), _TMA_ROWS),
+            "heuristic": (base, _TMA_ROWS),
         }
+        return {name: side for i, (name, side) in enumerate(out.items())
+                if side[0] not in [s[0] for s in list(out.values())[:i]]}  # fmt: skip
     if ab == "cluster":
         out = {"default": (base, _TMA_ROWS)}
         if base.split_k == 1:
@@ -269,17 +275,19 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         out = {"default": (base, _TMA_ROWS)}
         fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
         deep = fit(dataclasses.replace(base, max_concurrent_steps=16))
-        half = fit(dataclasses.replace(base, max_concurrent_steps=(base.max_concurrent_steps + deep.max_concurrent_steps) // 2))
+        half_steps = (base.max_concurrent_steps + deep.max_concurrent_steps) // 2
+        half = fit(dataclasses.replace(base, max_concurrent_steps=half_steps))
         k256 = fit(dataclasses.replace(base, tile_k=256, max_concurrent_steps=16))
         e1 = fit(dataclasses.replace(base, max_concurrent_steps=16, epi_slots=1))
         if base.tile_k == 256:  # (decode and small-M tiles, and mid M deepened by the heuristic) twice as deep again
             k512 = fit(dataclasses.replace(base, tile_k=512, max_concurrent_steps=16))
             if -(-k // 512) % mm.k_parts(k512) == 0:
                 out[f"k512s{k512.max_concurrent_steps}e{k512.epi_slots}"] = (k512, _TMA_ROWS)
-        if 64 < m <= 512:  # the mid-M tile before the heuristic deepens its K steps (mm._deep_k_steps)
-            shallow = fit(mm._mid_m_tiles(m, n, k, jdt, jnp.bfloat16, mm.num_sms()))
+        if m <= 512:  # the tile before the heuristic deepened its K steps (mm._deep_small_m_steps / _deep_k_steps)
+            tiles = mm._small_m_tiles if m <= 64 else mm._mid_m_tiles
+            shallow = fit(tiles(m, n, k, jdt, jnp.bfloat16, mm.num_sms()))
             if shallow != base:
-                out["k128_tile"] = (shallow, _TMA_ROWS)
+                out["shallow"] = (shallow, _TMA_ROWS)
         for c in (half, deep, e1) + ((k256,) if base.tile_k == 128 and -(-k // 256) % mm.k_parts(base) == 0 else ()):
             if c != base:
                 out[f"k{c.tile_k}s{c.max_concurrent_steps}e{c.epi_slots}"] = (c, _TMA_ROWS)

@@ -179,8 +179,8 @@ CHECK_CONFIGS = {
         for tn, steps in ((80, 6), (96, 6), (160, 5), (224, 4))
     },
     # Mid M with 256-deep K steps (mm._deep_k_steps: the heuristic's where they keep >= 4 stages, K >= 4096): the
-    # 2 x 64 x 32 / 80 tiles (5 / 4 stages), 2 x 64 x 128 / 256 (3 / 2 stages: taken at M <= 128; 2 x 64 x 128 also clustered along M)
-    # and the clustered 64 x 128 row tile (K = 224 / 1152 / 2080: a partial last step).
+    # 2 x 64 x 32 / 80 tiles (5 / 4 stages), 2 x 64 x 128 / 256 (3 / 2 stages: taken at M <= 128; 2 x 64 x 128 also
+    # clustered along M) and the clustered 64 x 128 row tile (K = 224 / 1152 / 2080: a partial last step).
     **{f"mid_m64x{tn}_wgM_k256": mm._fit_smem(
         dataclasses.replace(mm._mid_m_tile(tn), tile_k=256, max_concurrent_steps=16), jnp.int8, jnp.bfloat16)
         for tn in (32, 80, 128, 256)},
@@ -188,6 +188,28 @@ CHECK_CONFIGS = {
         mm._mid_m_tile(128), tile_k=256, max_concurrent_steps=16, cluster="m"), jnp.int8, jnp.bfloat16),
     "mid_r64x128_wgN_cluster_m_k256": mm._fit_smem(
         dataclasses.replace(mm._row64_cluster_tile(64), tile_k=256, max_concurrent_steps=16), jnp.int8, jnp.bfloat16),
+    # Decode / small M with K steps twice as deep (mm._deep_small_m_steps): 512-deep steps of the 64 x 32 tile, the
+    # swapped 16- and 8-column tiles (K split by XLA or in a cluster), and 256-deep steps of the K-split 64 x 64 tile;
+    # K = 224 / 1152 / 2080 are 1 / 3 / 5 steps of 512, the last one partial, fewer steps than stages.
+    "smallM_n32_k512": mm.TuningConfig(
+        tile_m=64, tile_n=32, tile_k=512, max_concurrent_steps=4, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=32
+    ),
+    "swap_n16_k512": mm.TuningConfig(
+        tile_m=64, tile_n=16, tile_k=512, max_concurrent_steps=5, num_compute_wgs=1, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=16, epi_slots=1, swap_ab=True,
+    ),
+    "swap_n8_sk2_k512": mm.TuningConfig(
+        tile_m=64, tile_n=8, tile_k=512, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=8, epi_slots=1, split_k=2, swap_ab=True,
+    ),
+    "swap_n8_cluster_k_k512": mm.TuningConfig(
+        tile_m=64, tile_n=8, tile_k=512, max_concurrent_steps=6, num_compute_wgs=1, wg_dimension="m",
+        grid_minor_dim="m", epi_tile_m=64, epi_tile_n=8, epi_slots=1, swap_ab=True, cluster="k",
+    ),
+    "smallM_n64_cluster_k_k256": mm.TuningConfig(
+        tile_m=64, tile_n=64, tile_k=256, max_concurrent_steps=6, num_compute_wgs=1, epi_tile_m=64, epi_tile_n=64,
+        epi_slots=1, cluster="k",
+    ),
     "mid_m128x96_wgN": mm.TuningConfig(
         tile_m=128, tile_n=96, tile_k=128, max_concurrent_steps=5, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", epi_tile_m=64, epi_tile_n=32, epi_slots=1,
@@ -284,6 +306,9 @@ def check_cases(only_configs=None) -> tuple[list[tuple], int]:
                                   (128, "fp8", "none", "float32"), (7, "fp8", "none", "float16")):  # fmt: skip
             cases.append((None, m, 4096, 14336, dtype, "token", "channel", True, azp, od))
         cases.append((None, 16, 4096, 4096, "fp8", "token", "channel", True, "none", "bfloat16"))  # swapped at K=4096
+        # swapped at 9..16 tokens with 512-deep steps where the slabs fill >= 70 % of a wave (6144 / 28672 x 4096)
+        cases.append((None, 13, 6144, 4096, "int8", "token", "channel", True, "token", "bfloat16"))
+        cases.append((None, 16, 28672, 4096, "fp8", "token", "channel", True, "none", "bfloat16"))
         # The heuristic's 256-deep mid-M steps (K >= 4096; K = 4160: 16.25 steps of 256, the last partial).
         for m, n, dtype, azp in ((100, 4112, "fp8", "none"), (129, 4112, "int8", "token"), (250, 4112, "fp8", "none"),
                                  (128, 6160, "int8", "token")):  # fmt: skip
@@ -300,20 +325,20 @@ def check_cases(only_configs=None) -> tuple[list[tuple], int]:
     cases += matrix if None in names else []
     for cname in [c for c in names if c]:
         for n, k in shapes:
-            if -(-k // CHECK_CONFIGS[cname].tile_k) % CHECK_CONFIGS[cname].split_k:
-                continue  # the config cannot cut this K (scaled_mm says so); other shapes cover it
             for m in ms:
                 for dtype, azp in (("fp8", "none"), ("int8", "token")):
                     c = (cname, m, n, k, dtype, "token", "channel", True, azp, "bfloat16")
                     if c not in cases:
                         cases.append(c)
-    # cluster="k" splits the K tiles in two: an odd count gets one more K tile (2080 -> 2208: 18 tiles of 128, the
-    # last one partial in the second CTA's half).
+    # cluster="k" (and split-K in the first cases) cut the K tiles into ranges: a count they do not divide gets K
+    # tiles more (2080 -> 2208: 18 tiles of 128, the last one partial in the second CTA's half).
     def k_for(cname, k):
         cfg = CHECK_CONFIGS[cname] if cname else None
-        if cfg is None or cfg.cluster != "k" or -(-k // cfg.tile_k) % 2 == 0:
+        if cfg is None:
             return k
-        return k + cfg.tile_k if -(-(k + cfg.tile_k) // cfg.tile_k) % 2 == 0 else k + 2 * cfg.tile_k
+        while -(-k // cfg.tile_k) % mm.k_parts(cfg):
+            k += cfg.tile_k
+        return k
 
     cases = [(c[0], c[1], c[2], k_for(c[0], c[3]), *c[4:]) for c in cases]
     # swap_ab configs without split-K store (tokens x 64) tiles: N rounded up to a multiple of 64 for them.

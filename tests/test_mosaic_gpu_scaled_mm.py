@@ -170,6 +170,9 @@ CASES = [
      dataclasses.replace(mm._row64_cluster_tile(64), cluster=None, max_concurrent_steps=3)),
     # A mid-M width between the powers of two (two 64 x 80 warpgroups along M, 16-wide epilogue tiles).
     ("fp8", 130, 176, 288, "token", "channel", True, None, jnp.bfloat16, mm._mid_m_tile(80)),
+    # 512-deep K steps of the small-M tile (mm._deep_small_m_steps): 1.1 steps, partial M / N tiles.
+    ("int8", 20, 48, 576, "token", "channel", True, "token", jnp.bfloat16,
+     dataclasses.replace(ONE_WG, tile_k=512, max_concurrent_steps=2)),
     # 256-deep K steps at mid M (mm._deep_k_steps): two 64 x 32 warpgroups along M, 1.125 and 2 steps; the 64 x 128
     # row tile (unclustered here) with int8 zero points; K = 288 leaves a partial last step.
     ("fp8", 130, 96, 288, "token", "channel", True, None, jnp.bfloat16,
@@ -443,12 +446,12 @@ def test_mid_m_deepens_the_k_steps_of_narrow_tiles(monkeypatch):
     kept = ((256, 6144, 4096), (256, 10240, 8192), (512, 6144, 4096), (512, 8192, 8192), (256, 8192, 8192),
             (128, 4096, 14336), (256, 28672, 4096), (512, 4096, 4096))  # fmt: skip
     for dt in (F8, jnp.int8):
-        for (m, n, k), (tk, st) in deepened.items():
+        for (m, n, k), (tk, stages) in deepened.items():
             cfg = mm.default_config(m, n, k, dt)
-            assert (cfg.tile_k, cfg.max_concurrent_steps) == (tk, st), (m, n, k, cfg.short())
+            assert (cfg.tile_k, cfg.max_concurrent_steps) == (tk, stages), (m, n, k, cfg.short())
             shallow = mm._fit_smem(mm._mid_m_tiles(m, n, k, dt, jnp.bfloat16, mm.H100_NUM_SMS), dt, jnp.bfloat16)
             assert shallow.tile_k == 128 and cfg == dataclasses.replace(
-                shallow, tile_k=tk, max_concurrent_steps=st, epi_slots=cfg.epi_slots
+                shallow, tile_k=tk, max_concurrent_steps=stages, epi_slots=cfg.epi_slots
             ), (m, n, k)
         for m, n, k in kept:
             cfg = mm.default_config(m, n, k, dt)
@@ -462,6 +465,45 @@ def test_mid_m_deepens_the_k_steps_of_narrow_tiles(monkeypatch):
     ck = mm._fit_smem(dataclasses.replace(mm._mid_m_tile(32), cluster="k"), F8, jnp.bfloat16)
     assert mm._deep_k_steps(ck, 128, 4352, F8, jnp.bfloat16) == ck
     assert mm._deep_k_steps(ck, 128, 4608, F8, jnp.bfloat16).tile_k == 256
+
+
+def test_decode_deepens_the_k_steps_where_four_stages_remain(monkeypatch):
+    # H100 A/B (results/h100_ab_depth.json): twice as deep K steps at M <= 64 where >= 4 stages of them fit (swapped
+    # decode tiles 8 -> 5 / 6 stages of 512, 64 x 32 tiles 8 -> 4, the K-split 64 x 64 tile 8 of 128 -> 6 of 256); with
+    # 3 left it was mixed (16 x 6144 x 4096 and 1 x 10240 x 8192 slower in the grid re-run): those keep their steps.
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    deepened = {  # (M, N, K) -> (tile_k, stages)
+        (1, 4096, 4096): (512, 6), (16, 4096, 4096): (512, 5), (1, 8192, 8192): (512, 5), (16, 57344, 8192): (512, 5),
+        (64, 4096, 4096): (512, 4), (64, 4096, 14336): (256, 6),
+    }  # fmt: skip
+    kept = {(1, 10240, 8192): 256, (16, 10240, 8192): 256, (64, 6144, 4096): 256, (64, 8192, 8192): 256,
+            (64, 28672, 4096): 256}  # fmt: skip
+    for dt in (F8, jnp.int8):
+        for (m, n, k), (tk, stages) in deepened.items():
+            cfg = mm.default_config(m, n, k, dt)
+            shallow = mm._small_m_tiles(m, n, k, dt, jnp.bfloat16, mm.H100_NUM_SMS)
+            assert (cfg.tile_k, cfg.max_concurrent_steps) == (tk, stages), (m, n, k, cfg.short())
+            assert shallow.tile_k == tk // 2 and cfg == dataclasses.replace(
+                shallow, tile_k=tk, max_concurrent_steps=stages
+            ), (m, n, k)
+        for (m, n, k), tk in kept.items():
+            assert mm.default_config(m, n, k, dt).tile_k == tk, (m, n, k)
+    assert mm.default_config(16, 4096, 2048, F8).tile_k == 256  # K below the measured range
+    # f32 output: the swapped tiles' XLA-summed split-K halves take 512-deep steps as well (6 stages fit)
+    sk = mm.default_config(1, 4096, 14336, F8, jnp.float32)
+    assert (sk.swap_ab, sk.split_k, sk.tile_k) == (True, 2, 512)
+
+
+def test_nine_to_sixteen_tokens_swap_where_deep_slabs_fill_70_percent(monkeypatch):
+    # H100 A/B (results/h100_ab_swap_deep.json): with 512-deep steps the swapped tile won at 16 x 6144 x 4096 (96
+    # slabs: 73 % of a wave) and 16 x 28672 x 4096 (448: 85 %) at K = 4096, and still lost at 16 x 10240 x 8192 (61 %).
+    monkeypatch.setattr(mm, "num_sms", lambda: mm.H100_NUM_SMS)
+    for dt in (F8, jnp.int8):
+        for m in (9, 13, 16):
+            assert mm.default_config(m, 6144, 4096, dt).swap_ab and mm.default_config(m, 28672, 4096, dt).swap_ab
+            assert not mm.default_config(m, 10240, 8192, dt).swap_ab
+        # without the deeper steps (K below 4096) the older rule stands: >= 80 % and K >= 8192 or a K-split cluster
+        assert not mm.default_config(16, 28672, 2048, dt).swap_ab
 
 
 def test_wide_n_mid_m_takes_the_large_tile(monkeypatch):
@@ -810,12 +852,17 @@ def test_mid_m_takes_clustered_64_row_tiles_where_they_fill_one_wave(monkeypatch
     _lower(128, 8192, 8192, jnp.int8, jnp.float32, None, azp="token")
 
 
-def test_cross_lowering_deepened_mid_m_tiles():
-    # The heuristic's 256-deep mid-M steps (5 / 4 / 3 / 2 stages, clustered along M or not) lower for the GPU.
-    for m, n, k, dt in ((128, 4096, 4096, F8), (256, 4096, 14336, jnp.int8), (256, 8192, 28672, F8),
-                        (128, 28672, 4096, jnp.int8), (128, 10240, 8192, F8)):  # fmt: skip
-        assert mm.default_config(m, n, k, dt).tile_k == 256, (m, n, k)
-        _lower(m, n, k, dt, jnp.bfloat16, None, azp="token" if dt == jnp.int8 else None)
+def test_cross_lowering_deepened_tiles():
+    # The heuristic's deepened K steps lower for the GPU: 256-deep mid-M steps (5 / 4 / 3 / 2 stages, clustered along
+    # M or not), 512-deep decode steps (swapped tiles with K in a cluster, split by XLA, or whole; the 64 x 32 tile).
+    bf, i8 = jnp.bfloat16, jnp.int8
+    cases = ((128, 4096, 4096, F8, bf, 256), (256, 4096, 14336, i8, bf, 256), (256, 8192, 28672, F8, bf, 256),
+             (128, 28672, 4096, i8, bf, 256), (128, 10240, 8192, F8, bf, 256), (1, 4096, 4096, F8, bf, 512),
+             (16, 6144, 4096, i8, bf, 512), (1, 4096, 14336, F8, jnp.float32, 512), (64, 4096, 4096, F8, jnp.float16, 512),
+             (64, 4096, 14336, i8, bf, 256))  # fmt: skip
+    for m, n, k, dt, od, tk in cases:
+        assert mm.default_config(m, n, k, dt, od).tile_k == tk, (m, n, k)
+        _lower(m, n, k, dt, od, None, azp="token" if dt == jnp.int8 else None)
 
 
 def test_gpu_check_script_cases_are_valid():
@@ -900,6 +947,11 @@ SWAP8 = dataclasses.replace(SWAP16, tile_n=8, epi_tile_n=8)
         # split-K: float32 partials (weight rows, tokens padded to the tile), summed + transposed by XLA
         ("fp8", 1, 80, 192, "token", "channel", True, None, jnp.float32, dataclasses.replace(SWAP8, split_k=3)),
         ("int8", 9, 144, 256, "token", "channel", True, "token", jnp.bfloat16, dataclasses.replace(SWAP16, split_k=2)),
+        # 512-deep steps (mm._deep_small_m_steps): one partial step, and 2 + a partial one with K split in two
+        ("fp8", 16, 128, 416, "token", "channel", True, None, jnp.bfloat16,
+         dataclasses.replace(SWAP16, tile_k=512, max_concurrent_steps=2)),
+        ("int8", 3, 64, 1120, "token", "channel", False, "token", jnp.float32,
+         dataclasses.replace(SWAP8, tile_k=512, max_concurrent_steps=2, split_k=3)),
     ],
 )
 def test_swap_ab_matches_reference(dtype, m, n, k, a_mode, b_mode, bias, azp, out_dtype, config):
@@ -960,12 +1012,14 @@ def test_swap_ab_limits_and_choice():
     with pytest.raises(TypeError, match="swap_ab=1 must be True or False"):
         mm._validate_config(dataclasses.replace(SWAP16, swap_ab=1), F8, jnp.bfloat16)
     assert SWAP16.short().endswith("t") and mm.TuningConfig.from_dict(SWAP16.to_dict()) == SWAP16
-    # the decode candidates include it (16 token columns; 8 up to M = 8 with K in two for few weight slabs)
+    # the decode candidates include it (16 token columns; 8 up to M = 8 with K in two for few weight slabs), with
+    # the heuristic's 512-deep K steps (mm._deep_small_m_steps) and the 256-deep ones it started from
     c1 = [c for c in mm.candidate_configs(1, 4096, 14336, F8) if c.swap_ab]
     c1_wide = [c for c in mm.candidate_configs(1, 8192, 8192, F8) if c.swap_ab]
     c16 = [c for c in mm.candidate_configs(16, 8192, 8192, F8) if c.swap_ab]
-    assert [(c.tile_n, mm.k_parts(c)) for c in c1] == [(8, 2)] and [(c.tile_n, c.split_k) for c in c16] == [(16, 1)]
-    assert [(c.tile_n, c.split_k) for c in c1_wide] == [(16, 1)]
+    assert [(c.tile_n, mm.k_parts(c), c.tile_k) for c in c1] == [(8, 2, 512), (8, 2, 256)]
+    assert [(c.tile_n, c.split_k, c.tile_k) for c in c16] == [(16, 1, 512), (16, 1, 256)]
+    assert [(c.tile_n, c.split_k, c.tile_k) for c in c1_wide] == [(16, 1, 512), (16, 1, 256)]
     assert not any(c.swap_ab for c in mm.candidate_configs(64, 8192, 8192, F8))
     assert not any(c.swap_ab for c in mm.candidate_configs(16, 8200, 8192, F8, jnp.bfloat16))  # N % 64
 
@@ -987,7 +1041,8 @@ def test_swap_ab_heuristic_takes_it_for_decode_where_the_slabs_fill_the_sms(monk
             (8192, 28672))  # fmt: skip
     taken = {m: [(n, k) for n, k in grid if mm.default_config(m, n, k, F8).swap_ab] for m in (1, 8, 16, 17)}
     assert taken[1] == taken[8] == [nk for nk in grid if nk != (10240, 8192)]
-    assert taken[16] == [(4096, 4096), (4096, 14336), (8192, 8192), (57344, 8192), (8192, 28672)] and taken[17] == []
+    # (16 tokens: at >= 70 % with the deeper steps of mm._deep_small_m_steps, as up to 8 tokens)
+    assert taken[16] == taken[8] and taken[17] == []
     assert mm.default_config(16, 4096, 4096, F8).cluster == "k"  # taken at K = 4096 only with the K-split cluster
     assert not mm.default_config(16, 4096, 4096, F8, jnp.float32).swap_ab
     # int8 the same (h100_ab_swap_int8.json); its M = 1 may run XLA's GEMV instead (mosaic_gpu.uses_xla_gemv)

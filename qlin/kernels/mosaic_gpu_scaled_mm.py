@@ -467,6 +467,10 @@ def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tuning
     weight slabs (x split-K) filling >= 70 % of their last wave of SMs, and at 9..16 tokens >= 80 % and
     K >= 8192 or K in two by a K-split cluster (M = 16 4096^2, 64 slabs x 2: fp8 9.36 -> 8.82 us, int8 9.45 -> 8.78
     against the unswapped 32-wide tiles, mean of two repeats, benchmarks/results/h100_ab_kcluster.json).
+    With the swapped tile's steps 512 deep (:func:`_deep_small_m_steps`) and K whole (no XLA-summed split), 9..16
+    tokens take it at >= 70 % too (H100, same run, two alternated repeats, h100_ab_swap_deep.json: 16 x 6144 x 4096
+    fp8 12.36 -> 11.61 us, int8 12.18 -> 11.57; 16 x 28672 x 4096 44.4 -> 43.4, 43.2 -> 42.8; still slower at 10240
+    x 8192, 61 %: 32.1 -> 34.3; in that run the 256-deep swapped tile was also faster at 16 x 6144 x 4096, 11.81).
     """
     if m > 16:
         return None
@@ -475,7 +479,8 @@ def _takes_swap_ab(m: int, n: int, k: int, dtype, out_dtype, sms: int) -> Tuning
         return None
     units = weight_units(cfg, n)
     fill = units / (_cdiv(units, sms) * sms)
-    takes = fill >= 0.7 if m <= 8 else (fill >= 0.8 and (k >= 8192 or cfg.cluster == "k"))
+    deep = _deep_small_m_steps(cfg, k, dtype, out_dtype) != cfg and cfg.split_k == 1  # (as measured: unsplit)
+    takes = fill >= 0.7 if m <= 8 or deep else (fill >= 0.8 and (k >= 8192 or cfg.cluster == "k"))
     return cfg if takes else None
 
 
@@ -655,11 +660,46 @@ def _takes_n192_tile(m: int, n: int, sms: int) -> bool:
     return _wave_cost(m, n, 192, sms, 206) <= 0.97 * _wave_cost(m, n, 256, sms, 256)
 
 
+def _small_m_tiles(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
+    """The decode / small-M tile (:func:`_deep_small_m_steps` may deepen its K steps)."""
+    return _takes_swap_ab(m, n, k, dtype, out_dtype, sms) or _small_m_config(m, n, k, dtype, out_dtype, sms)
+
+
+def _deeper_steps(cfg: TuningConfig, k: int, dtype, out_dtype) -> TuningConfig | None:
+    """``cfg`` with K steps twice as deep and the deepest pipeline of them that fits shared memory; None
+    where that does not fit or its K steps do not divide among ``cfg``'s K ranges."""
+    deep = _fit_smem(dataclasses.replace(cfg, tile_k=2 * cfg.tile_k, max_concurrent_steps=16), dtype, out_dtype)
+    if _cdiv(k, deep.tile_k) % k_parts(deep) or smem_bytes(deep, dtype, out_dtype) > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
+        return None
+    return deep
+
+
+def _deep_small_m_steps(cfg: TuningConfig, k: int, dtype, out_dtype) -> TuningConfig:
+    """M <= 64, K >= 4096 (the measured range): ``cfg`` with K steps twice as deep (256 -> 512, or 128 -> 256
+    for the K-split 64 x 64 tile) where the deepest pipeline of them that fits keeps >= 4 stages (as at mid M,
+    :func:`_deep_k_steps`); else ``cfg``.
+
+    The decode tiles' steps are short wgmmas (a 64 x 8..64 tile); deeper steps spread each step's barrier waits
+    over more work.  H100, fp8, same run, two alternated repeats (benchmarks/results/h100_ab_depth.json,
+    ``ab_gemm.py --ab depth``): 64 x 4096 x 14336 (K-split cluster, 8 stages of 128 -> 6 of 256) 24.9 -> 24.3 us;
+    64 x 4096^2 (8 of 256 -> 4 of 512) 8.68 -> 8.54; swapped decode tiles (8 -> 5 or 6) 16 x 4096^2 8.86 -> 8.70,
+    16 x 8192^2 24.71 -> 24.54, 16 x 57344 x 8192 158.3 -> 158.0, 1 x 4096^2 8.48 -> 8.38, 1 x 57344 x 8192 154.1
+    -> 154.0.  With 3 stages left mixed: 64 x 6144 x 4096 (64 x 48) 11.85 -> 11.65, 64 x 8192^2 25.95 -> 25.84,
+    64 x 8192 x 28672 81.5 -> 81.1, the 80-wide tile at 16 x 10240 x 8192 31.6 -> 31.8; in the grid re-run
+    (h100_gemm_depth20d.json, against the nineteenth grid) 16 x 6144 x 4096 11.8 -> 12.2 and 1 x 10240 x 8192
+    31.3 -> 31.8: not taken.
+    """
+    if k < 4096 or cfg.tile_k > 256:
+        return cfg
+    deep = _deeper_steps(cfg, k, dtype, out_dtype)
+    return deep if deep is not None and deep.max_concurrent_steps >= _DEEP_K_MIN_STAGES else cfg
+
+
 def _mid_m_config(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
     return _deep_k_steps(_mid_m_tiles(m, n, k, dtype, out_dtype, sms), m, k, dtype, out_dtype)
 
 
-#: Mid M: the fewest pipeline stages 256-deep K steps must keep (:func:`_deep_k_steps`).
+#: The fewest pipeline stages deepened K steps must keep (:func:`_deep_small_m_steps`, :func:`_deep_k_steps`).
 _DEEP_K_MIN_STAGES = 4
 
 
@@ -688,8 +728,8 @@ def _deep_k_steps(cfg: TuningConfig, m: int, k: int, dtype, out_dtype) -> Tuning
     """
     if cfg.tile_k != 128 or k < 4096:
         return cfg
-    deep = _fit_smem(dataclasses.replace(cfg, tile_k=256, max_concurrent_steps=16), dtype, out_dtype)
-    if _cdiv(k, deep.tile_k) % k_parts(deep) or smem_bytes(deep, dtype, out_dtype) > SMEM_LIMIT_BYTES - _SMEM_HEADROOM:
+    deep = _deeper_steps(cfg, k, dtype, out_dtype)
+    if deep is None:
         return cfg
     more_in_flight = deep.max_concurrent_steps * deep.tile_k > cfg.max_concurrent_steps * cfg.tile_k
     min_stages = _DEEP_K_MIN_STAGES - (cfg.cluster == "m")  # a clustered step waits for both CTAs: costlier
@@ -799,10 +839,12 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     * M <= 256, K >= 4096, where 64 x 128 tiles (an even number of 64-row tiles) make one wave
       filling >= 90 % of the SMs: those tiles, as clusters of two CTAs along M that
       multicast the weight tile (:func:`_takes_row64_cluster`).
+    * M <= 512, K >= 4096: K steps twice as deep where >= 4 pipeline stages of them fit (narrow
+      tiles; see :func:`_deep_small_m_steps`, :func:`_deep_k_steps`).
     """
     sms = num_sms()
     if m <= 64:
-        return _takes_swap_ab(m, n, k, dtype, out_dtype, sms) or _small_m_config(m, n, k, dtype, out_dtype, sms)
+        return _deep_small_m_steps(_small_m_tiles(m, n, k, dtype, out_dtype, sms), k, dtype, out_dtype)
     if m <= 512:
         return _mid_m_config(m, n, k, dtype, out_dtype, sms)
     if _takes_wide_n_tile(m, n, sms, mid_192=False):
@@ -863,6 +905,7 @@ def candidate_configs(
         swapped = _swap_decode_config(m, n, k, dtype, out_dtype, num_sms()) if m <= 16 else None
         if swapped and swap_ab_fits(swapped, n, out_dtype):
             cands.append(swapped)
+        cands.append(_small_m_tiles(m, n, k, dtype, out_dtype, num_sms()))  # before _deep_small_m_steps
         # Split-K: wider N tiles (less A traffic per weight byte in shared memory), K cut
         # into ranges so that there are about as many work units as SMs.
         for tn in (64, 128, 256):
