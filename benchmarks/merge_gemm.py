@@ -10,6 +10,10 @@ linear's ``+quant`` rows are left out (GEMM rows only; ``--dynamic`` merges only
         benchmarks/results/h100_gemm_mid.json ... --tag h100_gemm_merged
 
 Rows from different devices are refused (ratios are only meaningful within one machine's runs).
+``--current-heuristic`` leaves out every case (all its rows, baselines included) of a file whose qlin row ran
+another tile config than today's heuristic picks, so the merged grid times today's configs: after a heuristic
+change, the re-run cases replace the old rows and a re-run of a variant the heuristic then dropped again is not
+taken either.
 """
 
 from __future__ import annotations
@@ -29,7 +33,24 @@ KEY = ("impl", "dtype", "M", "N", "K")
 DERIVED = ("ratio_vs_xla", "frac_of_peak", "weight_floor_us", "x_floor")
 
 
-def merge(paths: list[Path], dynamic: bool = False) -> tuple[list[dict], dict]:
+def stale_cases(rows: list[dict]) -> set[tuple[int, int, int]]:
+    """(M, N, K) of the cases whose qlin GEMM row ran another config than today's heuristic (bf16 out)."""
+    import jax.numpy as jnp
+
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    stale = set()
+    for r in rows:
+        if r.get("impl") != "qlin:mosaic_gpu" or not r.get("config"):
+            continue
+        dt = jnp.float8_e4m3fn if r["dtype"] == "fp8" else jnp.int8
+        m, n, k = r["M"], r["N"], r["K"]
+        if bench.qlin_label(mm.default_config(m, n, k, dt), dt, m, k, n) != r["config"]:
+            stale.add((m, n, k))
+    return stale
+
+
+def merge(paths: list[Path], dynamic: bool = False, current_heuristic: bool = False) -> tuple[list[dict], dict]:
     rows: dict[tuple, dict] = {}
     devices, copy_gbs, sources = set(), [], []
     for p in paths:
@@ -37,10 +58,13 @@ def merge(paths: list[Path], dynamic: bool = False) -> tuple[list[dict], dict]:
         meta = data.get("meta", {})
         if meta.get("copy_gbs"):
             copy_gbs.append(meta["copy_gbs"])
+        stale = stale_cases(data["rows"]) if current_heuristic else set()
         n_new = 0
         for r in data["rows"]:
             if str(r.get("impl", "")).endswith("+quant") != dynamic:
                 continue  # GEMM rows, or with --dynamic the dynamic linear's (quantize + matmul) only
+            if (r.get("M"), r.get("N"), r.get("K")) in stale:
+                continue
             r = {k: v for k, v in r.items() if k not in DERIVED}
             if r.get("device"):
                 devices.add(r["device"])
@@ -51,7 +75,10 @@ def merge(paths: list[Path], dynamic: bool = False) -> tuple[list[dict], dict]:
             r["source"] = p.name
             rows[key] = r
             n_new += 1
-        sources.append({"file": p.name, "rows": n_new, "argv": meta.get("argv")})
+        source = {"file": p.name, "rows": n_new, "argv": meta.get("argv")}
+        if stale:
+            source["left_out_stale"] = [f"{m}x{n}x{k}" for m, n, k in sorted(stale)]
+        sources.append(source)
     if len(devices) > 1:
         raise SystemExit(f"rows from several devices: {sorted(devices)}; merge one machine's runs only")
     merged = sorted(rows.values(), key=lambda r: (r["N"], r["K"], r["M"], r["impl"], r["dtype"]))
@@ -95,8 +122,12 @@ def main(argv=None) -> int:
         "--dynamic", action="store_true",
         help="merge the dynamic linear's rows (qlin:mosaic_gpu+quant vs xla+quant) instead of the GEMM rows",
     )  # fmt: skip
+    p.add_argument(
+        "--current-heuristic", action="store_true",
+        help="leave out a file's cases whose qlin row ran another config than today's heuristic picks",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    rows, meta = merge(args.inputs, dynamic=args.dynamic)
+    rows, meta = merge(args.inputs, dynamic=args.dynamic, current_heuristic=args.current_heuristic)
     table = bench.markdown_table(rows, copy_gbs=meta["copy_gbs"])  # annotates the merged rows
     meta["targets"] = targets(rows, impl="qlin:mosaic_gpu+quant" if args.dynamic else "qlin:mosaic_gpu")
     path = bench.write_results(args.out, args.tag, rows, meta)

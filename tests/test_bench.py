@@ -398,6 +398,33 @@ def test_merge_gemm_later_runs_win_skips_never_replace_and_targets(tmp_path):
         merge_gemm.main([str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path)])
 
 
+def test_merge_gemm_current_heuristic_leaves_out_cases_of_other_configs(tmp_path):
+    # A later run of a variant the heuristic no longer picks must not replace the row of today's config; the case's
+    # baselines go with it (ratios pair one run's numbers).
+    import jax.numpy as jnp
+
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    merge_gemm = load_script("benchmarks/merge_gemm.py")
+    dev = "gpu:H100"
+    today = mm.default_config(16, 6144, 4096, jnp.float8_e4m3fn).short()
+
+    def case(us, config, xla_us):
+        q = dict(bench.make_row("qlin:mosaic_gpu", "fp8", 16, 6144, 4096, us, 1e-3, dev), config=config)
+        return [q, bench.make_row("xla", "fp8", 16, 6144, 4096, xla_us, 1e-3, dev)]
+
+    (tmp_path / "old.json").write_text(json.dumps({"meta": {}, "rows": case(11.0, today, 13.0)}))
+    (tmp_path / "new.json").write_text(json.dumps({"meta": {}, "rows": case(12.0, "m64n48k512s3w1ngn1e64x16x2", 13.5)}))
+    paths = [str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--out", str(tmp_path)]
+    assert merge_gemm.main(paths + ["--tag", "all"]) == 0
+    assert {r["source"] for r in json.loads((tmp_path / "all.json").read_text())["rows"]} == {"new.json"}
+    assert merge_gemm.main(paths + ["--tag", "cur", "--current-heuristic"]) == 0
+    out = json.loads((tmp_path / "cur.json").read_text())
+    assert {(r["impl"], r["us"], r["source"]) for r in out["rows"]} == {
+        ("qlin:mosaic_gpu", 11.0, "old.json"), ("xla", 13.0, "old.json")}  # fmt: skip
+    assert out["meta"]["sources"][1]["left_out_stale"] == ["16x6144x4096"]
+
+
 def test_merge_gemm_dynamic_merges_only_the_quantize_plus_matmul_rows(tmp_path):
     merge_gemm = load_script("benchmarks/merge_gemm.py")
     dev = "gpu:H100"
