@@ -24,8 +24,9 @@
   stages 11-13 % slower.)
 ``--ab swap_ab``: the swap-AB decode config (``TuningConfig(swap_ab=True)``: the weight as the wgmma A
   side, the tokens as B, the result stored transposed into the (M, N) output) against the heuristic's
-  unswapped decode config, M = 16 and 1.  (Before the kernel stored the transposed tile, a
-  ``--ab swap_decode`` mode at commit 5629cf8 sized the same swap with the output left (N, 16):
+  unswapped decode config, M = 16 and 1; also the swapped config with the heuristic's deeper K steps
+  (``swap_ab_deep``) and the heuristic's own pick where it is neither.  (Before the kernel stored the transposed
+  tile, a ``--ab swap_decode`` mode at commit 5629cf8 sized the same swap with the output left (N, 16):
   results/h100_ab_swap_decode.json.)
 ``--ab decode_tn``: decode tile widths 96 / 80 / 112 (weight rows a CTA) at N = 10240: 107, 128 and 92 tiles for
   132 SMs.  (results/h100_ab_decode_tn.json ran it when the heuristic took 96: its "default" side is "tn96".)
@@ -51,10 +52,10 @@
 ``--ab wg_m``: at M > 512, the heuristic's 128 x 256 CTA tile (two 128 x 128 warpgroups along N) as two 64 x 256
   warpgroups along M (one m64n256 wgmma per K step reads each operand once from shared memory), with wgmma_inflight
   as the heuristic has it and flipped, and as clusters of two CTAs along M.
-``--ab depth``: the heuristic's config with a deeper pipeline: the most stages that fit shared memory, the depth
-  halfway there, the most that fit with one epilogue slot, 256-deep K steps (512 where the config has 256), and at M <= 512 the tile before the heuristic deepened
-  its K steps (``shallow``; ``k128_tile`` in the first runs) with the most stages that fit (more operand bytes in flight per SM: at
-  mid M the 2 x 64-row tiles keep 6 stages, ~120-190 KB, where the 64-row decode tiles keep 8 x 256).
+``--ab depth``: the heuristic's config with a deeper pipeline (the most stages that fit shared memory, the depth
+  halfway there, the most that fit with one epilogue slot) and with K steps twice as deep (256, or 512 where the
+  config has 256) with the most stages that fit; at M <= 512 also the tile before the heuristic deepened its K steps
+  (``shallow``; ``k128_tile`` in the first runs of results/h100_ab_depth.json).
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of

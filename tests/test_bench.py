@@ -573,6 +573,27 @@ def test_ab_gemm_sides_are_valid_and_differ_only_in_what_they_compare():
     assert (pad["pad8"][1](5), pad["unpadded"][1](5), pad["unpadded"][1](13)) == (8, 5, 16)
 
 
+def test_ab_gemm_depth_sides_change_only_the_pipeline_and_k_step():
+    # --ab depth: every side is the heuristic's tile with other stages / K-step depth / epilogue slots (all valid), and
+    # where the heuristic deepened the K steps the "shallow" side is the tile it started from.
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    ab = load_script("benchmarks/ab_gemm.py")
+    f8 = jnp.float8_e4m3fn
+    for m, n, k in ((128, 4096, 4096), (16, 4096, 4096), (512, 8192, 8192), (64, 4096, 14336)):
+        sides = ab.sides("depth", m, n, k, f8)
+        base = sides["default"][0]
+        assert base == mm.default_config(m, n, k, f8) and len(sides) >= 2
+        for name, (cfg, _) in sides.items():
+            mm._validate_config(cfg, f8, jnp.bfloat16)
+            same = dataclasses.replace(cfg, tile_k=base.tile_k, max_concurrent_steps=base.max_concurrent_steps,
+                                       epi_slots=base.epi_slots)  # fmt: skip
+            assert same == base, name
+        if m <= 128:
+            shallow = sides["shallow"][0]
+            assert shallow.tile_k * 2 == base.tile_k and mm.k_parts(shallow) == mm.k_parts(base)
+
+
 def test_ab_gemm_epilogue_and_swap_ab_sides():
     # --ab epilogue: the ablations run the heuristic's own config; the layouts change only the epilogue
     # tile / slots and fit the same shared memory; the knob is off unless the A/B loop sets it.
