@@ -278,19 +278,16 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         deep = fit(dataclasses.replace(base, max_concurrent_steps=16))
         half_steps = (base.max_concurrent_steps + deep.max_concurrent_steps) // 2
         half = fit(dataclasses.replace(base, max_concurrent_steps=half_steps))
-        k256 = fit(dataclasses.replace(base, tile_k=256, max_concurrent_steps=16))
         e1 = fit(dataclasses.replace(base, max_concurrent_steps=16, epi_slots=1))
-        if base.tile_k == 256:  # (decode and small-M tiles, and mid M deepened by the heuristic) twice as deep again
-            k512 = fit(dataclasses.replace(base, tile_k=512, max_concurrent_steps=16))
-            if -(-k // 512) % mm.k_parts(k512) == 0:
-                out[f"k512s{k512.max_concurrent_steps}e{k512.epi_slots}"] = (k512, _TMA_ROWS)
+        # K steps twice as deep (256, or 512 where the config has 256), as the heuristic deepens them
+        deeper = mm._deeper_steps(base, k, jdt, jnp.bfloat16) if base.tile_k <= 256 else None
         if m <= 512:  # the tile before the heuristic deepened its K steps (mm._deep_small_m_steps / _deep_k_steps)
             tiles = mm._small_m_tiles if m <= 64 else mm._mid_m_tiles
             shallow = fit(tiles(m, n, k, jdt, jnp.bfloat16, mm.num_sms()))
             if shallow != base:
                 out["shallow"] = (shallow, _TMA_ROWS)
-        for c in (half, deep, e1) + ((k256,) if base.tile_k == 128 and -(-k // 256) % mm.k_parts(base) == 0 else ()):
-            if c != base:
+        for c in (half, deep, e1, deeper):
+            if c is not None and c != base:
                 out[f"k{c.tile_k}s{c.max_concurrent_steps}e{c.epi_slots}"] = (c, _TMA_ROWS)
         return out
     if ab == "row_clamp":  # the last row of CTA tiles clamped to end at M (the kernel's default) or past M

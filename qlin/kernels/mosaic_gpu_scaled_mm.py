@@ -953,11 +953,8 @@ def candidate_configs(
         # K-step depth both ways (see _deep_k_steps): the heuristic's tile before it deepened the steps, and
         # 256-deep steps (the deepest pipeline that fits) for the next unsplit candidates.
         cands.append(_mid_m_tiles(m, n, k, dtype, out_dtype, num_sms()))
-        cands += [
-            dataclasses.replace(c, tile_k=256, max_concurrent_steps=16)
-            for c in cands[1:5]
-            if c.tile_k == 128 and c.split_k == 1
-        ]
+        deeper = [_deeper_steps(c, k, dtype, out_dtype) for c in cands[1:5] if c.tile_k == 128 and c.split_k == 1]
+        cands += [c for c in deeper if c is not None]
     else:
         # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
         cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile(), _n192_tile()]
