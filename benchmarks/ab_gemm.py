@@ -56,12 +56,6 @@
   halfway there, the most that fit with one epilogue slot) and with K steps twice as deep (256, or 512 where the
   config has 256) with the most stages that fit; at M <= 512 also the tile before the heuristic deepened its K steps
   (``shallow``; ``k128_tile`` in the first runs of results/h100_ab_depth.json).
-``--ab cluster_mn``: clusters of 2 x 2 CTAs (``cluster="mn"``: the weight tile multicast to the two row
-  neighbours, the activation tile to the two column neighbours) against the heuristic's config and its
-  two-CTA clusters along M; at M <= 512 also with 128-deep K steps (the clustered step waits for four CTAs).
-``--ab large_ck``: at mid M, the large-M 128 x 256 CTA tile with K split between the two CTAs of a cluster
-  (``cluster="k"``; the two warpgroups' partial accumulators take turns in one 64 KB receive buffer,
-  ``mm.recv_slots``): 3 stages of 128 with 64 x 32 epilogue tiles, or 5 / 6 stages of 64, against the heuristic.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -134,11 +128,6 @@ WG_M_CASES = (
     "1024:4096:4096,4096:4096:4096,8192:4096:4096,4096:6144:4096,4096:28672:4096,2048:8192:8192,4096:8192:8192,"
     "1024:8192:28672,4096:4096:14336,2048:57344:8192,4096:10240:8192,8192:8192:8192"
 )
-CLUSTER_MN_CASES = (
-    "256:8192:28672,256:4096:14336,512:4096:14336,256:8192:8192,256:10240:8192,256:57344:8192,256:28672:4096,"
-    "512:8192:28672,512:8192:8192,512:10240:8192,256:6144:4096,1024:8192:28672,4096:4096:4096,2048:8192:8192"
-)
-LARGE_CK_CASES = "256:8192:28672,256:8192:8192,512:4096:14336,512:4096:4096,256:6144:4096,300:8000:8192"
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
@@ -224,28 +213,6 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
             for cl in ("m", "n") if -(-m // base.cta_tile_m) >= 2 else ("n",):  # one row of tiles: "n" only
                 out[f"cluster_{cl}"] = (dataclasses.replace(base, cluster=cl), _TMA_ROWS)
         return out
-    if ab == "cluster_mn":
-        out = {"default": (base, _TMA_ROWS)}
-        if base.split_k == 1 and not base.swap_ab and base.cluster != "k" and -(-m // base.cta_tile_m) >= 2:
-            fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
-            out["cmn"] = (fit(dataclasses.replace(base, cluster="mn")), _TMA_ROWS)
-            if base.cluster != "m":
-                out["cm"] = (fit(dataclasses.replace(base, cluster="m")), _TMA_ROWS)
-            if m <= 512:  # 128-deep K steps, as before mm._deep_k_steps
-                shallow = fit(dataclasses.replace(mm._mid_m_tiles(m, n, k, jdt, jnp.bfloat16, mm.num_sms()),
-                                                  cluster="mn"))  # fmt: skip
-                if shallow != out["cmn"][0]:
-                    out["cmn_shallow"] = (shallow, _TMA_ROWS)
-        return out
-    if ab == "large_ck":
-        fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
-        ck = dataclasses.replace(mm._large_m_tile(), cluster="k")
-        return {
-            "default": (base, _TMA_ROWS),
-            "ck_k128s3": (fit(dataclasses.replace(ck, epi_tile_n=32)), _TMA_ROWS),
-            "ck_k64s5": (fit(dataclasses.replace(ck, tile_k=64, max_concurrent_steps=5)), _TMA_ROWS),
-            "ck_k64s6": (fit(dataclasses.replace(ck, tile_k=64, max_concurrent_steps=6, epi_tile_n=32)), _TMA_ROWS),
-        }
     if ab == "splitk_large":
         out = {"default": (base, _TMA_ROWS)}
         for large in mm._large_split_k_tiles(m, n, k):  # the autotuner's candidates of that kind
@@ -341,7 +308,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth", "cluster_mn", "large_ck"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -377,8 +344,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
-        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES, "cluster_mn": CLUSTER_MN_CASES,
-        "large_ck": LARGE_CK_CASES,
+        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -414,7 +380,7 @@ def main(argv=None) -> None:
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
                         checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64",
-                                              "kcluster", "wg_m", "cluster_mn", "large_ck")
+                                              "kcluster", "wg_m")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])

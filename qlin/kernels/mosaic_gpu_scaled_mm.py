@@ -285,16 +285,8 @@ def smem_bytes(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_co
     row, col = tma_row_len(config.tile_m, jnp.float32), tma_row_len(config.tile_n, jnp.float32)
     vecs = config.num_compute_wgs * 4 * (n_row_vecs * row + n_col_vecs * col)
     # cluster="k": the receive buffer of the other CTA's partial accumulators (4-byte: f32 / int32).
-    recv = recv_slots(config) * config.tile_m * config.tile_n * 4 if config.cluster == "k" else 0
+    recv = config.num_compute_wgs * config.tile_m * config.tile_n * 4 if config.cluster == "k" else 0
     return config.max_concurrent_steps * stage + out + vecs + recv + 256
-
-
-def recv_slots(config: TuningConfig) -> int:
-    """cluster="k": warpgroup tiles of partial accumulators the receive buffer holds.  One per warpgroup,
-    or one that the warpgroups take in turn where one per warpgroup would take more than 64 KB (two 128 x
-    128 warpgroups: 128 KB, which leaves no room for the pipeline of a 128 x 256 tile)."""
-    per_wg = config.tile_m * config.tile_n * 4
-    return 1 if config.num_compute_wgs * per_wg > 64 * 1024 else config.num_compute_wgs
 
 
 def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2, n_col_vecs: int = 3) -> None:
@@ -316,8 +308,8 @@ def _validate_config(config: TuningConfig, dtype, out_dtype, n_row_vecs: int = 2
         raise ValueError(
             "config.wgmma_inflight needs max_concurrent_steps >= 3 (one stage is held by the running wgmma)"
         )
-    if c.cluster not in (None, "m", "n", "mn", "k"):
-        raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm', 'n', 'mn' or 'k'")
+    if c.cluster not in (None, "m", "n", "k"):
+        raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm', 'n' or 'k'")
     if c.cluster and c.split_k > 1:
         raise ValueError("config.cluster and config.split_k > 1 cannot be combined")
     if not isinstance(c.swap_ab, bool):
@@ -1098,14 +1090,14 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
             # A cluster's two CTAs each TMA half of the operand tile they share and multicast it.
             return plgpu.BlockSpec(
                 (rows, tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM,
-                delay_release=delay, collective_axes=(shared,) if shared else (),
+                delay_release=delay, collective_axes=("cluster",) if shared else (),
             )  # fmt: skip
 
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
             memory_registers=40 if nwg == 2 else 56,
-            in_specs=[spec(cta_m, _shared_along(c.cluster, "n")), spec(cta_n, _shared_along(c.cluster, "m"))],
+            in_specs=[spec(cta_m, c.cluster == "n"), spec(cta_n, c.cluster == "m")],
             wg_axis="wg",
             num_compute_wgs=nwg,
             # More stages than K steps would leave slots that are never filled.
@@ -1121,14 +1113,11 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     # cluster="k": CTA 1's partial accumulators land in CTA 0's recv_smem (recv_bar counts the bytes; one
     # warpgroup's arrival, i.e. each of its threads with its share); free_bar (one arrival from each CTA's
     # warpgroup a phase) says CTA 0 has read them, so CTA 1 may send the next tile's.
-    # With one buffer for all warpgroups (recv_slots), warpgroup w sends once CTA 0's warpgroup w - 1 has
-    # read this tile's partial (warpgroup 0: once the last one has read the previous tile's).
     ksplit_allocs = {}
-    n_recv = recv_slots(c)
     if ksplit:
         recv_transforms = _swizzle_transforms(_pick_swizzle(tile_n, tile_n, acc_dtype), acc_dtype)
         ksplit_allocs = dict(
-            recv_smem=plgpu.SMEM((n_recv, tile_m, tile_n), acc_dtype, transforms=recv_transforms),
+            recv_smem=plgpu.SMEM((nwg, tile_m, tile_n), acc_dtype, transforms=recv_transforms),
             recv_bar=plgpu.Barrier(num_arrivals=1, num_barriers=nwg),
             free_bar=plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=nwg),
         )
@@ -1166,11 +1155,10 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
             m_idx, n_idx = plgpu.planar_snake(
                 lin, (grid_m, grid_n), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
-            if c.cluster in ("m", "n", "mn"):
-                if "m" in c.cluster:
-                    m_idx = m_idx * 2 + lax.axis_index(_cluster_axis(c.cluster, "m"))
-                if "n" in c.cluster:
-                    n_idx = n_idx * 2 + lax.axis_index(_cluster_axis(c.cluster, "n"))
+            if c.cluster == "m":
+                m_idx = m_idx * 2 + lax.axis_index("cluster")
+            elif c.cluster == "n":
+                n_idx = n_idx * 2 + lax.axis_index("cluster")
             m_start = _row_start(m_idx, cta_m, m)
             cta_m_slice = pl.ds(m_start, cta_m)
             cta_n_slice = pl.ds(n_idx * cta_n, cta_n)
@@ -1273,33 +1261,22 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                         epilogue(acc)
                         return
                     free = free_bar.at[wg]
-                    buf = recv_smem.at[wg if n_recv > 1 else 0]
 
                     @pl.when(kpart == 1)
                     def _send():
-                        last = info.local_index == info.num_local_steps - 1
-                        if n_recv > 1:
-                            # The previous tile's partial must have been read before this one overwrites it.
-                            pl.when(info.local_index > 0)(lambda: plgpu.barrier_wait(free))
-                        else:
-                            # One buffer: the previous partial sent into it (the warpgroup before this one,
-                            # or the last one's of the previous tile) must have been read.  Each warpgroup
-                            # waits on every phase of one barrier, in order.
-                            before = free_bar.at[lax.rem(wg + nwg - 1, nwg)]
-                            pl.when((info.local_index > 0) | (wg > 0))(lambda: plgpu.barrier_wait(before))
-                        plgpu.async_store_smem(acc, buf, recv_bar.at[wg], cluster_idx=0, cluster_dim="cluster")
+                        # The previous tile's partial must have been read before this one overwrites it.
+                        pl.when(info.local_index > 0)(lambda: plgpu.barrier_wait(free))
+                        plgpu.async_store_smem(
+                            acc, recv_smem.at[wg], recv_bar.at[wg], cluster_idx=0, cluster_dim="cluster"
+                        )
                         plgpu.barrier_arrive(free)
-                        # The last tile: CTA 0's arrivals have landed before this CTA may exit (one buffer:
-                        # warpgroup w + 1 has seen warpgroup w's before it sent; warpgroup 0 sees the last's).
-                        if n_recv > 1:
-                            pl.when(last)(lambda: plgpu.barrier_wait(free))
-                        else:
-                            pl.when(last & (wg == 0))(lambda: plgpu.barrier_wait(before))
+                        # The last tile: CTA 0's arrival has landed before this CTA may exit.
+                        pl.when(info.local_index == info.num_local_steps - 1)(lambda: plgpu.barrier_wait(free))
 
                     @pl.when(kpart == 0)
                     def _receive():
                         plgpu.barrier_wait(recv_bar.at[wg])
-                        total = acc + plgpu.load(buf, layout=plgpu.Layout.WGMMA)
+                        total = acc + plgpu.load(recv_smem.at[wg], layout=plgpu.Layout.WGMMA)
                         plgpu.commit_smem()  # (a warpgroup barrier: every thread has read its share)
                         plgpu.barrier_arrive(free)
                         epilogue(total)
@@ -1505,31 +1482,8 @@ def _row_start(m_idx, cta_m: int, m: int):
 
 
 def _cluster_tiles(m_iters: int, n_iters: int, cluster: str | None) -> tuple[int, int]:
-    """The (M, N) extent of the grid a persistent loop walks: CTA tiles, or pairs of them along each of
-    ``cluster``'s dimensions ("m", "n", or both: "mn", 2 x 2 tiles)."""
-    along = cluster if cluster in ("m", "n", "mn") else ""
-    return (_cdiv(m_iters, 2) if "m" in along else m_iters, _cdiv(n_iters, 2) if "n" in along else n_iters)
-
-
-def _cluster_axis(cluster: str, dim: str) -> str:
-    """The kernel's name of the cluster axis whose CTAs are neighbours along ``dim`` ("m" or "n")."""
-    return f"cluster_{dim}" if cluster == "mn" else "cluster"
-
-
-def _shared_along(cluster: str | None, dim: str) -> str | None:
-    """The cluster axis over which an operand tile is multicast: the weight tile (B) is shared by CTAs
-    that are neighbours along M (``dim="m"``), the activation tile (A) by neighbours along N; None where
-    ``cluster`` has no such neighbours."""
-    if cluster in ("m", "n", "mn") and dim in cluster:
-        return _cluster_axis(cluster, dim)
-    return None
-
-
-def _cluster_grid(num_clusters: int, cluster: str) -> int:
-    """Clusters a persistent grid launches: at most as many as are resident at once.  Two-CTA clusters
-    pair the SMs; four-CTA ones (2 x 2) must sit in one GPC, four a GPC (16-18 SMs: 32 on a 132-SM H100)."""
-    resident = num_sms() // 2 if cluster != "mn" else num_sms() // 16 * 4
-    return max(1, min(resident, num_clusters))
+    """The (M, N) extent of the grid a persistent loop walks: CTA tiles, or pairs of them along ``cluster``."""
+    return (_cdiv(m_iters, 2) if cluster == "m" else m_iters, _cdiv(n_iters, 2) if cluster == "n" else n_iters)
 
 
 def _call(args, *, config, epi, out_dtype, interpret):
@@ -1550,13 +1504,10 @@ def _call(args, *, config, epi, out_dtype, interpret):
     if interpret:
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
     if config.cluster:
-        # A persistent grid of clusters of two CTAs (one cluster per two SMs), or 2 x 2 (see _cluster_grid).
+        # A persistent grid of clusters of two CTAs (one cluster per two SMs).
         gm, gn = _cluster_tiles(_cdiv(m, config.cta_tile_m), _cdiv(n, config.cta_tile_n), config.cluster)
-        if config.cluster == "mn":
-            kwargs.update(cluster=(2, 2), cluster_names=("cluster_m", "cluster_n"))
-        else:
-            kwargs.update(cluster=(2,), cluster_names=("cluster",))
-        grid, grid_names = _cluster_grid(gm * gn, config.cluster), ("cluster_grid",)
+        kwargs.update(cluster=(2,), cluster_names=("cluster",))
+        grid, grid_names = max(1, min(num_sms() // 2, gm * gn)), ("cluster_grid",)
     else:
         grid, grid_names = max(1, min(num_sms(), tiles)), ("sm",)
     f = plgpu.kernel(
