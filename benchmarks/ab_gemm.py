@@ -56,9 +56,6 @@
   halfway there, the most that fit with one epilogue slot) and with K steps twice as deep (256, or 512 where the
   config has 256) with the most stages that fit; at M <= 512 also the tile before the heuristic deepened its K steps
   (``shallow``; ``k128_tile`` in the first runs of results/h100_ab_depth.json).
-``--ab ck_chunks``: K-split clusters (``cluster="k"``) sending the partial accumulator in 1, 2 or 4 column chunks
-  (``mm._KSPLIT_CHUNKS``: each chunk's st.async stores complete their own barrier): the heuristic's config where it
-  is a K-split cluster, and the mid-M 2 x 64 x 128 tile as one.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -131,13 +128,11 @@ WG_M_CASES = (
     "1024:4096:4096,4096:4096:4096,8192:4096:4096,4096:6144:4096,4096:28672:4096,2048:8192:8192,4096:8192:8192,"
     "1024:8192:28672,4096:4096:14336,2048:57344:8192,4096:10240:8192,8192:8192:8192"
 )
-CK_CHUNKS_CASES = "128:4096:14336,64:4096:14336,256:4096:14336,256:8192:28672,256:8192:8192,512:4096:14336"
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
 #: The kernel-module switches a side may set (``sides``' optional third element), restored after it.
-_MODULE_DEFAULTS = {"_EPILOGUE_ABLATION": mm._EPILOGUE_ABLATION, "_CLAMP_LAST_TILE_ROW": mm._CLAMP_LAST_TILE_ROW,
-                    "_KSPLIT_CHUNKS": mm._KSPLIT_CHUNKS}
+_MODULE_DEFAULTS = {"_EPILOGUE_ABLATION": mm._EPILOGUE_ABLATION, "_CLAMP_LAST_TILE_ROW": mm._CLAMP_LAST_TILE_ROW}
 
 
 def inflight(c: mm.TuningConfig, **kw) -> mm.TuningConfig:
@@ -217,17 +212,6 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         if base.split_k == 1:
             for cl in ("m", "n") if -(-m // base.cta_tile_m) >= 2 else ("n",):  # one row of tiles: "n" only
                 out[f"cluster_{cl}"] = (dataclasses.replace(base, cluster=cl), _TMA_ROWS)
-        return out
-    if ab == "ck_chunks":
-        out = {"default": (base, _TMA_ROWS)}
-        mid = mm._fit_smem(dataclasses.replace(mm._mid_m_tile(128), cluster="k"), jdt, jnp.bfloat16)
-        for name, c in (("ck", base), ("mid128ck", mid)):
-            if c.cluster != "k":
-                continue
-            for ch in (1, 2, 4) if name == "ck" else (1, 4):
-                if name == "ck" and ch == 1:
-                    continue  # the default side
-                out[f"{name}_x{ch}"] = (c, _TMA_ROWS, {"_KSPLIT_CHUNKS": ch})
         return out
     if ab == "splitk_large":
         out = {"default": (base, _TMA_ROWS)}
@@ -324,7 +308,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth", "ck_chunks"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -360,7 +344,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
-        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES, "ck_chunks": CK_CHUNKS_CASES,
+        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -396,7 +380,7 @@ def main(argv=None) -> None:
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
                         checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64",
-                                              "kcluster", "wg_m", "ck_chunks")
+                                              "kcluster", "wg_m")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])

@@ -91,9 +91,6 @@ _EPILOGUE_ABLATION: str | None = None
 #: Start the last row of CTA tiles at M - cta_m (where M >= cta_m) instead of running past M; off only
 #: for benchmarks/ab_gemm.py's A/B of it (see _row_start).
 _CLAMP_LAST_TILE_ROW = True
-#: cluster="k": column chunks of 32 or more that the partial accumulator is sent in, each completing its
-#: own barrier (the st.async stores of one chunk update one remote barrier's byte count).
-_KSPLIT_CHUNKS = 1
 #: TMA (cp.async.bulk.tensor) writes shared memory only at 128-byte aligned addresses; interpret
 #: mode and the CUDA lowering do not check it, the hardware faults (CUDA_ERROR_MISALIGNED_ADDRESS).
 TMA_SMEM_ALIGN = 128
@@ -1117,15 +1114,11 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     # warpgroup's arrival, i.e. each of its threads with its share); free_bar (one arrival from each CTA's
     # warpgroup a phase) says CTA 0 has read them, so CTA 1 may send the next tile's.
     ksplit_allocs = {}
-    n_chunks = max(1, min(_KSPLIT_CHUNKS, tile_n // 32))
-    while n_chunks > 1 and (tile_n % n_chunks or (tile_n // n_chunks) % 32):
-        n_chunks -= 1
-    chunk_n = tile_n // n_chunks
     if ksplit:
         recv_transforms = _swizzle_transforms(_pick_swizzle(tile_n, tile_n, acc_dtype), acc_dtype)
         ksplit_allocs = dict(
             recv_smem=plgpu.SMEM((nwg, tile_m, tile_n), acc_dtype, transforms=recv_transforms),
-            recv_bar=plgpu.Barrier(num_arrivals=1, num_barriers=nwg * n_chunks),
+            recv_bar=plgpu.Barrier(num_arrivals=1, num_barriers=nwg),
             free_bar=plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=nwg),
         )
 
@@ -1273,21 +1266,16 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                     def _send():
                         # The previous tile's partial must have been read before this one overwrites it.
                         pl.when(info.local_index > 0)(lambda: plgpu.barrier_wait(free))
-                        for j in range(n_chunks):
-                            cols = slice(j * chunk_n, (j + 1) * chunk_n)
-                            plgpu.async_store_smem(
-                                acc[:, cols] if n_chunks > 1 else acc,
-                                recv_smem.at[wg, :, pl.ds(j * chunk_n, chunk_n)] if n_chunks > 1 else recv_smem.at[wg],
-                                recv_bar.at[wg * n_chunks + j], cluster_idx=0, cluster_dim="cluster",
-                            )  # fmt: skip
+                        plgpu.async_store_smem(
+                            acc, recv_smem.at[wg], recv_bar.at[wg], cluster_idx=0, cluster_dim="cluster"
+                        )
                         plgpu.barrier_arrive(free)
                         # The last tile: CTA 0's arrival has landed before this CTA may exit.
                         pl.when(info.local_index == info.num_local_steps - 1)(lambda: plgpu.barrier_wait(free))
 
                     @pl.when(kpart == 0)
                     def _receive():
-                        for j in range(n_chunks):
-                            plgpu.barrier_wait(recv_bar.at[wg * n_chunks + j])
+                        plgpu.barrier_wait(recv_bar.at[wg])
                         total = acc + plgpu.load(recv_smem.at[wg], layout=plgpu.Layout.WGMMA)
                         plgpu.commit_smem()  # (a warpgroup barrier: every thread has read its share)
                         plgpu.barrier_arrive(free)
