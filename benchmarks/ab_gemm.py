@@ -56,10 +56,6 @@
   halfway there, the most that fit with one epilogue slot) and with K steps twice as deep (256, or 512 where the
   config has 256) with the most stages that fit; at M <= 512 also the tile before the heuristic deepened its K steps
   (``shallow``; ``k128_tile`` in the first runs of results/h100_ab_depth.json).
-``--ab ck_exchange``: how a K-split cluster (``cluster="k"``) moves CTA 1's partial accumulator to CTA 0
-  (``mm._KSPLIT_EXCHANGE``): st.async from CTA 1's registers into CTA 0's shared memory ("store", the default)
-  or a store into CTA 1's own shared memory that CTA 0 loads through distributed shared memory ("load"); the
-  heuristic's config where it is a K-split cluster, and the mid-M 2 x 64 x 128 tile as one.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -132,13 +128,11 @@ WG_M_CASES = (
     "1024:4096:4096,4096:4096:4096,8192:4096:4096,4096:6144:4096,4096:28672:4096,2048:8192:8192,4096:8192:8192,"
     "1024:8192:28672,4096:4096:14336,2048:57344:8192,4096:10240:8192,8192:8192:8192"
 )
-CK_EXCHANGE_CASES = "128:4096:14336,64:4096:14336,16:4096:14336,1:4096:14336,16:4096:4096,256:4096:14336,128:8192:28672"
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
 #: The kernel-module switches a side may set (``sides``' optional third element), restored after it.
-_MODULE_DEFAULTS = {"_EPILOGUE_ABLATION": mm._EPILOGUE_ABLATION, "_CLAMP_LAST_TILE_ROW": mm._CLAMP_LAST_TILE_ROW,
-                    "_KSPLIT_EXCHANGE": mm._KSPLIT_EXCHANGE}
+_MODULE_DEFAULTS = {"_EPILOGUE_ABLATION": mm._EPILOGUE_ABLATION, "_CLAMP_LAST_TILE_ROW": mm._CLAMP_LAST_TILE_ROW}
 
 
 def inflight(c: mm.TuningConfig, **kw) -> mm.TuningConfig:
@@ -218,15 +212,6 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         if base.split_k == 1:
             for cl in ("m", "n") if -(-m // base.cta_tile_m) >= 2 else ("n",):  # one row of tiles: "n" only
                 out[f"cluster_{cl}"] = (dataclasses.replace(base, cluster=cl), _TMA_ROWS)
-        return out
-    if ab == "ck_exchange":
-        out = {"default": (base, _TMA_ROWS)}
-        if base.cluster == "k":
-            out["load"] = (base, _TMA_ROWS, {"_KSPLIT_EXCHANGE": "load"})
-        if m >= 128:
-            mid = mm._fit_smem(dataclasses.replace(mm._mid_m_tile(128), cluster="k"), jdt, jnp.bfloat16)
-            out["mid128ck_store"] = (mid, _TMA_ROWS)
-            out["mid128ck_load"] = (mid, _TMA_ROWS, {"_KSPLIT_EXCHANGE": "load"})
         return out
     if ab == "splitk_large":
         out = {"default": (base, _TMA_ROWS)}
@@ -323,7 +308,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth", "ck_exchange"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -359,7 +344,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
-        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES, "ck_exchange": CK_EXCHANGE_CASES,
+        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -395,7 +380,7 @@ def main(argv=None) -> None:
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
                         checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64",
-                                              "kcluster", "wg_m", "ck_exchange")
+                                              "kcluster", "wg_m")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])

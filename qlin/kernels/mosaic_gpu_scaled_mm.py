@@ -52,8 +52,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import llvm
 
 __all__ = [
     "SUPPORTED_IN_DTYPES",
@@ -93,10 +91,6 @@ _EPILOGUE_ABLATION: str | None = None
 #: Start the last row of CTA tiles at M - cta_m (where M >= cta_m) instead of running past M; off only
 #: for benchmarks/ab_gemm.py's A/B of it (see _row_start).
 _CLAMP_LAST_TILE_ROW = True
-#: cluster="k": how CTA 1's partial accumulator reaches CTA 0: "store" (st.async from CTA 1's registers into
-#: CTA 0's shared memory) or "load" (CTA 1 stores it into its own shared memory; CTA 0 loads it from there
-#: through distributed shared memory, ld.shared::cluster).
-_KSPLIT_EXCHANGE = "store"
 #: TMA (cp.async.bulk.tensor) writes shared memory only at 128-byte aligned addresses; interpret
 #: mode and the CUDA lowering do not check it, the hardware faults (CUDA_ERROR_MISALIGNED_ADDRESS).
 TMA_SMEM_ALIGN = 128
@@ -1123,18 +1117,8 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     if ksplit:
         recv_transforms = _swizzle_transforms(_pick_swizzle(tile_n, tile_n, acc_dtype), acc_dtype)
         ksplit_allocs = dict(
-            recv_smem=(
-                # one buffer a warpgroup, each at offset 0 (jax 0.11.2 lowers a peer CTA's view of a
-                # buffer only at a static offset)
-                tuple(plgpu.SMEM((tile_m, tile_n), acc_dtype, transforms=recv_transforms) for _ in range(nwg))
-                if _KSPLIT_EXCHANGE == "load"
-                else plgpu.SMEM((nwg, tile_m, tile_n), acc_dtype, transforms=recv_transforms)
-            ),
-            recv_bar=(
-                plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=nwg)
-                if _KSPLIT_EXCHANGE == "load"
-                else plgpu.Barrier(num_arrivals=1, num_barriers=nwg)
-            ),
+            recv_smem=plgpu.SMEM((nwg, tile_m, tile_n), acc_dtype, transforms=recv_transforms),
+            recv_bar=plgpu.Barrier(num_arrivals=1, num_barriers=nwg),
             free_bar=plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=nwg),
         )
 
@@ -1277,45 +1261,6 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                         epilogue(acc)
                         return
                     free = free_bar.at[wg]
-
-                    if _KSPLIT_EXCHANGE == "load":
-                        ready = recv_bar.at[wg]  # one arrival from each CTA's warpgroup a phase
-
-                        @pl.when(kpart == 1)
-                        def _publish():
-                            # The previous tile's partial must have been read before this one overwrites it.
-                            pl.when(info.local_index > 0)(lambda: plgpu.barrier_wait(free))
-                            for w in range(nwg):  # this CTA's own buffer; CTA 0 reads it
-
-                                @pl.when(wg == w)
-                                def _store(w=w):
-                                    recv_smem[w][...] = acc
-
-                            _fence_cluster()
-                            plgpu.commit_smem()  # (a warpgroup barrier: every thread has stored its share)
-                            plgpu.barrier_arrive(ready)
-                            plgpu.barrier_arrive(free)
-                            # The last tile: CTA 0 has read this CTA's buffer before it may exit.
-                            pl.when(info.local_index == info.num_local_steps - 1)(lambda: plgpu.barrier_wait(free))
-
-                        @pl.when(kpart == 0)
-                        def _fetch():
-                            plgpu.barrier_arrive(ready)
-                            plgpu.barrier_wait(ready)
-                            _fence_cluster()
-                            for w in range(nwg):
-
-                                @pl.when(wg == w)
-                                def _add(w=w):
-                                    peer = plgpu.cluster_ref(recv_smem[w], {"cluster": 1})
-                                    total = acc + plgpu.load(peer, layout=plgpu.Layout.WGMMA)
-                                    plgpu.commit_smem()  # (a warpgroup barrier: every thread has read its share)
-                                    plgpu.barrier_arrive(free)
-                                    epilogue(total)
-
-                            plgpu.barrier_wait(free)  # CTA 1's arrival for this tile
-
-                        return
 
                     @pl.when(kpart == 1)
                     def _send():
@@ -1522,17 +1467,6 @@ def scaled_mm(
         out = out.sum(axis=0)  # one XLA fusion over the partial sums (and the transpose of swap_ab's)
         out = (out[:, : a.shape[0]].T if config.swap_ab else out).astype(out_dtype)
     return out[:m] if m_pad else out
-
-
-def _fence_cluster() -> None:
-    """``fence.acq_rel.cluster``: orders this thread's shared-memory accesses with the other CTA of its
-    cluster around a barrier arrival / wait (the K-split exchange by distributed-shared-memory loads)."""
-
-    @plgpu.inline_mgpu()
-    def _fence(_):
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acq_rel.cluster;", "", has_side_effects=True)
-
-    _fence()
 
 
 def _row_start(m_idx, cta_m: int, m: int):
