@@ -724,3 +724,12 @@ def test_dsmem_probe_variants_cross_lower_for_cuda(capsys):
     mod.main(["--lower"])
     out = capsys.readouterr().out
     assert all(f"{v}: lowered" in out for v in mod.VARIANTS)
+
+
+def test_dsmem_exchange_modes_cross_lower_for_cuda(capsys):
+    # benchmarks/dsmem_exchange.py (GPU only: times the K-split cluster's partial exchange, st.async against
+    # distributed-shared-memory loads): every mode and width builds and lowers for CUDA here.
+    mod = load_script("benchmarks/dsmem_exchange.py")
+    mod.main(["--lower"])
+    out = capsys.readouterr().out
+    assert all(f"{m} N={n}: lowered" in out for m in mod.MODES for n in mod.WIDTHS)
