@@ -56,9 +56,6 @@
   halfway there, the most that fit with one epilogue slot) and with K steps twice as deep (256, or 512 where the
   config has 256) with the most stages that fit; at M <= 512 also the tile before the heuristic deepened its K steps
   (``shallow``; ``k128_tile`` in the first runs of results/h100_ab_depth.json).
-``--ab stagger``: at M > 512, the second consumer warpgroup starting each CTA's first tile 1-3 K steps
-  ahead of the first (``mm._STAGGER_STEPS``), so that their epilogues (the output stores) fall at different times
-  and the other warpgroup's wgmmas run meanwhile, against the heuristic's lockstep.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -131,13 +128,11 @@ WG_M_CASES = (
     "1024:4096:4096,4096:4096:4096,8192:4096:4096,4096:6144:4096,4096:28672:4096,2048:8192:8192,4096:8192:8192,"
     "1024:8192:28672,4096:4096:14336,2048:57344:8192,4096:10240:8192,8192:8192:8192"
 )
-STAGGER_CASES = "4096:4096:4096,8192:4096:4096,4096:28672:4096,2048:6144:4096,1024:4096:4096,4096:8192:8192"
 WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
 
 
 #: The kernel-module switches a side may set (``sides``' optional third element), restored after it.
-_MODULE_DEFAULTS = {"_EPILOGUE_ABLATION": mm._EPILOGUE_ABLATION, "_CLAMP_LAST_TILE_ROW": mm._CLAMP_LAST_TILE_ROW,
-                    "_STAGGER_STEPS": mm._STAGGER_STEPS}
+_MODULE_DEFAULTS = {"_EPILOGUE_ABLATION": mm._EPILOGUE_ABLATION, "_CLAMP_LAST_TILE_ROW": mm._CLAMP_LAST_TILE_ROW}
 
 
 def inflight(c: mm.TuningConfig, **kw) -> mm.TuningConfig:
@@ -217,12 +212,6 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
         if base.split_k == 1:
             for cl in ("m", "n") if -(-m // base.cta_tile_m) >= 2 else ("n",):  # one row of tiles: "n" only
                 out[f"cluster_{cl}"] = (dataclasses.replace(base, cluster=cl), _TMA_ROWS)
-        return out
-    if ab == "stagger":
-        out = {"default": (base, _TMA_ROWS)}
-        if base.num_compute_wgs == 2 and base.cluster != "k":
-            for steps in range(1, base.max_concurrent_steps - (1 if base.wgmma_inflight else 0)):
-                out[f"stagger{steps}"] = (base, _TMA_ROWS, {"_STAGGER_STEPS": steps})
         return out
     if ab == "splitk_large":
         out = {"default": (base, _TMA_ROWS)}
@@ -319,7 +308,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth", "stagger"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -355,7 +344,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
-        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES, "stagger": STAGGER_CASES,
+        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -391,7 +380,7 @@ def main(argv=None) -> None:
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
                         checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64",
-                                              "kcluster", "wg_m", "stagger")
+                                              "kcluster", "wg_m")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])

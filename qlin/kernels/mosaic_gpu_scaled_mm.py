@@ -91,10 +91,6 @@ _EPILOGUE_ABLATION: str | None = None
 #: Start the last row of CTA tiles at M - cta_m (where M >= cta_m) instead of running past M; off only
 #: for benchmarks/ab_gemm.py's A/B of it (see _row_start).
 _CLAMP_LAST_TILE_ROW = True
-#: Two consumer warpgroups: warpgroup 0 starts its first tile once warpgroup 1 has run this many K steps of it
-#: (0: together), so that their epilogues (the output stores) fall at different times and the other one's
-#: wgmmas keep the tensor cores busy meanwhile.  Must be below the pipeline depth.
-_STAGGER_STEPS = 0
 #: TMA (cp.async.bulk.tensor) writes shared memory only at 128-byte aligned addresses; interpret
 #: mode and the CUDA lowering do not check it, the hardware faults (CUDA_ERROR_MISALIGNED_ADDRESS).
 TMA_SMEM_ALIGN = 128
@@ -1118,10 +1114,6 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
     # warpgroup's arrival, i.e. each of its threads with its share); free_bar (one arrival from each CTA's
     # warpgroup a phase) says CTA 0 has read them, so CTA 1 may send the next tile's.
     ksplit_allocs = {}
-    stagger = _STAGGER_STEPS if nwg == 2 and not ksplit and k_iters > _STAGGER_STEPS else 0
-    if stagger:
-        assert stagger < c.max_concurrent_steps, (stagger, c.max_concurrent_steps)
-        ksplit_allocs["stagger_bar"] = plgpu.Barrier(num_arrivals=1)
     if ksplit:
         recv_transforms = _swizzle_transforms(_pick_swizzle(tile_n, tile_n, acc_dtype), acc_dtype)
         ksplit_allocs = dict(
@@ -1146,9 +1138,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
         vec_smem=vec_smem,
         collective_axes="wg",
     )
-    def _scope(
-        pipeline_allocs, out_smem, vec_bars, vec_smem, recv_smem=None, recv_bar=None, free_bar=None, stagger_bar=None
-    ):
+    def _scope(pipeline_allocs, out_smem, vec_bars, vec_smem, recv_smem=None, recv_bar=None, free_bar=None):
         # Clusters walk pairs of CTA tiles (along M or N); the cluster's CTA 0 / 1 takes the first / second.
         # An odd tile count leaves the second CTA of the last cluster past the edge: it still takes part
         # in the shared (multicast) loads; its loads are zero-filled and its stores clipped (along M, where
@@ -1265,8 +1255,6 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
                 def _acc_scope(acc_ref):
-                    if stagger:
-                        pl.when((info.local_index == 0) & (wg == 0))(lambda: plgpu.barrier_wait(stagger_bar))
                     eval_pipeline(acc_ref)
                     acc = acc_ref[...]
                     if not ksplit:
@@ -1310,10 +1298,6 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, *rest, config: TuningConfig, epi: 
                     lax.cond(kk == k_iters - 1, lambda: plgpu.wgmma_wait(0), lambda: plgpu.wgmma_wait(1))
                 else:
                     plgpu.wgmma_wait(0)
-                if stagger:
-                    (kk,) = idx
-                    go = (info.local_index == 0) & (wg == 1) & (kk == stagger - 1)
-                    pl.when(go)(lambda: plgpu.barrier_arrive(stagger_bar))
                 return acc_ref
 
             pipeline(mma_body, compute_context)(
