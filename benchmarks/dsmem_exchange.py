@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 MODES = ("store", "load", "local")
 WIDTHS = (64, 128)
 
@@ -36,19 +38,12 @@ def build(mode: str, n: int, reps: int):
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import llvm
+
+    from dsmem_probe import fence_cluster
 
     nwg = 2
     swz = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
     wgmma = plgpu.Layout.WGMMA
-
-    def fence_cluster():
-        @plgpu.inline_mgpu()
-        def _f(_):
-            llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acq_rel.cluster;", "", has_side_effects=True)
-
-        _f()
 
     def kernel(x_gmem, out_gmem):
         def scope(io, bufs, recv, tma_bar, recv_bar, ready, free):

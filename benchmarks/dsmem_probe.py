@@ -18,6 +18,20 @@ import sys
 VARIANTS = ("swz128_fence", "swz128_nofence", "plain_fence", "swz128_local")
 
 
+def fence_cluster() -> None:
+    """``fence.acq_rel.cluster`` (inline PTX): orders this thread's shared-memory accesses with the other CTAs
+    of its cluster around a cluster-barrier arrival / wait.  Call inside a Mosaic GPU kernel."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu()
+    def _f(_):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acq_rel.cluster;", "", has_side_effects=True)
+
+    _f()
+
+
 def run(variant: str, lower: bool = False) -> None:
     import jax
     import jax.numpy as jnp
@@ -25,21 +39,12 @@ def run(variant: str, lower: bool = False) -> None:
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import llvm
 
     n = 64
     swz = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
     buf_t = () if variant.startswith("plain") else swz
     fence = "nofence" not in variant
     local = variant.endswith("local")  # CTA 0 loads its own copy (control)
-
-    def fence_cluster():
-        @plgpu.inline_mgpu()
-        def _f(_):
-            llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.acq_rel.cluster;", "", has_side_effects=True)
-
-        _f()
 
     def kernel(x_gmem, out_gmem):
         def scope(src, buf, out_smem, tma_bar, ready, done):
