@@ -232,9 +232,10 @@ def _fastest(cands, build, run_copies, args, copies: int, iterations: int, verbo
         try:
             us = time_fn(fn, args, iterations) / copies
         except Exception as e:  # noqa: BLE001 - a config that fails to build is skipped
-            first_error = first_error or _describe(cfg, e)
+            error = _describe(cfg, e)
+            first_error = first_error or error
             if verbose:
-                print(f"  {cfg.short()}: failed: {(str(e).splitlines() or [''])[0][:120]}")
+                print(f"  failed: {error}")
             continue
         if verbose:
             print(f"  {cfg.short()}: {us:.1f} us")
