@@ -161,10 +161,6 @@ def _max_acc_registers(num_compute_wgs: int) -> int:
     return MAX_ACC_REGISTERS_3WG if num_compute_wgs == 3 else MAX_ACC_REGISTERS
 
 
-#: Prototype (A/B): with two K blocks a step, promote the first as soon as its wgmma group completes
-#: (``wgmma_accumulator_load(wait_n=1)``) while the second still runs, instead of waiting for both.
-_EARLY_PROMOTE = False
-
 #: The warpgroup tile width whose wgmma runs across a weight-scale block boundary: ONE 64 x 192
 #: accumulator, promoted as three 64-column pieces (see "192-wide tiles" in ``_kernel``).
 WIDE_TILE_N = 192
@@ -1012,24 +1008,9 @@ def _kernel(
                                 for j in range(sub)
                             ]
                         )
-                        if not _EARLY_PROMOTE or sub == 1:
-                            return [r[...] for r in acc_refs], b_s, a_s
-                        # Promote each K block as soon as ITS wgmma group is complete (wait until
-                        # sub - 1 - j groups are left in flight): block 0's multiply-adds run while
-                        # block 1's wgmma is still on the tensor cores.
-                        total, a_all = totals[h], a_scales + a_s
-                        for j, acc_ref in enumerate(acc_refs):
-                            part = plgpu.wgmma_accumulator_load(acc_ref, wait_n=sub - 1 - j)
-                            s_row = a_all[j] * b_s[j]
-                            total = total + part * lax.broadcast_in_dim(s_row, (tile_m, n_part), [0])
-                        return total, a_s
+                        return [r[...] for r in acc_refs], b_s, a_s
 
                     accs = [plgpu.ACC((tile_m, n_part), jnp.float32) for _ in range(sub)]
-                    if _EARLY_PROMOTE and sub > 1:
-                        total, a_s = pl.run_scoped(step, *accs)
-                        a_scales += a_s
-                        new_totals.append(total)
-                        continue
                     partials, b_s, a_s = pl.run_scoped(step, *accs)
                     a_scales += a_s
                     total = totals[h]
