@@ -56,6 +56,10 @@
   halfway there, the most that fit with one epilogue slot) and with K steps twice as deep (256, or 512 where the
   config has 256) with the most stages that fit; at M <= 512 also the tile before the heuristic deepened its K steps
   (``shallow``; ``k128_tile`` in the first runs of results/h100_ab_depth.json).
+``--ab w1_inflight``: at mid M, where the two-warpgroup tiles' 64-wide wgmmas read as many shared-memory bytes a
+  cycle as the tensor cores consume, ONE consumer warpgroup with a 64 x 128 (or 64 x 256) tile, its wgmma group kept
+  in flight across K steps (``wgmma_inflight``) so that the tensor cores do not idle at each step's wait, clustered
+  along M (the weight tile multicast) where the 64-row tiles pair up; also without in-flight wgmma and 128-deep.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -128,7 +132,13 @@ WG_M_CASES = (
     "1024:4096:4096,4096:4096:4096,8192:4096:4096,4096:6144:4096,4096:28672:4096,2048:8192:8192,4096:8192:8192,"
     "1024:8192:28672,4096:4096:14336,2048:57344:8192,4096:10240:8192,8192:8192:8192"
 )
-WIDE_N_CASES = "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
+W1_INFLIGHT_CASES = (
+    "256:4096:14336,256:4096:4096,256:8192:8192,256:8192:28672,256:6144:4096,256:10240:8192,512:4096:4096,"
+    "512:4096:14336,128:4096:4096,256:28672:4096"
+)
+WIDE_N_CASES = (
+    "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
+)
 
 
 #: The kernel-module switches a side may set (``sides``' optional third element), restored after it.
@@ -235,6 +245,20 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
                 if sk == 1 and -(-m // 64) % 2 == 0:
                     out[name + "cm"] = (mm._fit_smem(dataclasses.replace(c, cluster="m"), jdt, jnp.bfloat16), _TMA_ROWS)
         return out
+    if ab == "w1_inflight":
+        out = {"default": (base, _TMA_ROWS)}
+        fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
+        pair = -(-m // 64) % 2 == 0
+        for tn, tk, steps in ((128, 256, 4), (128, 128, 8), (256, 128, 4)):
+            c = mm.TuningConfig(
+                tile_m=64, tile_n=tn, tile_k=tk, max_concurrent_steps=steps, num_compute_wgs=1, wg_dimension="n",
+                grid_minor_dim="m", epi_tile_m=64, epi_tile_n=64, epi_slots=2, cluster="m" if pair else None,
+            )  # fmt: skip
+            name = f"w1n{tn}k{tk}" + ("cm" if pair else "")
+            if tk == 256 and tn == 128:
+                out[name] = (fit(c), _TMA_ROWS)
+            out[name + "_i"] = (fit(dataclasses.replace(c, wgmma_inflight=True)), _TMA_ROWS)
+        return {name: side for name, side in out.items() if name == "default" or side[0] != base}
     if ab == "kcluster":
         out = {"default": (base, _TMA_ROWS)}
         fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
@@ -308,7 +332,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth", "w1_inflight"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -344,7 +368,7 @@ def main(argv=None) -> None:
         "splitk_large": SPLITK_LARGE_CASES, "cluster": CLUSTER_CASES, "epilogue": EPILOGUE_CASES,
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
-        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES,
+        "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES, "w1_inflight": W1_INFLIGHT_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
