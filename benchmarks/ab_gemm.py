@@ -60,6 +60,7 @@
   cycle as the tensor cores consume, ONE consumer warpgroup with a 64 x 128 (or 64 x 256) tile, its wgmma group kept
   in flight across K steps (``wgmma_inflight``) so that the tensor cores do not idle at each step's wait, clustered
   along M (the weight tile multicast) where the 64-row tiles pair up; also without in-flight wgmma and 128-deep.
+  (H100: level where the 64 x 128 tiles make one wave, slower elsewhere: results/h100_ab_w1_inflight_rejected.json.)
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of

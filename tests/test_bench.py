@@ -594,6 +594,26 @@ def test_ab_gemm_depth_sides_change_only_the_pipeline_and_k_step():
             assert shallow.tile_k * 2 == base.tile_k and mm.k_parts(shallow) == mm.k_parts(base)
 
 
+def test_ab_gemm_w1_inflight_sides_are_one_warpgroup_tiles():
+    # --ab w1_inflight: besides the heuristic, valid one-consumer-warpgroup tiles, in-flight wgmma on the "_i" sides,
+    # clustered along M exactly where the 64-row tiles pair up.
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    ab = load_script("benchmarks/ab_gemm.py")
+    f8 = jnp.float8_e4m3fn
+    for m, n, k in ((256, 4096, 14336), (128, 4096, 4096), (192, 8192, 8192)):
+        sides = ab.sides("w1_inflight", m, n, k, f8)
+        assert sides["default"][0] == mm.default_config(m, n, k, f8) and len(sides) == 5
+        for name, (cfg, _) in sides.items():
+            mm._validate_config(cfg, f8, jnp.bfloat16)
+            if name == "default":
+                continue
+            assert cfg.num_compute_wgs == 1 and cfg.cta_tile_m == 64, name
+            assert cfg.wgmma_inflight == name.endswith("_i"), name
+            assert cfg.cluster == ("m" if m // 64 % 2 == 0 else None), name
+    assert len(ab.W1_INFLIGHT_CASES.split(",")) == 10
+
+
 def test_ab_gemm_epilogue_and_swap_ab_sides():
     # --ab epilogue: the ablations run the heuristic's own config; the layouts change only the epilogue
     # tile / slots and fit the same shared memory; the knob is off unless the A/B loop sets it.
