@@ -61,6 +61,9 @@
   in flight across K steps (``wgmma_inflight``) so that the tensor cores do not idle at each step's wait, clustered
   along M (the weight tile multicast) where the 64-row tiles pair up; also without in-flight wgmma and 128-deep.
   (H100: level where the 64 x 128 tiles make one wave, slower elsewhere: results/h100_ab_w1_inflight_rejected.json.)
+``--ab n224``: the large-M tile 224 wide (two 128 x 112 warpgroups along N; 64 x 16 or 64 x 56 epilogue tiles), whose
+  tile counts fill the waves where 128 x 256 / 128 x 320 ones leave a part-empty last wave (N = 28672 = 128 x 224,
+  57344 = 256 x 224: at M = 256 two waves of 128 x 256 tiles for 224 tiles, 1.94 of 128 x 224), against the heuristic.
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -136,6 +139,9 @@ WG_M_CASES = (
 W1_INFLIGHT_CASES = (
     "256:4096:14336,256:4096:4096,256:8192:8192,256:8192:28672,256:6144:4096,256:10240:8192,512:4096:4096,"
     "512:4096:14336,128:4096:4096,256:28672:4096"
+)
+N224_CASES = (
+    "256:28672:4096,512:28672:4096,256:57344:8192,128:28672:4096,128:57344:8192,1024:28672:4096,2048:28672:4096"
 )
 WIDE_N_CASES = (
     "512:10240:8192,1024:10240:8192,512:28672:4096,256:57344:8192,1024:6144:4096,4096:4096:4096,256:10240:8192"
@@ -246,6 +252,12 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
                 if sk == 1 and -(-m // 64) % 2 == 0:
                     out[name + "cm"] = (mm._fit_smem(dataclasses.replace(c, cluster="m"), jdt, jnp.bfloat16), _TMA_ROWS)
         return out
+    if ab == "n224":
+        out = {"default": (base, _TMA_ROWS)}
+        for epi_n in (16, 56):
+            c = dataclasses.replace(mm._large_m_tile(inflight=m >= 2048), tile_n=112, epi_tile_n=epi_n, epi_slots=2)
+            out[f"n224e{epi_n}"] = (mm._fit_smem(c, jdt, jnp.bfloat16), _TMA_ROWS)
+        return out
     if ab == "w1_inflight":
         out = {"default": (base, _TMA_ROWS)}
         fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731
@@ -333,7 +345,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ab",
         choices=("inflight", "decode_pad", "wide_n", "splitk_large", "cluster", "epilogue", "swap_ab", "decode_tn",
-                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth", "w1_inflight"),
+                 "big_tile", "mid_tn", "row_clamp", "row64", "kcluster", "wg_m", "depth", "w1_inflight", "n224"),
         required=True,
     )
     p.add_argument("--cases", default=None, help="M:N:K,... (default: a grid per --ab)")
@@ -370,6 +382,7 @@ def main(argv=None) -> None:
         "swap_ab": SWAP_AB_CASES, "decode_tn": DECODE_TN_CASES,
         "big_tile": BIG_TILE_CASES, "mid_tn": MID_TN_CASES, "row_clamp": ROW_CLAMP_CASES,
         "row64": ROW64_CASES, "kcluster": KCLUSTER_CASES, "wg_m": WG_M_CASES, "w1_inflight": W1_INFLIGHT_CASES,
+        "n224": N224_CASES,
     }[args.ab]  # fmt: skip
     for cs in cases.split(","):
         m, n, k = (int(v) for v in cs.split(":"))
@@ -405,7 +418,7 @@ def main(argv=None) -> None:
                         us = bench.measure_us(f, sets, args.iterations)
                         row.setdefault(f"{name}_us", []).append(us)
                         checked = args.ab in ("epilogue", "decode_tn", "big_tile", "mid_tn", "row_clamp", "row64",
-                                              "kcluster", "wg_m", "w1_inflight")
+                                              "kcluster", "wg_m", "w1_inflight", "n224")
                         garbage = overrides.get("_EPILOGUE_ABLATION") == "no_store"  # the output is never written
                         if rep == 0 and checked and not garbage:
                             row[f"{name}_rel_err"] = bench.device_rel_err(f(*sets[0]), *sets[0])
