@@ -235,6 +235,10 @@ CHECK_CONFIGS = {
         tile_m=128, tile_n=160, tile_k=128, max_concurrent_steps=3, num_compute_wgs=2, wg_dimension="n",
         grid_minor_dim="m", grid_tile_width=8, epi_tile_m=64, epi_tile_n=32, epi_slots=1,
     ),
+    # 128 x 224 CTA tiles (two 128 x 112 warpgroups along N, 16-wide epilogue tiles): where their tile counts fill
+    # the waves (mm._takes_n224_tile); with one wgmma group in flight as the heuristic would take it from M = 2048.
+    "wide_m128x112_wgN": mm._n224_tile(),
+    "wide_m128x112_wgN_inflight": mm._n224_tile(inflight=True),
     "big_m128x256_wgM": mm.TuningConfig(
         tile_m=128,
         tile_n=256,

@@ -626,6 +626,33 @@ def _n192_tile() -> TuningConfig:
     )  # fmt: skip
 
 
+def _n224_tile(inflight: bool = False) -> TuningConfig:
+    """128 x 224 CTA tile (two 128 x 112 consumer warpgroups along N, 4 stages, 64 x 16 epilogue tiles): the
+    large-M tile at a width whose tile counts fill the waves where 256- and 320-wide ones leave a part-empty
+    last one (N = 28672 = 128 x 224, 57344 = 256 x 224; see :func:`_takes_n224_tile`)."""
+    return dataclasses.replace(_large_m_tile(inflight), tile_n=112, epi_tile_n=16, epi_slots=2)
+
+
+#: The 128 x 224 tile's time per tile in :func:`_wave_cost` (128 x 256 = 256): it does a little less work per
+#: SM-second than the 256-wide tile.  Fitted to H100 A/B runs, fp8, same run (results/h100_ab_n224.json): the
+#: compute-bound controls 1024 / 2048 x 28672 x 4096 (8 / 16 waves of 224-wide tiles against 7 / 14 of 256: +2.6 /
+#: +4.3 %) give 230 / 234, the wins 256 x 57344 x 8192 and 512 x 28672 x 4096 (4 waves against 3 of 320) 232 / 238.
+_N224_COST = 233
+
+
+def _takes_n224_tile(m: int, n: int, sms: int, other: int, other_cost: float) -> bool:
+    """Whether 128 x 224 tiles need >= 2 % less waves x tile work than the ``other``-wide ones the heuristic would
+    take (128 x 256 costed 256, 128 x 320 costed 320).
+
+    H100 A/B, same run, two alternated repeats (results/h100_ab_n224.json, ``ab_gemm.py --ab n224``), fp8 / int8:
+    256 x 28672 x 4096 (two waves of 224 tiles of 128 x 256, or of 256 of 128 x 224; model 0.91) 55.0 -> 54.4 us /
+    55.4 -> 53.9; 512 x 28672 x 4096 (3 waves of 128 x 320 against 4 of 224-wide; 0.97) 91.4 -> 90.6 / 87.4 -> 82.9;
+    256 x 57344 x 8192 (0.97) 200.9 -> 194.5 / 197.6 -> 188.0.  Kept off where the model says so: 1024 / 2048 x
+    28672 x 4096 ran 2.6-4.4 % slower with them, and at M = 128 (the mid-M tiles, memory bound) 1-3 % slower.
+    """
+    return _wave_cost(m, n, 224, sms, _N224_COST) <= 0.98 * _wave_cost(m, n, other, sms, other_cost)
+
+
 def _wave_cost(m: int, n: int, cta_n: int, sms: int, per_tile: float) -> float:
     """Waves of 128-row CTA tiles of width ``cta_n`` times the time of one tile (in units of N columns)."""
     return _cdiv(_cdiv(m, 128) * _cdiv(n, cta_n), sms) * per_tile
@@ -754,10 +781,11 @@ def _mid_m_tiles(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         # wave: 512 x 10240 x 8192 (two waves either way) ran 81.3 us vs 89.3 on the H100 (the
         # mid tile does ~20 % less work per SM-second, the 192-wide wave is 25 % shorter).
         if _takes_wide_n_tile(m, n, sms, mid_192=True):
-            return _fit_smem(_wide_n_tile(), dtype, out_dtype)
+            wide = _n224_tile() if _takes_n224_tile(m, n, sms, 320, 320) else _wide_n_tile()
+            return _fit_smem(wide, dtype, out_dtype)
         if _wave_cost(m, n, 192, sms, 1) <= _wave_cost(m, n, 256, sms, 1):
             return _fit_smem(_mid_m_tile(192), dtype, out_dtype)
-        return _fit_smem(_large_m_tile(), dtype, out_dtype)
+        return _fit_smem(_n224_tile() if _takes_n224_tile(m, n, sms, 256, 256) else _large_m_tile(), dtype, out_dtype)
     if _takes_mid_cluster_k(m, n, k, sms):
         return _fit_smem(dataclasses.replace(_mid_m_tile(64), cluster="k"), dtype, out_dtype)
     if _takes_row64_cluster(m, n, k, sms):
@@ -833,6 +861,8 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
       waves x tile work than the tiles above (a nearly empty last wave).
     * M > 512 otherwise: 2 x (128 x 96) tiles (128 x 192) where they need >= 3 % less
       waves x tile work than 128 x 256 (a half-empty last wave; see :func:`_takes_n192_tile`).
+    * From M = 129, instead of 128 x 256 or 128 x 320 tiles: 2 x (128 x 112) tiles (128 x 224) where they
+      need >= 2 % less waves x tile work (N = 28672 / 57344 at M = 256 / 512; :func:`_takes_n224_tile`).
     * Mid M with an even number (>= 2) of CTA rows, K >= 14336 and 128-wide or wider
       tiles: clusters of two CTAs along M multicast the weight tile (see
       :func:`_takes_cluster_m`).
@@ -848,13 +878,15 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     if m <= 512:
         return _mid_m_config(m, n, k, dtype, out_dtype, sms)
     if _takes_wide_n_tile(m, n, sms, mid_192=False):
-        return _fit_smem(_wide_n_tile(), dtype, out_dtype)
+        wide = _n224_tile() if _takes_n224_tile(m, n, sms, 320, 320) else _wide_n_tile()
+        return _fit_smem(wide, dtype, out_dtype)
     if _takes_n192_tile(m, n, sms):
         return _fit_smem(_n192_tile(), dtype, out_dtype)
     # One wgmma group in flight per warpgroup: 1.4-2.4 % faster from M = 2048 on the H100 (fp8 and
     # int8; 4096^3 fp8 99.9 -> 98.5 us, 8192^3 776 -> 758), neutral at M = 1024 and 1.7 % slower at
     # M = 512 x 28672 x 4096 (its last stage is held by the running wgmma: 3 stages of prefetch).
-    return _fit_smem(_large_m_tile(inflight=m >= 2048), dtype, out_dtype)
+    tile = _n224_tile if _takes_n224_tile(m, n, sms, 256, 256) else _large_m_tile
+    return _fit_smem(tile(inflight=m >= 2048), dtype, out_dtype)
 
 
 def _split_k_options(n, k, tile_n, tile_k, *, sms, m, cta_m=64) -> list[int]:
@@ -930,6 +962,7 @@ def candidate_configs(
         cands.append(_mid_m_tile(_best_mid_width(m, n, k, num_sms())[1]))
         cands.append(_large_m_tile())
         cands.append(_wide_n_tile())
+        cands.append(_n224_tile())
         # Tile counts between the powers of two: at M = 512 a 2x64 x 256 tile left 10240 and 28672
         # wide N at 2 and 3.4 waves on the H100 (0.77x / 0.78x XLA); 160 / 192 give ~2 full waves.
         for tn in (160, 192):
@@ -957,7 +990,9 @@ def candidate_configs(
         cands += [c for c in deeper if c is not None]
     else:
         # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
-        cands += [_large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile(), _n192_tile()]
+        cands += [
+            _large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile(), _n192_tile(), _n224_tile()
+        ]  # fmt: skip
         for tm, tn, wgd, st, slots in (
             (128, 128, "n", 4, 1),
             (64, 256, "m", 3, 2),
