@@ -64,6 +64,8 @@
 ``--ab n224``: the large-M tile 224 wide (two 128 x 112 warpgroups along N; 64 x 16 or 64 x 56 epilogue tiles), whose
   tile counts fill the waves where 128 x 256 / 128 x 320 ones leave a part-empty last wave (N = 28672 = 128 x 224,
   57344 = 256 x 224: at M = 256 two waves of 128 x 256 tiles for 224 tiles, 1.94 of 128 x 224), against the heuristic.
+  (H100: 1-5 % faster at M = 256 / 512, results/h100_ab_n224.json: the heuristic takes it there now
+  (mm._takes_n224_tile); that run's "default" side was the 128 x 256 / 128 x 320 tile.)
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
