@@ -989,7 +989,7 @@ def candidate_configs(
         deeper = [_deeper_steps(c, k, dtype, out_dtype) for c in cands[1:5] if c.tile_k == 128 and c.split_k == 1]
         cands += [c for c in deeper if c is not None]
     else:
-        # the large tile on both sides of the M = 2048 in-flight switch, and the 128 x 320 tile
+        # the large tile on both sides of the M = 2048 in-flight switch, and the 320-, 192- and 224-wide tiles
         cands += [
             _large_m_tile(inflight=False), _large_m_tile(inflight=True), _wide_n_tile(), _n192_tile(), _n224_tile()
         ]  # fmt: skip
