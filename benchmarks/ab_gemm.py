@@ -61,11 +61,12 @@
   in flight across K steps (``wgmma_inflight``) so that the tensor cores do not idle at each step's wait, clustered
   along M (the weight tile multicast) where the 64-row tiles pair up; also without in-flight wgmma and 128-deep.
   (H100: level where the 64 x 128 tiles make one wave, slower elsewhere: results/h100_ab_w1_inflight_rejected.json.)
-``--ab n224``: the large-M tile 224 wide (two 128 x 112 warpgroups along N; 64 x 16 or 64 x 56 epilogue tiles), whose
-  tile counts fill the waves where 128 x 256 / 128 x 320 ones leave a part-empty last wave (N = 28672 = 128 x 224,
-  57344 = 256 x 224: at M = 256 two waves of 128 x 256 tiles for 224 tiles, 1.94 of 128 x 224), against the heuristic.
-  (H100: 1-5 % faster at M = 256 / 512, results/h100_ab_n224.json: the heuristic takes it there now
-  (mm._takes_n224_tile); that run's "default" side was the 128 x 256 / 128 x 320 tile.)
+``--ab n224``: the large-M tile 224 wide (``mm._n224_tile``: two 128 x 112 warpgroups along N), whose tile counts fill
+  the waves where 128 x 256 / 128 x 320 ones leave a part-empty last wave (N = 28672 = 128 x 224, 57344 = 256 x 224: at
+  M = 256 two waves of 128 x 256 tiles for 224 tiles, 1.94 of 128 x 224), against what the heuristic takes without
+  its 224 rule (``previous``).  (H100: 1-5 % faster at M = 256 / 512, results/h100_ab_n224.json, whose sides were
+  named "default" (then the heuristic's 256 / 320 tile) and "n224e16"; a 64 x 56 epilogue side did not build: no
+  swizzle fits a 112-byte row.  The heuristic takes the tile there now: mm._takes_n224_tile.)
 (``--ab wg3`` at commit ff496bd: three consumer warpgroups, rejected: results/h100_ab_wg3_int8_rejected.json.)
 
 Each case: XLA-native (same operands), then the two sides alternated twice; CUPTI medians of
@@ -255,11 +256,14 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
                     out[name + "cm"] = (mm._fit_smem(dataclasses.replace(c, cluster="m"), jdt, jnp.bfloat16), _TMA_ROWS)
         return out
     if ab == "n224":
-        out = {"default": (base, _TMA_ROWS)}
-        for epi_n in (16, 56):
-            c = dataclasses.replace(mm._large_m_tile(inflight=m >= 2048), tile_n=112, epi_tile_n=epi_n, epi_slots=2)
-            out[f"n224e{epi_n}"] = (mm._fit_smem(c, jdt, jnp.bfloat16), _TMA_ROWS)
-        return out
+        takes = mm._takes_n224_tile
+        mm._takes_n224_tile = lambda *a, **kw: False
+        try:
+            previous = mm.default_config(m, n, k, jdt, jnp.bfloat16)
+        finally:
+            mm._takes_n224_tile = takes
+        n224 = mm._fit_smem(mm._n224_tile(inflight=m >= 2048), jdt, jnp.bfloat16)
+        return {"previous": (previous, _TMA_ROWS), "n224": (n224, _TMA_ROWS)}
     if ab == "w1_inflight":
         out = {"default": (base, _TMA_ROWS)}
         fit = lambda c: mm._fit_smem(c, jdt, jnp.bfloat16)  # noqa: E731

@@ -614,6 +614,19 @@ def test_ab_gemm_w1_inflight_sides_are_one_warpgroup_tiles():
     assert len(ab.W1_INFLIGHT_CASES.split(",")) == 10
 
 
+def test_ab_gemm_n224_sides_are_the_tile_and_what_the_heuristic_took_before():
+    # --ab n224: the library's 128 x 224 tile against the heuristic with its 224 rule off (the patch does not leak).
+    from qlin.kernels import mosaic_gpu_scaled_mm as mm
+
+    ab = load_script("benchmarks/ab_gemm.py")
+    f8 = jnp.float8_e4m3fn
+    for m, n, k, before in ((256, 28672, 4096, 256), (512, 28672, 4096, 320), (256, 57344, 8192, 320)):
+        sides = ab.sides("n224", m, n, k, f8)
+        assert sides["n224"][0] == mm._n224_tile() == mm.default_config(m, n, k, f8)
+        assert sides["previous"][0].cta_tile_n == before and sides["previous"][0].tile_m == 128
+    assert ab.sides("n224", 2048, 28672, 4096, f8)["n224"][0] == mm._n224_tile(inflight=True)
+
+
 def test_ab_gemm_epilogue_and_swap_ab_sides():
     # --ab epilogue: the ablations run the heuristic's own config; the layouts change only the epilogue
     # tile / slots and fit the same shared memory; the knob is off unless the A/B loop sets it.

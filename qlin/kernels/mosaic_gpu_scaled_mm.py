@@ -640,9 +640,9 @@ def _n224_tile(inflight: bool = False) -> TuningConfig:
 _N224_COST = 233
 
 
-def _takes_n224_tile(m: int, n: int, sms: int, other: int, other_cost: float) -> bool:
+def _takes_n224_tile(m: int, n: int, sms: int, other: int) -> bool:
     """Whether 128 x 224 tiles need >= 2 % less waves x tile work than the ``other``-wide ones the heuristic would
-    take (128 x 256 costed 256, 128 x 320 costed 320).
+    take (128 x 256 or 128 x 320, each costed its width).
 
     H100 A/B, same run, two alternated repeats (results/h100_ab_n224.json, ``ab_gemm.py --ab n224``), fp8 / int8:
     256 x 28672 x 4096 (two waves of 224 tiles of 128 x 256, or of 256 of 128 x 224; model 0.91) 55.0 -> 54.4 us /
@@ -650,7 +650,13 @@ def _takes_n224_tile(m: int, n: int, sms: int, other: int, other_cost: float) ->
     256 x 57344 x 8192 (0.97) 200.9 -> 194.5 / 197.6 -> 188.0.  Kept off where the model says so: 1024 / 2048 x
     28672 x 4096 ran 2.6-4.4 % slower with them, and at M = 128 (the mid-M tiles, memory bound) 1-3 % slower.
     """
-    return _wave_cost(m, n, 224, sms, _N224_COST) <= 0.98 * _wave_cost(m, n, other, sms, other_cost)
+    return _wave_cost(m, n, 224, sms, _N224_COST) <= 0.98 * _wave_cost(m, n, other, sms, other)
+
+
+def _or_n224_tile(m: int, n: int, sms: int, tile: TuningConfig) -> TuningConfig:
+    """``tile`` (the 128 x 256 or 128 x 320 large-M tile), or the 128 x 224 one (same in-flight setting) where
+    :func:`_takes_n224_tile` prefers it."""
+    return _n224_tile(tile.wgmma_inflight) if _takes_n224_tile(m, n, sms, tile.cta_tile_n) else tile
 
 
 def _wave_cost(m: int, n: int, cta_n: int, sms: int, per_tile: float) -> float:
@@ -781,11 +787,10 @@ def _mid_m_tiles(m, n, k, dtype, out_dtype, sms) -> TuningConfig:
         # wave: 512 x 10240 x 8192 (two waves either way) ran 81.3 us vs 89.3 on the H100 (the
         # mid tile does ~20 % less work per SM-second, the 192-wide wave is 25 % shorter).
         if _takes_wide_n_tile(m, n, sms, mid_192=True):
-            wide = _n224_tile() if _takes_n224_tile(m, n, sms, 320, 320) else _wide_n_tile()
-            return _fit_smem(wide, dtype, out_dtype)
+            return _fit_smem(_or_n224_tile(m, n, sms, _wide_n_tile()), dtype, out_dtype)
         if _wave_cost(m, n, 192, sms, 1) <= _wave_cost(m, n, 256, sms, 1):
             return _fit_smem(_mid_m_tile(192), dtype, out_dtype)
-        return _fit_smem(_n224_tile() if _takes_n224_tile(m, n, sms, 256, 256) else _large_m_tile(), dtype, out_dtype)
+        return _fit_smem(_or_n224_tile(m, n, sms, _large_m_tile()), dtype, out_dtype)
     if _takes_mid_cluster_k(m, n, k, sms):
         return _fit_smem(dataclasses.replace(_mid_m_tile(64), cluster="k"), dtype, out_dtype)
     if _takes_row64_cluster(m, n, k, sms):
@@ -878,15 +883,13 @@ def default_config(m: int, n: int, k: int, dtype, out_dtype=jnp.bfloat16) -> Tun
     if m <= 512:
         return _mid_m_config(m, n, k, dtype, out_dtype, sms)
     if _takes_wide_n_tile(m, n, sms, mid_192=False):
-        wide = _n224_tile() if _takes_n224_tile(m, n, sms, 320, 320) else _wide_n_tile()
-        return _fit_smem(wide, dtype, out_dtype)
+        return _fit_smem(_or_n224_tile(m, n, sms, _wide_n_tile()), dtype, out_dtype)
     if _takes_n192_tile(m, n, sms):
         return _fit_smem(_n192_tile(), dtype, out_dtype)
     # One wgmma group in flight per warpgroup: 1.4-2.4 % faster from M = 2048 on the H100 (fp8 and
     # int8; 4096^3 fp8 99.9 -> 98.5 us, 8192^3 776 -> 758), neutral at M = 1024 and 1.7 % slower at
     # M = 512 x 28672 x 4096 (its last stage is held by the running wgmma: 3 stages of prefetch).
-    tile = _n224_tile if _takes_n224_tile(m, n, sms, 256, 256) else _large_m_tile
-    return _fit_smem(tile(inflight=m >= 2048), dtype, out_dtype)
+    return _fit_smem(_or_n224_tile(m, n, sms, _large_m_tile(inflight=m >= 2048)), dtype, out_dtype)
 
 
 def _split_k_options(n, k, tile_n, tile_k, *, sms, m, cta_m=64) -> list[int]:
