@@ -12,6 +12,7 @@ the CPU.  benchmarks/gpu_block_check.py runs the same kernel on an H100.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 
@@ -277,6 +278,78 @@ def test_hypothesis_shapes(m, n16, kb, k_tail, cfg, seed):
     assert rel_err(out, _reference(*ops)) < kernel_rtol(jnp.bfloat16)
 
 
+# -- early stage release (config.early_release) ---------------------------------------------------
+
+ER = functools.partial(dataclasses.replace, early_release=True)
+EARLY_RELEASE_CASES = [
+    # (M, N, K, bias, out_dtype, config): more K steps than pipeline stages, so a stage that were never
+    # handed back would stall the producer (the interpreter would hang); every promoted warpgroup layout.
+    (130, 48, 640, True, jnp.bfloat16, ER(K256)),  # 3 steps of 256, the last one half past K
+    (70, 400, 640, True, jnp.float32, ER(N256)),  # 64 x 256 tiles: the stage is released after both halves
+    (130, 400, 384, False, jnp.bfloat16, ER(WIDE_M)),  # 192-wide tiles
+    (70, 272, 512, True, jnp.float16, ER(TWO_WG_N)),
+    (100, 48, 640, False, jnp.bfloat16, ER(ONE_WG)),
+    (257, 272, 992, True, jnp.bfloat16, bmm._two_block_step_tile()),  # the heuristic's (early release on)
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    EARLY_RELEASE_CASES,
+    ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-{c[5].short()}",
+)
+def test_early_release_interpret_matches_float64_reference(case):
+    m, n, k, bias, od, cfg = case
+    assert cfg.early_release and _cdiv(k, cfg.tile_k) > cfg.max_concurrent_steps
+    ops = _operands(np.random.default_rng(m + n + k), m, n, k, bias)
+    assert rel_err(_run(ops, od, cfg), _reference(*ops)) < kernel_rtol(od)
+
+
+def test_early_release_is_the_two_block_tiles_and_only_theirs():
+    # H100 (results/h100_ab_block_release.md, same run each): the two-block tile (three 256-deep stages)
+    # 0-12 % faster with its stages released before the promotion at 29 of 31 grid shapes from M = 256 to
+    # 2048 (1-3 % slower at 1024 x 4096^2 in one of two runs); the three-warpgroup (four stages) and 128 x 192
+    # (five) tiles 1-3 % slower with it (three barrier arrivals a step for a stage the producer did not need).
+    two = bmm._two_block_step_tile()
+    assert two.early_release and two.short().endswith("q")
+    assert not bmm._three_wg_tile().early_release and not bmm._wide_tile().early_release
+    for m, n, k in ((256, 8192, 8192), (512, 4096, 4096), (1024, 8192, 8192), (2048, 4096, 4096)):
+        assert bmm.default_config(m, n, k) == bmm._fit_smem(two, jnp.dtype(jnp.bfloat16)), (m, n, k)
+    for m, n, k in ((16, 4096, 4096), (4096, 4096, 4096), (1024, 6144, 4096)):
+        assert not bmm.default_config(m, n, k).early_release
+        assert not bmm.default_config(m, n, k, fast_accum=True).early_release
+    assert bmm.BlockTuningConfig.from_dict({"tile_n": 128}).early_release is False  # older tuning caches
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(early_release=True, overlap=True), r"early_release .* promoted accumulation only"),
+        (dict(early_release=True, rescale=True), r"early_release .* promoted accumulation only"),
+        (dict(early_release=1), r"config.early_release=1 must be True or False"),
+    ],
+)
+def test_early_release_config_validation(change, match):
+    cfg = dataclasses.replace(bmm.BlockTuningConfig(), **change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        bmm.block_scaled_mm(*_args(), config=cfg, interpret=True)
+
+
+def test_early_release_ab_script_layouts_are_valid_and_cross_lower():
+    # benchmarks/ab_block_release.py (GPU: check + A/B): every layout it checks is a valid promoted config with
+    # the flag on, and the real tiles with it lower for CUDA (the manual consumed barriers)
+    mod = load_script("benchmarks/ab_block_release.py")
+    assert {"w2m_k256", "w3m_tn128", "w2m_tn192", "w2m_tn256"} <= set(mod.PROMOTED)
+    for cfg in mod.PROMOTED.values():
+        bmm._validate_config(mod.early(bmm._fit_smem(cfg, jnp.dtype(jnp.float32))), jnp.dtype(jnp.float32))
+    d = bmm.default_config(4096, 4096, 4096)
+    assert [mod.early(*mod.SIDES[s](d)).early_release for s in ("off", "on", "k256", "k256_on")] == [
+        False, True, False, True
+    ]
+    for cfg in (bmm._two_block_step_tile(), mod.early(bmm._three_wg_tile()), mod.early(bmm._wide_tile())):
+        _lower(1000, 13664, 4096, jnp.bfloat16, bmm._fit_smem(cfg, jnp.bfloat16))
+
+
 # -- overlapped promotion (config.overlap) --------------------------------------------------------
 
 OVERLAP_CASES = [
@@ -402,12 +475,23 @@ def test_three_warpgroups_where_the_wave_model_takes_them(monkeypatch):
     assert (three.num_compute_wgs, three.tile_m, three.tile_n, three.cta_tile_m) == (3, 64, 128, 192)
     for n, k in LLAMA:
         for m in (768, 1536, 2048, 4096, 8192):  # (the last wave cut in two or not: see the tail_split tests)
+            if (m, n, k) == (2048, 4096, 4096):
+                continue  # two-block tiles (below)
             assert dataclasses.replace(bmm.default_config(m, n, k), tail_split=1) == three, (m, n, k)
     for m, n, k in ((1100, 8192, 8192), (1152, 4096, 14336), (768, 10240, 8192)):
         assert dataclasses.replace(bmm.default_config(m, n, k), tail_split=1) == three
     # The model: waves x tile area x relative time, three warpgroups on ties...
-    assert bmm._wave_cost(1024, 10240, 192, 128, 132, 1.0) == bmm._wave_cost(1024, 10240, 128, 128, 132, 1.2)
-    assert bmm._promoted_tile_cost(768, 10240, 132)[1].num_compute_wgs == 3
+    assert bmm._wave_cost(768, 8192, 192, 128, 132, 1.0) == bmm._wave_cost(768, 8192, 128, 128, 132, 1.0)
+    assert bmm._promoted_tile_cost(768, 8192, 132)[1].num_compute_wgs == 3
+    # ...two-block tiles (stages released early) at K <= 4096 where they need >= 1 / 1.1 fewer waves x tile
+    # area: 2048 x 4096^2, 2.67 waves of 192 x 128 tiles against 3.9 of 128 x 128 (H100,
+    # results/h100_ab_block_release.md: 61.6 vs 64.6 us); at longer K 1.2 (4096 x 14336 199.0 vs 201.5,
+    # 8192^2 230.8 vs 225.5, 8192 x 28672 859.5 vs 751.4)
+    assert bmm._two_block_rel_time(4096) == 1.1
+    assert bmm._two_block_rel_time(8192) == bmm._two_block_rel_time(None) == 1.2
+    assert bmm.default_config(2048, 4096, 4096) == bmm._two_block_step_tile()
+    assert bmm.default_config(2048, 4096, 14336).num_compute_wgs == 3
+    assert bmm.default_config(2048, 6144, 4096).num_compute_wgs == 3  # (as many waves x area: 1.1 loses)
     # ...and two-block tiles where 192-row ones put more than 5 % of M past it, whatever the waves say
     assert bmm._wave_cost(1024, 8192, 192, 128, 132, 1.0) < bmm._wave_cost(1024, 8192, 128, 128, 132, 1.2)
     assert bmm.default_config(1024, 8192, 8192).num_compute_wgs == 2
@@ -441,9 +525,13 @@ def test_wide_tiles_where_the_wave_model_gives_them_ten_percent(monkeypatch):
         assert bmm.default_config(m, 8192, 28672).num_compute_wgs == 3, m
     for n, k in ((4096, 4096), (4096, 14336), (8192, 8192)):
         assert bmm.default_config(600, n, k) == wide, (n, k)
-    for n, k in LLAMA:  # from M = 2048 three warpgroups' fuller or cut waves win the model
+    for n, k in LLAMA:  # from M = 2048 three warpgroups' fuller or cut waves win the model (or two-block tiles)
         for m in (2048, 4096, 8192):
-            assert bmm.default_config(m, n, k).num_compute_wgs == 3, (m, n, k)
+            assert bmm.default_config(m, n, k).tile_n == 128, (m, n, k)
+    # the wide tile never where three warpgroups take less time by the model: 1280 x 26624 x 4096 (three 288.8k,
+    # two-block 288.4k at 1.1 / 314.6k at the 1.2 the wide tile is weighed against, the wide tile 297.4k) is
+    # two-block tiles, not 128 x 192
+    assert bmm.default_config(1280, 26624, 4096) == bmm._two_block_step_tile()
     assert wide in bmm.candidate_configs(4096, 4096, 4096)
 
 

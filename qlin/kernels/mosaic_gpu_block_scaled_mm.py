@@ -49,6 +49,12 @@
   about 14), i.e. the per-channel kernel's accuracy (H100, f32 out: 1.3e-3 at K = 4096,
   2.9e-3 at K = 14336) instead of promotion's 1.3e-4: opt-in.  See "rescaled
   accumulation" in ``_kernel``.
+* Early stage release (``BlockTuningConfig(early_release=True)``; the two-block tile's default): a
+  consumer warpgroup arrives on the pipeline's consumed barriers itself as soon as the step's wgmma has
+  completed, so the producer refills the stage while the promotion runs (otherwise the stage is held
+  until the pipeline body returns).  H100: the two-block tile (three stages) level or 0-11 % faster at
+  30 of 32 same-run pairs from M = 256 to 2048; tiles with four or five stages 1-3 % slower
+  (results/h100_ab_block_release.md).
 * Three consumer warpgroups (the default from M = 2048, and from 513 where M is close to a multiple
   of 192): 3 x 64 x 128 promoted tiles, 160
   registers per thread each (the total and the accumulator take 128): while one warpgroup waits
@@ -224,6 +230,11 @@ class BlockTuningConfig(TileConfigBase):
       longer where tail_split does not divide them), each at least max_concurrent_steps long.
       Promoted accumulation only (not with ``overlap`` or ``rescale``).  Interpret mode runs the
       units in one CTA (no semaphores there).
+    early_release: promoted accumulation only (not ``overlap`` / ``rescale``): each consumer
+      warpgroup hands a step's shared-memory stage back to the producer (the pipeline's consumed
+      barriers, arrived by hand) as soon as the step's wgmma has completed, before the promotion,
+      instead of after the step's whole body: the producer may refill the stage while the promotion
+      runs.
     """
 
     tile_m: int = 64
@@ -240,6 +251,7 @@ class BlockTuningConfig(TileConfigBase):
     overlap: bool = False
     rescale: bool = False
     tail_split: int = 1
+    early_release: bool = False
 
     def short(self) -> str:
         return (
@@ -247,6 +259,7 @@ class BlockTuningConfig(TileConfigBase):
             + ("o" if self.overlap else "")
             + ("r" if self.rescale else "")
             + (f"t{self.tail_split}" if self.tail_split > 1 else "")
+            + ("q" if self.early_release else "")
         )
 
 
@@ -310,6 +323,13 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise TypeError(f"config.overlap={c.overlap!r} must be True or False")
     if not isinstance(c.tail_split, int) or isinstance(c.tail_split, bool) or not 1 <= c.tail_split <= MAX_TAIL_SPLIT:
         raise ValueError(f"config.tail_split={c.tail_split!r} must be an int from 1 to {MAX_TAIL_SPLIT}")
+    if not isinstance(c.early_release, bool):
+        raise TypeError(f"config.early_release={c.early_release!r} must be True or False")
+    if c.early_release and (c.overlap or c.rescale):
+        raise ValueError(
+            "config.early_release hands a stage back between a step's wgmma and its promotion: promoted "
+            "accumulation only, not with overlap=True or rescale=True"
+        )
     if c.tail_split > 1 and (c.overlap or c.rescale):
         raise ValueError(
             f"config.tail_split={c.tail_split} (stream-K over the last wave) needs promoted accumulation: "
@@ -394,8 +414,16 @@ def _two_block_step_tile() -> BlockTuningConfig:
     a step's wait-and-promote is covered by twice as much of the other warpgroup's tensor-core work and there
     are half as many pipeline steps (192 accumulator registers a thread: the two-warpgroup cap).  The
     default from M = 129 where the traffic model wants >= 128-wide tiles, and above M = 512 where the wave
-    model prefers it to three warpgroups (:func:`_promoted_tile_cost`)."""
-    return dataclasses.replace(_two_wg_tile("m", BLOCK, steps=3, epi_slots=1), tile_k=2 * BLOCK)
+    model prefers it to three warpgroups (:func:`_promoted_tile_cost`).
+
+    Its stages are released early (``early_release``): with only three stages (66.5 KB each), holding one
+    through the promotion of two K blocks left the producer short.  H100, same run each
+    (results/h100_ab_block_release.md): level or faster at 30 of 32 pairs over 28 Llama-3 shapes from M =
+    256 to 2048, up to 11 % (512 x 4096^2 20.2 -> 18.1 us, 1024 x 8192^2 118.9 -> 113.6), 0.97 / 0.995 at
+    1024 x 4096^2 (two runs).  The three-warpgroup (four stages) and 128 x 192 (five) tiles ran 1-3 % slower
+    with it: their producer was not short of stages, and every step then arrives on three barriers (one per
+    input) instead of one."""
+    return dataclasses.replace(_two_wg_tile("m", BLOCK, steps=3, epi_slots=1), tile_k=2 * BLOCK, early_release=True)
 
 
 def _large_m_tile(tile_n: int = 2 * BLOCK, steps: int = 4, grid_minor: str = "m", width: int = 8):
@@ -476,8 +504,8 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       :func:`_wide_rel_time`) in the grid, and at M = 600 where its 5 x 22
       tiles make one wave: 600 x 4096^2 24.5 vs 31.5 us, h100_block_wide_*.json); the last row of CTA tiles is
       clamped to end at M (no tile mostly past M). In the Llama-3 grid that is two-block or 128 x 192 tiles at M
-      = 1024 (0.76-0.85 of the per-channel kernel on an H100, h100_block_grid18.md; M = 1024 is 5.3 rows of 192)
-      and three warpgroups from M = 2048 (0.78-0.95); between them it is three warpgroups where M is close to a
+      = 1024 (0.76-0.85 of the per-channel kernel on an H100, h100_block_grid19.md; M = 1024 is 5.3 rows of 192)
+      and three warpgroups from M = 2048 (0.79-0.95; two-block tiles at 2048 x 4096^2, 0.81); between them it is three warpgroups where M is close to a
       multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
       h100_block_m_tail.json). Three-warpgroup tiles whose last wave is at most half full after few whole waves
       cut it into two K ranges (``tail_split=2``, :func:`_tail_split`; the model counts that wave as
@@ -522,10 +550,31 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 #: that rate (6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192 805.8 vs 878.1) and
 #: lost or won by a few % at 0.94 (8192^2 123.0 vs 118.7, 8192 x 28672 416.2 vs 434.0;
 #: h100_block_wide_sweep{,2}.json): costed 1.1 up to K = 8192, and less at longer K (:func:`_wide_rel_time`).
-_REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "wide": 1.1, "rescale_wide": 1.03}
+#: "two_block" (2 x 64 x 128, two K blocks a step, :func:`_two_block_step_tile`): 1.2 before its stages were
+#: released early (``early_release``, 0-11 % faster: results/h100_ab_block_release.md); now 1.1 at K <= 4096
+#: and 1.2 at longer K (:func:`_two_block_rel_time`): at M = 2048 it wins only at 4096 x 4096 (61.6 vs 64.6
+#: us, the model: 0.89 of three warpgroups' waves x tile area) among the grid shapes.  Against the 128 x
+#: 192 tile, whose time was fitted against the two-block tile costed 1.2, it keeps that cost
+#: ("two_block_vs_wide"): with early release the 128 x 192 tile still won at three of the four M = 1024 grid
+#: shapes where it is taken (6144 x 4096 45.0 vs 46.3 us, 57344 x 8192 798.2 vs 859.8, 8192 x 28672 415.0 vs
+#: 422.6; 28672 x 4096 213.5 vs 208.7).
+_REL_TIME = {"three_wg": 1.0, "two_block": 1.1, "two_block_vs_wide": 1.2, "wide": 1.1, "rescale_wide": 1.03}
 #: The K up to which the 128 x 192 tile costs _REL_TIME["wide"]; past it its excess over three warpgroups
 #: shrinks as 1 / K (a per-tile cost spread over a longer main loop).
 _WIDE_REL_K = 8192
+
+
+def _two_block_rel_time(k: int | None) -> float:
+    """The two-block tile's time per output element relative to three warpgroups: 1.1 up to K = 4096
+    (_REL_TIME["two_block"]), 1.2 (_REL_TIME["two_block_vs_wide"]) at longer K or without K.
+
+    H100, same run (results/h100_ab_block_release.md, h100_block_wide_k_sweep.json), the time ratio
+    against three warpgroups over the model's ratio of waves x tile area (the effective relative time):
+    K = 4096 1.07 / 1.07 / 1.11 (M = 2048, N = 4096 / 6144 / 28672), K = 8192 1.10-1.21, K = 14336 1.11,
+    K = 28672 1.23 (2048 x 8192) and ~1.15 (1280 x 8192, early release's gain estimated from the other
+    long-K shapes): the longer K, the further behind three warpgroups (its pipeline of three 256-deep
+    steps against four 128-deep ones)."""
+    return _REL_TIME["two_block"] if k is not None and k <= 4096 else _REL_TIME["two_block_vs_wide"]
 
 
 def _wide_rel_time(k: int | None) -> float:
@@ -604,7 +653,8 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     # (stream-K, see _tail_split); two-block tiles are never cut (not measured where it would apply).
     split = 1 if k is None else _tail_split(m, n, k, three_cfg, sms)
     three = _wave_cost(m, n, 3 * 64, BLOCK, sms, _REL_TIME["three_wg"], _TAIL_WAVE if split > 1 else 1.0)
-    two = _wave_cost(m, n, 128, BLOCK, sms, _REL_TIME["two_block"])
+    two_rel = _two_block_rel_time(k)
+    two = _wave_cost(m, n, 128, BLOCK, sms, two_rel)
     # 192-row tiles whose rows past M (computed again by the clamped last row of tiles) are over 5 % of
     # M ran slower than the model says: M = 1024 (128 of 1152 rows), H100 per-channel time / block time
     # 0.76 / 0.73 / 0.75 vs 0.81 / 0.77 / 0.78 with two-block tiles at 28672 x 4096 / 10240 x 8192 /
@@ -612,9 +662,12 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     # 28672 and 57344 x 8192: 0.76 / 0.79 vs 0.71 / 0.76).  M = 2048 and 4096 (3 %) follow the model.
     wide = _wave_cost(m, n, 128, WIDE_TILE_N, sms, _wide_rel_time(k))
     rows_past = (_cdiv(m, 3 * 64) * 3 * 64 - m) - (_cdiv(m, 128) * 128 - m)
-    if three <= min(two, wide) and rows_past <= 0.05 * m:
+    three_ok = rows_past <= 0.05 * m
+    if three_ok and three <= min(two, wide):
         return three, dataclasses.replace(three_cfg, tail_split=split)
-    if wide < two:
+    # (the 128 x 192 tile against the two-block tile at the cost its time was fitted with, see _REL_TIME;
+    # never where three warpgroups would take less time)
+    if wide < two * _REL_TIME["two_block_vs_wide"] / two_rel and not (three_ok and three <= wide):
         return wide, _wide_tile()
     return two, _two_block_step_tile()
 
@@ -786,6 +839,9 @@ def _kernel(
     # delay_release=1 would release no stage at all (see the synchronization notes in _kernel).
     overlap = c.overlap and k_iters >= 2
     delay_release = 1 if overlap else 0
+    # config.early_release: the body arrives on the pipeline's consumed barriers (one per input)
+    # itself, right after the step's wgmma completes (see mma_body).
+    early_release = c.early_release
     # One pipeline depth for whole-K tiles and tail K ranges: they share the stage buffers.
     steps = max(1, min(c.max_concurrent_steps, k_iters))
 
@@ -836,6 +892,7 @@ def _kernel(
             num_compute_wgs=nwg,
             max_concurrent_steps=steps,
             compute_context=compute_context,
+            manual_consumed_barriers=early_release,
         )
 
     ignore = lambda *_, **__: None
@@ -973,14 +1030,22 @@ def _kernel(
                                 out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, o_n],
                             )
 
-            def mma_body(idx, a_smem, b_smem, as_smem, totals, k_step0=0):
+            def mma_body(idx, a_smem, b_smem, as_smem, *rest, k_step0=0):
                 (kk,) = idx
+                *consumed, totals = rest  # (the consumed barriers with config.early_release)
                 kk = kk + k_step0  # (a tail tile's K range starts at step k_step0)
                 wg = lax.axis_index("wg")
                 a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 col0 = wg_col0(wg)
+
+                def release():
+                    # config.early_release: every read of this step's stage is done (the wgmma has
+                    # completed, the activation scales are in registers): hand it back now.
+                    for bar in consumed:
+                        plgpu.barrier_arrive(bar)
+
                 if wide:
-                    return wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals)
+                    return wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals, release)
                 a_scales = []
                 new_totals = []
                 for h in range(n_sub):
@@ -1012,6 +1077,8 @@ def _kernel(
 
                     accs = [plgpu.ACC((tile_m, n_part), jnp.float32) for _ in range(sub)]
                     partials, b_s, a_s = pl.run_scoped(step, *accs)
+                    if h == n_sub - 1:
+                        release()
                     a_scales += a_s
                     total = totals[h]
                     for j in range(sub):
@@ -1031,7 +1098,7 @@ def _kernel(
             # 0 takes the first block's scale, piece 2 the second's, piece 1 whichever holds it.
             # (Issuing the wgmma as three 64-wide groups, each promoted as soon as it completes, was
             # correct but 22-26 % slower on an H100: h100_block_wgmma_groups_rejected.json.)
-            def wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals):
+            def wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals, release):
                 def step(acc_ref):
                     plgpu.wgmma(acc_ref, a_t, b_t.T)
                     # Scale loads overlap the asynchronous wgmma (clamped past the last N / K block:
@@ -1044,6 +1111,7 @@ def _kernel(
                     return acc_ref[...], b_s, a_s
 
                 acc, (b_s0, b_s1), a_s = pl.run_scoped(step, plgpu.ACC((tile_m, tile_n), jnp.float32))
+                release()
                 mid = jnp.where(col0 % BLOCK == 0, b_s0, b_s1)  # columns 64..127 of the tile
                 new_totals = []
                 for p, b_s in enumerate((b_s0, mid, b_s1)):
