@@ -497,22 +497,21 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       block 0.74 / 0.80 / 0.80 / 0.80, the 64 x 256 warpgroup tile the model picked at three of them
       0.34-0.58; M = 256 x 8192^2 0.90 vs 0.89.
     * M > 512: the two-blocks-a-step 128 x 128 tiles, three 64 x 128 warpgroups along M (192 x 128 CTA tiles, 4
-      stages, one epilogue slot, planar snake of width 4: one warpgroup's wait-and-promote is covered by two
-      others' queued wgmmas) or two 64 x 192 warpgroups (128 x 192, one accumulator across a weight-scale block
-      boundary), whichever a wave cost model gives less time (:func:`_promoted_tile_cost`; 128 x 192 at 1024 x
-      6144 x 4096, 1024 x 28672 x 4096, 1024 x 57344 x 8192 and 1024 x 8192 x 28672 (K-aware cost,
-      :func:`_wide_rel_time`) in the grid, and at M = 600 where its 5 x 22
-      tiles make one wave: 600 x 4096^2 24.5 vs 31.5 us, h100_block_wide_*.json); the last row of CTA tiles is
-      clamped to end at M (no tile mostly past M). In the Llama-3 grid that is two-block or 128 x 192 tiles at M
-      = 1024 (0.76-0.85 of the per-channel kernel on an H100, h100_block_grid19.md; M = 1024 is 5.3 rows of 192)
-      and three warpgroups from M = 2048 (0.79-0.95; two-block tiles at 2048 x 4096^2, 0.81); between them it is three warpgroups where M is close to a
-      multiple of 192 (768 / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles,
-      h100_block_m_tail.json). Three-warpgroup tiles whose last wave is at most half full after few whole waves
-      cut it into two K ranges (``tail_split=2``, :func:`_tail_split`; the model counts that wave as
-      :data:`_TAIL_WAVE` of one; h100_block_grid14.md). Earlier measurements behind the tiles: two K blocks a
-      step 0.80-0.83 at M = 1024 against 0.73-0.77 for one (h100_block_k256_sweep{,2}.json); three warpgroups
-      4-10 % faster than two at M = 4096 (h100_block_3wg_*); width 4 vs 8: 1-2.5 % faster at 28672 x 4096 and
-      8192^2, 1 % slower at 4096^3.
+      stages, one epilogue slot, planar snake of width 4: one warpgroup's wait-and-promote is covered by two others'
+      queued wgmmas) or two 64 x 192 warpgroups (128 x 192, one accumulator across a weight-scale block boundary),
+      whichever a wave cost model gives less time (:func:`_promoted_tile_cost`; 128 x 192 at 1024 x 6144 x 4096,
+      1024 x 28672 x 4096, 1024 x 57344 x 8192 and 1024 x 8192 x 28672 (K-aware cost, :func:`_wide_rel_time`) in the
+      grid, and at M = 600 where its 5 x 22 tiles make one wave: 600 x 4096^2 24.5 vs 31.5 us,
+      h100_block_wide_*.json); the last row of CTA tiles is clamped to end at M (no tile mostly past M). In the
+      Llama-3 grid that is two-block or 128 x 192 tiles at M = 1024 (0.76-0.85 of the per-channel kernel on an H100,
+      h100_block_grid19.md; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048 (0.79-0.95; two-block
+      tiles at 2048 x 4096^2, 0.81); between them it is three warpgroups where M is close to a multiple of 192 (768
+      / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles, h100_block_m_tail.json).
+      Three-warpgroup tiles whose last wave is at most half full after few whole waves cut it into two K ranges
+      (``tail_split=2``, :func:`_tail_split`; the model counts that wave as :data:`_TAIL_WAVE` of one;
+      h100_block_grid14.md). Earlier measurements behind the tiles: two K blocks a step 0.80-0.83 at M = 1024
+      against 0.73-0.77 for one (h100_block_k256_sweep{,2}.json); three warpgroups 4-10 % faster than two at M =
+      4096 (h100_block_3wg_*); width 4 vs 8: 1-2.5 % faster at 28672 x 4096 and 8192^2, 1 % slower at 4096^3.
     """
     sms = num_sms()
     if fast_accum and m > 512 and not _fast_accum_falls_back(m, n, sms, k):
