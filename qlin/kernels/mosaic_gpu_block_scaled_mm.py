@@ -549,15 +549,15 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 #: that rate (6144 x 4096 45.4 vs 46.8 us, 28672 x 4096 212.4 vs 216.3, 57344 x 8192 805.8 vs 878.1) and
 #: lost or won by a few % at 0.94 (8192^2 123.0 vs 118.7, 8192 x 28672 416.2 vs 434.0;
 #: h100_block_wide_sweep{,2}.json): costed 1.1 up to K = 8192, and less at longer K (:func:`_wide_rel_time`).
-#: "two_block" (2 x 64 x 128, two K blocks a step, :func:`_two_block_step_tile`): 1.2 before its stages were
-#: released early (``early_release``, 0-11 % faster: results/h100_ab_block_release.md); now 1.1 at K <= 4096
-#: and 1.2 at longer K (:func:`_two_block_rel_time`): at M = 2048 it wins only at 4096 x 4096 (61.6 vs 64.6
-#: us, the model: 0.89 of three warpgroups' waves x tile area) among the grid shapes.  Against the 128 x
-#: 192 tile, whose time was fitted against the two-block tile costed 1.2, it keeps that cost
-#: ("two_block_vs_wide"): with early release the 128 x 192 tile still won at three of the four M = 1024 grid
-#: shapes where it is taken (6144 x 4096 45.0 vs 46.3 us, 57344 x 8192 798.2 vs 859.8, 8192 x 28672 415.0 vs
-#: 422.6; 28672 x 4096 213.5 vs 208.7).
-_REL_TIME = {"three_wg": 1.0, "two_block": 1.1, "two_block_vs_wide": 1.2, "wide": 1.1, "rescale_wide": 1.03}
+#: "two_block" (2 x 64 x 128, two K blocks a step, :func:`_two_block_step_tile`): 1.2; since its stages are
+#: released early (``early_release``, 0-11 % faster: results/h100_ab_block_release.md) 1.1 at K <= 4096
+#: ("two_block_short_k", :func:`_two_block_rel_time`): at M = 2048 it then wins at 4096 x 4096 (61.6 vs 64.6
+#: us, the model: 0.89 of three warpgroups' waves x tile area) and at no other grid shape.  Against the 128 x
+#: 192 tile, whose time was fitted against the two-block tile costed 1.2, it keeps 1.2 at any K: with early
+#: release the 128 x 192 tile still won at three of the four M = 1024 grid shapes where it is taken (6144 x
+#: 4096 45.0 vs 46.3 us, 57344 x 8192 798.2 vs 859.8, 8192 x 28672 415.0 vs 422.6; 28672 x 4096 213.5 vs
+#: 208.7).
+_REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "two_block_short_k": 1.1, "wide": 1.1, "rescale_wide": 1.03}
 #: The K up to which the 128 x 192 tile costs _REL_TIME["wide"]; past it its excess over three warpgroups
 #: shrinks as 1 / K (a per-tile cost spread over a longer main loop).
 _WIDE_REL_K = 8192
@@ -565,7 +565,7 @@ _WIDE_REL_K = 8192
 
 def _two_block_rel_time(k: int | None) -> float:
     """The two-block tile's time per output element relative to three warpgroups: 1.1 up to K = 4096
-    (_REL_TIME["two_block"]), 1.2 (_REL_TIME["two_block_vs_wide"]) at longer K or without K.
+    (_REL_TIME["two_block_short_k"]), 1.2 (_REL_TIME["two_block"]) at longer K or without K.
 
     H100, same run (results/h100_ab_block_release.md, h100_block_wide_k_sweep.json), the time ratio
     against three warpgroups over the model's ratio of waves x tile area (the effective relative time):
@@ -573,7 +573,7 @@ def _two_block_rel_time(k: int | None) -> float:
     K = 28672 1.23 (2048 x 8192) and ~1.15 (1280 x 8192, early release's gain estimated from the other
     long-K shapes): the longer K, the further behind three warpgroups (its pipeline of three 256-deep
     steps against four 128-deep ones)."""
-    return _REL_TIME["two_block"] if k is not None and k <= 4096 else _REL_TIME["two_block_vs_wide"]
+    return _REL_TIME["two_block_short_k"] if k is not None and k <= 4096 else _REL_TIME["two_block"]
 
 
 def _wide_rel_time(k: int | None) -> float:
@@ -666,7 +666,7 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
         return three, dataclasses.replace(three_cfg, tail_split=split)
     # (the 128 x 192 tile against the two-block tile at the cost its time was fitted with, see _REL_TIME;
     # never where three warpgroups would take less time)
-    if wide < two * _REL_TIME["two_block_vs_wide"] / two_rel and not (three_ok and three <= wide):
+    if wide < two * _REL_TIME["two_block"] / two_rel and not (three_ok and three <= wide):
         return wide, _wide_tile()
     return two, _two_block_step_tile()
 
