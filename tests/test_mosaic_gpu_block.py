@@ -156,6 +156,11 @@ def _run(ops, out_dtype, config):
     return np.asarray(out.astype(jnp.float32))
 
 
+def _case_id(c):
+    """pytest id of an (M, N, K, bias, out_dtype, config) case."""
+    return f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-{c[5].short()}"
+
+
 CASES = [
     # (M, N, K, bias, out_dtype, config): partial M / N tiles, N blocks split across
     # warpgroup tiles, K a multiple of 128 but not of the pipeline depth, K % 128 != 0.
@@ -186,9 +191,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case", CASES, ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-{c[5].short()}"
-)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_interpret_matches_float64_reference(case):
     m, n, k, bias, od, cfg = case
     rng = np.random.default_rng(m * 7919 + n * 31 + k)
@@ -296,7 +299,7 @@ EARLY_RELEASE_CASES = [
 @pytest.mark.parametrize(
     "case",
     EARLY_RELEASE_CASES,
-    ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-{c[5].short()}",
+    ids=_case_id,
 )
 def test_early_release_interpret_matches_float64_reference(case):
     m, n, k, bias, od, cfg = case
@@ -370,7 +373,7 @@ OVERLAP_CASES = [
 @pytest.mark.parametrize(
     "case",
     OVERLAP_CASES,
-    ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-bias{int(c[3])}-{jnp.dtype(c[4]).name}-{c[5].short()}",
+    ids=_case_id,
 )
 def test_overlap_interpret_matches_float64_reference(case):
     m, n, k, bias, od, cfg = case
