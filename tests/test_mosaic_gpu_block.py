@@ -296,11 +296,7 @@ EARLY_RELEASE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case",
-    EARLY_RELEASE_CASES,
-    ids=_case_id,
-)
+@pytest.mark.parametrize("case", EARLY_RELEASE_CASES, ids=_case_id)
 def test_early_release_interpret_matches_float64_reference(case):
     m, n, k, bias, od, cfg = case
     assert cfg.early_release and _cdiv(k, cfg.tile_k) > cfg.max_concurrent_steps
@@ -370,11 +366,7 @@ OVERLAP_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case",
-    OVERLAP_CASES,
-    ids=_case_id,
-)
+@pytest.mark.parametrize("case", OVERLAP_CASES, ids=_case_id)
 def test_overlap_interpret_matches_float64_reference(case):
     m, n, k, bias, od, cfg = case
     rng = np.random.default_rng(m * 7919 + n * 31 + k + 1)
