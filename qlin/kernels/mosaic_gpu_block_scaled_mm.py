@@ -422,7 +422,8 @@ def _two_block_step_tile() -> BlockTuningConfig:
     256 to 2048, up to 11 % (512 x 4096^2 20.2 -> 18.1 us, 1024 x 8192^2 118.9 -> 113.6), 0.97 / 0.995 at
     1024 x 4096^2 (two runs).  The three-warpgroup (four stages) and 128 x 192 (five) tiles ran 1-3 % slower
     with it: their producer was not short of stages, and every step then arrives on three barriers (one per
-    input) instead of one."""
+    input) instead of one (in jax 0.11.2's lane semantics a warpgroup's arrival is 128 per-thread
+    ``mbarrier.arrive`` on the same barrier)."""
     return dataclasses.replace(_two_wg_tile("m", BLOCK, steps=3, epi_slots=1), tile_k=2 * BLOCK, early_release=True)
 
 
