@@ -476,7 +476,8 @@ def test_three_warpgroups_where_the_wave_model_takes_them(monkeypatch):
             assert dataclasses.replace(bmm.default_config(m, n, k), tail_split=1) == three, (m, n, k)
     for m, n, k in ((1100, 8192, 8192), (1152, 4096, 14336), (768, 10240, 8192)):
         assert dataclasses.replace(bmm.default_config(m, n, k), tail_split=1) == three
-    # The model: waves x tile area x relative time, three warpgroups on ties...
+    # The model: waves x tile area x relative time; at as many waves x area, three warpgroups (the cheaper
+    # per output element)...
     assert bmm._wave_cost(768, 8192, 192, 128, 132, 1.0) == bmm._wave_cost(768, 8192, 128, 128, 132, 1.0)
     assert bmm._promoted_tile_cost(768, 8192, 132)[1].num_compute_wgs == 3
     # ...two-block tiles (stages released early) at K <= 4096 where they need >= 1 / 1.1 fewer waves x tile
