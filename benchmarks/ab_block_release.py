@@ -1,7 +1,7 @@
 """A/B of the block fp8 kernel's stage release (``BlockTuningConfig.early_release``), on the GPU.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/ab_block_release.py [--phases ptxas,time,check]
-        [--m 1024,2048] [--out DIR] [--budget-s 420]
+        [--m 1024,2048] [--sides off,on] [--out DIR] [--budget-s 420]
 
 The promoted block kernel's consumer warpgroups wait for a step's wgmma, promote its f32 partial product
 (64 FFMAs a thread per 64 x 128 block) and only then, when the pipeline body returns, hand the step's
@@ -11,9 +11,10 @@ the promotion runs (the tensor cores idle when every warpgroup waits for data or
 results/h100_ncu_block.md).
 
 1. ptxas: registers, spills and "wgmma ... serialized" warnings of the default tiles, both sides.
-2. time: the Llama-3 grid at ``--m``: the heuristic's config with the flag off and on, and qlin's
-   per-channel kernel on the same fp8 data, alternated twice (CUPTI medians of 20 warm runs, weight
-   copies rotated); no case starts after ``--budget-s``.
+2. time: the Llama-3 grid at ``--m``: the ``--sides`` (default ``off,on``: the heuristic's config with the
+   flag off and on; ``k256`` / ``k256_on``: the two-block tile without / with it), and qlin's per-channel
+   kernel on the same fp8 data, alternated twice (CUPTI medians of 20 warm runs, weight copies rotated);
+   no case starts after ``--budget-s``.
 3. check: ``early_release=True`` against a float64 reference (fresh random fp8 operands and block scales,
    NaN-poisoned outputs, partial M / N / K tiles, bias, f32 / f16 / bf16 out): every promoted warpgroup
    layout of gpu_block_check (one / two / three warpgroups, 256- and 192-wide tiles, two K blocks a step)
