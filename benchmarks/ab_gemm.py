@@ -169,15 +169,20 @@ def _pad8(m: int) -> int:
     return -(-m // 8) * 8
 
 
+def _default_without(rule: str, m: int, n: int, k: int, jdt):
+    """The heuristic's config with one of its tile rules (the ``mm`` predicate named ``rule``) switched off."""
+    takes = getattr(mm, rule)
+    setattr(mm, rule, lambda *a, **kw: False)
+    try:
+        return mm.default_config(m, n, k, jdt, jnp.bfloat16)
+    finally:
+        setattr(mm, rule, takes)
+
+
 def sides(ab: str, m: int, n: int, k: int, jdt):
     """{name: (tuning config, tma_rows function)} of one case."""
     if ab == "wide_n":
-        takes = mm._takes_wide_n_tile
-        mm._takes_wide_n_tile = lambda *a, **kw: False
-        try:
-            previous = mm.default_config(m, n, k, jdt, jnp.bfloat16)
-        finally:
-            mm._takes_wide_n_tile = takes
+        previous = _default_without("_takes_wide_n_tile", m, n, k, jdt)
         return {"previous": (previous, _TMA_ROWS), "wide_n": (mm._wide_n_tile(), _TMA_ROWS)}
     base = mm.default_config(m, n, k, jdt, jnp.bfloat16)
     if ab == "epilogue":
@@ -256,12 +261,7 @@ def sides(ab: str, m: int, n: int, k: int, jdt):
                     out[name + "cm"] = (mm._fit_smem(dataclasses.replace(c, cluster="m"), jdt, jnp.bfloat16), _TMA_ROWS)
         return out
     if ab == "n224":
-        takes = mm._takes_n224_tile
-        mm._takes_n224_tile = lambda *a, **kw: False
-        try:
-            previous = mm.default_config(m, n, k, jdt, jnp.bfloat16)
-        finally:
-            mm._takes_n224_tile = takes
+        previous = _default_without("_takes_n224_tile", m, n, k, jdt)
         n224 = mm._fit_smem(mm._n224_tile(inflight=m >= 2048), jdt, jnp.bfloat16)
         return {"previous": (previous, _TMA_ROWS), "n224": (n224, _TMA_ROWS)}
     if ab == "w1_inflight":
