@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import re
@@ -64,17 +63,7 @@ TAIL_CASES = [c for c in g.TAIL_CASES if c[5] in ("w3m_t2", "w2m_k256_t2", "w2m_
 
 
 def early(cfg, on: bool = True):
-    return dataclasses.replace(cfg, early_release=on, defer_promotion=False)
-
-
-def deferred(cfg):
-    """The same tile with ``defer_promotion`` (the pipeline's own arrival before the promotion) instead of
-    ``early_release``."""
-    return dataclasses.replace(cfg, early_release=False, defer_promotion=True)
-
-
-#: stage-release modes: ``--check-mode`` and the ptxas phase
-MODES = {"off": lambda c: early(c, False), "on": early, "defer": deferred}
+    return dataclasses.replace(cfg, early_release=on)
 
 
 def block_fn(cfg, out_dtype=jnp.bfloat16):
@@ -83,26 +72,18 @@ def block_fn(cfg, out_dtype=jnp.bfloat16):
     )
 
 
-#: the ptxas phase's tiles: the three-warpgroup, 128 x 192 and two-block tiles the heuristic takes at M > 512
-PTXAS_TILES = {
-    "w3m": bmm._three_wg_tile("m", width=4),
-    "w2m_tn192": bmm._wide_tile(),
-    "w2m_k256": bmm._two_block_step_tile(),
-}
-
-
-def phase_ptxas(rows, out_dir, modes=("off", "on", "defer")):
+def phase_ptxas(rows, out_dir):
     m, n, k = 4096, 4096, 4096
     a, a_s, bs = g.device_operands(m, n, k, 1)
     pat = re.compile(r"(serializ|spill|registers|Potential Performance Loss|warning)", re.IGNORECASE)
-    for (tile, base), mode in itertools.product(PTXAS_TILES.items(), modes):
-        cfg = MODES[mode](bmm._fit_smem(base, jnp.dtype(jnp.bfloat16)))
-        row = {"kind": "ptxas", "tile": tile, "config": cfg.short(), "mode": mode}
+    for on in (False, True):
+        cfg = early(bmm.default_config(m, n, k), on)
+        row = {"kind": "ptxas", "config": cfg.short(), "early_release": on}
         os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
         try:
             f = block_fn(cfg)
             _, text = g._capture_fds(lambda f=f: np.asarray(f(a, bs[0][0], a_s, bs[0][1])[:1, :1]))
-            (out_dir / f"ptxas_release_{tile}_{mode}.txt").write_text(text)
+            (out_dir / f"ptxas_release_{int(on)}.txt").write_text(text)
             lines = [ln.strip() for ln in text.splitlines() if pat.search(ln)]
             row.update(report=lines[:20], serialized=any("serializ" in ln.lower() for ln in lines))
         except Exception as e:  # noqa: BLE001
@@ -113,10 +94,10 @@ def phase_ptxas(rows, out_dir, modes=("off", "on", "defer")):
         print(json.dumps(row)[:900], flush=True)
 
 
-def _check_one(rows, rng, name, cfg, m, n, k, od, has_bias, mode="on"):
+def _check_one(rows, rng, name, cfg, m, n, k, od, has_bias):
     out_dtype = jnp.dtype(od)
     cfg = cfg if cfg is not None else bmm.default_config(m, n, k, out_dtype)
-    cfg = MODES[mode](bmm._fit_smem(cfg, out_dtype))
+    cfg = early(bmm._fit_smem(cfg, out_dtype))
     row = {"kind": "check", "layout": name, "config": cfg.short(), "M": m, "N": n, "K": k, "out": od}
     try:
         a, b, a_s, b_s, bias = g.host_operands(rng, m, n, k, bias=has_bias)
@@ -134,35 +115,24 @@ def _check_one(rows, rng, name, cfg, m, n, k, od, has_bias, mode="on"):
     print(json.dumps(row)[:600], flush=True)
 
 
-def phase_check(rows, mode="on"):
-    """``mode`` "on" (early_release) or "defer" (defer_promotion: not for 256-wide warpgroup tiles)."""
+def phase_check(rows):
     rng = np.random.default_rng(11)
-    ok = (lambda c: c.tile_n != 2 * bmm.BLOCK) if mode == "defer" else (lambda c: True)
     for m, n, k, od, has_bias in CHECK_CASES:
-        if ok(bmm.default_config(m, n, k, jnp.dtype(od))):
-            _check_one(rows, rng, "default", None, m, n, k, od, has_bias, mode)
+        _check_one(rows, rng, "default", None, m, n, k, od, has_bias)
     for name, cfg in PROMOTED.items():
         for m, n, k, od, has_bias in CHECK_CASES if cfg.tile_k == 2 * bmm.BLOCK else CHECK_CASES[:1]:
-            if ok(cfg):
-                _check_one(rows, rng, name, cfg, m, n, k, od, has_bias, mode)
+            _check_one(rows, rng, name, cfg, m, n, k, od, has_bias)
     for m, n, k, od, has_bias, name in TAIL_CASES:
-        _check_one(rows, rng, name or "default", g.TAIL_LAYOUTS.get(name), m, n, k, od, has_bias, mode)
+        _check_one(rows, rng, name or "default", g.TAIL_LAYOUTS.get(name), m, n, k, od, has_bias)
 
 
-def _two_block():
-    return bmm._fit_smem(bmm._two_block_step_tile(), jnp.dtype(jnp.bfloat16))
-
-
-#: time-phase sides: name -> the config timed, from the heuristic's (a side equal to an earlier one is left
-#: out; "defer" of a 256-wide warpgroup tile too)
+#: time-phase sides: name -> (config, early_release) from the heuristic's config (a side equal to an
+#: earlier one is left out)
 SIDES = {
-    "cur": lambda d: d,
-    "off": lambda d: early(d, False),
-    "on": lambda d: early(d),
-    "defer": deferred,
-    "k256": lambda d: early(_two_block(), False),
-    "k256_on": lambda d: early(_two_block()),
-    "k256_defer": lambda d: deferred(_two_block()),
+    "off": lambda d: (d, False),
+    "on": lambda d: (d, True),
+    "k256": lambda d: (bmm._fit_smem(bmm._two_block_step_tile(), jnp.dtype(jnp.bfloat16)), False),
+    "k256_on": lambda d: (bmm._fit_smem(bmm._two_block_step_tile(), jnp.dtype(jnp.bfloat16)), True),
 }
 
 
@@ -179,8 +149,8 @@ def phase_time(rows, ms, budget_s, t0, side_names=("off", "on")):
             default = bmm.default_config(m, n, k)
             sides = {}
             for s in side_names:
-                cfg = SIDES[s](default)
-                if cfg not in sides.values() and not (cfg.defer_promotion and cfg.tile_n == 2 * bmm.BLOCK):
+                cfg = early(*SIDES[s](default))
+                if cfg not in sides.values():
                     sides[s] = cfg
             fns = {s: block_fn(c) for s, c in sides.items()}
             ref = g.ref_block_f32(a, bs[0][0], a_s, bs[0][1])
@@ -209,7 +179,6 @@ def main(argv=None) -> None:
     p.add_argument("--m", default="1024,2048", help="comma-separated M values of the time phase")
     p.add_argument("--sides", default="off,on", help="time-phase sides, of: " + ",".join(SIDES))
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    p.add_argument("--check-mode", default="on", choices=("on", "defer"), help="what the check phase checks")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting time cases after this many seconds")
     args = p.parse_args(argv)
     out_dir = Path(args.out)
@@ -223,7 +192,7 @@ def main(argv=None) -> None:
     for name, fn in (
         ("ptxas", lambda: phase_ptxas(rows, out_dir)),
         ("time", lambda: phase_time(rows, [int(x) for x in args.m.split(",")], args.budget_s, t0, sides)),
-        ("check", lambda: phase_check(rows, args.check_mode)),
+        ("check", lambda: phase_check(rows)),
     ):
         if name in phases:
             fn()

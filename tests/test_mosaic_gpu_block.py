@@ -343,7 +343,9 @@ def test_early_release_ab_script_layouts_are_valid_and_cross_lower():
     for cfg in mod.PROMOTED.values():
         bmm._validate_config(mod.early(bmm._fit_smem(cfg, jnp.dtype(jnp.float32))), jnp.dtype(jnp.float32))
     d = bmm.default_config(4096, 4096, 4096)
-    assert [mod.SIDES[s](d).early_release for s in ("off", "on", "k256", "k256_on")] == [False, True, False, True]
+    assert [mod.early(*mod.SIDES[s](d)).early_release for s in ("off", "on", "k256", "k256_on")] == [
+        False, True, False, True
+    ]
     for cfg in (bmm._two_block_step_tile(), mod.early(bmm._three_wg_tile()), mod.early(bmm._wide_tile())):
         _lower(1000, 13664, 4096, jnp.bfloat16, bmm._fit_smem(cfg, jnp.bfloat16))
 

@@ -235,12 +235,6 @@ class BlockTuningConfig(TileConfigBase):
       barriers, arrived by hand) as soon as the step's wgmma has completed, before the promotion,
       instead of after the step's whole body: the producer may refill the stage while the promotion
       runs.
-    defer_promotion: promoted accumulation only (not ``overlap`` / ``rescale`` / ``early_release``;
-      one weight-scale block per promoted register tile: tile_n <= 128 or 192): a step's body waits
-      for its wgmma and returns its f32 partial(s) unpromoted in the pipeline carry; the next step's
-      body promotes them before it issues its own wgmma (the last step's after the pipeline).  So
-      the pipeline's own consumed-barrier arrival (one a warpgroup, for every input) hands the stage
-      back before the promotion, as ``early_release`` does with one arrival per input.
     """
 
     tile_m: int = 64
@@ -258,7 +252,6 @@ class BlockTuningConfig(TileConfigBase):
     rescale: bool = False
     tail_split: int = 1
     early_release: bool = False
-    defer_promotion: bool = False
 
     def short(self) -> str:
         return (
@@ -267,7 +260,6 @@ class BlockTuningConfig(TileConfigBase):
             + ("r" if self.rescale else "")
             + (f"t{self.tail_split}" if self.tail_split > 1 else "")
             + ("q" if self.early_release else "")
-            + ("d" if self.defer_promotion else "")
         )
 
 
@@ -337,14 +329,6 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise ValueError(
             "config.early_release hands a stage back between a step's wgmma and its promotion: promoted "
             "accumulation only, not with overlap=True or rescale=True"
-        )
-    if not isinstance(c.defer_promotion, bool):
-        raise TypeError(f"config.defer_promotion={c.defer_promotion!r} must be True or False")
-    if c.defer_promotion and (c.overlap or c.rescale or c.early_release or c.tile_n == 2 * BLOCK):
-        raise ValueError(
-            "config.defer_promotion carries a step's unpromoted partials to the next step: promoted "
-            "accumulation with one weight-scale block per register tile only (not with overlap, rescale or "
-            f"early_release, tile_n != {2 * BLOCK}; got {c.short()})"
         )
     if c.tail_split > 1 and (c.overlap or c.rescale):
         raise ValueError(
@@ -858,9 +842,6 @@ def _kernel(
     # config.early_release: the body arrives on the pipeline's consumed barriers (one per input)
     # itself, right after the step's wgmma completes (see mma_body).
     early_release = c.early_release
-    # config.defer_promotion: the pipeline carry is (totals, pending): the last step's partials and
-    # their per-row scales, promoted by the next step's body (see mma_body).
-    defer = c.defer_promotion
     # One pipeline depth for whole-K tiles and tail K ranges: they share the stage buffers.
     steps = max(1, min(c.max_concurrent_steps, k_iters))
 
@@ -977,8 +958,6 @@ def _kernel(
                     totals = _rescale_scope(eval_pipeline, totals0[0], wg)
                 elif overlap:
                     totals = _overlap_scope(eval_pipeline, totals0[0])
-                elif defer:
-                    totals = promote(*eval_pipeline((totals0, pending0())))
                 else:
                     totals = eval_pipeline(totals0)
                 if not is_piece:
@@ -1051,36 +1030,9 @@ def _kernel(
                                 out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m_slice, wg_n_slice].at[e_m, o_n],
                             )
 
-            def row_bcast(s_row):
-                return lax.broadcast_in_dim(s_row, (tile_m, n_part), [0])
-
-            def promote(totals, pending):
-                """config.defer_promotion: add a step's carried partials, scaled per row, to the totals."""
-                parts, s_rows = pending
-                if wide:
-                    (acc,) = parts
-                    return tuple(
-                        totals[p] + acc[:, p * n_part : (p + 1) * n_part] * row_bcast(s_rows[p]) for p in range(n_sub)
-                    )
-                total = totals[0]
-                for part, s_row in zip(parts, s_rows):
-                    total = total + part * row_bcast(s_row)
-                return (total,)
-
-            def pending0():
-                """Nothing to promote before the first step: zero partials with zero scales."""
-                zero_row = plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                if wide:
-                    acc = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-                    return ((acc,), (zero_row,) * n_sub)
-                return (tuple(_zero_acc() for _ in range(sub)), (zero_row,) * sub)
-
             def mma_body(idx, a_smem, b_smem, as_smem, *rest, k_step0=0):
                 (kk,) = idx
                 *consumed, totals = rest  # (the consumed barriers with config.early_release)
-                if defer:  # promote the previous step's partials before this step's wgmma
-                    totals, pending = totals
-                    totals = promote(totals, pending)
                 kk = kk + k_step0  # (a tail tile's K range starts at step k_step0)
                 wg = lax.axis_index("wg")
                 a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
@@ -1128,12 +1080,10 @@ def _kernel(
                     if h == n_sub - 1:
                         release()
                     a_scales += a_s
-                    s_rows = tuple(a_scales[j] * b_s[j] for j in range(sub))
-                    if defer:  # (n_sub == 1: one weight-scale block per warpgroup tile)
-                        return totals, (tuple(partials), s_rows)
                     total = totals[h]
                     for j in range(sub):
-                        total = total + partials[j] * row_bcast(s_rows[j])
+                        s_row = a_scales[j] * b_s[j]
+                        total = total + partials[j] * lax.broadcast_in_dim(s_row, (tile_m, n_part), [0])
                     new_totals.append(total)
                 return tuple(new_totals)
 
@@ -1163,10 +1113,11 @@ def _kernel(
                 acc, (b_s0, b_s1), a_s = pl.run_scoped(step, plgpu.ACC((tile_m, tile_n), jnp.float32))
                 release()
                 mid = jnp.where(col0 % BLOCK == 0, b_s0, b_s1)  # columns 64..127 of the tile
-                s_rows = tuple(a_s * b_s for b_s in (b_s0, mid, b_s1))
-                if defer:
-                    return totals, ((acc,), s_rows)
-                return promote(totals, ((acc,), s_rows))
+                new_totals = []
+                for p, b_s in enumerate((b_s0, mid, b_s1)):
+                    s_row = lax.broadcast_in_dim(a_s * b_s, (tile_m, n_part), [0])
+                    new_totals.append(totals[p] + acc[:, p * n_part : (p + 1) * n_part] * s_row)
+                return tuple(new_totals)
 
             # -- overlapped promotion (config.overlap) ---------------------------------------------
             #
