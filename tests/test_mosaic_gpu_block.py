@@ -451,7 +451,7 @@ def test_two_k_blocks_a_step_from_mid_m(monkeypatch):
     assert bmm._acc_registers(two) == bmm.MAX_ACC_REGISTERS
     for n, k in LLAMA:
         for m in (1000, 1024):  # 192-row tiles would put 12.5 % of M past it (128 x 192 where they fill the waves)
-            assert bmm.default_config(m, n, k) in (two, bmm._wide_tile())
+            assert dataclasses.replace(bmm.default_config(m, n, k), cluster=None) in (two, bmm._wide_tile())
         assert bmm.default_config(512, n, k) == two
     assert bmm.default_config(256, 8192, 8192) == two
     assert bmm.default_config(256, 4096, 14336).tile_n == 64  # the model's 64-wide tiles stay (0.78 vs 0.66)
@@ -493,7 +493,8 @@ def test_three_warpgroups_where_the_wave_model_takes_them(monkeypatch):
     assert bmm._wave_cost(1024, 8192, 192, 128, 132, 1.0) < bmm._wave_cost(1024, 8192, 128, 128, 132, 1.2)
     assert bmm.default_config(1024, 8192, 8192).num_compute_wgs == 2
     assert bmm.default_config(2176, 8192, 8192).num_compute_wgs == 2  # 128 of 2176 rows past M
-    for m in (513, 600, 1000, 1100, 1536, 2047, 2048, 3000, 4096):  # every choice is one of the three tiles
+    for m in (513, 600, 1000, 1100, 1536, 2047, 2048, 3000, 4096):  # every choice is one of the three tiles (8192^2:
+        # too small a weight for clusters)
         cfg = dataclasses.replace(bmm.default_config(m, 8192, 8192), tail_split=1)
         assert cfg in (three, bmm._two_block_step_tile(), bmm._wide_tile())
 
@@ -511,11 +512,13 @@ def test_wide_tiles_where_the_wave_model_gives_them_ten_percent(monkeypatch):
     wide = bmm._wide_tile()
     assert (wide.tile_m, wide.tile_n, wide.cta_tile_m, wide.cta_tile_n, wide.tile_k) == (64, 192, 128, 192, 128)
     assert bmm._acc_registers(wide) == bmm.MAX_ACC_REGISTERS  # 96 total + 96 accumulator
-    for n, k in ((6144, 4096), (28672, 4096), (57344, 8192), (8192, 28672), (8192, 14336)):
+    for n, k in ((6144, 4096), (28672, 4096), (57344, 8192), (8192, 14336)):
         assert bmm.default_config(1024, n, k) == wide, (n, k)
+    assert bmm.default_config(1024, 8192, 28672).cluster == "m"  # (two-block clusters: see the cluster tests)
     for n, k in ((8192, 8192), (8192, 4096), (10240, 8192), (10240, 14336), (10240, 28672), (4096, 4096),
                  (4096, 14336)):  # fmt: skip
-        assert bmm.default_config(1024, n, k) == bmm._two_block_step_tile(), (n, k)
+        # (10240 x 28672: 294 MB of weight, the two-block tile in clusters)
+        assert dataclasses.replace(bmm.default_config(1024, n, k), cluster=None) == bmm._two_block_step_tile(), (n, k)
     assert bmm._wide_rel_time(None) == bmm._wide_rel_time(8192) == 1.1
     assert bmm._wide_rel_time(16384) == pytest.approx(1.05) and bmm._wide_rel_time(28672) < bmm._wide_rel_time(14336)
     for m in (768, 1280, 1536):  # three warpgroups stay the fastest there (h100_block_wide_k_sweep.json)
@@ -530,6 +533,89 @@ def test_wide_tiles_where_the_wave_model_gives_them_ten_percent(monkeypatch):
     # two-block tiles, not 128 x 192
     assert bmm.default_config(1280, 26624, 4096) == bmm._two_block_step_tile()
     assert wide in bmm.candidate_configs(4096, 4096, 4096)
+
+
+# -- two-CTA clusters (config.cluster) ---------------------------------------------------------------
+
+
+def test_two_block_clusters_where_the_weight_is_large(monkeypatch):
+    # H100, same run each (results/h100_ab_block_cluster.md): the two-block tile as clusters along M (the weight
+    # tile multicast) 7-9 % faster than unclustered where the weight is >= 200 MB (8192 x 28672 at M = 1024 /
+    # 2048 / 4096, 57344 x 8192 at 1024), 1-4 % slower at the six smaller grid weights.  Costed 1.14 of three
+    # warpgroups (the 128 x 192 tile's break-even 1.157 at 1024 x 8192 x 28672: 388.2 vs 407.6 us, 1.12 at 1024 x
+    # 57344 x 8192: 792.5 vs 784.8).  Off the grid, against the heuristic before it: 1000 / 1200 x 8192 x 28672
+    # 440.1 -> 386.9 / 499.8 -> 489.9 us, 1024 x 16384^2 483.1 -> 453.0, 994 / 1179 x 28672 x 8192 431.3 -> 417.2
+    # / 528.4 -> 507.9, 1024 x 8192 x 24576 358.9 -> 343.8, 800 x 8192 x 28672 431.4 -> 398.1.
+    monkeypatch.setattr(bmm, "num_sms", lambda: 132)
+    two_cm = dataclasses.replace(bmm._two_block_step_tile(), cluster="m")
+    assert two_cm.short().endswith("qcm")
+    for m, n, k in ((1024, 8192, 28672), (1000, 8192, 28672), (1200, 8192, 28672), (1024, 16384, 16384),
+                    (994, 28672, 8192), (1024, 8192, 24576)):  # fmt: skip
+        assert bmm.default_config(m, n, k) == two_cm, (m, n, k)
+    # not where the 128 x 192 or three-warpgroup tiles win the model (1024 x 57344 x 8192; M >= 2048)
+    assert bmm.default_config(1024, 57344, 8192) == bmm._wide_tile()
+    for m in (2048, 4096, 8192):
+        assert bmm.default_config(m, 8192, 28672).num_compute_wgs == 3
+    # an odd count of 128-row tiles computes its last row twice in clusters: the model counts it (600 x 57344 x
+    # 8192, five rows: 601.3 us clustered against 494.6 with 128 x 192 tiles, which it takes)
+    assert bmm.default_config(600, 57344, 8192) == bmm._wide_tile()
+    # never below 200 MB of weight, at M <= 512, or without K
+    for m in (256, 512, 1000, 1024, 1536, 2048, 4096):
+        for n, k in LLAMA:
+            cfg = bmm.default_config(m, n, k)
+            assert cfg.cluster is None or (m > 512 and n * k >= bmm._CLUSTER_WEIGHT_BYTES), (m, n, k)
+    assert bmm._promoted_tile_cost(1024, 8192, 132)[1].cluster is None
+    assert two_cm in bmm.candidate_configs(1024, 8192, 8192)
+    assert bmm.BlockTuningConfig.from_dict({"tile_n": 128}).cluster is None  # older tuning caches
+
+
+CLUSTER_CASES = [
+    # (M, N, K, bias, out_dtype, config)
+    (384, 1040, 1024, True, jnp.bfloat16, dataclasses.replace(K256, cluster="m")),  # 3 tile rows: a CTA past M
+    (300, 400, 640, True, jnp.float16, dataclasses.replace(TWO_WG_M, cluster="n")),
+    (130, 400, 384, False, jnp.bfloat16, dataclasses.replace(WIDE_M, cluster="m")),
+]
+
+
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=_case_id)
+def test_cluster_interpret_runs_the_same_tiles(case):
+    # interpret mode has no clusters: the same tiles unclustered (the GPU check runs them clustered)
+    m, n, k, bias, od, cfg = case
+    ops = _operands(np.random.default_rng(m + n), m, n, k, bias)
+    out = _run(ops, od, cfg)
+    assert rel_err(out, _reference(*ops)) < kernel_rtol(od)
+    np.testing.assert_array_equal(out, _run(ops, od, dataclasses.replace(cfg, cluster=None)))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(cluster="k"), r"config.cluster='k' must be None, 'm' or 'n'"),
+        (dict(cluster="m", tail_split=2), r"config.cluster='m' .* without stream-K"),
+        (dict(cluster="n", overlap=True), r"config.cluster='n' .* promoted accumulation"),
+        (dict(cluster="m", rescale=True, tile_m=128), r"config.cluster='m' .* promoted accumulation"),
+    ],
+)
+def test_cluster_config_validation(change, match):
+    cfg = dataclasses.replace(bmm.BlockTuningConfig(), **change)
+    with pytest.raises(ValueError, match=match):
+        bmm.block_scaled_mm(*_args(), config=cfg, interpret=True)
+
+
+def test_clustered_tiles_cross_lower_for_cuda():
+    # the clustered kernel is GPU only (interpret mode drops the cluster): lower each clustered promoted layout for
+    # CUDA, at partial M / N tiles and odd tile counts (a cluster's second CTA past the edge)
+    mod = load_script("benchmarks/ab_block_cluster.py")
+    assert {"w2m_k256", "w3m_tn128", "w2m_tn192"} <= set(mod.LAYOUTS)
+    for base in mod.LAYOUTS.values():
+        for axis in ("m", "n"):
+            cfg = bmm._fit_smem(mod.clustered(base, axis), jnp.dtype(jnp.bfloat16))
+            bmm._validate_config(cfg, jnp.dtype(jnp.bfloat16))
+            text = _lower(1000, 1040, 4096, jnp.bfloat16, cfg).as_text()
+            assert "cluster" in text.lower(), cfg.short()
+    d = bmm.default_config(1024, 8192, 28672)
+    assert [mod.SIDES[s](d).cluster for s in ("cur", "k256", "k256_cm", "k256_cn")] == ["m", None, "m", "n"]
+    assert mod.SIDES["cn"](bmm.default_config(2048, 8192, 8192)).tail_split == 1  # (clusters: no stream-K)
 
 
 @pytest.mark.parametrize(

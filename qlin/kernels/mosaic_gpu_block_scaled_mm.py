@@ -84,6 +84,14 @@
   units (planned for the device's SM count) in ONE CTA, every contributor before any owner, with no
   synchronization: CI checks the K ranges, the workspace and the owner's sum there, and cross-lowers
   the cut configs for CUDA (the semaphores).
+* Two-CTA clusters (``BlockTuningConfig(cluster="m")``; the two-block tile's default at M > 512 where the
+  weight is >= 200 MB, :data:`_CLUSTER_WEIGHT_BYTES`): the persistent grid walks pairs of CTA tiles that
+  are neighbours along M (or N with ``"n"``); each CTA TMA-loads half of the tile they share and
+  multicasts it to both, half the L2 reads of that operand.  H100 (results/h100_ab_block_cluster.md): the
+  two-block tile (the most L2 traffic per output of the promoted tiles) 7-9 % faster along M at the two
+  grid weights that large (1024 x 8192 x 28672 419.6 -> 388.2 us against the 128 x 192 tile's 407.6),
+  1-4 % slower at the smaller ones; three warpgroups and the 128 x 192 tile slower clustered everywhere
+  timed.  GPU only: interpret mode runs the same tiles unclustered.
 * Everything else is the per-channel kernel's design
   (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
   memory, warp-specialized multi-stage pipeline, persistent grid walking the
@@ -113,6 +121,7 @@ from qlin.kernels.mosaic_gpu_scaled_mm import (
     SMEM_LIMIT_BYTES,
     TileConfigBase,
     _cdiv,
+    _cluster_tiles,
     _mid_m_cost,
     _pick_swizzle,
     _row_start,
@@ -235,6 +244,11 @@ class BlockTuningConfig(TileConfigBase):
       barriers, arrived by hand) as soon as the step's wgmma has completed, before the promotion,
       instead of after the step's whole body: the producer may refill the stage while the promotion
       runs.
+    cluster: None, "m" or "n": run the persistent grid as clusters of two CTAs whose output tiles are
+      neighbours along M (sharing the weight tile) or N (sharing the activation tile); each CTA
+      TMA-loads half of the shared tile and multicasts it to both (half the L2 reads of that operand).
+      Promoted accumulation without ``tail_split``; GPU only (interpret mode runs the same tiles
+      unclustered).
     """
 
     tile_m: int = 64
@@ -252,6 +266,7 @@ class BlockTuningConfig(TileConfigBase):
     rescale: bool = False
     tail_split: int = 1
     early_release: bool = False
+    cluster: str | None = None
 
     def short(self) -> str:
         return (
@@ -260,6 +275,7 @@ class BlockTuningConfig(TileConfigBase):
             + ("r" if self.rescale else "")
             + (f"t{self.tail_split}" if self.tail_split > 1 else "")
             + ("q" if self.early_release else "")
+            + (f"c{self.cluster}" if self.cluster else "")
         )
 
 
@@ -329,6 +345,13 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise ValueError(
             "config.early_release hands a stage back between a step's wgmma and its promotion: promoted "
             "accumulation only, not with overlap=True or rescale=True"
+        )
+    if c.cluster not in (None, "m", "n"):
+        raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm' or 'n'")
+    if c.cluster and (c.overlap or c.rescale or c.tail_split > 1):
+        raise ValueError(
+            f"config.cluster={c.cluster!r} (two-CTA clusters) needs promoted accumulation without stream-K: "
+            f"not with overlap, rescale or tail_split > 1 (got {c.short()})"
         )
     if c.tail_split > 1 and (c.overlap or c.rescale):
         raise ValueError(
@@ -504,10 +527,13 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       1024 x 28672 x 4096, 1024 x 57344 x 8192 and 1024 x 8192 x 28672 (K-aware cost, :func:`_wide_rel_time`) in the
       grid, and at M = 600 where its 5 x 22 tiles make one wave: 600 x 4096^2 24.5 vs 31.5 us,
       h100_block_wide_*.json); the last row of CTA tiles is clamped to end at M (no tile mostly past M). In the
-      Llama-3 grid that is two-block or 128 x 192 tiles at M = 1024 (0.76-0.85 of the per-channel kernel on an H100,
-      h100_block_grid19.md; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048 (0.79-0.95; two-block
+      Llama-3 grid that is two-block or 128 x 192 tiles at M = 1024 (0.79-0.85 of the per-channel kernel on an H100,
+      h100_block_grid20.md; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048 (0.79-0.95; two-block
       tiles at 2048 x 4096^2, 0.81); between them it is three warpgroups where M is close to a multiple of 192 (768
       / 1100 / 1152 / 1536: 0.75-0.96 against 0.63-0.83 with two-block tiles, h100_block_m_tail.json).
+      Where the weight is >= 200 MB the two-block tile runs as clusters of two CTAs along M (the weight tile
+      multicast; costed 1.14 instead of 1.2: 1000 / 1024 x 8192 x 28672 0.79 / 0.80 instead of the 128 x 192
+      tile's 0.72 / 0.76, h100_block_grid20.md).
       Three-warpgroup tiles whose last wave is at most half full after few whole waves cut it into two K ranges
       (``tail_split=2``, :func:`_tail_split`; the model counts that wave as :data:`_TAIL_WAVE` of one;
       h100_block_grid14.md). Earlier measurements behind the tiles: two K blocks a step 0.80-0.83 at M = 1024
@@ -558,7 +584,24 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
 #: release the 128 x 192 tile still won at three of the four M = 1024 grid shapes where it is taken (6144 x
 #: 4096 45.0 vs 46.3 us, 57344 x 8192 798.2 vs 859.8, 8192 x 28672 415.0 vs 422.6; 28672 x 4096 213.5 vs
 #: 208.7).
-_REL_TIME = {"three_wg": 1.0, "two_block": 1.2, "two_block_short_k": 1.1, "wide": 1.1, "rescale_wide": 1.03}
+#: "two_block_cluster": the two-block tile as clusters of two CTAs along M (``cluster="m"``: the weight tile
+#: multicast) where the weight is large (:data:`_CLUSTER_WEIGHT_BYTES`), 1.14: at 1024 x 8192 x 28672 it ran
+#: 388.2 us against the 128 x 192 tile's 407.6 (the model's break-even 1.157), at 1024 x 57344 x 8192 792.5 vs
+#: 784.8 (break-even 1.12; results/h100_ab_block_cluster.md).
+_REL_TIME = {
+    "three_wg": 1.0,
+    "two_block": 1.2,
+    "two_block_short_k": 1.1,
+    "two_block_cluster": 1.14,
+    "wide": 1.1,
+    "rescale_wide": 1.03,
+}
+#: Weight bytes (N x K, fp8) from which the two-block tile at M > 512 runs as clusters of two CTAs along M
+#: (4x the H100's 50 MB L2).  H100, same run, clustered vs not (results/h100_ab_block_cluster.md): 7-9 % faster
+#: at the two grid weights this large (8192 x 28672: M = 1024 419.6 -> 388.2 us, 2048 852.1 -> 777.5, 4096
+#: 1704.1 -> 1562.6; 57344 x 8192 at M = 1024 862.9 -> 792.5), 1-4 % slower at the six smaller ones
+#: (M = 1024: 10240 x 8192 139.8 -> 145.8, 8192^2 114.5 -> 117.1, 28672 x 4096 207.3 -> 209.4).
+_CLUSTER_WEIGHT_BYTES = 200_000_000
 #: The K up to which the 128 x 192 tile costs _REL_TIME["wide"]; past it its excess over three warpgroups
 #: shrinks as 1 / K (a per-tile cost spread over a longer main loop).
 _WIDE_REL_K = 8192
@@ -643,8 +686,9 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     with two K blocks a step (128 x 128) or two 64 x 192 warpgroups (128 x 192, :func:`_wide_tile`),
     whichever the wave cost model gives less time (three, then two-block, on ties), and not three where
     192-row tiles put more than 5 % of M in rows past it.  In the Llama-3 grid the 128 x 192 tile is
-    taken at 1024 x 6144 x 4096, 1024 x 28672 x 4096, 1024 x 57344 x 8192 and 1024 x 8192 x 28672 (see
-    _REL_TIME, :func:`_wide_rel_time`).  H100, per-channel
+    taken at 1024 x 6144 x 4096, 1024 x 28672 x 4096 and 1024 x 57344 x 8192 (see _REL_TIME,
+    :func:`_wide_rel_time`).  Where the weight is >= :data:`_CLUSTER_WEIGHT_BYTES` the two-block tile is
+    clustered along M (``cluster="m"``, _REL_TIME["two_block_cluster"]): 1000 / 1024 x 8192 x 28672 in the grid.  H100, per-channel
     kernel time / block time (h100_block_m_tail.json): three warpgroups 0.87 vs 0.65 at 768 x 4096^2,
     0.96 vs 0.79 at 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs 0.75 at 4096 x 8192^2;
     two-block tiles 0.80 vs 0.62 at 1024 x 4096 x 14336 and 0.83 vs 0.64 at 1024 x 6144 x 4096."""
@@ -654,7 +698,14 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     split = 1 if k is None else _tail_split(m, n, k, three_cfg, sms)
     three = _wave_cost(m, n, 3 * 64, BLOCK, sms, _REL_TIME["three_wg"], _TAIL_WAVE if split > 1 else 1.0)
     two_rel = _two_block_rel_time(k)
-    two = _wave_cost(m, n, 128, BLOCK, sms, two_rel)
+    two_cfg = _two_block_step_tile()
+    two_rows = m
+    if k is not None and n * k >= _CLUSTER_WEIGHT_BYTES:
+        two_rel, two_cfg = _REL_TIME["two_block_cluster"], dataclasses.replace(two_cfg, cluster="m")
+        # Clusters take rows of tiles in pairs: an odd count computes its last row twice (H100, 600 x
+        # 57344 x 8192, five rows of 128: 601.3 us clustered, 515.3 not, 494.6 with 128 x 192 tiles).
+        two_rows = 2 * _cdiv(m, 2 * 128) * 128
+    two = _wave_cost(two_rows, n, 128, BLOCK, sms, two_rel)
     # 192-row tiles whose rows past M (computed again by the clamped last row of tiles) are over 5 % of
     # M ran slower than the model says: M = 1024 (128 of 1152 rows), H100 per-channel time / block time
     # 0.76 / 0.73 / 0.75 vs 0.81 / 0.77 / 0.78 with two-block tiles at 28672 x 4096 / 10240 x 8192 /
@@ -665,11 +716,12 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     three_ok = rows_past <= 0.05 * m
     if three_ok and three <= min(two, wide):
         return three, dataclasses.replace(three_cfg, tail_split=split)
-    # (the 128 x 192 tile against the two-block tile at the cost its time was fitted with, see _REL_TIME;
-    # never where three warpgroups would take less time)
-    if wide < two * _REL_TIME["two_block"] / two_rel and not (three_ok and three <= wide):
+    # (the 128 x 192 tile against the two-block tile at the cost its time was fitted with, see _REL_TIME:
+    # 1.2 unclustered, two_block_cluster's own clustered; never where three warpgroups would take less time)
+    fitted = two if two_cfg.cluster else two * _REL_TIME["two_block"] / two_rel
+    if wide < fitted and not (three_ok and three <= wide):
         return wide, _wide_tile()
-    return two, _two_block_step_tile()
+    return two, two_cfg
 
 
 def _fast_accum_falls_back(m: int, n: int, sms: int, k: int | None = None) -> bool:
@@ -732,6 +784,7 @@ def candidate_configs(
             _three_wg_tile("m", width=4),
             _two_block_step_tile(),  # two K blocks a step: half the wait-and-promote points per K
             _wide_tile(),
+            dataclasses.replace(_two_block_step_tile(), cluster="m"),  # the weight tile multicast (large weights)
             _wide_tile(width=4),
             dataclasses.replace(_three_wg_tile("m", width=4), epi_slots=2),  # H100: within 1-2 % of one slot
             _two_wg_tile("m", BLOCK, steps=5),
@@ -848,7 +901,8 @@ def _kernel(
     # Stream-K over the last wave (config.tail_split, see tail_plan): n_full whole-K tiles, then
     # n_tail tiles cut into `split` K ranges of k_piece (or k_piece + 1) steps each.
     split = c.tail_split if tail[1] else 1
-    n_full, n_tail = tail if split > 1 else (m_iters * n_iters, 0)
+    grid_m, grid_n = _cluster_tiles(m_iters, n_iters, c.cluster)
+    n_full, n_tail = tail if split > 1 else (grid_m * grid_n, 0)
     units = n_full + n_tail * split
     k_piece, k_extra = divmod(k_iters, split)  # the first k_extra K ranges take one step more
     if split > 1:
@@ -865,6 +919,10 @@ def _kernel(
     in_transforms = _swizzle_transforms(in_swizzle, dtype)
     out_transforms = _swizzle_transforms(_pick_swizzle(epi_n, n, out_dtype), out_dtype)
 
+    # config.cluster: the operand tile the cluster's two CTAs share is multicast (each loads half).
+    shared_a = (("cluster",) if c.cluster == "n" else ())
+    shared_b = (("cluster",) if c.cluster == "m" else ())
+
     def pipeline(body, compute_context, grid=(k_iters,)):
         return plgpu.emit_pipeline_warp_specialized(
             body,
@@ -877,6 +935,7 @@ def _kernel(
                     transforms=in_transforms,
                     memory_space=plgpu.SMEM,
                     delay_release=delay_release,
+                    collective_axes=shared_a,
                 ),
                 plgpu.BlockSpec(
                     (cta_n, tile_k),
@@ -884,6 +943,7 @@ def _kernel(
                     transforms=in_transforms,
                     memory_space=plgpu.SMEM,
                     delay_release=delay_release,
+                    collective_axes=shared_b,
                 ),
                 # One step's activation scales of the CTA's rows: one contiguous f32 box.
                 plgpu.BlockSpec((sub, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM, delay_release=delay_release),
@@ -908,7 +968,7 @@ def _kernel(
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem, bias_bars, bias_smem):
-        @plgpu.nd_loop((units,), collective_axes="sm")
+        @plgpu.nd_loop((units,), collective_axes="cluster_grid" if c.cluster else "sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
             (u,) = info.index
             if split > 1:
@@ -916,8 +976,16 @@ def _kernel(
             else:
                 lin = u
             m_idx, n_idx = plgpu.planar_snake(
-                lin, (m_iters, n_iters), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
+                lin, (grid_m, grid_n), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
+            # Clusters walk pairs of CTA tiles; the cluster's CTA 0 / 1 takes the first / second.  Past an
+            # odd tile count the second CTA still takes part in the shared loads: along M _row_start puts
+            # it on the last row of tiles again (M not a multiple of the tile) or past M (zero-filled loads,
+            # clipped stores), along N past N (the same; weight-scale indices are clamped).
+            if c.cluster == "m":
+                m_idx = m_idx * 2 + lax.axis_index("cluster")
+            elif c.cluster == "n":
+                n_idx = n_idx * 2 + lax.axis_index("cluster")
             # The last row of CTA tiles ends at M instead of past it (see _row_start): H100, 1024 x 4096
             # x 14336 with 192-row tiles, the sixth a third full, ran 144 us unclamped against 1152 x 4096
             # x 14336's 128 us with the same tile count (h100_block_m_tail.json).
@@ -1479,6 +1547,8 @@ def tail_split_error(config: BlockTuningConfig, k: int) -> str | None:
 
 
 def _call(args, *, config, has_bias, out_dtype, interpret):
+    if interpret and config.cluster:  # (interpret mode has no clusters: the same tiles without one)
+        config = dataclasses.replace(config, cluster=None)
     a, b = args[0], args[1]
     m, k = a.shape
     n = b.shape[0]
@@ -1486,12 +1556,17 @@ def _call(args, *, config, has_bias, out_dtype, interpret):
     sms = num_sms()
     n_full, n_tail = tail_plan(tiles, sms, config.tail_split)
     units = n_full + n_tail * config.tail_split
-    grid = max(1, min(sms, units))
+    grid, grid_names = (max(1, min(sms, units)),), ("sm",)
+    kwargs = {}
+    if config.cluster:
+        # A persistent grid of clusters of two CTAs (one cluster per two SMs).
+        gm, gn = _cluster_tiles(_cdiv(m, config.cta_tile_m), _cdiv(n, config.cta_tile_n), config.cluster)
+        grid, grid_names = (max(1, min(sms // 2, gm * gn)),), ("cluster_grid",)
+        kwargs.update(cluster=(2,), cluster_names=("cluster",))
     if interpret and n_tail:
         # The same units (planned for `sms` SMs) in one CTA, in order: every contributor before any
         # owner, so the interpreter (no global semaphores) needs no synchronization.
-        grid = 1
-    kwargs = {}
+        grid = (1,)
     if interpret:
         kwargs["interpret"] = plgpu.InterpretGPUParams(num_tma_threads_per_device=64)
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
@@ -1508,8 +1583,8 @@ def _call(args, *, config, has_bias, out_dtype, interpret):
             _kernel, config=config, has_bias=has_bias, m=m, n=n, k=k, tail=(n_full, n_tail), interpret=interpret
         ),
         out_type=out_type,
-        grid=(grid,),
-        grid_names=("sm",),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
         **kwargs,
