@@ -91,7 +91,8 @@
   two-block tile (the most L2 traffic per output of the promoted tiles) 7-9 % faster along M at the two
   grid weights that large (1024 x 8192 x 28672 419.6 -> 388.2 us against the 128 x 192 tile's 407.6),
   1-4 % slower at the smaller ones; three warpgroups and the 128 x 192 tile slower clustered everywhere
-  timed.  GPU only: interpret mode runs the same tiles unclustered.
+  timed.  Past an odd tile count the last cluster's second CTA computes the last row (column) of tiles
+  again.  GPU only: interpret mode runs the same tiles unclustered.
 * Everything else is the per-channel kernel's design
   (:mod:`qlin.kernels.mosaic_gpu_scaled_mm`): TMA into 128B-swizzled shared
   memory, warp-specialized multi-stage pipeline, persistent grid walking the
@@ -979,13 +980,14 @@ def _kernel(
                 lin, (grid_m, grid_n), 0 if c.grid_minor_dim == "m" else 1, c.grid_tile_width
             )
             # Clusters walk pairs of CTA tiles; the cluster's CTA 0 / 1 takes the first / second.  Past an
-            # odd tile count the second CTA still takes part in the shared loads: along M _row_start puts
-            # it on the last row of tiles again (M not a multiple of the tile) or past M (zero-filled loads,
-            # clipped stores), along N past N (the same; weight-scale indices are clamped).
+            # odd tile count the second CTA still takes part in the shared loads: it computes the last row
+            # (column) of tiles again and writes the same values.  (Left past the edge, its loads were all
+            # TMA zero fill, which is slow: H100, 384 x 57344 x 8192, three rows of 128, 314.4 us
+            # unclustered, 516.4 clustered, 406.8 with the last row computed again: four rows' work.)
             if c.cluster == "m":
-                m_idx = m_idx * 2 + lax.axis_index("cluster")
+                m_idx = jnp.minimum(m_idx * 2 + lax.axis_index("cluster"), m_iters - 1)
             elif c.cluster == "n":
-                n_idx = n_idx * 2 + lax.axis_index("cluster")
+                n_idx = jnp.minimum(n_idx * 2 + lax.axis_index("cluster"), n_iters - 1)
             # The last row of CTA tiles ends at M instead of past it (see _row_start): H100, 1024 x 4096
             # x 14336 with 192-row tiles, the sixth a third full, ran 144 us unclamped against 1152 x 4096
             # x 14336's 128 us with the same tile count (h100_block_m_tail.json).
