@@ -690,9 +690,10 @@ def _promoted_tile_cost(m: int, n: int, sms: int, k: int | None = None) -> tuple
     taken at 1024 x 6144 x 4096, 1024 x 28672 x 4096 and 1024 x 57344 x 8192 (see _REL_TIME,
     :func:`_wide_rel_time`).  Where the weight is >= :data:`_CLUSTER_WEIGHT_BYTES` the two-block tile is
     clustered along M (``cluster="m"``, _REL_TIME["two_block_cluster"]): 1000 / 1024 x 8192 x 28672 in the
-    grid.  H100, per-channel kernel time / block time (h100_block_m_tail.json): three warpgroups 0.87 vs 0.65 at 768 x 4096^2,
-    0.96 vs 0.79 at 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs 0.75 at 4096 x 8192^2;
-    two-block tiles 0.80 vs 0.62 at 1024 x 4096 x 14336 and 0.83 vs 0.64 at 1024 x 6144 x 4096."""
+    grid.  H100, per-channel kernel time / block time (h100_block_m_tail.json): three warpgroups 0.87
+    vs 0.65 at 768 x 4096^2, 0.96 vs 0.79 at 1100 x 8192^2, 0.91 vs 0.82 at 1536 x 28672 x 4096, 0.85 vs
+    0.75 at 4096 x 8192^2; two-block tiles 0.80 vs 0.62 at 1024 x 4096 x 14336 and 0.83 vs 0.64 at 1024
+    x 6144 x 4096."""
     three_cfg = _three_wg_tile("m", width=4)
     # With K known, three-warpgroup tiles whose last wave is at most half full cut it into two K ranges
     # (stream-K, see _tail_split); two-block tiles are never cut (not measured where it would apply).
