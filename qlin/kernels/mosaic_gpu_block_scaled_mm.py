@@ -525,8 +525,8 @@ def default_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16, fast_accum: b
       stages, one epilogue slot, planar snake of width 4: one warpgroup's wait-and-promote is covered by two others'
       queued wgmmas) or two 64 x 192 warpgroups (128 x 192, one accumulator across a weight-scale block boundary),
       whichever a wave cost model gives less time (:func:`_promoted_tile_cost`; 128 x 192 at 1024 x 6144 x 4096,
-      1024 x 28672 x 4096, 1024 x 57344 x 8192 and 1024 x 8192 x 28672 (K-aware cost, :func:`_wide_rel_time`) in the
-      grid, and at M = 600 where its 5 x 22 tiles make one wave: 600 x 4096^2 24.5 vs 31.5 us,
+      1024 x 28672 x 4096 and 1024 x 57344 x 8192 (K-aware cost, :func:`_wide_rel_time`) in the grid, and at M =
+      600 where its 5 x 22 tiles make one wave: 600 x 4096^2 24.5 vs 31.5 us,
       h100_block_wide_*.json); the last row of CTA tiles is clamped to end at M (no tile mostly past M). In the
       Llama-3 grid that is two-block or 128 x 192 tiles at M = 1024 (0.79-0.85 of the per-channel kernel on an H100,
       h100_block_grid20.md; M = 1024 is 5.3 rows of 192) and three warpgroups from M = 2048 (0.79-0.95; two-block
@@ -922,8 +922,8 @@ def _kernel(
     out_transforms = _swizzle_transforms(_pick_swizzle(epi_n, n, out_dtype), out_dtype)
 
     # config.cluster: the operand tile the cluster's two CTAs share is multicast (each loads half).
-    shared_a = (("cluster",) if c.cluster == "n" else ())
-    shared_b = (("cluster",) if c.cluster == "m" else ())
+    shared_a = ("cluster",) if c.cluster == "n" else ()
+    shared_b = ("cluster",) if c.cluster == "m" else ()
 
     def pipeline(body, compute_context, grid=(k_iters,)):
         return plgpu.emit_pipeline_warp_specialized(
