@@ -230,6 +230,14 @@ WIDE_LAYOUTS = {
     "w2n_tn192": dataclasses.replace(bmm._wide_tile(steps=3), wg_dimension="n"),
 }
 LAYOUTS.update(WIDE_LAYOUTS)
+# Two-CTA clusters (config.cluster: the shared operand tile TMA-multicast; GPU only, interpret mode runs them
+# unclustered): the two-block tile along M (the heuristic's where the weight is >= 200 MB) and along N (an odd
+# count of column tiles at N = 1040: the last cluster's second CTA computes the last column again).
+CLUSTER_LAYOUTS = {
+    "w2m_k256_cm": dataclasses.replace(bmm._two_block_step_tile(), cluster="m"),
+    "w2m_k256_cn": dataclasses.replace(bmm._two_block_step_tile(), cluster="n"),
+}
+LAYOUTS.update(CLUSTER_LAYOUTS)
 # Stream-K over the last wave (config.tail_split; GPU only: global semaphores): three warpgroups,
 # two-block steps, a two-block-wide (64 x 256) warpgroup tile, each cut 2 / 3 / 4 / 8 ways.
 TAIL_LAYOUTS = {

@@ -616,6 +616,12 @@ def test_clustered_tiles_cross_lower_for_cuda():
     d = bmm.default_config(1024, 8192, 28672)
     assert [mod.SIDES[s](d).cluster for s in ("cur", "k256", "k256_cm", "k256_cn")] == ["m", None, "m", "n"]
     assert mod.SIDES["cn"](bmm.default_config(2048, 8192, 8192)).tail_split == 1  # (clusters: no stream-K)
+    # benchmarks/gpu_block_check.py's check phase runs the clustered two-block tile both ways among its layouts
+    g = load_script("benchmarks/gpu_block_check.py")
+    assert set(g.CLUSTER_LAYOUTS) <= set(g.LAYOUTS)
+    assert {c.cluster for c in g.CLUSTER_LAYOUTS.values()} == {"m", "n"}
+    for cfg in g.CLUSTER_LAYOUTS.values():
+        bmm._validate_config(cfg, jnp.dtype(jnp.bfloat16))
 
 
 @pytest.mark.parametrize(
