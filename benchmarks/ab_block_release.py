@@ -40,7 +40,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -66,12 +65,6 @@ def early(cfg, on: bool = True):
     return dataclasses.replace(cfg, early_release=on)
 
 
-def block_fn(cfg, out_dtype=jnp.bfloat16):
-    return jax.jit(
-        lambda a, b, x, y, bias=None: bmm.block_scaled_mm(a, b, x, y, bias=bias, out_dtype=out_dtype, config=cfg)
-    )
-
-
 def phase_ptxas(rows, out_dir):
     m, n, k = 4096, 4096, 4096
     a, a_s, bs = g.device_operands(m, n, k, 1)
@@ -81,7 +74,7 @@ def phase_ptxas(rows, out_dir):
         row = {"kind": "ptxas", "config": cfg.short(), "early_release": on}
         os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
         try:
-            f = block_fn(cfg)
+            f = g.block_fn(cfg)
             _, text = g._capture_fds(lambda f=f: np.asarray(f(a, bs[0][0], a_s, bs[0][1])[:1, :1]))
             (out_dir / f"ptxas_release_{int(on)}.txt").write_text(text)
             lines = [ln.strip() for ln in text.splitlines() if pat.search(ln)]
@@ -97,22 +90,7 @@ def phase_ptxas(rows, out_dir):
 def _check_one(rows, rng, name, cfg, m, n, k, od, has_bias):
     out_dtype = jnp.dtype(od)
     cfg = cfg if cfg is not None else bmm.default_config(m, n, k, out_dtype)
-    cfg = early(bmm._fit_smem(cfg, out_dtype))
-    row = {"kind": "check", "layout": name, "config": cfg.short(), "M": m, "N": n, "K": k, "out": od}
-    try:
-        a, b, a_s, b_s, bias = g.host_operands(rng, m, n, k, bias=has_bias)
-        ref = g.reference64(a, b, a_s, b_s, bias)
-        f = block_fn(cfg, out_dtype)
-        args = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(a_s), jnp.asarray(b_s))
-        kw = {"bias": jnp.asarray(bias)} if has_bias else {}
-        out = g.poisoned_call(lambda *x: f(*x, **kw), args, (m, n), out_dtype)
-        err = float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
-        ok = bool(np.isfinite(out).all() and err <= g.tol(out_dtype))
-        row.update(rel_err=err, tol=g.tol(out_dtype), ok=ok)
-    except Exception as e:  # noqa: BLE001
-        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1500])
-    rows.append(row)
-    print(json.dumps(row)[:600], flush=True)
+    g.check_config(rows, rng, name, early(bmm._fit_smem(cfg, out_dtype)), m, n, k, od, has_bias)
 
 
 def phase_check(rows):
@@ -142,35 +120,8 @@ def phase_time(rows, ms, budget_s, t0, side_names=("off", "on")):
             if time.time() - t0 > budget_s:
                 rows.append({"kind": "skipped", "M": m, "N": n, "K": k})
                 continue
-            copies = g.bench.n_copies(n, k)
-            a, a_s, bs = g.device_operands(m, n, k, copies)
-            sets = [(a, b, a_s, b_s) for b, b_s in bs]
-            chan = g.channel_sets(a, a_s, bs, n)
             default = bmm.default_config(m, n, k)
-            sides = {}
-            for s in side_names:
-                cfg = early(*SIDES[s](default))
-                if cfg not in sides.values():
-                    sides[s] = cfg
-            fns = {s: block_fn(c) for s, c in sides.items()}
-            ref = g.ref_block_f32(a, bs[0][0], a_s, bs[0][1])
-            row = {"kind": "time", "M": m, "N": n, "K": k, "copies": copies, "config": default.short()}
-            row.update({f"{s}_cfg": c.short() for s, c in sides.items()})
-            pc = g.per_channel_fn()
-            try:
-                for s in sides:
-                    row[f"{s}_rel_err"] = g.rel(fns[s](*sets[0]), ref)
-                for _rep in range(2):
-                    for s in sides:
-                        row.setdefault(f"{s}_us", []).append(g.measure_us(fns[s], sets))
-                    row.setdefault("per_channel_us", []).append(g.measure_us(pc, chan))
-                best = {s: min(row[f"{s}_us"]) for s in (*sides, "per_channel")}
-                row.update({f"ratio_{s}": best["per_channel"] / best[s] for s in sides})
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {e}"[:1500]
-            rows.append(row)
-            print(json.dumps(row)[:400], flush=True)
-            del a, a_s, bs, sets, chan, ref
+            g.time_sides(rows, m, n, k, {s: early(*SIDES[s](default)) for s in side_names})
 
 
 def main(argv=None) -> None:
@@ -181,12 +132,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting time cases after this many seconds")
     args = p.parse_args(argv)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    rows: list[dict] = []
-    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "command": " ".join(sys.argv),
-           "rows": rows}  # fmt: skip
+    out_dir, t0, rows, res = g.ab_run(args.out)
     phases = args.phases.split(",")
     sides = args.sides.split(",")
     for name, fn in (
@@ -199,11 +145,7 @@ def main(argv=None) -> None:
             (out_dir / "ab_block_release.json").write_text(json.dumps(res, indent=1))
     checks = [r for r in rows if r["kind"] == "check"]
     print(f"check {sum(r['ok'] for r in checks)}/{len(checks)}", flush=True)
-    for r in rows:
-        if r["kind"] == "time" and "per_channel_us" in r:
-            sides = [k[:-4] for k in r if k.endswith("_cfg")]
-            print(f"{r['M']}x{r['N']}x{r['K']} per-channel {min(r['per_channel_us']):.1f} us; "
-                  + "; ".join(f"{s} {r[s + '_cfg']} {min(r[s + '_us']):.1f} ({r['ratio_' + s]:.3f})" for s in sides))
+    g.print_sides(rows)
     print(f"total {time.time() - t0:.0f} s", flush=True)
 
 

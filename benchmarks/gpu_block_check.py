@@ -770,6 +770,91 @@ HEADER = (
 # -- 4. sweep ------------------------------------------------------------------------------------
 
 
+# -- helpers of the A/B scripts (ab_block_release.py, ab_block_cluster.py) -------------------------------
+
+
+def ab_run(out):
+    """An A/B script's run: (output folder, created; start time; its rows; the result dict written as JSON)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "command": " ".join(sys.argv),
+           "rows": rows}  # fmt: skip
+    return out_dir, time.time(), rows, res
+
+
+def block_fn(cfg, out_dtype=jnp.bfloat16):
+    """The block kernel with ``cfg``, jitted (bias optional)."""
+    return jax.jit(
+        lambda a, b, x, y, bias=None: bmm.block_scaled_mm(a, b, x, y, bias=bias, out_dtype=out_dtype, config=cfg)
+    )
+
+
+def check_config(rows, rng, name, cfg, m, n, k, od, has_bias):
+    """One GPU check of ``cfg`` (final: fitted to the out dtype by the caller) against the float64 reference:
+    fresh random operands and block scales, NaN-poisoned output; appends a ``check`` row."""
+    out_dtype = jnp.dtype(od)
+    row = {"kind": "check", "layout": name, "config": cfg.short(), "M": m, "N": n, "K": k, "out": od}
+    try:
+        a, b, a_s, b_s, bias = host_operands(rng, m, n, k, bias=has_bias)
+        ref = reference64(a, b, a_s, b_s, bias)
+        f = block_fn(cfg, out_dtype)
+        args = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(a_s), jnp.asarray(b_s))
+        kw = {"bias": jnp.asarray(bias)} if has_bias else {}
+        out = poisoned_call(lambda *x: f(*x, **kw), args, (m, n), out_dtype)
+        err = float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
+        ok = bool(np.isfinite(out).all() and err <= tol(out_dtype))
+        row.update(rel_err=err, tol=tol(out_dtype), ok=ok)
+    except Exception as e:  # noqa: BLE001
+        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:1500])
+    rows.append(row)
+    print(json.dumps(row)[:600], flush=True)
+
+
+def time_sides(rows, m, n, k, side_configs):
+    """Same-run A/B at one shape: each side's config (name -> config, the first equal config kept) and qlin's
+    per-channel kernel on the same fp8 data, alternated twice (CUPTI medians of 20 warm runs over rotated
+    weight copies); appends a ``time`` row with each side's times, rel_err and per-channel time / best time."""
+    copies = bench.n_copies(n, k)
+    a, a_s, bs = device_operands(m, n, k, copies)
+    sets = [(a, b, a_s, b_s) for b, b_s in bs]
+    chan = channel_sets(a, a_s, bs, n)
+    sides = {}
+    for s, cfg in side_configs.items():
+        if cfg not in sides.values():
+            sides[s] = cfg
+    fns = {s: block_fn(c) for s, c in sides.items()}
+    ref = ref_block_f32(a, bs[0][0], a_s, bs[0][1])
+    row = {"kind": "time", "M": m, "N": n, "K": k, "copies": copies, "config": bmm.default_config(m, n, k).short()}
+    row.update({f"{s}_cfg": c.short() for s, c in sides.items()})
+    pc = per_channel_fn()
+    try:
+        for s in sides:
+            row[f"{s}_rel_err"] = rel(fns[s](*sets[0]), ref)
+        for _rep in range(2):
+            for s in sides:
+                row.setdefault(f"{s}_us", []).append(measure_us(fns[s], sets))
+            row.setdefault("per_channel_us", []).append(measure_us(pc, chan))
+        best = {s: min(row[f"{s}_us"]) for s in (*sides, "per_channel")}
+        row.update({f"ratio_{s}": best["per_channel"] / best[s] for s in sides})
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:1500]
+    rows.append(row)
+    print(json.dumps(row)[:400], flush=True)
+
+
+def print_sides(rows):
+    """One line per ``time`` row of :func:`time_sides`: each side's config, best time and ratio."""
+    for r in rows:
+        if r["kind"] == "time" and "per_channel_us" in r:
+            sides = [k[:-4] for k in r if k.endswith("_cfg")]
+            print(
+                f"{r['M']}x{r['N']}x{r['K']} per-channel {min(r['per_channel_us']):.1f} us; "
+                + "; ".join(f"{s} {r[s + '_cfg']} {min(r[s + '_us']):.1f} ({r['ratio_' + s]:.3f})" for s in sides),
+                flush=True,
+            )
+
+
 def tail_variants(head, tiles, splits, k):
     """``head`` then each of ``tiles`` with each ``tail_split`` of ``splits`` (fitted to shared memory), without
     repeats and without the cuts that K does not allow (bmm.tail_split_error)."""
