@@ -1,23 +1,27 @@
 """A/B of two-CTA clusters in the block fp8 kernel (``BlockTuningConfig.cluster``), on the GPU.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/ab_block_cluster.py [--phases time,check]
-        [--m 1024,2048] [--sides cur,cm,cn,k256_cm] [--out DIR] [--budget-s 400]
+        [--m 1024,2048 | --shapes M:N:K,...] [--sides cur,cm,cn,k256_cm] [--out DIR] [--budget-s 400]
 
 Under Nsight Compute the block kernel's 128 x 128 two-block tile ran its L2 at 84 % of throughput (three
 warpgroups 70 %, per-channel 57 %: results/h100_ncu_block.md): per output it loads a third more bytes than
 the per-channel kernel's 128 x 256 tile.  A cluster of two CTAs whose tiles are neighbours along M (N)
 shares the weight (activation) tile: each CTA TMA-loads half of it and multicasts it to both.
 
-1. time: the Llama-3 grid at ``--m``: the ``--sides`` (``cur``: the heuristic's config; ``cm`` / ``cn``: the
-   same tile as clusters along M / N; ``k256_cm`` / ``k256_cn``: the two-block tile (early release on) as
-   clusters; ``k256``: unclustered; ``wide`` / ``three``: the 128 x 192 / three-warpgroup tile), and qlin's
-   per-channel kernel on the same fp8 data, alternated twice (CUPTI medians of 20 warm
-   runs, weight copies rotated); a side equal to an earlier one is left out; no case starts after
-   ``--budget-s``.
+1. time: the Llama-3 grid at ``--m`` (or the ``--shapes``): the ``--sides`` (``cur``: the heuristic's
+   config; ``cm`` / ``cn``: the same tile as clusters along M / N; ``k256_cm`` / ``k256_cn``: the two-block
+   tile (early release on) as clusters; ``k256``: unclustered; ``wide`` / ``three``: the 128 x 192 /
+   three-warpgroup tile), and qlin's per-channel kernel on the same fp8 data, alternated twice (CUPTI
+   medians of 20 warm runs, weight copies rotated); a side equal to an earlier one is left out; no case
+   starts after ``--budget-s``.
 2. check: clustered configs against a float64 reference (fresh random fp8 operands and block scales,
    NaN-poisoned outputs, partial M / N / K tiles, odd tile counts (a cluster's second CTA past the edge),
    bias, f32 / f16 / bf16 out) for the promoted layouts the heuristic takes at M > 512 and two others.
 Writes ``ab_block_cluster.json`` under --out.
+
+H100 result (benchmarks/results/h100_ab_block_cluster.md): slower clustered for three warpgroups, the 128 x 192
+tile, and the two-block tile at weights under 200 MB or M <= 512; the two-block tile along M 7-9 % faster at
+8192 x 28672 and 57344 x 8192 (M >= 1024): the heuristic's where N x K >= 200 MB.  Check 24/24.
 """
 
 from __future__ import annotations
@@ -101,11 +105,21 @@ def phase_time(rows, cases, budget_s, t0, side_names):
         g.time_sides(rows, m, n, k, sides)
 
 
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    try:
+        shapes = [tuple(int(x) for x in s.split(":")) for s in text.split(",") if s]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(t) != 3 or min(t) < 1 for t in shapes):
+        raise argparse.ArgumentTypeError(f"--shapes wants M:N:K,... with positive integers, got {text!r}")
+    return shapes
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--phases", default="time,check")
     p.add_argument("--m", default="1024,2048", help="comma-separated M values of the time phase")
-    p.add_argument("--shapes", default="", help="M:N:K,... to time instead of the grid at --m")
+    p.add_argument("--shapes", type=_shapes, default=None, help="M:N:K,... to time instead of the grid at --m")
     p.add_argument("--sides", default="cur,cm,cn,k256_cm", help="time-phase sides, of: " + ",".join(SIDES))
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--budget-s", type=float, default=400.0, help="stop starting time cases after this many seconds")
@@ -114,7 +128,7 @@ def main(argv=None) -> None:
     out_dir, t0, rows, res = g.ab_run(args.out)
     phases = args.phases.split(",")
     if args.shapes:
-        cases = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")]
+        cases = args.shapes
     else:
         cases = [(int(m), n, k) for m in args.m.split(",") for n, k in GRID]
     for name, fn in (

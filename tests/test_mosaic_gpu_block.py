@@ -616,6 +616,10 @@ def test_clustered_tiles_cross_lower_for_cuda():
     d = bmm.default_config(1024, 8192, 28672)
     assert [mod.SIDES[s](d).cluster for s in ("cur", "k256", "k256_cm", "k256_cn")] == ["m", None, "m", "n"]
     assert mod.SIDES["cn"](bmm.default_config(2048, 8192, 8192)).tail_split == 1  # (clusters: no stream-K)
+    assert mod._shapes("1024:8192:28672,7:16:32") == [(1024, 8192, 28672), (7, 16, 32)]
+    for bad in ("1024:8192", "a:b:c", "0:16:32"):
+        with pytest.raises(Exception, match="M:N:K"):
+            mod._shapes(bad)
     # benchmarks/gpu_block_check.py's check phase runs the clustered two-block tile both ways among its layouts
     g = load_script("benchmarks/gpu_block_check.py")
     assert set(g.CLUSTER_LAYOUTS) <= set(g.LAYOUTS)
