@@ -571,7 +571,7 @@ def test_two_block_clusters_where_the_weight_is_large(monkeypatch):
 
 CLUSTER_CASES = [
     # (M, N, K, bias, out_dtype, config)
-    (384, 1040, 1024, True, jnp.bfloat16, dataclasses.replace(K256, cluster="m")),  # 3 tile rows: a CTA past M
+    (384, 1040, 1024, True, jnp.bfloat16, dataclasses.replace(K256, cluster="m")),  # an odd count of tile rows
     (300, 400, 640, True, jnp.float16, dataclasses.replace(TWO_WG_M, cluster="n")),
     (130, 400, 384, False, jnp.bfloat16, dataclasses.replace(WIDE_M, cluster="m")),
 ]
@@ -611,8 +611,10 @@ def test_clustered_tiles_cross_lower_for_cuda():
         for axis in ("m", "n"):
             cfg = bmm._fit_smem(mod.clustered(base, axis), jnp.dtype(jnp.bfloat16))
             bmm._validate_config(cfg, jnp.dtype(jnp.bfloat16))
-            text = _lower(1000, 1040, 4096, jnp.bfloat16, cfg).as_text()
-            assert "cluster" in text.lower(), cfg.short()
+            # (the CTA's index in its cluster picks its tile of the pair)
+            assert "gpu.cluster_block_id" in _lower(1000, 1040, 4096, jnp.bfloat16, cfg).as_text(), cfg.short()
+    unclustered = bmm._fit_smem(bmm._two_block_step_tile(), jnp.dtype(jnp.bfloat16))
+    assert "gpu.cluster_block_id" not in _lower(1000, 1040, 4096, jnp.bfloat16, unclustered).as_text()
     d = bmm.default_config(1024, 8192, 28672)
     assert [mod.SIDES[s](d).cluster for s in ("cur", "k256", "k256_cm", "k256_cn")] == ["m", None, "m", "n"]
     assert mod.SIDES["cn"](bmm.default_config(2048, 8192, 8192)).tail_split == 1  # (clusters: no stream-K)
