@@ -250,9 +250,6 @@ class BlockTuningConfig(TileConfigBase):
       TMA-loads half of the shared tile and multicasts it to both (half the L2 reads of that operand).
       Promoted accumulation without ``tail_split``; GPU only (interpret mode runs the same tiles
       unclustered).
-    prefetch_scales: promoted accumulation only (not ``overlap`` / ``rescale``, which carries its own):
-      a step's weight scales (global loads) are issued one step early and carried to the next step, so
-      their latency is never between the wgmma's completion and the promotion.
     """
 
     tile_m: int = 64
@@ -271,7 +268,6 @@ class BlockTuningConfig(TileConfigBase):
     tail_split: int = 1
     early_release: bool = False
     cluster: str | None = None
-    prefetch_scales: bool = False
 
     def short(self) -> str:
         return (
@@ -281,7 +277,6 @@ class BlockTuningConfig(TileConfigBase):
             + (f"t{self.tail_split}" if self.tail_split > 1 else "")
             + ("q" if self.early_release else "")
             + (f"c{self.cluster}" if self.cluster else "")
-            + ("p" if self.prefetch_scales else "")
         )
 
 
@@ -351,13 +346,6 @@ def _validate_config(config: BlockTuningConfig, out_dtype, has_bias: bool = True
         raise ValueError(
             "config.early_release hands a stage back between a step's wgmma and its promotion: promoted "
             "accumulation only, not with overlap=True or rescale=True"
-        )
-    if not isinstance(c.prefetch_scales, bool):
-        raise TypeError(f"config.prefetch_scales={c.prefetch_scales!r} must be True or False")
-    if c.prefetch_scales and (c.overlap or c.rescale):
-        raise ValueError(
-            "config.prefetch_scales carries the next step's weight scales through promoted accumulation's "
-            "pipeline: not with overlap=True or rescale=True"
         )
     if c.cluster not in (None, "m", "n"):
         raise ValueError(f"config.cluster={c.cluster!r} must be None, 'm' or 'n'")
@@ -1017,20 +1005,7 @@ def _kernel(
                     return a_smem.at[rows], b_smem, rows
                 return a_smem, b_smem.at[pl.ds(wg * tile_n, tile_n)], slice(None)
 
-            def b_scales(kk, col0):
-                """Step kk's weight scales of this warpgroup's N block(s), clamped past the last
-                N / K block (a tile past N is clipped by the TMA store; a K block past K has zero
-                operands): (block0, block1) for a 192-wide tile, else n_sub x sub in (h, j) order."""
-                if wide:
-                    kb = jnp.minimum(kk, k_blocks - 1)
-                    return tuple(bs_gmem[jnp.minimum(col0 // BLOCK + h, n_blocks - 1), kb] for h in range(2))
-                return tuple(
-                    bs_gmem[jnp.minimum(col0 // BLOCK + h, n_blocks - 1), jnp.minimum(kk * sub + j, k_blocks - 1)]
-                    for h in range(n_sub)
-                    for j in range(sub)
-                )
-
-            def compute_context(eval_pipeline, is_piece=False, k_step0=0):
+            def compute_context(eval_pipeline, is_piece=False):
                 wg = lax.axis_index("wg")
                 col0 = wg_col0(wg)
                 if c.wg_dimension == "m":
@@ -1054,8 +1029,6 @@ def _kernel(
                     totals = _rescale_scope(eval_pipeline, totals0[0], wg)
                 elif overlap:
                     totals = _overlap_scope(eval_pipeline, totals0[0])
-                elif c.prefetch_scales:
-                    totals, _ = eval_pipeline((totals0, b_scales(k_step0, col0)))
                 else:
                     totals = eval_pipeline(totals0)
                 if not is_piece:
@@ -1130,25 +1103,11 @@ def _kernel(
 
             def mma_body(idx, a_smem, b_smem, as_smem, *rest, k_step0=0):
                 (kk,) = idx
-                *consumed, carry = rest  # (the consumed barriers with config.early_release)
+                *consumed, totals = rest  # (the consumed barriers with config.early_release)
                 kk = kk + k_step0  # (a tail tile's K range starts at step k_step0)
                 wg = lax.axis_index("wg")
                 a_t, b_t, as_rows = wg_operands(wg, a_smem, b_smem)
                 col0 = wg_col0(wg)
-                # config.prefetch_scales: this step's weight scales came with the carry; the next
-                # step's are loaded while this step's wgmma runs.
-                # (Loaded inside the wgmma's scope, so the loads overlap it, and returned from it.)
-                totals, b_now = carry if c.prefetch_scales else (carry, None)
-                b_next = []
-
-                def weight_scales():
-                    """(this step's weight scales, the next step's with prefetch_scales else ())."""
-                    if b_now is None:
-                        return b_scales(kk, col0), ()
-                    return b_now, b_scales(kk + 1, col0)
-
-                def out(new_totals):
-                    return (new_totals, b_next[0]) if c.prefetch_scales else new_totals
 
                 def release():
                     # config.early_release: every read of this step's stage is done (the wgmma has
@@ -1157,24 +1116,25 @@ def _kernel(
                         plgpu.barrier_arrive(bar)
 
                 if wide:
-                    new_totals, b_nxt = wide_step(a_t, b_t, as_smem, as_rows, col0, totals, release, weight_scales)
-                    b_next.append(b_nxt)
-                    return out(new_totals)
-                b_all = None
+                    return wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals, release)
                 a_scales = []
                 new_totals = []
                 for h in range(n_sub):
                     b_h = b_t.at[pl.ds(h * n_part, n_part)] if n_sub > 1 else b_t
+                    # Past the last N block (a tile beyond N): clamp; its output is clipped by the
+                    # TMA store anyway.
+                    nb = jnp.minimum(col0 // BLOCK + h, n_blocks - 1)
 
-                    def step(*acc_refs, h=h, b_h=b_h):
+                    def step(*acc_refs, h=h, b_h=b_h, nb=nb):
                         for j, acc_ref in enumerate(acc_refs):
                             if sub == 1:
                                 plgpu.wgmma(acc_ref, a_t, b_h.T)
                             else:
                                 ks = pl.ds(j * BLOCK, BLOCK)
                                 plgpu.wgmma(acc_ref, a_t.at[:, ks], b_h.at[:, ks].T)
-                        # Scale loads overlap the asynchronous wgmma (see b_scales for the clamps).
-                        b_s = weight_scales() if h == 0 else ((), ())
+                        # Scale loads overlap the asynchronous wgmma.  A K block past K (last
+                        # step of a K that is not a multiple of tile_k) has zero operands: clamp.
+                        b_s = [bs_gmem[nb, jnp.minimum(kk * sub + j, k_blocks - 1)] for j in range(sub)]
                         # The step's activation scales (same for every N block): loaded once.
                         a_s = (
                             []
@@ -1188,18 +1148,15 @@ def _kernel(
 
                     accs = [plgpu.ACC((tile_m, n_part), jnp.float32) for _ in range(sub)]
                     partials, b_s, a_s = pl.run_scoped(step, *accs)
-                    if h == 0:
-                        b_all = b_s[0]
-                        b_next.append(b_s[1])
                     if h == n_sub - 1:
                         release()
                     a_scales += a_s
                     total = totals[h]
                     for j in range(sub):
-                        s_row = a_scales[j] * b_all[h * sub + j]
+                        s_row = a_scales[j] * b_s[j]
                         total = total + partials[j] * lax.broadcast_in_dim(s_row, (tile_m, n_part), [0])
                     new_totals.append(total)
-                return out(tuple(new_totals))
+                return tuple(new_totals)
 
             # -- 192-wide tiles (tile_n == WIDE_TILE_N) ---------------------------------------------
             #
@@ -1212,22 +1169,26 @@ def _kernel(
             # 0 takes the first block's scale, piece 2 the second's, piece 1 whichever holds it.
             # (Issuing the wgmma as three 64-wide groups, each promoted as soon as it completes, was
             # correct but 22-26 % slower on an H100: h100_block_wgmma_groups_rejected.json.)
-            def wide_step(a_t, b_t, as_smem, as_rows, col0, totals, release, weight_scales):
+            def wide_step(kk, a_t, b_t, as_smem, as_rows, col0, totals, release):
                 def step(acc_ref):
                     plgpu.wgmma(acc_ref, a_t, b_t.T)
-                    # Scale loads overlap the asynchronous wgmma (see b_scales for the clamps).
-                    b_s = weight_scales()
+                    # Scale loads overlap the asynchronous wgmma (clamped past the last N / K block:
+                    # a tile past N is clipped by the TMA store, a K block past K has zero operands).
+                    kb = jnp.minimum(kk, k_blocks - 1)
+                    nb0 = jnp.minimum(col0 // BLOCK, n_blocks - 1)
+                    nb1 = jnp.minimum(col0 // BLOCK + 1, n_blocks - 1)
+                    b_s = (bs_gmem[nb0, kb], bs_gmem[nb1, kb])
                     a_s = plgpu.load(as_smem.at[0, as_rows], layout=plgpu.Layout.WGMMA.reduce(1))
                     return acc_ref[...], b_s, a_s
 
-                acc, ((b_s0, b_s1), b_next), a_s = pl.run_scoped(step, plgpu.ACC((tile_m, tile_n), jnp.float32))
+                acc, (b_s0, b_s1), a_s = pl.run_scoped(step, plgpu.ACC((tile_m, tile_n), jnp.float32))
                 release()
                 mid = jnp.where(col0 % BLOCK == 0, b_s0, b_s1)  # columns 64..127 of the tile
                 new_totals = []
                 for p, b_s in enumerate((b_s0, mid, b_s1)):
                     s_row = lax.broadcast_in_dim(a_s * b_s, (tile_m, n_part), [0])
                     new_totals.append(totals[p] + acc[:, p * n_part : (p + 1) * n_part] * s_row)
-                return tuple(new_totals), b_next
+                return tuple(new_totals)
 
             # -- overlapped promotion (config.overlap) ---------------------------------------------
             #
@@ -1419,7 +1380,7 @@ def _kernel(
                 k_cols = pl.ds(pl.multiple_of(k_step0 * tile_k, tile_k), steps_in_range * tile_k)
                 pipeline(
                     functools.partial(mma_body, k_step0=k_step0),
-                    functools.partial(compute_context, is_piece=True, k_step0=k_step0),
+                    functools.partial(compute_context, is_piece=True),
                     grid=(steps_in_range,),
                 )(
                     a_gmem.at[cta_m_slice, k_cols],
