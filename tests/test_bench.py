@@ -463,6 +463,7 @@ def test_block_grid_table_merges_time_rows_and_states_the_targets(tmp_path):
     text = out.read_text()
     assert "- cases timed: 3" in text
     assert "block / per-channel: min 0.88, geomean 0.887, >= 0.85 at 2/2" in text  # 28/32, 45/50: 0.875, 0.9
+    assert "total per-channel time / total block time: 0.890" in text  # 73 / 82
     assert "faster than the XLA dequantize path at 2/3 cases (0.80x to 3.00x)" in text
     assert "| 4096 x 4096 | 0.90 | 0.88 | - |" in text and "| 8192 x 28672 | - | - | 0.90 |" in text
     (tmp_path / "c.json").write_text(json.dumps({"device": "H200", "rows": b}))
