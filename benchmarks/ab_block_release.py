@@ -46,8 +46,7 @@ import numpy as np  # noqa: E402
 import gpu_block_check as g  # noqa: E402
 from qlin.kernels import mosaic_gpu_block_scaled_mm as bmm  # noqa: E402
 
-GRID = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (10240, 8192), (8192, 8192), (57344, 8192),
-        (8192, 28672)]  # fmt: skip
+GRID = list(g.bench.LLAMA3_SHAPES)  # the Llama-3 (N, K) grid
 #: (M, N, K, out dtype, bias): partial M / N / K tiles, M below one tile, a partial K block
 CHECK_CASES = [
     (1000, 13664, 4096, "bfloat16", True),
